@@ -1,0 +1,16 @@
+//! `sparkctl` as a library: a blocking [`Client`] for spark's local socket, and
+//! [`autostart`], which finds or starts the daemon the way every subcommand needs it.
+//!
+//! - [`Client`]: connect, `initialize`, typed calls through [`spark_proto::Method`],
+//!   notifications delivered to a callback while a call is in flight.
+//! - [`autostart`]: connect, or take the startup lock and spawn `sparkd` detached, wait for it to
+//!   be ready, and restart a daemon whose version differs from this client's.
+//! - [`ClientError`]: every failure, with the exit code (SPEC §2) and a hint for the user.
+
+pub mod autostart;
+mod client;
+
+pub use client::{Client, ClientError};
+
+/// This client's package version; a daemon of another version is restarted.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

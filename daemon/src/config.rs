@@ -1,0 +1,296 @@
+//! Configuration in two phases: a raw [`ConfigFile`] (all optional) read from `config.toml`,
+//! then environment and flags layered on top and validated into a [`Config`] with absolute
+//! paths. `sparkd::run` reads no environment itself; `main` resolves everything here.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use spark_proto::layout::{Layout, LayoutError};
+
+/// Default provider endpoint: OpenAI's Responses API in WebSocket mode.
+pub const DEFAULT_PROVIDER_URL: &str = "wss://api.openai.com/v1/responses";
+/// Default model: the fast Codex model the product is tuned for.
+pub const DEFAULT_MODEL: &str = "gpt-5.3-codex-spark";
+/// How long in-flight work may take to finish once shutdown starts.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Open connections beyond this are refused: protects the daemon from a runaway client loop.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+/// `config.toml` as written by the user. Unknown keys are an error so typos are not silent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub provider_url: Option<String>,
+    pub model: Option<String>,
+    /// Seconds without any client connection after which the daemon exits; 0 = never.
+    pub idle_timeout_secs: Option<u64>,
+    pub drain_timeout_ms: Option<u64>,
+    pub max_connections: Option<usize>,
+    /// A tracing filter, e.g. `info` or `sparkd=debug`.
+    pub log: Option<String>,
+}
+
+/// Settings given on the `sparkd` command line; they win over everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub provider_url: Option<String>,
+    pub model: Option<String>,
+    pub idle_timeout_secs: Option<u64>,
+    pub log: Option<String>,
+    pub socket: Option<std::path::PathBuf>,
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Clone)]
+pub struct Config {
+    pub layout: Layout,
+    pub provider_url: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    pub idle_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub log: String,
+}
+
+impl fmt::Debug for Config {
+    // Hand-written so the API key never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("layout", &self.layout)
+            .field("provider_url", &self.provider_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("idle_timeout", &self.idle_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+/// Why the configuration could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Layout(#[from] LayoutError),
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid {name}: {message}")]
+    Invalid { name: &'static str, message: String },
+}
+
+impl Config {
+    /// Resolve defaults < `config.toml` < environment (read through `var`) < `flags`.
+    pub fn resolve(
+        var: impl Fn(&str) -> Option<OsString>,
+        uid: u32,
+        flags: &Flags,
+    ) -> Result<Config, ConfigError> {
+        let mut layout = Layout::from_env(&var, uid)?;
+        if let Some(socket) = &flags.socket {
+            if !socket.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    name: "--socket",
+                    message: format!("{} is not an absolute path", socket.display()),
+                });
+            }
+            layout.socket = socket.clone();
+        }
+        let file = read_config_file(&layout.config_file)?;
+        let env = |name: &str| {
+            var(name)
+                .and_then(|v| v.into_string().ok())
+                .filter(|v| !v.is_empty())
+        };
+
+        let provider_url = flags
+            .provider_url
+            .clone()
+            .or_else(|| env("SPARK_PROVIDER_URL"))
+            .or(file.provider_url)
+            .unwrap_or_else(|| DEFAULT_PROVIDER_URL.to_owned());
+        validate_provider_url(&provider_url)?;
+        let model = flags
+            .model
+            .clone()
+            .or_else(|| env("SPARK_MODEL"))
+            .or(file.model)
+            .unwrap_or_else(|| DEFAULT_MODEL.to_owned());
+        let idle_secs = match flags.idle_timeout_secs {
+            Some(s) => Some(s),
+            None => match env("SPARK_IDLE_TIMEOUT") {
+                Some(v) => Some(v.parse::<u64>().map_err(|e| ConfigError::Invalid {
+                    name: "SPARK_IDLE_TIMEOUT",
+                    message: format!("{v:?} is not a number of seconds ({e})"),
+                })?),
+                None => file.idle_timeout_secs,
+            },
+        };
+        Ok(Config {
+            layout,
+            provider_url,
+            model,
+            api_key: env("SPARK_API_KEY").or_else(|| env("OPENAI_API_KEY")),
+            idle_timeout: idle_secs.filter(|s| *s > 0).map(Duration::from_secs),
+            drain_timeout: file
+                .drain_timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            max_connections: file
+                .max_connections
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+                .max(1),
+            log: flags
+                .log
+                .clone()
+                .or_else(|| env("SPARK_LOG"))
+                .or(file.log)
+                .unwrap_or_else(|| "info".to_owned()),
+        })
+    }
+
+    /// A configuration for tests and embedders: everything under `home`, defaults elsewhere.
+    pub fn for_home(home: &Path) -> Config {
+        let home = home.as_os_str().to_owned();
+        Config::resolve(
+            |k| (k == "SPARK_HOME").then(|| home.clone()),
+            0,
+            &Flags::default(),
+        )
+        .expect("a SPARK_HOME-only environment with no config file always resolves")
+    }
+}
+
+fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ConfigFile::default()),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            });
+        }
+    };
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string().trim_end().to_owned(),
+    })
+}
+
+fn validate_provider_url(url: &str) -> Result<(), ConfigError> {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some("ws" | "wss" | "http" | "https") => Ok(()),
+        _ => Err(ConfigError::Invalid {
+            name: "provider_url",
+            message: format!("{url:?} must start with ws://, wss://, http:// or https://"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn resolve(pairs: &[(&str, &str)], flags: &Flags) -> Result<Config, ConfigError> {
+        let map: HashMap<String, OsString> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        Config::resolve(|k| map.get(k).cloned(), 1000, flags)
+    }
+
+    #[test]
+    fn precedence_is_defaults_file_env_flags() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let h = home.path().to_str().expect("utf8");
+        let c = resolve(&[("SPARK_HOME", h)], &Flags::default()).expect("defaults");
+        assert_eq!(c.model, DEFAULT_MODEL);
+        assert_eq!(c.provider_url, DEFAULT_PROVIDER_URL);
+        assert_eq!(c.idle_timeout, None);
+
+        std::fs::write(
+            home.path().join("config.toml"),
+            "model = \"from-file\"\nidle_timeout_secs = 30\nprovider_url = \"http://127.0.0.1:1/v1/responses\"\n",
+        )
+        .expect("write");
+        let c = resolve(&[("SPARK_HOME", h)], &Flags::default()).expect("file");
+        assert_eq!(c.model, "from-file");
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.provider_url, "http://127.0.0.1:1/v1/responses");
+
+        let c = resolve(
+            &[("SPARK_HOME", h), ("SPARK_MODEL", "from-env")],
+            &Flags::default(),
+        )
+        .expect("env");
+        assert_eq!(c.model, "from-env");
+
+        let flags = Flags {
+            model: Some("from-flag".into()),
+            ..Flags::default()
+        };
+        let c = resolve(&[("SPARK_HOME", h), ("SPARK_MODEL", "from-env")], &flags).expect("flag");
+        assert_eq!(c.model, "from-flag");
+    }
+
+    #[test]
+    fn api_key_falls_back_to_openai_and_is_never_printed() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let h = home.path().to_str().expect("utf8");
+        let c = resolve(
+            &[("SPARK_HOME", h), ("OPENAI_API_KEY", "sk-secret")],
+            &Flags::default(),
+        )
+        .expect("resolve");
+        assert_eq!(c.api_key.as_deref(), Some("sk-secret"));
+        assert!(!format!("{c:?}").contains("sk-secret"));
+        let c = resolve(
+            &[
+                ("SPARK_HOME", h),
+                ("OPENAI_API_KEY", "a"),
+                ("SPARK_API_KEY", "b"),
+            ],
+            &Flags::default(),
+        )
+        .expect("resolve");
+        assert_eq!(c.api_key.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn bad_values_name_their_source() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let h = home.path().to_str().expect("utf8");
+        std::fs::write(home.path().join("config.toml"), "modle = \"typo\"\n").expect("write");
+        let e = resolve(&[("SPARK_HOME", h)], &Flags::default()).expect_err("unknown key");
+        assert!(
+            e.to_string().contains("config.toml") && e.to_string().contains("modle"),
+            "{e}"
+        );
+        std::fs::remove_file(home.path().join("config.toml")).expect("rm");
+
+        let e = resolve(
+            &[("SPARK_HOME", h), ("SPARK_PROVIDER_URL", "ftp://x")],
+            &Flags::default(),
+        )
+        .expect_err("scheme");
+        assert!(e.to_string().contains("ws://"), "{e}");
+        let e = resolve(
+            &[("SPARK_HOME", h), ("SPARK_IDLE_TIMEOUT", "soon")],
+            &Flags::default(),
+        )
+        .expect_err("idle");
+        assert!(e.to_string().contains("SPARK_IDLE_TIMEOUT"), "{e}");
+    }
+}

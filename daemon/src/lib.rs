@@ -1,0 +1,76 @@
+//! `sparkd`: spark's per-user daemon, as a library. `main` resolves a [`Config`] and calls
+//! [`run`]; tests start the same code in-process on a temporary socket.
+//!
+//! - [`config`]: defaults < `config.toml` < environment < flags → a validated [`Config`].
+//! - [`instance`]: the private socket directory, the single-instance lock, stale sockets.
+//! - [`server`]: the accept loop, one task per connection, request dispatch, events, shutdown.
+//! - `codec`: NDJSON line framing on tokio with a maximum line length.
+
+pub mod config;
+pub mod instance;
+pub mod server;
+
+mod codec;
+
+use std::path::Path;
+
+pub use config::{Config, ConfigError, Flags};
+pub use instance::InstanceError;
+use tokio_util::sync::CancellationToken;
+
+/// The daemon's package version, compared by clients to their own.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error("cannot prepare {path}: {source}")]
+    Prepare {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A daemon that holds its socket but does not serve yet: binding and serving are split so a
+/// caller knows the socket is ready (and can say so) before the first connection.
+#[derive(Debug)]
+pub struct Daemon {
+    config: Config,
+    instance: instance::Instance,
+}
+
+impl Daemon {
+    /// Claim the socket (single instance, stale-socket recovery) and prepare the state dir.
+    pub fn bind(config: Config) -> Result<Daemon, RunError> {
+        let instance =
+            instance::Instance::claim(&config.layout.socket, &config.layout.instance_lock())?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.layout.state_dir)
+            .map_err(|source| RunError::Prepare {
+                path: config.layout.state_dir.display().to_string(),
+                source,
+            })?;
+        Ok(Daemon { config, instance })
+    }
+
+    pub fn socket(&self) -> &Path {
+        self.instance.socket()
+    }
+
+    /// Serve until `shutdown` is cancelled (signal, `shutdown` request or idle timeout), then
+    /// drain in-flight work for at most the configured drain timeout and remove the socket.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), RunError> {
+        server::serve(self.config, self.instance, shutdown).await;
+        Ok(())
+    }
+}
+
+/// Bind and serve: the daemon's whole life.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    Daemon::bind(config)?.serve(shutdown).await
+}

@@ -1,0 +1,414 @@
+//! The local-socket server: accept loop, one task per connection, request dispatch, pushed
+//! events and the single shutdown path.
+//!
+//! Every connection must `initialize` first. Responses and notifications for a connection go
+//! through one bounded outbound queue drained by a writer task, so a slow reader slows only
+//! itself. Shutdown (signal, `shutdown` request or idle timeout) cancels one root token: the
+//! accept loop stops, connections flush what they owe and close, tracked tasks get the drain
+//! timeout to finish, and the socket file is removed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use interprocess::local_socket::tokio::Stream;
+use interprocess::local_socket::traits::StreamCommon as _;
+use interprocess::local_socket::traits::tokio::Listener as _;
+use serde::Serialize;
+use serde_json::Value;
+use spark_proto::events::{EVENT_METHOD, Event};
+use spark_proto::frame::{Frame, encode};
+use spark_proto::methods::{self, Empty, InitializeResult, Method, StatusResult};
+use spark_proto::{
+    ErrorCode, Id, MAX_LINE_BYTES, Notification, PROTOCOL_VERSION, Request, Response, RpcError,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::codec::LineDecoder;
+use crate::config::Config;
+use crate::instance::Instance;
+
+/// Lines queued for one connection's writer; beyond it, the handler waits (backpressure).
+const OUTBOUND_CAPACITY: usize = 256;
+/// Events buffered per subscriber before the slowest one starts missing them.
+const EVENT_CAPACITY: usize = 1024;
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// State shared by every connection task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    started: Instant,
+    started_at_ms: u64,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    connections: watch::Sender<usize>,
+    next_conn: AtomicU64,
+}
+
+pub(crate) async fn serve(config: Config, instance: Instance, shutdown: CancellationToken) {
+    let (events, _) = broadcast::channel(EVENT_CAPACITY);
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        started_at_ms: unix_ms(),
+        events,
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+        connections: watch::Sender::new(0),
+        next_conn: AtomicU64::new(1),
+        config,
+    });
+    info!(socket = %instance.socket.display(), pid = std::process::id(), version = crate::VERSION, "sparkd serving");
+    if let Some(idle) = shared.config.idle_timeout {
+        shared.tracker.spawn(idle_exit(shared.clone(), idle));
+    }
+    let my_uid = rustix::process::geteuid().as_raw();
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = instance.listener.accept() => match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    }
+                }
+            },
+        };
+        match stream.peer_creds().map(|c| c.euid()) {
+            Ok(Some(uid)) if uid == my_uid => {}
+            other => {
+                warn!(peer = ?other, "refusing connection from another user");
+                continue;
+            }
+        }
+        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let open = *shared.connections.borrow();
+        if open >= shared.config.max_connections {
+            warn!(open, "too many connections; refusing one");
+            shared.tracker.spawn(refuse_overloaded(stream));
+            continue;
+        }
+        shared.connections.send_modify(|n| *n += 1);
+        let s = shared.clone();
+        shared.tracker.spawn(async move {
+            Connection::run(s.clone(), stream, id).await;
+            s.connections.send_modify(|n| *n -= 1);
+        });
+    }
+
+    info!("shutting down");
+    drop(instance.listener);
+    if let Err(e) = std::fs::remove_file(&instance.socket) {
+        warn!(error = %e, "cannot remove socket file");
+    }
+    shared.tracker.close();
+    if tokio::time::timeout(shared.config.drain_timeout, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(timeout = ?shared.config.drain_timeout, "drain timeout reached; abandoning in-flight work");
+    }
+    info!("stopped");
+}
+
+/// Cancel the daemon after `idle` with no open connection.
+async fn idle_exit(shared: Arc<Shared>, idle: Duration) {
+    let mut count = shared.connections.subscribe();
+    loop {
+        if count.wait_for(|n| *n == 0).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep(idle) => {
+                info!(?idle, "idle timeout: no connections; exiting");
+                shared.shutdown.cancel();
+                return;
+            }
+            _ = count.wait_for(|n| *n > 0) => {}
+        }
+    }
+}
+
+async fn refuse_overloaded(stream: Stream) {
+    let mut tx = &stream;
+    let err = RpcError::new(
+        ErrorCode::Overloaded,
+        "sparkd has too many open connections",
+    )
+    .with_hint("retry shortly");
+    let _ = tx.write_all(&encode(&Response::err(Id::Null, err))).await;
+}
+
+/// One client connection.
+struct Connection {
+    shared: Arc<Shared>,
+    id: u64,
+    out: mpsc::Sender<Vec<u8>>,
+    initialized: bool,
+    subscribed: bool,
+}
+
+impl Connection {
+    async fn run(shared: Arc<Shared>, stream: Stream, id: u64) {
+        let stream = Arc::new(stream);
+        let (out, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let writer = tokio::spawn(write_loop(stream.clone(), out_rx));
+        let mut frames = FramedRead::new(SharedStream(stream), LineDecoder::new(MAX_LINE_BYTES));
+        let mut conn = Connection {
+            shared: shared.clone(),
+            id,
+            out,
+            initialized: false,
+            subscribed: false,
+        };
+        debug!(conn = id, "connected");
+        loop {
+            let frame = tokio::select! {
+                () = shared.shutdown.cancelled() => break,
+                f = frames.next() => f,
+            };
+            let alive = match frame {
+                None => false,
+                Some(Err(e)) => {
+                    debug!(conn = id, error = %e, "read failed");
+                    false
+                }
+                Some(Ok(Frame::Line(line))) => conn.handle_line(&line).await,
+                Some(Ok(Frame::TooLong { len })) => {
+                    let err = RpcError::new(
+                        ErrorCode::LineTooLong,
+                        format!(
+                            "line of {len} bytes exceeds the limit of {MAX_LINE_BYTES} bytes; it was skipped"
+                        ),
+                    );
+                    conn.send(&Response::err(Id::Null, err)).await
+                }
+                Some(Ok(Frame::Eof)) => false,
+            };
+            if !alive {
+                break;
+            }
+        }
+        // Dropping the last sender lets the writer flush what is queued, then finish.
+        drop(conn);
+        let _ = writer.await;
+        debug!(conn = id, "closed");
+    }
+
+    /// Queue a line for the writer; false once the connection is gone.
+    async fn send<T: Serialize>(&self, msg: &T) -> bool {
+        self.out.send(encode(msg)).await.is_ok()
+    }
+
+    async fn handle_line(&mut self, line: &[u8]) -> bool {
+        let value: Value = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(e) => {
+                let err = RpcError::new(ErrorCode::ParseError, format!("invalid JSON: {e}"));
+                return self.send(&Response::err(Id::Null, err)).await;
+            }
+        };
+        if value.get("id").is_none() && value.get("method").is_some() {
+            // A JSON-RPC notification: the spec forbids answering it, and none are defined.
+            debug!(conn = self.id, "ignoring client notification");
+            return true;
+        }
+        let id = value
+            .get("id")
+            .and_then(|v| serde_json::from_value::<Id>(v.clone()).ok())
+            .unwrap_or(Id::Null);
+        let req: Request = match serde_json::from_value(value) {
+            Ok(r) => r,
+            Err(e) => {
+                let err = RpcError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("not a JSON-RPC 2.0 request: {e}"),
+                );
+                return self.send(&Response::err(id, err)).await;
+            }
+        };
+        let response = match self.dispatch(&req.method, req.params).await {
+            Ok(result) => Response::ok(req.id, result),
+            Err(err) => Response::err(req.id, err),
+        };
+        self.send(&response).await
+    }
+
+    async fn dispatch(&mut self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        if method == methods::Initialize::NAME {
+            let p = parse_params::<methods::Initialize>(params)?;
+            if p.protocol_version != PROTOCOL_VERSION {
+                return Err(RpcError::new(
+                    ErrorCode::VersionMismatch,
+                    format!(
+                        "protocol version mismatch: client {} {} speaks {}, sparkd {} speaks {}",
+                        p.client.name,
+                        p.client.version,
+                        p.protocol_version,
+                        crate::VERSION,
+                        PROTOCOL_VERSION
+                    ),
+                )
+                .with_hint("restart the daemon with `sparkctl stop`, or upgrade the client"));
+            }
+            debug!(conn = self.id, client = %p.client.name, version = %p.client.version, "initialized");
+            self.initialized = true;
+            return to_value(InitializeResult {
+                protocol_version: PROTOCOL_VERSION,
+                daemon_version: crate::VERSION.to_owned(),
+                pid: std::process::id(),
+            });
+        }
+        if !self.initialized {
+            return Err(RpcError::new(
+                ErrorCode::NotInitialized,
+                format!("`{method}` before `initialize`: the first request must be `initialize`"),
+            )
+            .with_hint("see docs/protocol.md, \"Handshake\""));
+        }
+        match method {
+            methods::Status::NAME => {
+                parse_params::<methods::Status>(params)?;
+                to_value(self.status())
+            }
+            methods::Shutdown::NAME => {
+                parse_params::<methods::Shutdown>(params)?;
+                info!(conn = self.id, "shutdown requested");
+                self.shared.shutdown.cancel();
+                to_value(Empty {})
+            }
+            methods::Subscribe::NAME => {
+                parse_params::<methods::Subscribe>(params)?;
+                if !self.subscribed {
+                    self.subscribed = true;
+                    let rx = self.shared.events.subscribe();
+                    self.shared.tracker.spawn(forward_events(
+                        rx,
+                        self.out.clone(),
+                        self.shared.shutdown.clone(),
+                    ));
+                }
+                to_value(Empty {})
+            }
+            other => Err(RpcError::new(
+                ErrorCode::MethodNotFound,
+                format!("unknown method `{other}`"),
+            )
+            .with_hint("see docs/protocol.md for the methods of this protocol version")),
+        }
+    }
+
+    fn status(&self) -> StatusResult {
+        let layout = &self.shared.config.layout;
+        StatusResult {
+            pid: std::process::id(),
+            version: crate::VERSION.to_owned(),
+            protocol_version: PROTOCOL_VERSION,
+            started_at: self.shared.started_at_ms,
+            uptime_ms: u64::try_from(self.shared.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            socket: layout.socket.display().to_string(),
+            log_file: layout.log_file.display().to_string(),
+            connections: *self.shared.connections.borrow() as u64,
+            repos: Vec::new(),
+            sessions: Vec::new(),
+            cache: None,
+        }
+    }
+}
+
+/// The read side of a stream whose write side belongs to the writer task: `&Stream` is both
+/// `AsyncRead` and `AsyncWrite`, so the two tasks share it instead of splitting it.
+struct SharedStream(Arc<Stream>);
+
+impl tokio::io::AsyncRead for SharedStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut &*self.0).poll_read(cx, buf)
+    }
+}
+
+async fn write_loop(stream: Arc<Stream>, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let mut tx = &*stream;
+    while let Some(line) = rx.recv().await {
+        if tx.write_all(&line).await.is_err() {
+            return;
+        }
+    }
+    let _ = tx.flush().await;
+}
+
+/// Push every event to one subscribed connection; never block the publisher.
+async fn forward_events(
+    mut rx: broadcast::Receiver<Event>,
+    out: mpsc::Sender<Vec<u8>>,
+    shutdown: CancellationToken,
+) {
+    let notify = |e: &Event| {
+        let params = serde_json::to_value(e).expect("events always serialize");
+        encode(&Notification::new(EVENT_METHOD, params))
+    };
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = out.try_send(notify(&Event::Stopping));
+                return;
+            }
+            e = rx.recv() => e,
+        };
+        match event {
+            Ok(e) => {
+                if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(notify(&e)) {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                warn!(missed = n, "subscriber too slow; events dropped")
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+fn parse_params<M: Method>(params: Option<Value>) -> Result<M::Params, RpcError> {
+    let params = params.unwrap_or_else(|| Value::Object(Default::default()));
+    if !params.is_object() {
+        // serde would read a struct from an array; spark's methods take named params only.
+        return Err(RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("params of `{}` must be an object (named params)", M::NAME),
+        ));
+    }
+    serde_json::from_value::<M::Params>(params).map_err(|e| {
+        RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("invalid params for `{}`: {e}", M::NAME),
+        )
+    })
+}
+
+fn to_value<T: Serialize>(v: T) -> Result<Value, RpcError> {
+    serde_json::to_value(v)
+        .map_err(|e| RpcError::new(ErrorCode::Internal, format!("cannot encode result: {e}")))
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,56 @@
+//! Notifications the daemon pushes to connections that called `subscribe`. Editors use them to
+//! reload buffers; they are sent as `{"jsonrpc":"2.0","method":"event","params":<Event>}`.
+
+use serde::{Deserialize, Serialize};
+
+/// The notification method name that carries an [`Event`].
+pub const EVENT_METHOD: &str = "event";
+
+/// Something happened that a client may want to react to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// An edit landed in the worktree; reload these files.
+    EditApplied {
+        repo: String,
+        edit: String,
+        files: Vec<String>,
+    },
+    /// An edit was reverted (undo or stash); reload these files.
+    EditReverted {
+        repo: String,
+        edit: String,
+        files: Vec<String>,
+    },
+    /// Files changed on disk (seen by the watcher).
+    FilesChanged { repo: String, paths: Vec<String> },
+    /// A provider session connected, disconnected or rotated.
+    SessionState { repo: String, state: String },
+    /// The daemon is shutting down; the connection will close.
+    Stopping,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn events_are_tagged_by_type() {
+        let e = Event::EditApplied {
+            repo: "/r".into(),
+            edit: "abc".into(),
+            files: vec!["a".into()],
+        };
+        let v = serde_json::to_value(&e).expect("ser");
+        assert_eq!(
+            v,
+            json!({"type":"edit_applied","repo":"/r","edit":"abc","files":["a"]})
+        );
+        assert_eq!(serde_json::from_value::<Event>(v).expect("de"), e);
+        assert_eq!(
+            serde_json::to_value(Event::Stopping).expect("ser"),
+            json!({"type":"stopping"})
+        );
+    }
+}

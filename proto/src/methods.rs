@@ -1,0 +1,172 @@
+//! One type per method: its wire name, params and result. Clients call through [`Method`] so a
+//! method's name and types cannot drift apart.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A JSON-RPC method of the local socket.
+pub trait Method {
+    /// The wire name, e.g. `"status"`.
+    const NAME: &'static str;
+    type Params: Serialize + DeserializeOwned;
+    type Result: Serialize + DeserializeOwned;
+}
+
+macro_rules! method {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, $params:ty, $result:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        pub enum $ty {}
+        impl Method for $ty {
+            const NAME: &'static str = $name;
+            type Params = $params;
+            type Result = $result;
+        }
+    };
+}
+
+method!(
+    /// `initialize` → [`InitializeResult`]. Must be the first request on a connection.
+    Initialize, "initialize", InitializeParams, InitializeResult
+);
+method!(
+    /// `status` → [`StatusResult`]: the daemon, its repositories, sessions and cache.
+    Status, "status", Empty, StatusResult
+);
+method!(
+    /// `shutdown` → [`Empty`]: answered, then the daemon drains and exits.
+    Shutdown, "shutdown", Empty, Empty
+);
+method!(
+    /// `subscribe` → [`Empty`]: the connection then receives `event` notifications.
+    Subscribe, "subscribe", Empty, Empty
+);
+
+/// Params or result with no fields: `{}` (a missing `params` is accepted too).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// Who is calling, for the daemon's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub name: String,
+    pub version: String,
+}
+
+/// Params of [`Initialize`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitializeParams {
+    /// The [`crate::PROTOCOL_VERSION`] the client speaks.
+    pub protocol_version: u32,
+    pub client: ClientInfo,
+}
+
+/// Result of [`Initialize`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitializeResult {
+    pub protocol_version: u32,
+    /// The daemon's package version; clients restart a daemon whose version differs from theirs.
+    pub daemon_version: String,
+    pub pid: u32,
+}
+
+/// Result of [`Status`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResult {
+    pub pid: u32,
+    pub version: String,
+    pub protocol_version: u32,
+    /// Unix ms.
+    pub started_at: u64,
+    pub uptime_ms: u64,
+    pub socket: String,
+    pub log_file: String,
+    /// Open client connections, this one included.
+    pub connections: u64,
+    pub repos: Vec<RepoStatus>,
+    pub sessions: Vec<SessionStatus>,
+    pub cache: Option<CacheStatus>,
+}
+
+/// A repository the daemon knows about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RepoStatus {
+    pub path: String,
+    /// Edits recorded by this daemon since it started.
+    pub edits: u64,
+}
+
+/// A provider session (one per repository and conversation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionStatus {
+    pub repo: String,
+    pub connected: bool,
+    pub age_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+}
+
+/// The context cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn empty_params_accept_object_and_refuse_extra_fields() {
+        assert_eq!(
+            serde_json::from_value::<Empty>(json!({})).expect("empty"),
+            Empty {}
+        );
+        assert!(serde_json::from_value::<Empty>(json!({"x": 1})).is_err());
+    }
+
+    #[test]
+    fn initialize_round_trips() {
+        let p = InitializeParams {
+            protocol_version: 1,
+            client: ClientInfo {
+                name: "sparkctl".into(),
+                version: "0.1.0".into(),
+            },
+        };
+        let v = serde_json::to_value(&p).expect("ser");
+        assert_eq!(
+            v,
+            json!({"protocol_version":1,"client":{"name":"sparkctl","version":"0.1.0"}})
+        );
+        assert_eq!(
+            serde_json::from_value::<InitializeParams>(v).expect("de"),
+            p
+        );
+    }
+
+    #[test]
+    fn status_round_trips() {
+        let s = StatusResult {
+            pid: 1,
+            version: "0.1.0".into(),
+            protocol_version: 1,
+            started_at: 2,
+            uptime_ms: 3,
+            socket: "/s".into(),
+            log_file: "/l".into(),
+            connections: 1,
+            repos: vec![RepoStatus {
+                path: "/r".into(),
+                edits: 2,
+            }],
+            sessions: vec![],
+            cache: None,
+        };
+        let text = serde_json::to_string(&s).expect("ser");
+        assert_eq!(serde_json::from_str::<StatusResult>(&text).expect("de"), s);
+    }
+}
