@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 use spark_proto::layout::Layout;
-use spark_proto::methods::{Empty, Status, StatusResult};
+use spark_proto::methods::{
+    ApplyParams, EditApply, EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty,
+    LogParams, Status, StatusResult,
+};
 use sparkctl::autostart::{self, Started};
 use sparkctl::{Client, ClientError};
 
@@ -32,6 +35,41 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Apply a patch (Codex apply_patch format or aider SEARCH/REPLACE blocks) to the repository
+    /// of the current directory, all files or none, and record it as an edit.
+    Apply {
+        /// Patch file; `-` or nothing reads standard input. Relative paths in the patch start
+        /// at the current directory.
+        file: Option<PathBuf>,
+        /// Check the patch and print the diff; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Message recorded with the edit (shown by `log` and `git stash list`).
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// List this repository's edits, newest first.
+    Log {
+        /// Show at most this many edits.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Show an edit's diff (default: the latest), exactly as `git stash show -p <edit>` does.
+    Show {
+        /// Edit id (a unique prefix is enough).
+        edit: Option<String>,
+    },
+    /// Revert an edit (default: the latest applied one). Changes you made since are kept; if
+    /// you changed the same lines, nothing is written.
+    Undo {
+        /// Edit id (a unique prefix is enough).
+        edit: Option<String>,
+    },
+    /// Move an edit onto `git stash` and revert it in the worktree; `git stash pop` brings it back.
+    Stash {
+        /// Edit id (a unique prefix is enough).
+        edit: Option<String>,
+    },
     /// Show the daemon: version, uptime, socket, repositories, sessions and cache.
     Status,
     /// Stop the daemon (waits until it has exited).
@@ -108,16 +146,75 @@ fn run(cli: Cli) -> Result<(), Failure> {
         layout.socket = std::path::absolute(&s).unwrap_or(s);
     }
     let fail = |e: ClientError| Failure::from_client(e, &layout);
+    let style = Style::detect();
+    let connect = || -> Result<Client, Failure> {
+        let conn = autostart::connect(&layout, "sparkctl").map_err(|e| Failure::from_client(e, &layout))?;
+        note_started(&conn.started, cli.json);
+        Ok(conn.client)
+    };
     match cli.command {
+        Command::Apply { file, dry_run, message } => {
+            let patch = read_patch(file.as_deref())?;
+            let params = ApplyParams { cwd: cwd()?, patch, dry_run, source: Some("sparkctl apply".into()), message };
+            let result = connect()?.call::<EditApply>(&params).map_err(fail)?;
+            if cli.json {
+                return print_json(&result);
+            }
+            if dry_run {
+                return write_stdout(style.diff(&result.diff).as_bytes());
+            }
+            print_line(&render_edit(&result, "applied", &style))
+        }
+        Command::Log { limit } => {
+            let result = connect()?.call::<EditLog>(&LogParams { cwd: cwd()?, limit: Some(limit) }).map_err(fail)?;
+            if cli.json {
+                return print_json(&result);
+            }
+            if result.edits.is_empty() {
+                return print_line("no edits yet in this repository");
+            }
+            let now = now_ms();
+            let mut out = String::new();
+            for e in &result.edits {
+                let what = if e.message.is_empty() { &e.source } else { &e.message };
+                let files = match e.files.len() {
+                    1 => e.files[0].clone(),
+                    n => format!("{n} files"),
+                };
+                out += &format!(
+                    "{}  {:>8}  {:<7}  {}  {}\n",
+                    style.paint(YELLOW, &e.id),
+                    human_age(now.saturating_sub(e.at)),
+                    e.state,
+                    first_line(what),
+                    style.paint(DIM, &format!("({files})"))
+                );
+            }
+            write_stdout(out.as_bytes())
+        }
+        Command::Show { edit } => {
+            let result = connect()?.call::<EditShow>(&EditParams { cwd: cwd()?, id: edit }).map_err(fail)?;
+            if cli.json { print_json(&result) } else { write_stdout(style.diff(&result.diff).as_bytes()) }
+        }
+        Command::Undo { edit } => {
+            let result = connect()?.call::<EditUndo>(&EditParams { cwd: cwd()?, id: edit }).map_err(fail)?;
+            if cli.json { print_json(&result) } else { print_line(&render_edit(&result, "undid", &style)) }
+        }
+        Command::Stash { edit } => {
+            let result = connect()?.call::<EditStash>(&EditParams { cwd: cwd()?, id: edit }).map_err(fail)?;
+            if cli.json {
+                print_json(&result)
+            } else {
+                print_line(&format!("{}\n`git stash pop` brings it back", render_edit(&result, "stashed", &style)))
+            }
+        }
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sparkctl", &mut out);
             write_stdout(&out)
         }
         Command::Status => {
-            let mut conn = autostart::connect(&layout, "sparkctl").map_err(fail)?;
-            note_started(&conn.started, cli.json);
-            let status = conn.client.call::<Status>(&Empty {}).map_err(fail)?;
+            let status = connect()?.call::<Status>(&Empty {}).map_err(fail)?;
             if cli.json {
                 print_json(&status)
             } else {
@@ -145,6 +242,143 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
     }
+}
+
+fn cwd() -> Result<String, Failure> {
+    std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .map_err(|e| Failure { message: format!("cannot read the current directory: {e}"), hint: None, code: 1, kind: None })
+}
+
+fn read_patch(file: Option<&std::path::Path>) -> Result<String, Failure> {
+    let bad = |message: String| Failure { message, hint: None, code: 1, kind: Some("bad_input".into()) };
+    let bytes = match file {
+        None => read_stdin_patch()?,
+        Some(p) if p.as_os_str() == "-" => read_stdin_patch()?,
+        Some(p) => std::fs::read(p).map_err(|e| bad(format!("cannot read {}: {e}", p.display())))?,
+    };
+    let text = String::from_utf8(bytes).map_err(|_| bad("the patch is not UTF-8 text".into()))?;
+    if text.trim().is_empty() {
+        return Err(bad("the patch is empty".into()));
+    }
+    // The request carries the patch inline, within the socket's line limit.
+    if text.len() > spark_proto::MAX_LINE_BYTES / 2 {
+        return Err(bad(format!("the patch is {} bytes; the limit is {}", text.len(), spark_proto::MAX_LINE_BYTES / 2)));
+    }
+    Ok(text)
+}
+
+fn read_stdin_patch() -> Result<Vec<u8>, Failure> {
+    use std::io::{IsTerminal, Read};
+    if std::io::stdin().is_terminal() {
+        return Err(Failure {
+            message: "no patch given".into(),
+            hint: Some("pass a patch file, or pipe one in: `sparkctl apply < fix.patch`".into()),
+            code: 1,
+            kind: Some("bad_input".into()),
+        });
+    }
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .map_err(|e| Failure { message: format!("cannot read standard input: {e}"), hint: None, code: 1, kind: None })?;
+    Ok(buf)
+}
+
+const GREEN: &str = "32";
+const RED: &str = "31";
+const YELLOW: &str = "33";
+const CYAN: &str = "36";
+const DIM: &str = "2";
+const BOLD: &str = "1";
+
+/// Colour on a terminal, plain text elsewhere (and with NO_COLOR set).
+struct Style {
+    color: bool,
+}
+
+impl Style {
+    fn detect() -> Style {
+        use std::io::IsTerminal;
+        Style { color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none() }
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.color { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_owned() }
+    }
+
+    fn diff(&self, diff: &str) -> String {
+        if !self.color {
+            return diff.to_owned();
+        }
+        let mut out = String::with_capacity(diff.len() + diff.len() / 4);
+        for line in diff.split_inclusive('\n') {
+            let body = line.strip_suffix('\n').unwrap_or(line);
+            let code = if body.starts_with("+++") || body.starts_with("---") || body.starts_with("diff ") || body.starts_with("index ") {
+                Some(BOLD)
+            } else if body.starts_with('+') {
+                Some(GREEN)
+            } else if body.starts_with('-') {
+                Some(RED)
+            } else if body.starts_with("@@") {
+                Some(CYAN)
+            } else {
+                None
+            };
+            match code {
+                Some(c) => {
+                    out += &self.paint(c, body);
+                    if line.ends_with('\n') {
+                        out.push('\n');
+                    }
+                }
+                None => out += line,
+            }
+        }
+        out
+    }
+}
+
+/// A diffstat and a summary line: "applied edit 3f2a1c9: 2 files, +5 -1 (1.4 ms)".
+fn render_edit(r: &EditResult, verb: &str, style: &Style) -> String {
+    let mut out = String::new();
+    let width = r.files.iter().map(|f| f.path.len()).max().unwrap_or(0);
+    let (mut add, mut del) = (0, 0);
+    for f in &r.files {
+        add += f.added;
+        del += f.removed;
+        let mark = match f.change.as_str() {
+            "added" => style.paint(GREEN, "A"),
+            "deleted" => style.paint(RED, "D"),
+            _ => style.paint(YELLOW, "M"),
+        };
+        let plus = style.paint(GREEN, &"+".repeat(f.added.min(30) as usize));
+        let minus = style.paint(RED, &"-".repeat(f.removed.min(30) as usize));
+        out += &format!(" {mark} {:<width$} | {:>4} {plus}{minus}\n", f.path, f.added + f.removed);
+    }
+    match &r.edit {
+        Some(id) => out += &format!(
+            "{verb} edit {}: {} file{}, +{add} -{del} ({:.1} ms)",
+            style.paint(YELLOW, id),
+            r.files.len(),
+            if r.files.len() == 1 { "" } else { "s" },
+            r.total_ms
+        ),
+        None => out += "nothing to change: the files already match",
+    }
+    out
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn human_age(ms: u64) -> String {
+    format!("{} ago", human_duration(ms))
 }
 
 fn note_started(started: &Option<Started>, json: bool) {

@@ -31,6 +31,9 @@ pub struct ConfigFile {
     pub max_connections: Option<usize>,
     /// A tracing filter, e.g. `info` or `sparkd=debug`.
     pub log: Option<String>,
+    /// fsync edited files, journals and the ledger (default true). Off trades crash safety
+    /// for speed; only benchmarks should turn it off.
+    pub fsync: Option<bool>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -54,6 +57,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub max_connections: usize,
     pub log: String,
+    pub fsync: bool,
+    /// Test hook: abort at this named point of an edit (`SPARK_FAILPOINT`, debug builds only).
+    pub failpoint: Option<String>,
 }
 
 impl fmt::Debug for Config {
@@ -68,6 +74,8 @@ impl fmt::Debug for Config {
             .field("drain_timeout", &self.drain_timeout)
             .field("max_connections", &self.max_connections)
             .field("log", &self.log)
+            .field("fsync", &self.fsync)
+            .field("failpoint", &self.failpoint)
             .finish()
     }
 }
@@ -155,6 +163,8 @@ impl Config {
                 .or_else(|| env("SPARK_LOG"))
                 .or(file.log)
                 .unwrap_or_else(|| "info".to_owned()),
+            fsync: file.fsync.unwrap_or(true),
+            failpoint: if cfg!(debug_assertions) { env("SPARK_FAILPOINT") } else { None },
         })
     }
 

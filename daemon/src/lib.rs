@@ -5,12 +5,16 @@
 //! - [`instance`]: the private socket directory, the single-instance lock, stale sockets.
 //! - [`server`]: the accept loop, one task per connection, request dispatch, events, shutdown.
 //! - `codec`: NDJSON line framing on tokio with a maximum line length.
+//! - `edit`: the edit engine (parse, check, apply all-or-nothing, record, undo, stash).
+//! - `repo`: one actor thread per repository owning its `git2::Repository`.
 
 pub mod config;
 pub mod instance;
 pub mod server;
 
 mod codec;
+mod edit;
+mod repo;
 
 use std::path::Path;
 
@@ -55,6 +59,8 @@ impl Daemon {
                 path: config.layout.state_dir.display().to_string(),
                 source,
             })?;
+        // Interrupted edits are settled before any client can see the worktree through us.
+        repo::recover_all(&server::edit_env(&config));
         Ok(Daemon { config, instance })
     }
 

@@ -32,7 +32,10 @@ use tracing::{debug, info, warn};
 
 use crate::codec::LineDecoder;
 use crate::config::Config;
+use crate::edit::journal::{Durability, Failpoint};
+use crate::edit::{self, EditEnv};
 use crate::instance::Instance;
+use crate::repo::Repos;
 
 /// Lines queued for one connection's writer; beyond it, the handler waits (backpressure).
 const OUTBOUND_CAPACITY: usize = 256;
@@ -52,6 +55,16 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     connections: watch::Sender<usize>,
     next_conn: AtomicU64,
+    pub(crate) repos: Repos,
+}
+
+/// The edit engine's settings, from the daemon's configuration.
+pub(crate) fn edit_env(config: &Config) -> EditEnv {
+    EditEnv {
+        journal_dir: config.layout.state_dir.join("journal"),
+        durability: Durability { fsync: config.fsync },
+        failpoint: Failpoint(config.failpoint.clone()),
+    }
 }
 
 pub(crate) async fn serve(config: Config, instance: Instance, shutdown: CancellationToken) {
@@ -64,6 +77,7 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         tracker: TaskTracker::new(),
         connections: watch::Sender::new(0),
         next_conn: AtomicU64::new(1),
+        repos: Repos::new(edit_env(&config)),
         config,
     });
     info!(socket = %instance.socket.display(), pid = std::process::id(), version = crate::VERSION, "sparkd serving");
@@ -302,12 +316,87 @@ impl Connection {
                 }
                 to_value(Empty {})
             }
+            methods::EditApply::NAME => {
+                let p = parse_params::<methods::EditApply>(params)?;
+                to_value(self.edit_apply(p).await?)
+            }
+            methods::EditUndo::NAME => {
+                let p = parse_params::<methods::EditUndo>(params)?;
+                to_value(self.edit_revert(p, false).await?)
+            }
+            methods::EditStash::NAME => {
+                let p = parse_params::<methods::EditStash>(params)?;
+                to_value(self.edit_revert(p, true).await?)
+            }
+            methods::EditLog::NAME => {
+                let p = parse_params::<methods::EditLog>(params)?;
+                to_value(self.edit_log(p).await?)
+            }
+            methods::EditShow::NAME => {
+                let p = parse_params::<methods::EditShow>(params)?;
+                to_value(self.edit_show(p).await?)
+            }
             other => Err(RpcError::new(
                 ErrorCode::MethodNotFound,
                 format!("unknown method `{other}`"),
             )
             .with_hint("see docs/protocol.md for the methods of this protocol version")),
         }
+    }
+
+    async fn edit_apply(&self, p: methods::ApplyParams) -> Result<methods::EditResult, RpcError> {
+        let started = Instant::now();
+        let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let req = edit::ApplyRequest {
+            patch: p.patch,
+            cwd_prefix: prefix,
+            dry_run: p.dry_run,
+            source: p.source.unwrap_or_else(|| "apply".to_owned()),
+            message: p.message.unwrap_or_default(),
+            bases: Default::default(),
+        };
+        let outcome = repo.run(move |ctx| edit::apply(ctx, &req)).await?.map_err(|e| e.to_rpc())?;
+        if let Some(id) = &outcome.edit {
+            repo.count_edit();
+            let _ = self.shared.events.send(Event::EditApplied {
+                repo: repo.workdir().display().to_string(),
+                edit: id.clone(),
+                files: outcome.files.iter().map(|f| f.path.clone()).collect(),
+            });
+        }
+        Ok(edit_result(&repo, outcome, started))
+    }
+
+    async fn edit_revert(&self, p: methods::EditParams, stash: bool) -> Result<methods::EditResult, RpcError> {
+        let started = Instant::now();
+        let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let outcome = repo.run(move |ctx| edit::revert(ctx, p.id.as_deref(), stash)).await?.map_err(|e| e.to_rpc())?;
+        let _ = self.shared.events.send(Event::EditReverted {
+            repo: repo.workdir().display().to_string(),
+            edit: outcome.edit.clone().unwrap_or_default(),
+            files: outcome.files.iter().map(|f| f.path.clone()).collect(),
+        });
+        Ok(edit_result(&repo, outcome, started))
+    }
+
+    async fn edit_log(&self, p: methods::LogParams) -> Result<methods::LogResult, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let limit = p.limit.unwrap_or(20) as usize;
+        let entries = repo.run(move |ctx| edit::log(ctx, limit)).await?.map_err(|e| e.to_rpc())?;
+        Ok(methods::LogResult {
+            repo: repo.workdir().display().to_string(),
+            edits: entries.into_iter().map(|(id, s)| log_entry(id, s)).collect(),
+        })
+    }
+
+    async fn edit_show(&self, p: methods::EditParams) -> Result<methods::ShowResult, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let shown = repo.run(move |ctx| edit::show(ctx, p.id.as_deref())).await?.map_err(|e| e.to_rpc())?;
+        Ok(methods::ShowResult {
+            entry: shown.summary.map(|s| log_entry(shown.edit.clone(), s)),
+            id: shown.edit,
+            diff: shown.diff,
+        })
     }
 
     fn status(&self) -> StatusResult {
@@ -321,7 +410,13 @@ impl Connection {
             socket: layout.socket.display().to_string(),
             log_file: layout.log_file.display().to_string(),
             connections: *self.shared.connections.borrow() as u64,
-            repos: Vec::new(),
+            repos: self
+                .shared
+                .repos
+                .all()
+                .iter()
+                .map(|r| methods::RepoStatus { path: r.workdir().display().to_string(), edits: r.edits() })
+                .collect(),
             sessions: Vec::new(),
             cache: None,
         }
@@ -339,6 +434,36 @@ impl tokio::io::AsyncRead for SharedStream {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut &*self.0).poll_read(cx, buf)
+    }
+}
+
+fn edit_result(repo: &crate::repo::RepoHandle, o: edit::Outcome, started: Instant) -> methods::EditResult {
+    methods::EditResult {
+        edit: o.edit,
+        repo: repo.workdir().display().to_string(),
+        files: o
+            .files
+            .into_iter()
+            .map(|f| methods::FileChangeSummary { path: f.path, change: f.change.to_owned(), added: f.added, removed: f.removed })
+            .collect(),
+        diff: o.diff,
+        total_ms: started.elapsed().as_secs_f64() * 1000.0,
+    }
+}
+
+fn log_entry(id: String, s: edit::ledger::EditSummary) -> methods::LogEntry {
+    let state = match s.state {
+        edit::ledger::EventKind::Applied => "applied",
+        edit::ledger::EventKind::Undone => "undone",
+        edit::ledger::EventKind::Stashed => "stashed",
+    };
+    methods::LogEntry {
+        id,
+        at: s.applied.at,
+        state: state.to_owned(),
+        source: s.applied.source,
+        message: s.applied.message,
+        files: s.applied.files,
     }
 }
 

@@ -42,6 +42,27 @@ method!(
     Subscribe, "subscribe", Empty, Empty
 );
 
+method!(
+    /// `edit/apply` → [`EditResult`]: apply a patch (apply_patch or SEARCH/REPLACE) and record it.
+    EditApply, "edit/apply", ApplyParams, EditResult
+);
+method!(
+    /// `edit/log` → [`LogResult`]: the repository's edits, newest first.
+    EditLog, "edit/log", LogParams, LogResult
+);
+method!(
+    /// `edit/show` → [`ShowResult`]: one edit's diff.
+    EditShow, "edit/show", EditParams, ShowResult
+);
+method!(
+    /// `edit/undo` → [`EditResult`]: revert an edit in the worktree, keeping later changes.
+    EditUndo, "edit/undo", EditParams, EditResult
+);
+method!(
+    /// `edit/stash` → [`EditResult`]: move an edit onto `git stash` (worktree reverted).
+    EditStash, "edit/stash", EditParams, EditResult
+);
+
 /// Params or result with no fields: `{}` (a missing `params` is accepted too).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,6 +135,102 @@ pub struct CacheStatus {
     pub bytes: u64,
 }
 
+/// Params of [`EditApply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyParams {
+    /// Absolute directory the client runs in; selects the repository, and relative patch paths
+    /// start there.
+    pub cwd: String,
+    /// The patch text.
+    pub patch: String,
+    /// Check and show the diff; write nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Who produced the patch (recorded in the ledger), e.g. `apply` or a plugin name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// A message for the record (shown by `log`, and in `git stash list`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A file an edit touched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChangeSummary {
+    /// Repository-relative, `/`-separated.
+    pub path: String,
+    /// `added`, `modified` or `deleted`.
+    pub change: String,
+    pub added: u32,
+    pub removed: u32,
+}
+
+/// Result of [`EditApply`], [`EditUndo`] and [`EditStash`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EditResult {
+    /// Short id of the edit (`git stash show -p <edit>` shows it); null for a dry run or a
+    /// patch that changes nothing.
+    pub edit: Option<String>,
+    /// The repository's worktree.
+    pub repo: String,
+    pub files: Vec<FileChangeSummary>,
+    /// Unified diff of what was (or, for a dry run, would be) written.
+    pub diff: String,
+    /// Daemon-side time for the whole request.
+    pub total_ms: f64,
+}
+
+/// Params of [`EditLog`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogParams {
+    pub cwd: String,
+    /// At most this many edits (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// Params of [`EditShow`], [`EditUndo`] and [`EditStash`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditParams {
+    pub cwd: String,
+    /// An edit id (any unique prefix of at least 4 hex digits); default: the latest applied edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// One edit in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub id: String,
+    /// Unix ms when it was applied.
+    pub at: u64,
+    /// `applied`, `undone` or `stashed`.
+    pub state: String,
+    pub source: String,
+    pub message: String,
+    pub files: Vec<String>,
+}
+
+/// Result of [`EditLog`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogResult {
+    pub repo: String,
+    pub edits: Vec<LogEntry>,
+}
+
+/// Result of [`EditShow`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShowResult {
+    pub id: String,
+    /// Exactly what `git stash show -p <id>` prints.
+    pub diff: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<LogEntry>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +263,13 @@ mod tests {
             serde_json::from_value::<InitializeParams>(v).expect("de"),
             p
         );
+    }
+
+    #[test]
+    fn apply_params_default_optional_fields() {
+        let p: ApplyParams = serde_json::from_value(json!({"cwd":"/r","patch":"x"})).expect("de");
+        assert_eq!(p, ApplyParams { cwd: "/r".into(), patch: "x".into(), dry_run: false, source: None, message: None });
+        assert!(serde_json::from_value::<ApplyParams>(json!({"cwd":"/r"})).is_err(), "patch is required");
     }
 
     #[test]

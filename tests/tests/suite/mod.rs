@@ -1,2 +1,4 @@
+mod edits;
+mod hostile;
 mod lifecycle;
 mod protocol;

@@ -1,0 +1,475 @@
+//! The edit engine: an edit lands exactly, or not at all, and is recorded so it can be shown,
+//! undone, re-applied or stashed. Everything here is blocking and runs on the repository actor's
+//! thread, the only place that holds a `git2::Repository`.
+//!
+//! - [`patch`]: the Codex `apply_patch` grammar (also streaming) and aider SEARCH/REPLACE blocks.
+//! - [`matcher`]: applies chunks to file bytes with Codex's passes, byte-faithfully.
+//! - [`paths`]: path validation and target checks before any I/O.
+//! - [`journal`]: all-or-nothing atomic writes with crash recovery.
+//! - [`record`]: stash-shaped commits under `refs/spark/`.
+//! - [`ledger`]: the append-only history of edits and their states.
+
+pub(crate) mod journal;
+pub(crate) mod ledger;
+pub(crate) mod matcher;
+pub(crate) mod patch;
+pub(crate) mod paths;
+pub(crate) mod record;
+
+#[cfg(test)]
+mod proptests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use git2::{Oid, Repository};
+use spark_proto::ErrorCode;
+use spark_proto::RpcError;
+
+use journal::{Durability, Failpoint, Operation, Write1};
+use ledger::EventKind;
+use paths::{Intent, PathError, RelPath};
+use record::{EditMeta, FileChange, FileState, RecordError};
+
+/// Why an edit operation was refused or failed. Nothing on disk changed in any case.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EditError {
+    #[error("{0}")]
+    Parse(#[from] patch::ParseError),
+    #[error("{0}")]
+    Path(#[from] PathError),
+    #[error("patch does not apply to {path}: {source}")]
+    Match { path: String, source: matcher::MatchError },
+    #[error("{path} changed since the edit was computed and the changes overlap; nothing was written")]
+    Conflict { path: String },
+    #[error("{path} changed while the edit was being written; nothing was written")]
+    Changed { path: String },
+    #[error("refusing to edit {path}: it is a binary file")]
+    Binary { path: String },
+    #[error("{path} appears twice in one edit")]
+    Duplicate { path: String },
+    #[error("{0}")]
+    Record(#[from] RecordError),
+    #[error("no edit to {what} in this repository")]
+    NothingToRevert { what: &'static str },
+    #[error("edit {id} is already {state}")]
+    NotApplied { id: String, state: &'static str },
+    #[error("cannot undo {path}: it changed since edit {id} in the same lines, or was removed; nothing was written")]
+    RevertConflict { id: String, path: String },
+    #[error("cannot {op} {path}: {source}")]
+    Io { op: &'static str, path: String, source: std::io::Error },
+    #[error("git: cannot {op}: {source}")]
+    Git { op: &'static str, source: git2::Error },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EditError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        EditError::Io { op, path: path.display().to_string(), source }
+    }
+
+    pub(crate) fn git(op: &'static str, source: git2::Error) -> Self {
+        EditError::Git { op, source }
+    }
+
+    /// The wire error: a stable code, a fine-grained `kind`, the path and a hint.
+    pub(crate) fn to_rpc(&self) -> RpcError {
+        let (code, kind, path, hint): (ErrorCode, String, Option<String>, Option<&str>) = match self {
+            EditError::Parse(e) => (ErrorCode::EditRejected, e.code().to_owned(), None, Some("the patch must follow the apply_patch grammar (docs/protocol.md)")),
+            EditError::Path(e) => (ErrorCode::EditRejected, format!("path_{}", e.code()), Some(e.path().to_owned()), None),
+            EditError::Match { path, source } => (ErrorCode::PatchMismatch, source.code().to_owned(), Some(path.clone()), Some("the file does not contain the patch's context lines; regenerate the patch against the current file")),
+            EditError::Conflict { path } => (ErrorCode::Conflict, "conflict".into(), Some(path.clone()), Some("your changes to this file overlap the edit; your bytes are untouched")),
+            EditError::Changed { path } => (ErrorCode::Conflict, "changed_during_apply".into(), Some(path.clone()), Some("retry the edit")),
+            EditError::Binary { path } => (ErrorCode::EditRejected, "binary_target".into(), Some(path.clone()), None),
+            EditError::Duplicate { path } => (ErrorCode::EditRejected, "duplicate_path".into(), Some(path.clone()), None),
+            EditError::Record(e) => match e {
+                RecordError::UnknownEdit { .. } | RecordError::AmbiguousEdit { .. } | RecordError::InvalidId { .. } | RecordError::NotAnEdit { .. } => {
+                    (ErrorCode::UnknownEdit, "unknown_edit".into(), None, Some("`sparkctl log` lists this repository's edits"))
+                }
+                RecordError::InvalidPath { .. }
+                | RecordError::InvalidMode { .. }
+                | RecordError::DuplicatePath { .. }
+                | RecordError::UnsupportedEntry { .. }
+                | RecordError::SymbolicRef { .. }
+                | RecordError::RefContention { .. }
+                | RecordError::Git { .. } => (ErrorCode::Internal, "record".into(), None, None),
+            },
+            EditError::NothingToRevert { .. } => (ErrorCode::UnknownEdit, "nothing_to_revert".into(), None, Some("`sparkctl log` lists this repository's edits")),
+            EditError::NotApplied { .. } => (ErrorCode::EditRejected, "not_applied".into(), None, Some("`git stash apply <id>` re-applies an undone edit")),
+            EditError::RevertConflict { path, .. } => (ErrorCode::Conflict, "revert_conflict".into(), Some(path.clone()), Some("undo the conflicting lines by hand, or use `git stash show -p <id>` to see the edit")),
+            EditError::Io { .. } => (ErrorCode::Internal, "io".into(), None, None),
+            EditError::Git { .. } => (ErrorCode::Internal, "git".into(), None, None),
+            EditError::Internal(_) => (ErrorCode::Internal, "internal".into(), None, None),
+        };
+        let mut e = RpcError::new(code, self.to_string()).with_kind(kind);
+        if let Some(p) = path {
+            e = e.with_path(p);
+        }
+        if let Some(h) = hint {
+            e = e.with_hint(h);
+        }
+        e
+    }
+}
+
+/// Daemon-wide settings of the engine.
+#[derive(Debug, Clone)]
+pub(crate) struct EditEnv {
+    pub(crate) journal_dir: PathBuf,
+    pub(crate) durability: Durability,
+    pub(crate) failpoint: Failpoint,
+}
+
+/// One repository as the engine sees it.
+pub(crate) struct RepoCtx<'a> {
+    pub(crate) repo: &'a Repository,
+    pub(crate) workdir: &'a Path,
+    pub(crate) env: &'a EditEnv,
+}
+
+/// An apply request.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ApplyRequest {
+    pub(crate) patch: String,
+    /// Where relative patch paths start: the client's cwd relative to the worktree ("" = root).
+    pub(crate) cwd_prefix: String,
+    pub(crate) dry_run: bool,
+    pub(crate) source: String,
+    pub(crate) message: String,
+    /// The content the patch was computed against, per repo-relative path (what the model saw);
+    /// files not listed use their content at apply time.
+    pub(crate) bases: HashMap<String, Vec<u8>>,
+}
+
+/// A file touched by an edit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileSummary {
+    pub(crate) path: String,
+    pub(crate) change: &'static str,
+    pub(crate) added: u32,
+    pub(crate) removed: u32,
+}
+
+/// What an apply, undo or stash did.
+#[derive(Debug, Clone)]
+pub(crate) struct Outcome {
+    /// Short id of the edit (None for a dry run or a no-op).
+    pub(crate) edit: Option<String>,
+    pub(crate) files: Vec<FileSummary>,
+    pub(crate) diff: String,
+}
+
+/// Parse, check and (unless dry-run) apply and record a patch.
+pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, EditError> {
+    let parsed = patch::parse_any(&req.patch)?;
+    let mut writes: Vec<Write1> = Vec::new();
+    for op in &parsed.ops {
+        match op {
+            patch::FileOp::Add { path, lines } => {
+                let rel = resolve(ctx, &req.cwd_prefix, path, Intent::Create)?;
+                writes.push(Write1 {
+                    path: rel.as_str().to_owned(),
+                    before: None,
+                    after: Some(FileState { bytes: matcher::render_new_file(lines), mode: 0o100644 }),
+                });
+            }
+            patch::FileOp::Delete { path } => {
+                let rel = resolve(ctx, &req.cwd_prefix, path, Intent::Delete)?;
+                let current = read_text(ctx, &rel)?;
+                writes.push(Write1 { path: rel.as_str().to_owned(), before: Some(current), after: None });
+            }
+            patch::FileOp::Update { path, move_to, chunks } => {
+                let rel = resolve(ctx, &req.cwd_prefix, path, Intent::Modify)?;
+                let current = read_text(ctx, &rel)?;
+                let base = req.bases.get(rel.as_str()).unwrap_or(&current.bytes);
+                let edited = matcher::apply_update(base, chunks)
+                    .map_err(|source| EditError::Match { path: rel.as_str().to_owned(), source })?;
+                let new = if *base == current.bytes { edited } else { merge3(base, &current.bytes, &edited, rel.as_str())? };
+                let after = FileState { bytes: new, mode: current.mode };
+                match move_to {
+                    Some(dest) => {
+                        let dest = resolve(ctx, &req.cwd_prefix, dest, Intent::Create)?;
+                        writes.push(Write1 { path: rel.as_str().to_owned(), before: Some(current), after: None });
+                        writes.push(Write1 { path: dest.as_str().to_owned(), before: None, after: Some(after) });
+                    }
+                    None => writes.push(Write1 { path: rel.as_str().to_owned(), before: Some(current), after: Some(after) }),
+                }
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for w in &writes {
+        if !seen.insert(w.path.as_str()) {
+            return Err(EditError::Duplicate { path: w.path.clone() });
+        }
+    }
+    writes.retain(|w| w.before != w.after);
+    let files = summarize(&writes);
+    let diff = diff_of(&writes)?;
+    if req.dry_run || writes.is_empty() {
+        return Ok(Outcome { edit: None, files, diff });
+    }
+
+    let time_ms = now_ms() as i64;
+    let operation = Operation::Apply { source: req.source.clone(), message: req.message.clone(), time_ms };
+    let (journal, jpath) = journal::commit(ctx.repo, ctx.workdir, &ctx.env.journal_dir, operation, &writes, ctx.env.durability, &ctx.env.failpoint)?;
+    let changes: Vec<FileChange> = writes
+        .iter()
+        .map(|w| FileChange { path: w.path.clone(), before: w.before.clone(), after: w.after.clone() })
+        .collect();
+    let edit = finish_apply(ctx, &journal, &changes, &req.source, &req.message, time_ms)?;
+    journal::finish(&jpath, &ctx.env.failpoint);
+    Ok(Outcome { edit: Some(record::edit_short_id(ctx.repo, edit)?), files, diff })
+}
+
+/// Record a written apply and add it to the ledger (also used by recovery; idempotent).
+fn finish_apply(
+    ctx: &RepoCtx<'_>,
+    _journal: &journal::Journal,
+    changes: &[FileChange],
+    source: &str,
+    message: &str,
+    time_ms: i64,
+) -> Result<Oid, EditError> {
+    let meta = EditMeta { message: if message.is_empty() { source.to_owned() } else { message.to_owned() }, time_ms };
+    let edit = record::record_edit(ctx.repo, changes, &meta)?;
+    ctx.env.failpoint.hit("after_record");
+    let hex = edit.to_string();
+    let known = ledger::summaries(ctx.repo.path())?.iter().any(|s| s.applied.edit == hex);
+    if !known {
+        ledger::append(
+            ctx.repo.path(),
+            &ledger::Entry {
+                edit: hex,
+                event: EventKind::Applied,
+                at: u64::try_from(time_ms).unwrap_or(0),
+                source: source.to_owned(),
+                message: message.to_owned(),
+                files: changes.iter().map(|c| c.path.clone()).collect(),
+            },
+            ctx.env.durability.fsync,
+        )?;
+    }
+    Ok(edit)
+}
+
+/// Revert an edit in the worktree (`undo`), optionally moving it onto `refs/stash` (`stash`).
+pub(crate) fn revert(ctx: &RepoCtx<'_>, id: Option<&str>, stash: bool) -> Result<Outcome, EditError> {
+    let what = if stash { "stash" } else { "undo" };
+    let summaries = ledger::summaries(ctx.repo.path())?;
+    let oid = match id {
+        Some(id) => record::resolve_edit(ctx.repo, id)?,
+        None => {
+            let last = summaries.iter().find(|s| s.state == EventKind::Applied).ok_or(EditError::NothingToRevert { what })?;
+            Oid::from_str(&last.applied.edit).map_err(|e| EditError::git("read ledger id", e))?
+        }
+    };
+    let short = record::edit_short_id(ctx.repo, oid)?;
+    let hex = oid.to_string();
+    let summary = summaries.iter().find(|s| s.applied.edit == hex);
+    match summary.map(|s| s.state) {
+        Some(EventKind::Undone) => return Err(EditError::NotApplied { id: short, state: "undone" }),
+        Some(EventKind::Stashed) => return Err(EditError::NotApplied { id: short, state: "stashed" }),
+        Some(EventKind::Applied) | None => {}
+    }
+    let mut writes = Vec::new();
+    for change in record::edit_changes(ctx.repo, oid)? {
+        let rel = paths::validate_rel_path(&change.path)?;
+        let abs = ctx.workdir.join(rel.to_path());
+        let current = journal::read_state(&abs).map_err(|e| EditError::io("read", &abs, e))?;
+        let conflict = || EditError::RevertConflict { id: short.clone(), path: change.path.clone() };
+        let target = match (&change.before, &change.after, &current) {
+            (_, _, cur) if cur.as_ref().map(|c| &c.bytes) == change.after.as_ref().map(|a| &a.bytes) => change.before.clone(),
+            (Some(before), Some(after), Some(cur)) => {
+                let bytes = merge3(&after.bytes, &cur.bytes, &before.bytes, &change.path).map_err(|_| conflict())?;
+                Some(FileState { bytes, mode: cur.mode })
+            }
+            _ => return Err(conflict()),
+        };
+        writes.push(Write1 { path: change.path.clone(), before: current, after: target });
+    }
+    writes.retain(|w| w.before != w.after);
+    let files = summarize(&writes);
+    let diff = diff_of(&writes)?;
+    let operation = Operation::Revert { edit: hex.clone(), stash };
+    let (_, jpath) = journal::commit(ctx.repo, ctx.workdir, &ctx.env.journal_dir, operation, &writes, ctx.env.durability, &ctx.env.failpoint)?;
+    let message = summary.map(|s| if s.applied.message.is_empty() { &s.applied.source } else { &s.applied.message });
+    finish_revert(ctx, oid, stash, message.map(String::as_str).unwrap_or(""))?;
+    journal::finish(&jpath, &ctx.env.failpoint);
+    Ok(Outcome { edit: Some(short), files, diff })
+}
+
+fn finish_revert(ctx: &RepoCtx<'_>, oid: Oid, stash: bool, message: &str) -> Result<(), EditError> {
+    let hex = oid.to_string();
+    if stash {
+        let on_stash = ctx.repo.refname_to_id("refs/stash").ok() == Some(oid);
+        if !on_stash {
+            record::push_stash(ctx.repo, oid, message)?;
+        }
+    }
+    let state = ledger::summaries(ctx.repo.path())?.into_iter().find(|s| s.applied.edit == hex).map(|s| s.state);
+    if state == Some(EventKind::Applied) {
+        ledger::append(
+            ctx.repo.path(),
+            &ledger::Entry {
+                edit: hex,
+                event: if stash { EventKind::Stashed } else { EventKind::Undone },
+                at: now_ms(),
+                source: String::new(),
+                message: String::new(),
+                files: Vec::new(),
+            },
+            ctx.env.durability.fsync,
+        )?;
+    }
+    Ok(())
+}
+
+/// An edit's record, for `show`.
+pub(crate) struct Shown {
+    pub(crate) edit: String,
+    pub(crate) diff: String,
+    pub(crate) summary: Option<ledger::EditSummary>,
+}
+
+pub(crate) fn show(ctx: &RepoCtx<'_>, id: Option<&str>) -> Result<Shown, EditError> {
+    let summaries = ledger::summaries(ctx.repo.path())?;
+    let oid = match id {
+        Some(id) => record::resolve_edit(ctx.repo, id)?,
+        None => {
+            let last = summaries.first().ok_or(EditError::NothingToRevert { what: "show" })?;
+            Oid::from_str(&last.applied.edit).map_err(|e| EditError::git("read ledger id", e))?
+        }
+    };
+    let hex = oid.to_string();
+    Ok(Shown {
+        edit: record::edit_short_id(ctx.repo, oid)?,
+        diff: record::edit_patch(ctx.repo, oid)?,
+        summary: summaries.into_iter().find(|s| s.applied.edit == hex),
+    })
+}
+
+/// Edits of this repository, newest first, with their short ids.
+pub(crate) fn log(ctx: &RepoCtx<'_>, limit: usize) -> Result<Vec<(String, ledger::EditSummary)>, EditError> {
+    ledger::summaries(ctx.repo.path())?
+        .into_iter()
+        .take(limit)
+        .map(|s| {
+            let oid = Oid::from_str(&s.applied.edit).map_err(|e| EditError::git("read ledger id", e))?;
+            Ok((record::edit_short_id(ctx.repo, oid)?, s))
+        })
+        .collect()
+}
+
+/// Finish or undo what a previous daemon left half-done in `repo`. Returns what it did.
+pub(crate) fn recover(ctx: &RepoCtx<'_>, journal: &journal::Journal) -> Result<&'static str, EditError> {
+    match (&journal.phase, &journal.operation) {
+        (journal::Phase::Prepared, _) => {
+            journal::rollback(ctx.repo, journal)?;
+            Ok("rolled back")
+        }
+        (journal::Phase::Written, Operation::Apply { source, message, time_ms }) => {
+            let mut changes = Vec::new();
+            for f in &journal.files {
+                changes.push(FileChange {
+                    path: f.path.clone(),
+                    before: journal::load(ctx.repo, f.before)?,
+                    after: journal::load(ctx.repo, f.after)?,
+                });
+            }
+            finish_apply(ctx, journal, &changes, source, message, *time_ms)?;
+            Ok("completed")
+        }
+        (journal::Phase::Written, Operation::Revert { edit, stash }) => {
+            let oid = Oid::from_str(edit).map_err(|e| EditError::git("read journal id", e))?;
+            finish_revert(ctx, oid, *stash, "")?;
+            Ok("completed")
+        }
+    }
+}
+
+/// Validate a patch path (relative to the client's cwd) and check its target.
+fn resolve(ctx: &RepoCtx<'_>, cwd_prefix: &str, raw: &str, intent: Intent) -> Result<RelPath, EditError> {
+    // Validate as written first, so the error quotes the path the patch used.
+    paths::validate_rel_path(raw)?;
+    let joined = if cwd_prefix.is_empty() { raw.to_owned() } else { format!("{cwd_prefix}/{raw}") };
+    let rel = paths::validate_rel_path(&joined)?;
+    paths::check_target(ctx.workdir, ctx.repo, &rel, intent)?;
+    Ok(rel)
+}
+
+fn read_text(ctx: &RepoCtx<'_>, rel: &RelPath) -> Result<FileState, EditError> {
+    let abs = ctx.workdir.join(rel.to_path());
+    let state = journal::read_state(&abs)
+        .map_err(|e| EditError::io("read", &abs, e))?
+        .ok_or_else(|| EditError::Io { op: "read", path: rel.as_str().to_owned(), source: std::io::ErrorKind::NotFound.into() })?;
+    if state.bytes.contains(&0) || std::str::from_utf8(strip_bom(&state.bytes)).is_err() {
+        return Err(EditError::Binary { path: rel.as_str().to_owned() });
+    }
+    Ok(state)
+}
+
+fn strip_bom(b: &[u8]) -> &[u8] {
+    b.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(b)
+}
+
+/// 3-way merge of file contents: `base` is what both sides started from.
+fn merge3(base: &[u8], ours: &[u8], theirs: &[u8], path: &str) -> Result<Vec<u8>, EditError> {
+    let mut a = git2::MergeFileInput::new();
+    a.content(base);
+    let mut o = git2::MergeFileInput::new();
+    o.content(ours);
+    let mut t = git2::MergeFileInput::new();
+    t.content(theirs);
+    let result = git2::merge_file(&a, &o, &t, None).map_err(|e| EditError::git("merge file contents", e))?;
+    if !result.is_automergeable() {
+        return Err(EditError::Conflict { path: path.to_owned() });
+    }
+    Ok(result.content().to_vec())
+}
+
+fn summarize(writes: &[Write1]) -> Vec<FileSummary> {
+    writes
+        .iter()
+        .map(|w| {
+            let (added, removed) = line_delta(content(&w.before), content(&w.after));
+            let change = match (&w.before, &w.after) {
+                (None, _) => "added",
+                (_, None) => "deleted",
+                _ => "modified",
+            };
+            FileSummary { path: w.path.clone(), change, added, removed }
+        })
+        .collect()
+}
+
+fn content(s: &Option<FileState>) -> &[u8] {
+    s.as_ref().map(|s| s.bytes.as_slice()).unwrap_or(b"")
+}
+
+/// Lines added and removed between two contents, from git's own diff.
+fn line_delta(old: &[u8], new: &[u8]) -> (u32, u32) {
+    match git2::Patch::from_buffers(old, None, new, None, None).and_then(|p| p.line_stats()) {
+        Ok((_, add, del)) => (add as u32, del as u32),
+        Err(_) => (0, 0),
+    }
+}
+
+/// A unified diff of the writes, as `git diff` would show them.
+fn diff_of(writes: &[Write1]) -> Result<String, EditError> {
+    let mut out = Vec::new();
+    for w in writes {
+        let (a, b) = (content(&w.before), content(&w.after));
+        let old = w.before.as_ref().map(|_| Path::new(&w.path));
+        let new = w.after.as_ref().map(|_| Path::new(&w.path));
+        let mut p = git2::Patch::from_buffers(a, old, b, new, None).map_err(|e| EditError::git("diff", e))?;
+        let buf = p.to_buf().map_err(|e| EditError::git("diff", e))?;
+        out.extend_from_slice(&buf);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn now_ms() -> u64 {
+    crate::server::unix_ms()
+}

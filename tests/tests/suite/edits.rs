@@ -1,0 +1,1 @@
+//! The user-visible edit flows over the socket.
