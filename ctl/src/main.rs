@@ -148,14 +148,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let fail = |e: ClientError| Failure::from_client(e, &layout);
     let style = Style::detect();
     let connect = || -> Result<Client, Failure> {
-        let conn = autostart::connect(&layout, "sparkctl").map_err(|e| Failure::from_client(e, &layout))?;
+        let conn = autostart::connect(&layout, "sparkctl")
+            .map_err(|e| Failure::from_client(e, &layout))?;
         note_started(&conn.started, cli.json);
         Ok(conn.client)
     };
     match cli.command {
-        Command::Apply { file, dry_run, message } => {
+        Command::Apply {
+            file,
+            dry_run,
+            message,
+        } => {
             let patch = read_patch(file.as_deref())?;
-            let params = ApplyParams { cwd: cwd()?, patch, dry_run, source: Some("sparkctl apply".into()), message };
+            let params = ApplyParams {
+                cwd: cwd()?,
+                patch,
+                dry_run,
+                source: Some("sparkctl apply".into()),
+                message,
+            };
             let result = connect()?.call::<EditApply>(&params).map_err(fail)?;
             if cli.json {
                 return print_json(&result);
@@ -166,7 +177,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             print_line(&render_edit(&result, "applied", &style))
         }
         Command::Log { limit } => {
-            let result = connect()?.call::<EditLog>(&LogParams { cwd: cwd()?, limit: Some(limit) }).map_err(fail)?;
+            let result = connect()?
+                .call::<EditLog>(&LogParams {
+                    cwd: cwd()?,
+                    limit: Some(limit),
+                })
+                .map_err(fail)?;
             if cli.json {
                 return print_json(&result);
             }
@@ -176,7 +192,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let now = now_ms();
             let mut out = String::new();
             for e in &result.edits {
-                let what = if e.message.is_empty() { &e.source } else { &e.message };
+                let what = if e.message.is_empty() {
+                    &e.source
+                } else {
+                    &e.message
+                };
                 let files = match e.files.len() {
                     1 => e.files[0].clone(),
                     n => format!("{n} files"),
@@ -193,19 +213,45 @@ fn run(cli: Cli) -> Result<(), Failure> {
             write_stdout(out.as_bytes())
         }
         Command::Show { edit } => {
-            let result = connect()?.call::<EditShow>(&EditParams { cwd: cwd()?, id: edit }).map_err(fail)?;
-            if cli.json { print_json(&result) } else { write_stdout(style.diff(&result.diff).as_bytes()) }
-        }
-        Command::Undo { edit } => {
-            let result = connect()?.call::<EditUndo>(&EditParams { cwd: cwd()?, id: edit }).map_err(fail)?;
-            if cli.json { print_json(&result) } else { print_line(&render_edit(&result, "undid", &style)) }
-        }
-        Command::Stash { edit } => {
-            let result = connect()?.call::<EditStash>(&EditParams { cwd: cwd()?, id: edit }).map_err(fail)?;
+            let result = connect()?
+                .call::<EditShow>(&EditParams {
+                    cwd: cwd()?,
+                    id: edit,
+                })
+                .map_err(fail)?;
             if cli.json {
                 print_json(&result)
             } else {
-                print_line(&format!("{}\n`git stash pop` brings it back", render_edit(&result, "stashed", &style)))
+                write_stdout(style.diff(&result.diff).as_bytes())
+            }
+        }
+        Command::Undo { edit } => {
+            let result = connect()?
+                .call::<EditUndo>(&EditParams {
+                    cwd: cwd()?,
+                    id: edit,
+                })
+                .map_err(fail)?;
+            if cli.json {
+                print_json(&result)
+            } else {
+                print_line(&render_edit(&result, "undid", &style))
+            }
+        }
+        Command::Stash { edit } => {
+            let result = connect()?
+                .call::<EditStash>(&EditParams {
+                    cwd: cwd()?,
+                    id: edit,
+                })
+                .map_err(fail)?;
+            if cli.json {
+                print_json(&result)
+            } else {
+                print_line(&format!(
+                    "{}\n`git stash pop` brings it back",
+                    render_edit(&result, "stashed", &style)
+                ))
             }
         }
         Command::Completions { shell } => {
@@ -247,15 +293,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
 fn cwd() -> Result<String, Failure> {
     std::env::current_dir()
         .map(|d| d.display().to_string())
-        .map_err(|e| Failure { message: format!("cannot read the current directory: {e}"), hint: None, code: 1, kind: None })
+        .map_err(|e| Failure {
+            message: format!("cannot read the current directory: {e}"),
+            hint: None,
+            code: 1,
+            kind: None,
+        })
 }
 
 fn read_patch(file: Option<&std::path::Path>) -> Result<String, Failure> {
-    let bad = |message: String| Failure { message, hint: None, code: 1, kind: Some("bad_input".into()) };
+    let bad = |message: String| Failure {
+        message,
+        hint: None,
+        code: 1,
+        kind: Some("bad_input".into()),
+    };
     let bytes = match file {
         None => read_stdin_patch()?,
         Some(p) if p.as_os_str() == "-" => read_stdin_patch()?,
-        Some(p) => std::fs::read(p).map_err(|e| bad(format!("cannot read {}: {e}", p.display())))?,
+        Some(p) => {
+            std::fs::read(p).map_err(|e| bad(format!("cannot read {}: {e}", p.display())))?
+        }
     };
     let text = String::from_utf8(bytes).map_err(|_| bad("the patch is not UTF-8 text".into()))?;
     if text.trim().is_empty() {
@@ -263,7 +321,11 @@ fn read_patch(file: Option<&std::path::Path>) -> Result<String, Failure> {
     }
     // The request carries the patch inline, within the socket's line limit.
     if text.len() > spark_proto::MAX_LINE_BYTES / 2 {
-        return Err(bad(format!("the patch is {} bytes; the limit is {}", text.len(), spark_proto::MAX_LINE_BYTES / 2)));
+        return Err(bad(format!(
+            "the patch is {} bytes; the limit is {}",
+            text.len(),
+            spark_proto::MAX_LINE_BYTES / 2
+        )));
     }
     Ok(text)
 }
@@ -281,7 +343,12 @@ fn read_stdin_patch() -> Result<Vec<u8>, Failure> {
     let mut buf = Vec::new();
     std::io::stdin()
         .read_to_end(&mut buf)
-        .map_err(|e| Failure { message: format!("cannot read standard input: {e}"), hint: None, code: 1, kind: None })?;
+        .map_err(|e| Failure {
+            message: format!("cannot read standard input: {e}"),
+            hint: None,
+            code: 1,
+            kind: None,
+        })?;
     Ok(buf)
 }
 
@@ -300,11 +367,17 @@ struct Style {
 impl Style {
     fn detect() -> Style {
         use std::io::IsTerminal;
-        Style { color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none() }
+        Style {
+            color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        }
     }
 
     fn paint(&self, code: &str, text: &str) -> String {
-        if self.color { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_owned() }
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
     }
 
     fn diff(&self, diff: &str) -> String {
@@ -314,7 +387,11 @@ impl Style {
         let mut out = String::with_capacity(diff.len() + diff.len() / 4);
         for line in diff.split_inclusive('\n') {
             let body = line.strip_suffix('\n').unwrap_or(line);
-            let code = if body.starts_with("+++") || body.starts_with("---") || body.starts_with("diff ") || body.starts_with("index ") {
+            let code = if body.starts_with("+++")
+                || body.starts_with("---")
+                || body.starts_with("diff ")
+                || body.starts_with("index ")
+            {
                 Some(BOLD)
             } else if body.starts_with('+') {
                 Some(GREEN)
@@ -354,16 +431,22 @@ fn render_edit(r: &EditResult, verb: &str, style: &Style) -> String {
         };
         let plus = style.paint(GREEN, &"+".repeat(f.added.min(30) as usize));
         let minus = style.paint(RED, &"-".repeat(f.removed.min(30) as usize));
-        out += &format!(" {mark} {:<width$} | {:>4} {plus}{minus}\n", f.path, f.added + f.removed);
+        out += &format!(
+            " {mark} {:<width$} | {:>4} {plus}{minus}\n",
+            f.path,
+            f.added + f.removed
+        );
     }
     match &r.edit {
-        Some(id) => out += &format!(
-            "{verb} edit {}: {} file{}, +{add} -{del} ({:.1} ms)",
-            style.paint(YELLOW, id),
-            r.files.len(),
-            if r.files.len() == 1 { "" } else { "s" },
-            r.total_ms
-        ),
+        Some(id) => {
+            out += &format!(
+                "{verb} edit {}: {} file{}, +{add} -{del} ({:.1} ms)",
+                style.paint(YELLOW, id),
+                r.files.len(),
+                if r.files.len() == 1 { "" } else { "s" },
+                r.total_ms
+            )
+        }
         None => out += "nothing to change: the files already match",
     }
     out
@@ -374,7 +457,10 @@ fn first_line(s: &str) -> &str {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn human_age(ms: u64) -> String {

@@ -164,7 +164,11 @@ impl Config {
                 .or(file.log)
                 .unwrap_or_else(|| "info".to_owned()),
             fsync: file.fsync.unwrap_or(true),
-            failpoint: if cfg!(debug_assertions) { env("SPARK_FAILPOINT") } else { None },
+            failpoint: if cfg!(debug_assertions) {
+                env("SPARK_FAILPOINT")
+            } else {
+                None
+            },
         })
     }
 

@@ -49,12 +49,21 @@ impl RepoHandle {
             let _ = tx.send(f(ctx));
         });
         self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                RpcError::new(ErrorCode::Overloaded, "too many requests queued for this repository").with_hint("retry shortly")
+            mpsc::error::TrySendError::Full(_) => RpcError::new(
+                ErrorCode::Overloaded,
+                "too many requests queued for this repository",
+            )
+            .with_hint("retry shortly"),
+            mpsc::error::TrySendError::Closed(_) => {
+                RpcError::new(ErrorCode::Internal, "the repository actor stopped")
             }
-            mpsc::error::TrySendError::Closed(_) => RpcError::new(ErrorCode::Internal, "the repository actor stopped"),
         })?;
-        rx.await.map_err(|_| RpcError::new(ErrorCode::Internal, "the repository actor failed during the request; see the log"))
+        rx.await.map_err(|_| {
+            RpcError::new(
+                ErrorCode::Internal,
+                "the repository actor failed during the request; see the log",
+            )
+        })
     }
 }
 
@@ -67,20 +76,34 @@ pub(crate) struct Repos {
 
 impl Repos {
     pub(crate) fn new(env: EditEnv) -> Repos {
-        Repos { env, map: Mutex::new(HashMap::new()) }
+        Repos {
+            env,
+            map: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The repository containing `cwd`, and `cwd` relative to its worktree ("" at the root).
     pub(crate) async fn for_cwd(&self, cwd: &str) -> Result<(RepoHandle, String), RpcError> {
         let cwd = PathBuf::from(cwd);
         if !cwd.is_absolute() {
-            return Err(RpcError::new(ErrorCode::InvalidParams, format!("cwd {} is not an absolute path", cwd.display())));
+            return Err(RpcError::new(
+                ErrorCode::InvalidParams,
+                format!("cwd {} is not an absolute path", cwd.display()),
+            ));
         }
         let found = tokio::task::spawn_blocking(move || discover(&cwd))
             .await
-            .map_err(|e| RpcError::new(ErrorCode::Internal, format!("repository discovery failed: {e}")))??;
+            .map_err(|e| {
+                RpcError::new(
+                    ErrorCode::Internal,
+                    format!("repository discovery failed: {e}"),
+                )
+            })??;
         let (workdir, prefix) = found;
-        let mut map = self.map.lock().map_err(|_| RpcError::new(ErrorCode::Internal, "repository table poisoned"))?;
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| RpcError::new(ErrorCode::Internal, "repository table poisoned"))?;
         if let Some(h) = map.get(&workdir) {
             return Ok((h.clone(), prefix));
         }
@@ -90,20 +113,32 @@ impl Repos {
     }
 
     pub(crate) fn all(&self) -> Vec<RepoHandle> {
-        self.map.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
+        self.map
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
 /// Find the worktree containing `cwd`; return its canonical path and the cwd prefix in it.
 fn discover(cwd: &Path) -> Result<(PathBuf, String), RpcError> {
     let not_repo = |why: String| {
-        RpcError::new(ErrorCode::NotARepository, why).with_hint("run it inside a git working tree (`git init` makes one)")
+        RpcError::new(ErrorCode::NotARepository, why)
+            .with_hint("run it inside a git working tree (`git init` makes one)")
     };
-    let canonical = cwd.canonicalize().map_err(|e| not_repo(format!("cannot use {}: {e}", cwd.display())))?;
-    let repo = Repository::discover(&canonical).map_err(|_| not_repo(format!("{} is not inside a git repository", cwd.display())))?;
+    let canonical = cwd
+        .canonicalize()
+        .map_err(|e| not_repo(format!("cannot use {}: {e}", cwd.display())))?;
+    let repo = Repository::discover(&canonical)
+        .map_err(|_| not_repo(format!("{} is not inside a git repository", cwd.display())))?;
     let workdir = repo
         .workdir()
-        .ok_or_else(|| not_repo(format!("{} is a bare repository: it has no working tree to edit", repo.path().display())))?
+        .ok_or_else(|| {
+            not_repo(format!(
+                "{} is a bare repository: it has no working tree to edit",
+                repo.path().display()
+            ))
+        })?
         .canonicalize()
         .map_err(|e| not_repo(format!("cannot resolve the worktree: {e}")))?;
     let prefix = canonical
@@ -115,21 +150,44 @@ fn discover(cwd: &Path) -> Result<(PathBuf, String), RpcError> {
 
 fn spawn_actor(workdir: PathBuf, env: EditEnv) -> Result<RepoHandle, RpcError> {
     let (tx, mut rx) = mpsc::channel::<Job>(REPO_QUEUE);
-    let repo = Repository::open(&workdir)
-        .map_err(|e| RpcError::new(ErrorCode::NotARepository, format!("cannot open {}: {e}", workdir.display())))?;
-    let name = format!("repo:{}", workdir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+    let repo = Repository::open(&workdir).map_err(|e| {
+        RpcError::new(
+            ErrorCode::NotARepository,
+            format!("cannot open {}: {e}", workdir.display()),
+        )
+    })?;
+    let name = format!(
+        "repo:{}",
+        workdir
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    );
     let thread_workdir = workdir.clone();
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
             // Exits when every handle is gone (daemon shutdown).
             while let Some(job) = rx.blocking_recv() {
-                let ctx = RepoCtx { repo: &repo, workdir: &thread_workdir, env: &env };
+                let ctx = RepoCtx {
+                    repo: &repo,
+                    workdir: &thread_workdir,
+                    env: &env,
+                };
                 job(&ctx);
             }
         })
-        .map_err(|e| RpcError::new(ErrorCode::Internal, format!("cannot start repository thread: {e}")))?;
-    Ok(RepoHandle { tx, workdir: Arc::new(workdir), edits: Arc::new(AtomicU64::new(0)) })
+        .map_err(|e| {
+            RpcError::new(
+                ErrorCode::Internal,
+                format!("cannot start repository thread: {e}"),
+            )
+        })?;
+    Ok(RepoHandle {
+        tx,
+        workdir: Arc::new(workdir),
+        edits: Arc::new(AtomicU64::new(0)),
+    })
 }
 
 /// Finish or roll back what a previous daemon left half-done. Runs before the socket serves.
@@ -146,7 +204,11 @@ pub(crate) fn recover_all(env: &EditEnv) {
         let outcome = Repository::open(&journal.workdir)
             .map_err(|e| e.to_string())
             .and_then(|repo| {
-                let ctx = RepoCtx { repo: &repo, workdir: &journal.workdir, env };
+                let ctx = RepoCtx {
+                    repo: &repo,
+                    workdir: &journal.workdir,
+                    env,
+                };
                 crate::edit::recover(&ctx, &journal).map_err(|e| e.to_string())
             });
         match outcome {
@@ -154,7 +216,9 @@ pub(crate) fn recover_all(env: &EditEnv) {
                 tracing::info!(journal = %path.display(), repo = %journal.workdir.display(), "interrupted edit {what}");
                 let _ = std::fs::remove_file(&path);
             }
-            Err(e) => tracing::error!(journal = %path.display(), error = %e, "cannot recover interrupted edit; journal kept"),
+            Err(e) => {
+                tracing::error!(journal = %path.display(), error = %e, "cannot recover interrupted edit; journal kept")
+            }
         }
     }
 }

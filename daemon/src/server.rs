@@ -62,7 +62,9 @@ pub(crate) struct Shared {
 pub(crate) fn edit_env(config: &Config) -> EditEnv {
     EditEnv {
         journal_dir: config.layout.state_dir.join("journal"),
-        durability: Durability { fsync: config.fsync },
+        durability: Durability {
+            fsync: config.fsync,
+        },
         failpoint: Failpoint(config.failpoint.clone()),
     }
 }
@@ -355,7 +357,10 @@ impl Connection {
             message: p.message.unwrap_or_default(),
             bases: Default::default(),
         };
-        let outcome = repo.run(move |ctx| edit::apply(ctx, &req)).await?.map_err(|e| e.to_rpc())?;
+        let outcome = repo
+            .run(move |ctx| edit::apply(ctx, &req))
+            .await?
+            .map_err(|e| e.to_rpc())?;
         if let Some(id) = &outcome.edit {
             repo.count_edit();
             let _ = self.shared.events.send(Event::EditApplied {
@@ -367,10 +372,17 @@ impl Connection {
         Ok(edit_result(&repo, outcome, started))
     }
 
-    async fn edit_revert(&self, p: methods::EditParams, stash: bool) -> Result<methods::EditResult, RpcError> {
+    async fn edit_revert(
+        &self,
+        p: methods::EditParams,
+        stash: bool,
+    ) -> Result<methods::EditResult, RpcError> {
         let started = Instant::now();
         let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
-        let outcome = repo.run(move |ctx| edit::revert(ctx, p.id.as_deref(), stash)).await?.map_err(|e| e.to_rpc())?;
+        let outcome = repo
+            .run(move |ctx| edit::revert(ctx, p.id.as_deref(), stash))
+            .await?
+            .map_err(|e| e.to_rpc())?;
         let _ = self.shared.events.send(Event::EditReverted {
             repo: repo.workdir().display().to_string(),
             edit: outcome.edit.clone().unwrap_or_default(),
@@ -382,16 +394,25 @@ impl Connection {
     async fn edit_log(&self, p: methods::LogParams) -> Result<methods::LogResult, RpcError> {
         let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
         let limit = p.limit.unwrap_or(20) as usize;
-        let entries = repo.run(move |ctx| edit::log(ctx, limit)).await?.map_err(|e| e.to_rpc())?;
+        let entries = repo
+            .run(move |ctx| edit::log(ctx, limit))
+            .await?
+            .map_err(|e| e.to_rpc())?;
         Ok(methods::LogResult {
             repo: repo.workdir().display().to_string(),
-            edits: entries.into_iter().map(|(id, s)| log_entry(id, s)).collect(),
+            edits: entries
+                .into_iter()
+                .map(|(id, s)| log_entry(id, s))
+                .collect(),
         })
     }
 
     async fn edit_show(&self, p: methods::EditParams) -> Result<methods::ShowResult, RpcError> {
         let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
-        let shown = repo.run(move |ctx| edit::show(ctx, p.id.as_deref())).await?.map_err(|e| e.to_rpc())?;
+        let shown = repo
+            .run(move |ctx| edit::show(ctx, p.id.as_deref()))
+            .await?
+            .map_err(|e| e.to_rpc())?;
         Ok(methods::ShowResult {
             entry: shown.summary.map(|s| log_entry(shown.edit.clone(), s)),
             id: shown.edit,
@@ -415,7 +436,10 @@ impl Connection {
                 .repos
                 .all()
                 .iter()
-                .map(|r| methods::RepoStatus { path: r.workdir().display().to_string(), edits: r.edits() })
+                .map(|r| methods::RepoStatus {
+                    path: r.workdir().display().to_string(),
+                    edits: r.edits(),
+                })
                 .collect(),
             sessions: Vec::new(),
             cache: None,
@@ -437,14 +461,23 @@ impl tokio::io::AsyncRead for SharedStream {
     }
 }
 
-fn edit_result(repo: &crate::repo::RepoHandle, o: edit::Outcome, started: Instant) -> methods::EditResult {
+fn edit_result(
+    repo: &crate::repo::RepoHandle,
+    o: edit::Outcome,
+    started: Instant,
+) -> methods::EditResult {
     methods::EditResult {
         edit: o.edit,
         repo: repo.workdir().display().to_string(),
         files: o
             .files
             .into_iter()
-            .map(|f| methods::FileChangeSummary { path: f.path, change: f.change.to_owned(), added: f.added, removed: f.removed })
+            .map(|f| methods::FileChangeSummary {
+                path: f.path,
+                change: f.change.to_owned(),
+                added: f.added,
+                removed: f.removed,
+            })
             .collect(),
         diff: o.diff,
         total_ms: started.elapsed().as_secs_f64() * 1000.0,

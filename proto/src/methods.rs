@@ -268,8 +268,20 @@ mod tests {
     #[test]
     fn apply_params_default_optional_fields() {
         let p: ApplyParams = serde_json::from_value(json!({"cwd":"/r","patch":"x"})).expect("de");
-        assert_eq!(p, ApplyParams { cwd: "/r".into(), patch: "x".into(), dry_run: false, source: None, message: None });
-        assert!(serde_json::from_value::<ApplyParams>(json!({"cwd":"/r"})).is_err(), "patch is required");
+        assert_eq!(
+            p,
+            ApplyParams {
+                cwd: "/r".into(),
+                patch: "x".into(),
+                dry_run: false,
+                source: None,
+                message: None
+            }
+        );
+        assert!(
+            serde_json::from_value::<ApplyParams>(json!({"cwd":"/r"})).is_err(),
+            "patch is required"
+        );
     }
 
     #[test]

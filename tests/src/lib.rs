@@ -263,7 +263,10 @@ pub struct TestRepo {
 impl TestRepo {
     /// `git init` with a local identity; no commits yet.
     pub fn empty() -> TestRepo {
-        let dir = tempfile::Builder::new().prefix("repo").tempdir_in("/tmp").expect("temp repo");
+        let dir = tempfile::Builder::new()
+            .prefix("repo")
+            .tempdir_in("/tmp")
+            .expect("temp repo");
         let r = TestRepo { dir };
         r.git(&["init", "-q", "-b", "main"]);
         r.git(&["config", "user.name", "Spark Test"]);
@@ -309,12 +312,19 @@ impl TestRepo {
     /// Run git in the repository; panics with its stderr on failure.
     pub fn git(&self, args: &[&str]) -> String {
         let out = self.git_output(args);
-        assert!(out.status.success(), "git {args:?} failed: {}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "git {args:?} failed: {}",
+            stderr(&out)
+        );
         stdout(&out)
     }
 
     pub fn git_output(&self, args: &[&str]) -> Output {
-        hermetic_git(self.path()).args(args).output().expect("run git")
+        hermetic_git(self.path())
+            .args(args)
+            .output()
+            .expect("run git")
     }
 }
 
@@ -336,10 +346,16 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, (u32, Vec<u8>)
     let mut out = std::collections::BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
-            let rel = p.strip_prefix(dir).expect("under dir").display().to_string();
+            let rel = p
+                .strip_prefix(dir)
+                .expect("under dir")
+                .display()
+                .to_string();
             let meta = std::fs::symlink_metadata(&p).expect("metadata");
             let mode = meta.permissions().mode();
             if meta.file_type().is_symlink() {

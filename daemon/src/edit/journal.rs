@@ -36,7 +36,11 @@ pub(crate) enum Phase {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum Operation {
     /// A new edit; recorded once written.
-    Apply { source: String, message: String, time_ms: i64 },
+    Apply {
+        source: String,
+        message: String,
+        time_ms: i64,
+    },
     /// Reverting edit `edit` (full hex id); `stash` also puts it on `refs/stash`.
     Revert { edit: String, stash: bool },
 }
@@ -129,7 +133,10 @@ pub(crate) fn commit(
         s.as_ref()
             .map(|f| {
                 repo.blob(&f.bytes)
-                    .map(|oid| BlobRef { blob: HexOid(oid), mode: f.mode })
+                    .map(|oid| BlobRef {
+                        blob: HexOid(oid),
+                        mode: f.mode,
+                    })
                     .map_err(|e| EditError::git("store blob", e))
             })
             .transpose()
@@ -137,7 +144,11 @@ pub(crate) fn commit(
     let mut files = Vec::with_capacity(writes.len());
     let mut created_dirs = Vec::new();
     for w in writes {
-        files.push(JournalFile { path: w.path.clone(), before: store(&w.before)?, after: store(&w.after)? });
+        files.push(JournalFile {
+            path: w.path.clone(),
+            before: store(&w.before)?,
+            after: store(&w.after)?,
+        });
         if w.after.is_some() {
             missing_dirs(workdir, &w.path, &mut created_dirs);
         }
@@ -152,7 +163,8 @@ pub(crate) fn commit(
         files,
         created_dirs,
     };
-    std::fs::create_dir_all(journal_dir).map_err(|e| EditError::io("create journal directory", journal_dir, e))?;
+    std::fs::create_dir_all(journal_dir)
+        .map_err(|e| EditError::io("create journal directory", journal_dir, e))?;
     let path = journal_dir.join(format!("{id}.json"));
     save(&path, &journal, durability)?;
     failpoint.hit("after_journal");
@@ -211,17 +223,22 @@ fn write_all(
     // Compare-and-swap: the bytes on disk must still be exactly what the edit was computed from.
     let mut result = Ok(());
     for (w, (abs, _)) in writes.iter().zip(&staged) {
-        if read_state(abs).map_err(|e| EditError::io("read", abs, e))?.map(|s| s.bytes)
+        if read_state(abs)
+            .map_err(|e| EditError::io("read", abs, e))?
+            .map(|s| s.bytes)
             != w.before.as_ref().map(|s| s.bytes.clone())
         {
-            result = Err(EditError::Changed { path: w.path.clone() });
+            result = Err(EditError::Changed {
+                path: w.path.clone(),
+            });
             break;
         }
     }
     if result.is_ok() {
         for (n, (w, (abs, tmp))) in writes.iter().zip(&staged).enumerate() {
             let step = match tmp {
-                Some(tmp) => std::fs::rename(tmp, abs).map_err(|e| EditError::io("rename into place", abs, e)),
+                Some(tmp) => std::fs::rename(tmp, abs)
+                    .map_err(|e| EditError::io("rename into place", abs, e)),
                 None => std::fs::remove_file(abs).map_err(|e| EditError::io("delete", abs, e)),
             };
             if let Err(e) = step {
@@ -281,7 +298,10 @@ pub(crate) fn rollback(repo: &Repository, journal: &Journal) -> Result<(), EditE
 pub(crate) fn load(repo: &Repository, r: Option<BlobRef>) -> Result<Option<FileState>, EditError> {
     r.map(|r| {
         repo.find_blob(r.blob.0)
-            .map(|b| FileState { bytes: b.content().to_vec(), mode: r.mode })
+            .map(|b| FileState {
+                bytes: b.content().to_vec(),
+                mode: r.mode,
+            })
             .map_err(|e| EditError::git("read journalled blob", e))
     })
     .transpose()
@@ -289,7 +309,9 @@ pub(crate) fn load(repo: &Repository, r: Option<BlobRef>) -> Result<Option<FileS
 
 /// Journals left by a previous daemon, oldest first.
 pub(crate) fn pending(journal_dir: &Path) -> Vec<(PathBuf, Result<Journal, String>)> {
-    let Ok(entries) = std::fs::read_dir(journal_dir) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(journal_dir) else {
+        return Vec::new();
+    };
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
@@ -311,7 +333,11 @@ pub(crate) fn read_state(abs: &Path) -> std::io::Result<Option<FileState>> {
     match std::fs::symlink_metadata(abs) {
         Ok(meta) => {
             let bytes = std::fs::read(abs)?;
-            let mode = if meta.permissions().mode() & 0o111 != 0 { 0o100755 } else { 0o100644 };
+            let mode = if meta.permissions().mode() & 0o111 != 0 {
+                0o100755
+            } else {
+                0o100644
+            };
             Ok(Some(FileState { bytes, mode }))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -320,17 +346,26 @@ pub(crate) fn read_state(abs: &Path) -> std::io::Result<Option<FileState>> {
 }
 
 fn temp_path(abs: &Path, id: &str) -> PathBuf {
-    let name = abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     abs.with_file_name(format!(".{name}.spark-{id}.tmp"))
 }
 
-fn write_temp(abs: &Path, id: &str, state: &FileState, durability: Durability) -> Result<PathBuf, EditError> {
+fn write_temp(
+    abs: &Path,
+    id: &str,
+    state: &FileState,
+    durability: Durability,
+) -> Result<PathBuf, EditError> {
     let tmp = temp_path(abs, id);
-    // Keep the file's own permission bits (not just the executable bit git knows about).
-    let perms = std::fs::metadata(abs)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(if state.mode == 0o100755 { 0o755 } else { 0o644 });
-    let perms = if state.mode == 0o100755 { perms | 0o111 } else { perms & !0o111 };
+    let perms = file_perms(
+        std::fs::metadata(abs)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o7777),
+        state.mode,
+    );
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -341,7 +376,13 @@ fn write_temp(abs: &Path, id: &str, state: &FileState, durability: Durability) -
     let done = f
         .write_all(&state.bytes)
         .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(perms)))
-        .and_then(|()| if durability.fsync { f.sync_all() } else { Ok(()) });
+        .and_then(|()| {
+            if durability.fsync {
+                f.sync_all()
+            } else {
+                Ok(())
+            }
+        });
     if let Err(e) = done {
         let _ = std::fs::remove_file(&tmp);
         return Err(EditError::io("write temp file", &tmp, e));
@@ -349,12 +390,33 @@ fn write_temp(abs: &Path, id: &str, state: &FileState, durability: Durability) -
     Ok(tmp)
 }
 
+/// Permission bits for a file written in state `mode` over a file with bits `existing`: the
+/// file's own bits are kept exactly (not just the executable bit git knows about) unless the
+/// executable state itself changes, which then follows the read bits.
+fn file_perms(existing: Option<u32>, mode: u32) -> u32 {
+    let want_exec = mode == 0o100755;
+    match existing {
+        Some(p) if (p & 0o111 != 0) == want_exec => p,
+        Some(p) if want_exec => p | ((p & 0o444) >> 2),
+        Some(p) => p & !0o111,
+        None if want_exec => 0o755,
+        None => 0o644,
+    }
+}
+
 fn save(path: &Path, journal: &Journal, durability: Durability) -> Result<(), EditError> {
     let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec(journal).map_err(|e| EditError::Internal(format!("encode journal: {e}")))?;
+    let bytes = serde_json::to_vec(journal)
+        .map_err(|e| EditError::Internal(format!("encode journal: {e}")))?;
     let mut f = File::create(&tmp).map_err(|e| EditError::io("create journal", &tmp, e))?;
     f.write_all(&bytes)
-        .and_then(|()| if durability.fsync { f.sync_all() } else { Ok(()) })
+        .and_then(|()| {
+            if durability.fsync {
+                f.sync_all()
+            } else {
+                Ok(())
+            }
+        })
         .map_err(|e| EditError::io("write journal", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| EditError::io("commit journal", path, e))?;
     if durability.fsync {
@@ -389,6 +451,25 @@ fn missing_dirs(workdir: &Path, rel: &str, out: &mut Vec<String>) {
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
-    t.wrapping_mul(1000).wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    t.wrapping_mul(1000)
+        .wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_bits_are_kept_unless_the_exec_state_changes() {
+        assert_eq!(file_perms(Some(0o750), 0o100755), 0o750);
+        assert_eq!(file_perms(Some(0o600), 0o100644), 0o600);
+        assert_eq!(file_perms(Some(0o640), 0o100755), 0o750);
+        assert_eq!(file_perms(Some(0o755), 0o100644), 0o644);
+        assert_eq!(file_perms(None, 0o100755), 0o755);
+        assert_eq!(file_perms(None, 0o100644), 0o644);
+    }
 }

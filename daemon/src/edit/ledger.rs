@@ -56,13 +56,22 @@ pub(crate) fn append(git_dir: &Path, entry: &Entry, fsync: bool) -> Result<(), E
     if let Some(dir) = p.parent() {
         std::fs::create_dir_all(dir).map_err(|e| EditError::io("create", dir, e))?;
     }
-    let mut line = serde_json::to_vec(entry).map_err(|e| EditError::Internal(format!("encode ledger entry: {e}")))?;
+    let mut line = serde_json::to_vec(entry)
+        .map_err(|e| EditError::Internal(format!("encode ledger entry: {e}")))?;
     line.push(b'\n');
-    let mut f = OpenOptions::new().create(true).append(true).read(true).open(&p).map_err(|e| EditError::io("open", &p, e))?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(&p)
+        .map_err(|e| EditError::io("open", &p, e))?;
     // A crash mid-append leaves a torn last line: start on a fresh line so only it is lost.
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut last = [0u8; 1];
-    if len > 0 && std::os::unix::fs::FileExt::read_at(&f, &mut last, len - 1).is_ok() && last[0] != b'\n' {
+    if len > 0
+        && std::os::unix::fs::FileExt::read_at(&f, &mut last, len - 1).is_ok()
+        && last[0] != b'\n'
+    {
         line.insert(0, b'\n');
     }
     f.write_all(&line)
@@ -107,7 +116,14 @@ mod tests {
     use super::*;
 
     fn entry(edit: &str, event: EventKind, at: u64) -> Entry {
-        Entry { edit: edit.into(), event, at, source: "apply".into(), message: "m".into(), files: vec!["a".into()] }
+        Entry {
+            edit: edit.into(),
+            event,
+            at,
+            source: "apply".into(),
+            message: "m".into(),
+            files: vec!["a".into()],
+        }
     }
 
     #[test]
@@ -120,12 +136,19 @@ mod tests {
         let p = path(dir.path());
         let mut f = OpenOptions::new().append(true).open(&p).expect("open");
         f.write_all(b"{\"edit\":\"cc\",\"ev").expect("write");
-        append(dir.path(), &entry("dd", EventKind::Applied, 4), false).expect("append after torn line");
+        append(dir.path(), &entry("dd", EventKind::Applied, 4), false)
+            .expect("append after torn line");
         let s = summaries(dir.path()).expect("summaries");
         assert_eq!(s.len(), 3);
         assert_eq!(s[0].applied.edit, "dd");
         let s = &s[1..];
-        assert_eq!((s[0].applied.edit.as_str(), s[0].state), ("bb", EventKind::Applied));
-        assert_eq!((s[1].applied.edit.as_str(), s[1].state, s[1].updated_at), ("aa", EventKind::Undone, 3));
+        assert_eq!(
+            (s[0].applied.edit.as_str(), s[0].state),
+            ("bb", EventKind::Applied)
+        );
+        assert_eq!(
+            (s[1].applied.edit.as_str(), s[1].state, s[1].updated_at),
+            ("aa", EventKind::Undone, 3)
+        );
     }
 }

@@ -39,8 +39,13 @@ pub(crate) enum EditError {
     #[error("{0}")]
     Path(#[from] PathError),
     #[error("patch does not apply to {path}: {source}")]
-    Match { path: String, source: matcher::MatchError },
-    #[error("{path} changed since the edit was computed and the changes overlap; nothing was written")]
+    Match {
+        path: String,
+        source: matcher::MatchError,
+    },
+    #[error(
+        "{path} changed since the edit was computed and the changes overlap; nothing was written"
+    )]
     Conflict { path: String },
     #[error("{path} changed while the edit was being written; nothing was written")]
     Changed { path: String },
@@ -54,19 +59,32 @@ pub(crate) enum EditError {
     NothingToRevert { what: &'static str },
     #[error("edit {id} is already {state}")]
     NotApplied { id: String, state: &'static str },
-    #[error("cannot undo {path}: it changed since edit {id} in the same lines, or was removed; nothing was written")]
+    #[error(
+        "cannot undo {path}: it changed since edit {id} in the same lines, or was removed; nothing was written"
+    )]
     RevertConflict { id: String, path: String },
     #[error("cannot {op} {path}: {source}")]
-    Io { op: &'static str, path: String, source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("git: cannot {op}: {source}")]
-    Git { op: &'static str, source: git2::Error },
+    Git {
+        op: &'static str,
+        source: git2::Error,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl EditError {
     pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
-        EditError::Io { op, path: path.display().to_string(), source }
+        EditError::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
     }
 
     pub(crate) fn git(op: &'static str, source: git2::Error) -> Self {
@@ -75,18 +93,62 @@ impl EditError {
 
     /// The wire error: a stable code, a fine-grained `kind`, the path and a hint.
     pub(crate) fn to_rpc(&self) -> RpcError {
-        let (code, kind, path, hint): (ErrorCode, String, Option<String>, Option<&str>) = match self {
-            EditError::Parse(e) => (ErrorCode::EditRejected, e.code().to_owned(), None, Some("the patch must follow the apply_patch grammar (docs/protocol.md)")),
-            EditError::Path(e) => (ErrorCode::EditRejected, format!("path_{}", e.code()), Some(e.path().to_owned()), None),
-            EditError::Match { path, source } => (ErrorCode::PatchMismatch, source.code().to_owned(), Some(path.clone()), Some("the file does not contain the patch's context lines; regenerate the patch against the current file")),
-            EditError::Conflict { path } => (ErrorCode::Conflict, "conflict".into(), Some(path.clone()), Some("your changes to this file overlap the edit; your bytes are untouched")),
-            EditError::Changed { path } => (ErrorCode::Conflict, "changed_during_apply".into(), Some(path.clone()), Some("retry the edit")),
-            EditError::Binary { path } => (ErrorCode::EditRejected, "binary_target".into(), Some(path.clone()), None),
-            EditError::Duplicate { path } => (ErrorCode::EditRejected, "duplicate_path".into(), Some(path.clone()), None),
+        let (code, kind, path, hint): (ErrorCode, String, Option<String>, Option<&str>) = match self
+        {
+            EditError::Parse(e) => (
+                ErrorCode::EditRejected,
+                e.code().to_owned(),
+                None,
+                Some("the patch must follow the apply_patch grammar (docs/protocol.md)"),
+            ),
+            EditError::Path(e) => (
+                ErrorCode::EditRejected,
+                format!("path_{}", e.code()),
+                Some(e.path().to_owned()),
+                None,
+            ),
+            EditError::Match { path, source } => (
+                ErrorCode::PatchMismatch,
+                source.code().to_owned(),
+                Some(path.clone()),
+                Some(
+                    "the file does not contain the patch's context lines; regenerate the patch against the current file",
+                ),
+            ),
+            EditError::Conflict { path } => (
+                ErrorCode::Conflict,
+                "conflict".into(),
+                Some(path.clone()),
+                Some("your changes to this file overlap the edit; your bytes are untouched"),
+            ),
+            EditError::Changed { path } => (
+                ErrorCode::Conflict,
+                "changed_during_apply".into(),
+                Some(path.clone()),
+                Some("retry the edit"),
+            ),
+            EditError::Binary { path } => (
+                ErrorCode::EditRejected,
+                "binary_target".into(),
+                Some(path.clone()),
+                None,
+            ),
+            EditError::Duplicate { path } => (
+                ErrorCode::EditRejected,
+                "duplicate_path".into(),
+                Some(path.clone()),
+                None,
+            ),
             EditError::Record(e) => match e {
-                RecordError::UnknownEdit { .. } | RecordError::AmbiguousEdit { .. } | RecordError::InvalidId { .. } | RecordError::NotAnEdit { .. } => {
-                    (ErrorCode::UnknownEdit, "unknown_edit".into(), None, Some("`sparkctl log` lists this repository's edits"))
-                }
+                RecordError::UnknownEdit { .. }
+                | RecordError::AmbiguousEdit { .. }
+                | RecordError::InvalidId { .. }
+                | RecordError::NotAnEdit { .. } => (
+                    ErrorCode::UnknownEdit,
+                    "unknown_edit".into(),
+                    None,
+                    Some("`sparkctl log` lists this repository's edits"),
+                ),
                 RecordError::InvalidPath { .. }
                 | RecordError::InvalidMode { .. }
                 | RecordError::DuplicatePath { .. }
@@ -95,9 +157,26 @@ impl EditError {
                 | RecordError::RefContention { .. }
                 | RecordError::Git { .. } => (ErrorCode::Internal, "record".into(), None, None),
             },
-            EditError::NothingToRevert { .. } => (ErrorCode::UnknownEdit, "nothing_to_revert".into(), None, Some("`sparkctl log` lists this repository's edits")),
-            EditError::NotApplied { .. } => (ErrorCode::EditRejected, "not_applied".into(), None, Some("`git stash apply <id>` re-applies an undone edit")),
-            EditError::RevertConflict { path, .. } => (ErrorCode::Conflict, "revert_conflict".into(), Some(path.clone()), Some("undo the conflicting lines by hand, or use `git stash show -p <id>` to see the edit")),
+            EditError::NothingToRevert { .. } => (
+                ErrorCode::UnknownEdit,
+                "nothing_to_revert".into(),
+                None,
+                Some("`sparkctl log` lists this repository's edits"),
+            ),
+            EditError::NotApplied { .. } => (
+                ErrorCode::EditRejected,
+                "not_applied".into(),
+                None,
+                Some("`git stash apply <id>` re-applies an undone edit"),
+            ),
+            EditError::RevertConflict { path, .. } => (
+                ErrorCode::Conflict,
+                "revert_conflict".into(),
+                Some(path.clone()),
+                Some(
+                    "undo the conflicting lines by hand, or use `git stash show -p <id>` to see the edit",
+                ),
+            ),
             EditError::Io { .. } => (ErrorCode::Internal, "io".into(), None, None),
             EditError::Git { .. } => (ErrorCode::Internal, "git".into(), None, None),
             EditError::Internal(_) => (ErrorCode::Internal, "internal".into(), None, None),
@@ -171,29 +250,62 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 writes.push(Write1 {
                     path: rel.as_str().to_owned(),
                     before: None,
-                    after: Some(FileState { bytes: matcher::render_new_file(lines), mode: 0o100644 }),
+                    after: Some(FileState {
+                        bytes: matcher::render_new_file(lines),
+                        mode: 0o100644,
+                    }),
                 });
             }
             patch::FileOp::Delete { path } => {
                 let rel = resolve(ctx, &req.cwd_prefix, path, Intent::Delete)?;
                 let current = read_text(ctx, &rel)?;
-                writes.push(Write1 { path: rel.as_str().to_owned(), before: Some(current), after: None });
+                writes.push(Write1 {
+                    path: rel.as_str().to_owned(),
+                    before: Some(current),
+                    after: None,
+                });
             }
-            patch::FileOp::Update { path, move_to, chunks } => {
+            patch::FileOp::Update {
+                path,
+                move_to,
+                chunks,
+            } => {
                 let rel = resolve(ctx, &req.cwd_prefix, path, Intent::Modify)?;
                 let current = read_text(ctx, &rel)?;
                 let base = req.bases.get(rel.as_str()).unwrap_or(&current.bytes);
-                let edited = matcher::apply_update(base, chunks)
-                    .map_err(|source| EditError::Match { path: rel.as_str().to_owned(), source })?;
-                let new = if *base == current.bytes { edited } else { merge3(base, &current.bytes, &edited, rel.as_str())? };
-                let after = FileState { bytes: new, mode: current.mode };
+                let edited =
+                    matcher::apply_update(base, chunks).map_err(|source| EditError::Match {
+                        path: rel.as_str().to_owned(),
+                        source,
+                    })?;
+                let new = if *base == current.bytes {
+                    edited
+                } else {
+                    merge3(base, &current.bytes, &edited, rel.as_str())?
+                };
+                let after = FileState {
+                    bytes: new,
+                    mode: current.mode,
+                };
                 match move_to {
                     Some(dest) => {
                         let dest = resolve(ctx, &req.cwd_prefix, dest, Intent::Create)?;
-                        writes.push(Write1 { path: rel.as_str().to_owned(), before: Some(current), after: None });
-                        writes.push(Write1 { path: dest.as_str().to_owned(), before: None, after: Some(after) });
+                        writes.push(Write1 {
+                            path: rel.as_str().to_owned(),
+                            before: Some(current),
+                            after: None,
+                        });
+                        writes.push(Write1 {
+                            path: dest.as_str().to_owned(),
+                            before: None,
+                            after: Some(after),
+                        });
                     }
-                    None => writes.push(Write1 { path: rel.as_str().to_owned(), before: Some(current), after: Some(after) }),
+                    None => writes.push(Write1 {
+                        path: rel.as_str().to_owned(),
+                        before: Some(current),
+                        after: Some(after),
+                    }),
                 }
             }
         }
@@ -201,26 +313,52 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
     let mut seen = std::collections::HashSet::new();
     for w in &writes {
         if !seen.insert(w.path.as_str()) {
-            return Err(EditError::Duplicate { path: w.path.clone() });
+            return Err(EditError::Duplicate {
+                path: w.path.clone(),
+            });
         }
     }
     writes.retain(|w| w.before != w.after);
     let files = summarize(&writes);
     let diff = diff_of(&writes)?;
     if req.dry_run || writes.is_empty() {
-        return Ok(Outcome { edit: None, files, diff });
+        return Ok(Outcome {
+            edit: None,
+            files,
+            diff,
+        });
     }
 
     let time_ms = now_ms() as i64;
-    let operation = Operation::Apply { source: req.source.clone(), message: req.message.clone(), time_ms };
-    let (journal, jpath) = journal::commit(ctx.repo, ctx.workdir, &ctx.env.journal_dir, operation, &writes, ctx.env.durability, &ctx.env.failpoint)?;
+    let operation = Operation::Apply {
+        source: req.source.clone(),
+        message: req.message.clone(),
+        time_ms,
+    };
+    let (journal, jpath) = journal::commit(
+        ctx.repo,
+        ctx.workdir,
+        &ctx.env.journal_dir,
+        operation,
+        &writes,
+        ctx.env.durability,
+        &ctx.env.failpoint,
+    )?;
     let changes: Vec<FileChange> = writes
         .iter()
-        .map(|w| FileChange { path: w.path.clone(), before: w.before.clone(), after: w.after.clone() })
+        .map(|w| FileChange {
+            path: w.path.clone(),
+            before: w.before.clone(),
+            after: w.after.clone(),
+        })
         .collect();
     let edit = finish_apply(ctx, &journal, &changes, &req.source, &req.message, time_ms)?;
     journal::finish(&jpath, &ctx.env.failpoint);
-    Ok(Outcome { edit: Some(record::edit_short_id(ctx.repo, edit)?), files, diff })
+    Ok(Outcome {
+        edit: Some(record::edit_short_id(ctx.repo, edit)?),
+        files,
+        diff,
+    })
 }
 
 /// Record a written apply and add it to the ledger (also used by recovery; idempotent).
@@ -232,11 +370,20 @@ fn finish_apply(
     message: &str,
     time_ms: i64,
 ) -> Result<Oid, EditError> {
-    let meta = EditMeta { message: if message.is_empty() { source.to_owned() } else { message.to_owned() }, time_ms };
+    let meta = EditMeta {
+        message: if message.is_empty() {
+            source.to_owned()
+        } else {
+            message.to_owned()
+        },
+        time_ms,
+    };
     let edit = record::record_edit(ctx.repo, changes, &meta)?;
     ctx.env.failpoint.hit("after_record");
     let hex = edit.to_string();
-    let known = ledger::summaries(ctx.repo.path())?.iter().any(|s| s.applied.edit == hex);
+    let known = ledger::summaries(ctx.repo.path())?
+        .iter()
+        .any(|s| s.applied.edit == hex);
     if !known {
         ledger::append(
             ctx.repo.path(),
@@ -255,13 +402,20 @@ fn finish_apply(
 }
 
 /// Revert an edit in the worktree (`undo`), optionally moving it onto `refs/stash` (`stash`).
-pub(crate) fn revert(ctx: &RepoCtx<'_>, id: Option<&str>, stash: bool) -> Result<Outcome, EditError> {
+pub(crate) fn revert(
+    ctx: &RepoCtx<'_>,
+    id: Option<&str>,
+    stash: bool,
+) -> Result<Outcome, EditError> {
     let what = if stash { "stash" } else { "undo" };
     let summaries = ledger::summaries(ctx.repo.path())?;
     let oid = match id {
         Some(id) => record::resolve_edit(ctx.repo, id)?,
         None => {
-            let last = summaries.iter().find(|s| s.state == EventKind::Applied).ok_or(EditError::NothingToRevert { what })?;
+            let last = summaries
+                .iter()
+                .find(|s| s.state == EventKind::Applied)
+                .ok_or(EditError::NothingToRevert { what })?;
             Oid::from_str(&last.applied.edit).map_err(|e| EditError::git("read ledger id", e))?
         }
     };
@@ -269,8 +423,18 @@ pub(crate) fn revert(ctx: &RepoCtx<'_>, id: Option<&str>, stash: bool) -> Result
     let hex = oid.to_string();
     let summary = summaries.iter().find(|s| s.applied.edit == hex);
     match summary.map(|s| s.state) {
-        Some(EventKind::Undone) => return Err(EditError::NotApplied { id: short, state: "undone" }),
-        Some(EventKind::Stashed) => return Err(EditError::NotApplied { id: short, state: "stashed" }),
+        Some(EventKind::Undone) => {
+            return Err(EditError::NotApplied {
+                id: short,
+                state: "undone",
+            });
+        }
+        Some(EventKind::Stashed) => {
+            return Err(EditError::NotApplied {
+                id: short,
+                state: "stashed",
+            });
+        }
         Some(EventKind::Applied) | None => {}
     }
     let mut writes = Vec::new();
@@ -278,26 +442,62 @@ pub(crate) fn revert(ctx: &RepoCtx<'_>, id: Option<&str>, stash: bool) -> Result
         let rel = paths::validate_rel_path(&change.path)?;
         let abs = ctx.workdir.join(rel.to_path());
         let current = journal::read_state(&abs).map_err(|e| EditError::io("read", &abs, e))?;
-        let conflict = || EditError::RevertConflict { id: short.clone(), path: change.path.clone() };
+        let conflict = || EditError::RevertConflict {
+            id: short.clone(),
+            path: change.path.clone(),
+        };
         let target = match (&change.before, &change.after, &current) {
-            (_, _, cur) if cur.as_ref().map(|c| &c.bytes) == change.after.as_ref().map(|a| &a.bytes) => change.before.clone(),
+            (_, _, cur)
+                if cur.as_ref().map(|c| &c.bytes) == change.after.as_ref().map(|a| &a.bytes) =>
+            {
+                change.before.clone()
+            }
             (Some(before), Some(after), Some(cur)) => {
-                let bytes = merge3(&after.bytes, &cur.bytes, &before.bytes, &change.path).map_err(|_| conflict())?;
-                Some(FileState { bytes, mode: cur.mode })
+                let bytes = merge3(&after.bytes, &cur.bytes, &before.bytes, &change.path)
+                    .map_err(|_| conflict())?;
+                Some(FileState {
+                    bytes,
+                    mode: cur.mode,
+                })
             }
             _ => return Err(conflict()),
         };
-        writes.push(Write1 { path: change.path.clone(), before: current, after: target });
+        writes.push(Write1 {
+            path: change.path.clone(),
+            before: current,
+            after: target,
+        });
     }
     writes.retain(|w| w.before != w.after);
     let files = summarize(&writes);
     let diff = diff_of(&writes)?;
-    let operation = Operation::Revert { edit: hex.clone(), stash };
-    let (_, jpath) = journal::commit(ctx.repo, ctx.workdir, &ctx.env.journal_dir, operation, &writes, ctx.env.durability, &ctx.env.failpoint)?;
-    let message = summary.map(|s| if s.applied.message.is_empty() { &s.applied.source } else { &s.applied.message });
+    let operation = Operation::Revert {
+        edit: hex.clone(),
+        stash,
+    };
+    let (_, jpath) = journal::commit(
+        ctx.repo,
+        ctx.workdir,
+        &ctx.env.journal_dir,
+        operation,
+        &writes,
+        ctx.env.durability,
+        &ctx.env.failpoint,
+    )?;
+    let message = summary.map(|s| {
+        if s.applied.message.is_empty() {
+            &s.applied.source
+        } else {
+            &s.applied.message
+        }
+    });
     finish_revert(ctx, oid, stash, message.map(String::as_str).unwrap_or(""))?;
     journal::finish(&jpath, &ctx.env.failpoint);
-    Ok(Outcome { edit: Some(short), files, diff })
+    Ok(Outcome {
+        edit: Some(short),
+        files,
+        diff,
+    })
 }
 
 fn finish_revert(ctx: &RepoCtx<'_>, oid: Oid, stash: bool, message: &str) -> Result<(), EditError> {
@@ -308,13 +508,20 @@ fn finish_revert(ctx: &RepoCtx<'_>, oid: Oid, stash: bool, message: &str) -> Res
             record::push_stash(ctx.repo, oid, message)?;
         }
     }
-    let state = ledger::summaries(ctx.repo.path())?.into_iter().find(|s| s.applied.edit == hex).map(|s| s.state);
+    let state = ledger::summaries(ctx.repo.path())?
+        .into_iter()
+        .find(|s| s.applied.edit == hex)
+        .map(|s| s.state);
     if state == Some(EventKind::Applied) {
         ledger::append(
             ctx.repo.path(),
             &ledger::Entry {
                 edit: hex,
-                event: if stash { EventKind::Stashed } else { EventKind::Undone },
+                event: if stash {
+                    EventKind::Stashed
+                } else {
+                    EventKind::Undone
+                },
                 at: now_ms(),
                 source: String::new(),
                 message: String::new(),
@@ -338,7 +545,9 @@ pub(crate) fn show(ctx: &RepoCtx<'_>, id: Option<&str>) -> Result<Shown, EditErr
     let oid = match id {
         Some(id) => record::resolve_edit(ctx.repo, id)?,
         None => {
-            let last = summaries.first().ok_or(EditError::NothingToRevert { what: "show" })?;
+            let last = summaries
+                .first()
+                .ok_or(EditError::NothingToRevert { what: "show" })?;
             Oid::from_str(&last.applied.edit).map_err(|e| EditError::git("read ledger id", e))?
         }
     };
@@ -351,25 +560,39 @@ pub(crate) fn show(ctx: &RepoCtx<'_>, id: Option<&str>) -> Result<Shown, EditErr
 }
 
 /// Edits of this repository, newest first, with their short ids.
-pub(crate) fn log(ctx: &RepoCtx<'_>, limit: usize) -> Result<Vec<(String, ledger::EditSummary)>, EditError> {
+pub(crate) fn log(
+    ctx: &RepoCtx<'_>,
+    limit: usize,
+) -> Result<Vec<(String, ledger::EditSummary)>, EditError> {
     ledger::summaries(ctx.repo.path())?
         .into_iter()
         .take(limit)
         .map(|s| {
-            let oid = Oid::from_str(&s.applied.edit).map_err(|e| EditError::git("read ledger id", e))?;
+            let oid =
+                Oid::from_str(&s.applied.edit).map_err(|e| EditError::git("read ledger id", e))?;
             Ok((record::edit_short_id(ctx.repo, oid)?, s))
         })
         .collect()
 }
 
 /// Finish or undo what a previous daemon left half-done in `repo`. Returns what it did.
-pub(crate) fn recover(ctx: &RepoCtx<'_>, journal: &journal::Journal) -> Result<&'static str, EditError> {
+pub(crate) fn recover(
+    ctx: &RepoCtx<'_>,
+    journal: &journal::Journal,
+) -> Result<&'static str, EditError> {
     match (&journal.phase, &journal.operation) {
         (journal::Phase::Prepared, _) => {
             journal::rollback(ctx.repo, journal)?;
             Ok("rolled back")
         }
-        (journal::Phase::Written, Operation::Apply { source, message, time_ms }) => {
+        (
+            journal::Phase::Written,
+            Operation::Apply {
+                source,
+                message,
+                time_ms,
+            },
+        ) => {
             let mut changes = Vec::new();
             for f in &journal.files {
                 changes.push(FileChange {
@@ -390,10 +613,19 @@ pub(crate) fn recover(ctx: &RepoCtx<'_>, journal: &journal::Journal) -> Result<&
 }
 
 /// Validate a patch path (relative to the client's cwd) and check its target.
-fn resolve(ctx: &RepoCtx<'_>, cwd_prefix: &str, raw: &str, intent: Intent) -> Result<RelPath, EditError> {
+fn resolve(
+    ctx: &RepoCtx<'_>,
+    cwd_prefix: &str,
+    raw: &str,
+    intent: Intent,
+) -> Result<RelPath, EditError> {
     // Validate as written first, so the error quotes the path the patch used.
     paths::validate_rel_path(raw)?;
-    let joined = if cwd_prefix.is_empty() { raw.to_owned() } else { format!("{cwd_prefix}/{raw}") };
+    let joined = if cwd_prefix.is_empty() {
+        raw.to_owned()
+    } else {
+        format!("{cwd_prefix}/{raw}")
+    };
     let rel = paths::validate_rel_path(&joined)?;
     paths::check_target(ctx.workdir, ctx.repo, &rel, intent)?;
     Ok(rel)
@@ -403,9 +635,15 @@ fn read_text(ctx: &RepoCtx<'_>, rel: &RelPath) -> Result<FileState, EditError> {
     let abs = ctx.workdir.join(rel.to_path());
     let state = journal::read_state(&abs)
         .map_err(|e| EditError::io("read", &abs, e))?
-        .ok_or_else(|| EditError::Io { op: "read", path: rel.as_str().to_owned(), source: std::io::ErrorKind::NotFound.into() })?;
+        .ok_or_else(|| EditError::Io {
+            op: "read",
+            path: rel.as_str().to_owned(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
     if state.bytes.contains(&0) || std::str::from_utf8(strip_bom(&state.bytes)).is_err() {
-        return Err(EditError::Binary { path: rel.as_str().to_owned() });
+        return Err(EditError::Binary {
+            path: rel.as_str().to_owned(),
+        });
     }
     Ok(state)
 }
@@ -422,9 +660,12 @@ fn merge3(base: &[u8], ours: &[u8], theirs: &[u8], path: &str) -> Result<Vec<u8>
     o.content(ours);
     let mut t = git2::MergeFileInput::new();
     t.content(theirs);
-    let result = git2::merge_file(&a, &o, &t, None).map_err(|e| EditError::git("merge file contents", e))?;
+    let result =
+        git2::merge_file(&a, &o, &t, None).map_err(|e| EditError::git("merge file contents", e))?;
     if !result.is_automergeable() {
-        return Err(EditError::Conflict { path: path.to_owned() });
+        return Err(EditError::Conflict {
+            path: path.to_owned(),
+        });
     }
     Ok(result.content().to_vec())
 }
@@ -439,7 +680,12 @@ fn summarize(writes: &[Write1]) -> Vec<FileSummary> {
                 (_, None) => "deleted",
                 _ => "modified",
             };
-            FileSummary { path: w.path.clone(), change, added, removed }
+            FileSummary {
+                path: w.path.clone(),
+                change,
+                added,
+                removed,
+            }
         })
         .collect()
 }
@@ -463,7 +709,8 @@ fn diff_of(writes: &[Write1]) -> Result<String, EditError> {
         let (a, b) = (content(&w.before), content(&w.after));
         let old = w.before.as_ref().map(|_| Path::new(&w.path));
         let new = w.after.as_ref().map(|_| Path::new(&w.path));
-        let mut p = git2::Patch::from_buffers(a, old, b, new, None).map_err(|e| EditError::git("diff", e))?;
+        let mut p = git2::Patch::from_buffers(a, old, b, new, None)
+            .map_err(|e| EditError::git("diff", e))?;
         let buf = p.to_buf().map_err(|e| EditError::git("diff", e))?;
         out.extend_from_slice(&buf);
     }

@@ -1,3 +1,4 @@
+mod crash;
 mod edits;
 mod hostile;
 mod lifecycle;
