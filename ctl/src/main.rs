@@ -92,10 +92,12 @@ struct Failure {
 impl Failure {
     fn from_client(e: ClientError, layout: &Layout) -> Failure {
         let kind = match &e {
-            ClientError::Rpc(r) => r
-                .kind()
-                .map(str::to_owned)
-                .or_else(|| r.error_code().map(|c| format!("{c:?}"))),
+            // The fine-grained kind, else the code's snake_case name, as on the wire.
+            ClientError::Rpc(r) => r.kind().map(str::to_owned).or_else(|| {
+                r.error_code()
+                    .and_then(|c| serde_json::to_value(c).ok())
+                    .and_then(|v| v.as_str().map(str::to_owned))
+            }),
             _ => None,
         };
         Failure {

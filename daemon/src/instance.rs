@@ -202,7 +202,8 @@ mod tests {
     #[tokio::test]
     async fn refuses_to_replace_a_regular_file_or_use_an_open_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
         let socket = dir.path().join("s.sock");
         std::fs::write(&socket, b"user data").expect("write");
         let err = Instance::claim(&socket, &dir.path().join("l")).expect_err("not a socket");

@@ -76,6 +76,17 @@ impl Daemon {
     }
 }
 
+/// Entry points for the benchmarks in `bench/`; not a stable API.
+#[doc(hidden)]
+pub mod bench {
+    /// Parse an apply_patch (or SEARCH/REPLACE) text; the number of file operations.
+    pub fn parse_patch(text: &str) -> Result<usize, String> {
+        crate::edit::patch::parse_any(text)
+            .map(|p| p.ops.len())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Bind and serve: the daemon's whole life.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     Daemon::bind(config)?.serve(shutdown).await

@@ -100,16 +100,31 @@ impl Repos {
                 )
             })??;
         let (workdir, prefix) = found;
-        let mut map = self
-            .map
-            .lock()
-            .map_err(|_| RpcError::new(ErrorCode::Internal, "repository table poisoned"))?;
-        if let Some(h) = map.get(&workdir) {
+        if let Some(h) = self.lock()?.get(&workdir) {
             return Ok((h.clone(), prefix));
         }
-        let handle = spawn_actor(workdir.clone(), self.env.clone())?;
-        map.insert(workdir, handle.clone());
+        let w = workdir.clone();
+        let repo = tokio::task::spawn_blocking(move || Repository::open(&w))
+            .await
+            .map_err(|e| {
+                RpcError::new(ErrorCode::Internal, format!("repository open failed: {e}"))
+            })?
+            .map_err(|e| {
+                RpcError::new(
+                    ErrorCode::NotARepository,
+                    format!("cannot open {}: {e}", workdir.display()),
+                )
+            })?;
+        let handle = spawn_actor(workdir.clone(), repo, self.env.clone())?;
+        // Two first requests may race to open it: the first handle in wins, the other's actor exits.
+        let handle = self.lock()?.entry(workdir).or_insert(handle).clone();
         Ok((handle, prefix))
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<PathBuf, RepoHandle>>, RpcError> {
+        self.map
+            .lock()
+            .map_err(|_| RpcError::new(ErrorCode::Internal, "repository table poisoned"))
     }
 
     pub(crate) fn all(&self) -> Vec<RepoHandle> {
@@ -148,14 +163,8 @@ fn discover(cwd: &Path) -> Result<(PathBuf, String), RpcError> {
     Ok((workdir, prefix))
 }
 
-fn spawn_actor(workdir: PathBuf, env: EditEnv) -> Result<RepoHandle, RpcError> {
+fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoHandle, RpcError> {
     let (tx, mut rx) = mpsc::channel::<Job>(REPO_QUEUE);
-    let repo = Repository::open(&workdir).map_err(|e| {
-        RpcError::new(
-            ErrorCode::NotARepository,
-            format!("cannot open {}: {e}", workdir.display()),
-        )
-    })?;
     let name = format!(
         "repo:{}",
         workdir

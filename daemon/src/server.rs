@@ -174,13 +174,15 @@ struct Connection {
     out: mpsc::Sender<Vec<u8>>,
     initialized: bool,
     subscribed: bool,
+    /// Cancelled when this connection ends (or the daemon stops): ends its event forwarder.
+    closed: CancellationToken,
 }
 
 impl Connection {
     async fn run(shared: Arc<Shared>, stream: Stream, id: u64) {
         let stream = Arc::new(stream);
         let (out, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
-        let writer = tokio::spawn(write_loop(stream.clone(), out_rx));
+        let writer = shared.tracker.spawn(write_loop(stream.clone(), out_rx));
         let mut frames = FramedRead::new(SharedStream(stream), LineDecoder::new(MAX_LINE_BYTES));
         let mut conn = Connection {
             shared: shared.clone(),
@@ -188,10 +190,13 @@ impl Connection {
             out,
             initialized: false,
             subscribed: false,
+            closed: shared.shutdown.child_token(),
         };
         debug!(conn = id, "connected");
         loop {
             let frame = tokio::select! {
+                // Biased: once shutdown starts, nothing more is read, even if lines are queued.
+                biased;
                 () = shared.shutdown.cancelled() => break,
                 f = frames.next() => f,
             };
@@ -217,7 +222,9 @@ impl Connection {
                 break;
             }
         }
-        // Dropping the last sender lets the writer flush what is queued, then finish.
+        // Stop this connection's event forwarder; dropping the last sender then lets the writer
+        // flush what is queued and finish.
+        conn.closed.cancel();
         drop(conn);
         let _ = writer.await;
         debug!(conn = id, "closed");
@@ -313,6 +320,7 @@ impl Connection {
                     self.shared.tracker.spawn(forward_events(
                         rx,
                         self.out.clone(),
+                        self.closed.clone(),
                         self.shared.shutdown.clone(),
                     ));
                 }
@@ -514,6 +522,7 @@ async fn write_loop(stream: Arc<Stream>, mut rx: mpsc::Receiver<Vec<u8>>) {
 async fn forward_events(
     mut rx: broadcast::Receiver<Event>,
     out: mpsc::Sender<Vec<u8>>,
+    closed: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let notify = |e: &Event| {
@@ -522,18 +531,22 @@ async fn forward_events(
     };
     loop {
         let event = tokio::select! {
-            () = shutdown.cancelled() => {
-                let _ = out.try_send(notify(&Event::Stopping));
+            () = closed.cancelled() => {
+                if shutdown.is_cancelled() {
+                    let _ = out.try_send(notify(&Event::Stopping));
+                }
                 return;
             }
             e = rx.recv() => e,
         };
         match event {
-            Ok(e) => {
-                if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(notify(&e)) {
-                    return;
+            Ok(e) => match out.try_send(notify(&e)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    warn!("subscriber not reading; event dropped")
                 }
-            }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            },
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 warn!(missed = n, "subscriber too slow; events dropped")
             }

@@ -117,7 +117,7 @@ pub enum Message {
 }
 
 /// A JSON-RPC error object. `code` is an [`ErrorCode`]; `data` carries a stable machine-readable
-/// `kind` (e.g. `"path_traversal"`), the path concerned and a hint where there is one.
+/// `kind` (e.g. `"path_parent_dir"`), the path concerned and a hint where there is one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RpcError {
     pub code: i64,

@@ -66,6 +66,7 @@ pub struct InProcess {
     pub home: Home,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
+    exited: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
 impl InProcess {
@@ -80,6 +81,7 @@ impl InProcess {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (exit_tx, exited) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -91,12 +93,14 @@ impl InProcess {
                 ready_tx.send(()).expect("signal ready");
                 daemon.serve(token).await.expect("serve");
             });
+            let _ = exit_tx.send(());
         });
         ready_rx.recv().expect("sparkd failed to bind");
         InProcess {
             home,
             shutdown,
             thread: Some(thread),
+            exited: std::sync::Mutex::new(exited),
         }
     }
 
@@ -104,11 +108,21 @@ impl InProcess {
         self.home.client()
     }
 
-    /// Wait for the daemon to stop by itself (idle timeout, `shutdown` request).
-    pub fn join(mut self) {
+    /// Wait (at most `limit`) for the daemon to stop by itself (idle timeout, `shutdown`
+    /// request); false if it is still running.
+    pub fn join_within(mut self, limit: Duration) -> bool {
+        let exited = self
+            .exited
+            .lock()
+            .expect("exit channel")
+            .recv_timeout(limit);
+        if exited.is_err() {
+            return false;
+        }
         if let Some(t) = self.thread.take() {
             t.join().expect("sparkd thread panicked");
         }
+        true
     }
 
     /// Stop the daemon and wait for `serve` to return.

@@ -118,7 +118,7 @@ pub(crate) struct Durability {
 }
 
 /// Write `writes` to the worktree of `repo` all together, journalled in `journal_dir`.
-/// Returns the journal (phase `written`); the caller records the operation, then calls
+/// Returns the journal's path (phase `written`); the caller records the operation, then calls
 /// [`finish`]. Nothing is left changed on error.
 pub(crate) fn commit(
     repo: &Repository,
@@ -128,7 +128,7 @@ pub(crate) fn commit(
     writes: &[Write1],
     durability: Durability,
     failpoint: &Failpoint,
-) -> Result<(Journal, PathBuf), EditError> {
+) -> Result<PathBuf, EditError> {
     let store = |s: &Option<FileState>| -> Result<Option<BlobRef>, EditError> {
         s.as_ref()
             .map(|f| {
@@ -184,7 +184,7 @@ pub(crate) fn commit(
     journal.phase = Phase::Written;
     save(&path, &journal, durability)?;
     failpoint.hit("after_written");
-    Ok((journal, path))
+    Ok(path)
 }
 
 /// The operation is recorded: drop its journal.

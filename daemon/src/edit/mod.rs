@@ -335,7 +335,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         message: req.message.clone(),
         time_ms,
     };
-    let (journal, jpath) = journal::commit(
+    let jpath = journal::commit(
         ctx.repo,
         ctx.workdir,
         &ctx.env.journal_dir,
@@ -352,7 +352,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             after: w.after.clone(),
         })
         .collect();
-    let edit = finish_apply(ctx, &journal, &changes, &req.source, &req.message, time_ms)?;
+    let edit = finish_apply(ctx, false, &changes, &req.source, &req.message, time_ms)?;
     journal::finish(&jpath, &ctx.env.failpoint);
     Ok(Outcome {
         edit: Some(record::edit_short_id(ctx.repo, edit)?),
@@ -364,7 +364,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
 /// Record a written apply and add it to the ledger (also used by recovery; idempotent).
 fn finish_apply(
     ctx: &RepoCtx<'_>,
-    _journal: &journal::Journal,
+    recovering: bool,
     changes: &[FileChange],
     source: &str,
     message: &str,
@@ -381,9 +381,12 @@ fn finish_apply(
     let edit = record::record_edit(ctx.repo, changes, &meta)?;
     ctx.env.failpoint.hit("after_record");
     let hex = edit.to_string();
-    let known = ledger::summaries(ctx.repo.path())?
-        .iter()
-        .any(|s| s.applied.edit == hex);
+    // Recovery may run after the ledger line was written; a live apply always appends (the
+    // same edit re-applied within one millisecond has the same commit id, and is applied again).
+    let known = recovering
+        && ledger::summaries(ctx.repo.path())?
+            .iter()
+            .any(|s| s.applied.edit == hex && s.state == EventKind::Applied);
     if !known {
         ledger::append(
             ctx.repo.path(),
@@ -475,7 +478,7 @@ pub(crate) fn revert(
         edit: hex.clone(),
         stash,
     };
-    let (_, jpath) = journal::commit(
+    let jpath = journal::commit(
         ctx.repo,
         ctx.workdir,
         &ctx.env.journal_dir,
@@ -601,7 +604,7 @@ pub(crate) fn recover(
                     after: journal::load(ctx.repo, f.after)?,
                 });
             }
-            finish_apply(ctx, journal, &changes, source, message, *time_ms)?;
+            finish_apply(ctx, true, &changes, source, message, *time_ms)?;
             Ok("completed")
         }
         (journal::Phase::Written, Operation::Revert { edit, stash }) => {

@@ -237,7 +237,14 @@ fn idle_timeout_stops_a_daemon_nobody_uses() {
         let mut c = d.client();
         c.call::<spark_proto::methods::Status>(&Default::default())
             .expect("status");
+        // A subscriber that goes away must not keep its connection (or the daemon) alive.
+        let mut sub = d.client();
+        sub.call::<spark_proto::methods::Subscribe>(&Default::default())
+            .expect("subscribe");
     }
-    d.join();
+    assert!(
+        d.join_within(Duration::from_secs(20)),
+        "daemon did not exit when idle"
+    );
     assert!(!socket.exists());
 }
