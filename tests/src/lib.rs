@@ -4,6 +4,10 @@
 //! - [`InProcess`]: `sparkd` running inside the test process on its own runtime thread.
 //! - [`bin`]: the real `sparkd` / `sparkctl` binaries, built on demand when missing.
 //! - [`Ctl`]: runs `sparkctl` in a hermetic environment and stops any daemon it started.
+//! - [`TestRepo`]: a hermetic git repository; [`snapshot`] proves nothing changed on disk.
+//! - [`fake_provider`]: a Responses-API provider on loopback (WebSocket mode and HTTP + SSE).
+
+pub mod fake_provider;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
