@@ -45,10 +45,13 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Exit code per SPEC §2: 1 when the request was refused, 2 for daemon or internal failures.
+    /// Exit code per SPEC §2: 1 when the request was refused, 2 for daemon or internal failures,
+    /// 130 when it was cancelled.
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Rpc(e) => match e.error_code() {
+                // Cancelled by a newer request (steering) or by the user: interrupted.
+                Some(spark_proto::ErrorCode::Cancelled) => 130,
                 Some(c) if c.is_refusal() => 1,
                 _ => 2,
             },
@@ -178,6 +181,12 @@ impl Client {
                 Message::Notification(n) => on_notification(n),
             }
         }
+    }
+
+    /// Write one raw JSON-RPC line (for clients that manage ids themselves).
+    pub fn send_raw(&mut self, message: &Value) -> Result<(), ClientError> {
+        self.reader.get_mut().write_all(&encode(message))?;
+        Ok(())
     }
 
     /// Wait for the next notification (after `subscribe`).

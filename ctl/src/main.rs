@@ -9,8 +9,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 use spark_proto::layout::Layout;
 use spark_proto::methods::{
-    ApplyParams, EditApply, EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty,
-    LogParams, Status, StatusResult,
+    ASK_PROGRESS, ApplyParams, Ask, AskEvent, AskParams, AskProgress, AskResult, EditApply,
+    EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty, Focus, LogParams,
+    Status, StatusResult,
 };
 use sparkctl::autostart::{self, Started};
 use sparkctl::{Client, ClientError};
@@ -35,6 +36,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Ask the model for an edit in the repository of the current directory. The answer and
+    /// the patch stream as they arrive; the edit is applied all-or-nothing and recorded.
+    #[command(
+        after_help = "Examples:\n  sparkctl ask \"rename parse_args to parse_cli\"\n  sparkctl ask -f src/main.rs:40-60 \"handle the empty case\"\n  sparkctl ask --dry-run \"add a doc comment to run()\""
+    )]
+    Ask {
+        /// What to do, in plain words.
+        #[arg(required = true, num_args = 1.., value_name = "PROMPT")]
+        prompt: Vec<String>,
+        /// Show the model this file, or these lines of it (repeatable): PATH or PATH:START-END.
+        #[arg(short = 'f', long = "focus", value_name = "PATH[:START-END]")]
+        focus: Vec<String>,
+        /// Show the proposed diff; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Start a fresh conversation instead of continuing this repository's.
+        #[arg(long)]
+        new: bool,
+    },
     /// Apply a patch (Codex apply_patch format or aider SEARCH/REPLACE blocks) to the repository
     /// of the current directory, all files or none, and record it as an edit.
     Apply {
@@ -156,6 +176,35 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Ok(conn.client)
     };
     match cli.command {
+        Command::Ask {
+            prompt,
+            focus,
+            dry_run,
+            new,
+        } => {
+            let focus = focus
+                .iter()
+                .map(|f| parse_focus(f))
+                .collect::<Result<Vec<_>, _>>()?;
+            let params = AskParams {
+                cwd: cwd()?,
+                prompt: prompt.join(" "),
+                focus,
+                dry_run,
+                new_conversation: new,
+            };
+            let mut client = connect()?;
+            let mut view = AskView::new(cli.json, style);
+            let result = client
+                .call_with::<Ask>(&params, |n| view.on_notification(n))
+                .map_err(fail);
+            view.finish_stream();
+            let result = result?;
+            if cli.json {
+                return print_json(&result);
+            }
+            view.print_result(&result, dry_run)
+        }
         Command::Apply {
             file,
             dry_run,
@@ -289,6 +338,142 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 print_line(&format!("sparkd (pid {pid}) stopped"))
             }
         }
+    }
+}
+
+/// `PATH` or `PATH:START-END` (or `PATH:LINE`).
+fn parse_focus(spec: &str) -> Result<Focus, Failure> {
+    let bad = || Failure {
+        message: format!(
+            "bad focus {spec:?}: expected PATH or PATH:START-END with 1 <= START <= END"
+        ),
+        hint: Some("e.g. -f src/main.rs:40-60".into()),
+        code: 1,
+        kind: Some("bad_input".into()),
+    };
+    if let Some((path, range)) = spec.rsplit_once(':')
+        && !range.is_empty()
+        && range.chars().all(|c| c.is_ascii_digit() || c == '-')
+    {
+        let (a, b) = range.split_once('-').unwrap_or((range, range));
+        let (start, end) = (
+            a.parse::<u32>().map_err(|_| bad())?,
+            b.parse::<u32>().map_err(|_| bad())?,
+        );
+        if path.is_empty() || start == 0 || end < start {
+            return Err(bad());
+        }
+        return Ok(Focus {
+            path: path.to_owned(),
+            start_line: Some(start),
+            end_line: Some(end),
+        });
+    }
+    if spec.is_empty() {
+        return Err(bad());
+    }
+    Ok(Focus {
+        path: spec.to_owned(),
+        start_line: None,
+        end_line: None,
+    })
+}
+
+/// Renders a streaming `ask`: text and patch as they arrive, progress on a terminal.
+struct AskView {
+    json: bool,
+    style: Style,
+    /// Something was printed without a final newline.
+    open_line: bool,
+    progress_shown: bool,
+    tty_err: bool,
+}
+
+impl AskView {
+    fn new(json: bool, style: Style) -> AskView {
+        use std::io::IsTerminal;
+        AskView {
+            json,
+            style,
+            open_line: false,
+            progress_shown: false,
+            tty_err: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn on_notification(&mut self, n: spark_proto::Notification) {
+        if n.method != ASK_PROGRESS {
+            return;
+        }
+        let Some(params) = n.params else { return };
+        if self.json {
+            let _ = print_line(&params.to_string());
+            return;
+        }
+        let Ok(p) = serde_json::from_value::<AskProgress>(params) else {
+            return;
+        };
+        match p.event {
+            AskEvent::Text { delta } => self.out(&delta),
+            AskEvent::Patch { delta } => {
+                let painted = self.style.paint(DIM, &delta);
+                self.out(&painted)
+            }
+            AskEvent::Tokens {
+                output_tokens,
+                tokens_per_s,
+            } if self.tty_err && !self.open_line => {
+                eprint!("\r{} tokens · {tokens_per_s:.0} tok/s ", output_tokens);
+                self.progress_shown = true;
+            }
+            AskEvent::Tokens { .. } | AskEvent::Sent { .. } | AskEvent::PatchFile { .. } => {}
+        }
+    }
+
+    fn out(&mut self, text: &str) {
+        if self.progress_shown {
+            eprint!("\r\x1b[K");
+            self.progress_shown = false;
+        }
+        let _ = write_stdout(text.as_bytes());
+        self.open_line = !text.ends_with('\n');
+    }
+
+    fn finish_stream(&mut self) {
+        if self.progress_shown {
+            eprint!("\r\x1b[K");
+        }
+        if self.open_line && !self.json {
+            let _ = write_stdout(b"\n");
+            self.open_line = false;
+        }
+    }
+
+    fn print_result(&self, r: &AskResult, dry_run: bool) -> Result<(), Failure> {
+        let t = &r.timings;
+        let mut timing = format!("total {:.0} ms", t.total_ms);
+        if let Some(ttft) = t.ttft_ms {
+            timing = format!("ttft {ttft:.0} ms · {timing}");
+        }
+        if let Some(apply) = t.apply_ms {
+            timing += &format!(" · apply {apply:.1} ms");
+        }
+        timing += &format!(" · {} tokens", t.output_tokens);
+        if dry_run && !r.diff.is_empty() {
+            write_stdout(self.style.diff(&r.diff).as_bytes())?;
+        }
+        if r.edit.is_some() {
+            let summary = EditResult {
+                edit: r.edit.clone(),
+                repo: String::new(),
+                files: r.files.clone(),
+                diff: String::new(),
+                total_ms: t.total_ms,
+            };
+            print_line(&render_edit(&summary, "applied", &self.style))?;
+        }
+        eprintln!("{}", self.style.paint(DIM, &timing));
+        Ok(())
     }
 }
 

@@ -7,13 +7,19 @@
 //! - `codec`: NDJSON line framing on tokio with a maximum line length.
 //! - `edit`: the edit engine (parse, check, apply all-or-nothing, record, undo, stash).
 //! - `repo`: one actor thread per repository owning its `git2::Repository`.
+//! - `provider`: warm Responses-API sessions (WebSocket mode, HTTP + SSE fallback).
+//! - `context`: what the model sees, and the guard on every byte that leaves the machine.
+//! - `ask`: one model call per edit, streamed, applied through the edit engine.
 
 pub mod config;
 pub mod instance;
 pub mod server;
 
+mod ask;
 mod codec;
+mod context;
 mod edit;
+mod provider;
 mod repo;
 
 use std::path::Path;

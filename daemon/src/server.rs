@@ -56,6 +56,7 @@ pub(crate) struct Shared {
     connections: watch::Sender<usize>,
     next_conn: AtomicU64,
     pub(crate) repos: Repos,
+    pub(crate) asks: crate::ask::Asks,
 }
 
 /// The edit engine's settings, from the daemon's configuration.
@@ -71,15 +72,17 @@ pub(crate) fn edit_env(config: &Config) -> EditEnv {
 
 pub(crate) async fn serve(config: Config, instance: Instance, shutdown: CancellationToken) {
     let (events, _) = broadcast::channel(EVENT_CAPACITY);
+    let tracker = TaskTracker::new();
     let shared = Arc::new(Shared {
         started: Instant::now(),
         started_at_ms: unix_ms(),
         events,
         shutdown: shutdown.clone(),
-        tracker: TaskTracker::new(),
+        tracker: tracker.clone(),
         connections: watch::Sender::new(0),
         next_conn: AtomicU64::new(1),
         repos: Repos::new(edit_env(&config)),
+        asks: crate::ask::Asks::new(&config, tracker.clone(), shutdown.clone()),
         config,
     });
     info!(socket = %instance.socket.display(), pid = std::process::id(), version = crate::VERSION, "sparkd serving");
@@ -262,6 +265,10 @@ impl Connection {
                 return self.send(&Response::err(id, err)).await;
             }
         };
+        if req.method == methods::Ask::NAME && self.initialized {
+            self.spawn_ask(req.id, req.params);
+            return true;
+        }
         let response = match self.dispatch(&req.method, req.params).await {
             Ok(result) => Response::ok(req.id, result),
             Err(err) => Response::err(req.id, err),
@@ -304,7 +311,7 @@ impl Connection {
         match method {
             methods::Status::NAME => {
                 parse_params::<methods::Status>(params)?;
-                to_value(self.status())
+                to_value(self.status().await)
             }
             methods::Shutdown::NAME => {
                 parse_params::<methods::Shutdown>(params)?;
@@ -428,8 +435,56 @@ impl Connection {
         })
     }
 
-    fn status(&self) -> StatusResult {
+    /// `ask` runs as its own task so this connection keeps reading: a closed connection (Ctrl-C
+    /// in the client) cancels it, and its progress streams as `ask/progress` notifications.
+    fn spawn_ask(&self, id: Id, params: Option<Value>) {
+        let shared = self.shared.clone();
+        let out = self.out.clone();
+        let cancel = self.closed.child_token();
+        self.shared.tracker.spawn(async move {
+            let result = async {
+                let p = parse_params::<methods::Ask>(params)?;
+                let (repo, prefix) = shared.repos.for_cwd(&p.cwd).await?;
+                let emit = |event: methods::AskEvent| {
+                    let progress = methods::AskProgress {
+                        request: id.clone(),
+                        event,
+                    };
+                    let line = encode(&Notification::new(
+                        methods::ASK_PROGRESS,
+                        serde_json::to_value(progress).expect("progress always serializes"),
+                    ));
+                    let out = out.clone();
+                    async move {
+                        let _ = out.send(line).await;
+                    }
+                };
+                let result = shared
+                    .asks
+                    .ask(repo.clone(), prefix, p, cancel, emit)
+                    .await?;
+                if let Some(edit) = &result.edit {
+                    let _ = shared.events.send(Event::EditApplied {
+                        repo: repo.workdir().display().to_string(),
+                        edit: edit.clone(),
+                        files: result.files.iter().map(|f| f.path.clone()).collect(),
+                    });
+                }
+                to_value(result)
+            }
+            .await;
+            let response = match result {
+                Ok(v) => Response::ok(id, v),
+                Err(e) => Response::err(id, e),
+            };
+            let _ = out.send(encode(&response)).await;
+        });
+    }
+
+    async fn status(&self) -> StatusResult {
         let layout = &self.shared.config.layout;
+        let sessions = self.shared.asks.status().await;
+        let connections = *self.shared.connections.borrow() as u64;
         StatusResult {
             pid: std::process::id(),
             version: crate::VERSION.to_owned(),
@@ -438,7 +493,7 @@ impl Connection {
             uptime_ms: u64::try_from(self.shared.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             socket: layout.socket.display().to_string(),
             log_file: layout.log_file.display().to_string(),
-            connections: *self.shared.connections.borrow() as u64,
+            connections,
             repos: self
                 .shared
                 .repos
@@ -449,7 +504,15 @@ impl Connection {
                     edits: r.edits(),
                 })
                 .collect(),
-            sessions: Vec::new(),
+            sessions: sessions
+                .into_iter()
+                .map(|c| methods::SessionStatus {
+                    repo: c.repo.display().to_string(),
+                    connected: c.connected,
+                    age_ms: c.age_ms,
+                    rtt_ms: c.rtt_ms,
+                })
+                .collect(),
             cache: None,
         }
     }

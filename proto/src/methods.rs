@@ -63,6 +63,11 @@ method!(
     EditStash, "edit/stash", EditParams, EditResult
 );
 
+method!(
+    /// `ask` → [`AskResult`]: ask the model for an edit; streams `ask/progress` notifications.
+    Ask, "ask", AskParams, AskResult
+);
+
 /// Params or result with no fields: `{}` (a missing `params` is accepted too).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -231,6 +236,99 @@ pub struct ShowResult {
     pub entry: Option<LogEntry>,
 }
 
+/// The notification method that streams an `ask` while it runs.
+pub const ASK_PROGRESS: &str = "ask/progress";
+
+/// Params of [`Ask`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AskParams {
+    /// Absolute directory the client runs in: selects the repository; focus paths start there.
+    pub cwd: String,
+    pub prompt: String,
+    /// Files (optionally line ranges) to show the model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub focus: Vec<Focus>,
+    /// Show the diff the model proposes; write nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Start a fresh conversation instead of continuing this repository's.
+    #[serde(default)]
+    pub new_conversation: bool,
+}
+
+/// A focused file, or a range of its lines (1-based, inclusive).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Focus {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_line: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_line: Option<u32>,
+}
+
+/// One `ask/progress` notification: `{"request": <ask's id>, "type": …, …}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AskProgress {
+    /// The id of the `ask` request this belongs to.
+    pub request: crate::Id,
+    #[serde(flatten)]
+    pub event: AskEvent,
+}
+
+/// What an `ask` reports while it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AskEvent {
+    /// The request went out to the provider.
+    Sent { bytes: u64 },
+    /// Model text as it streams.
+    Text { delta: String },
+    /// Patch text as it streams (the apply_patch tool's input).
+    Patch { delta: String },
+    /// A file the streaming patch is about to touch.
+    PatchFile { path: String, op: String },
+    /// Output tokens so far.
+    Tokens {
+        output_tokens: u64,
+        tokens_per_s: f64,
+    },
+}
+
+/// Result of [`Ask`] (also the last line of `sparkctl ask --json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AskResult {
+    /// The recorded edit, or null (a text-only answer, or a dry run).
+    pub edit: Option<String>,
+    pub files: Vec<FileChangeSummary>,
+    /// The model's text.
+    pub answer: String,
+    /// The diff applied (or proposed, for a dry run).
+    pub diff: String,
+    pub timings: AskTimings,
+}
+
+/// Where an `ask`'s time went, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AskTimings {
+    /// Request received → `response.create` written to the provider.
+    pub request_ms: f64,
+    /// `response.create` written → first output delta.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<f64>,
+    /// Applying and recording the edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_ms: Option<f64>,
+    /// Request received → result sent.
+    pub total_ms: f64,
+    pub output_tokens: u64,
+    /// Bytes of the `response.create` sent for this turn.
+    pub bytes_sent: u64,
+    /// Whether the turn continued the conversation (`previous_response_id`).
+    pub chained: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +380,17 @@ mod tests {
             serde_json::from_value::<ApplyParams>(json!({"cwd":"/r"})).is_err(),
             "patch is required"
         );
+    }
+
+    #[test]
+    fn ask_progress_is_flat_and_tagged() {
+        let p = AskProgress {
+            request: crate::Id::Number(3),
+            event: AskEvent::Text { delta: "hi".into() },
+        };
+        let v = serde_json::to_value(&p).expect("ser");
+        assert_eq!(v, json!({"request":3,"type":"text","delta":"hi"}));
+        assert_eq!(serde_json::from_value::<AskProgress>(v).expect("de"), p);
     }
 
     #[test]

@@ -131,6 +131,42 @@ pub struct Turn {
     pub drop_after: Option<usize>,
     /// Characters per delta event.
     pub delta_chars: usize,
+    /// Hold every event of the response until the test opens this gate.
+    pub gate: Option<Gate>,
+}
+
+/// Holds a scripted response back until the test opens it: lets a test act (e.g. edit a file)
+/// at a known point between the request's arrival and its answer, without timing assumptions.
+#[derive(Debug, Clone)]
+pub struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate::new()
+    }
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+
+    /// Let the held response go.
+    pub fn open(&self) {
+        self.0.add_permits(1);
+    }
+
+    async fn wait(&self) {
+        if let Ok(permit) = self.0.acquire().await {
+            permit.forget();
+        }
+    }
+}
+
+impl PartialEq for Gate {
+    fn eq(&self, other: &Gate) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl Turn {
@@ -142,7 +178,14 @@ impl Turn {
             tokens_per_sec: None,
             drop_after: None,
             delta_chars: DEFAULT_DELTA_CHARS,
+            gate: None,
         }
+    }
+
+    /// Hold this response until `gate` is opened.
+    pub fn with_gate(mut self, gate: Gate) -> Turn {
+        self.gate = Some(gate);
+        self
     }
 
     /// A completed response with these items.
@@ -291,6 +334,9 @@ pub struct Settings {
     /// A `response.create` on a connection at least this old gets
     /// `websocket_connection_limit_reached` and the connection is closed.
     pub connection_lifetime: Duration,
+    /// Connections opened before this instant have reached their lifetime, whatever their age
+    /// (see [`FakeProvider::expire_open_connections`]).
+    pub expired_before: Option<Instant>,
     /// Answer WebSocket upgrades with 426 so the client falls back to HTTP + SSE.
     pub refuse_websocket: bool,
     /// At most this many WebSocket connections open at once; more upgrades get 429.
@@ -302,6 +348,7 @@ impl Default for Settings {
     fn default() -> Settings {
         Settings {
             connection_lifetime: DEFAULT_CONNECTION_LIFETIME,
+            expired_before: None,
             refuse_websocket: false,
             max_connections: None,
             in_flight: InFlightPolicy::Reject,
@@ -414,6 +461,14 @@ pub struct Recorded {
 }
 
 impl Recorded {
+    /// The error code the request was refused with, if it was refused.
+    pub fn outcome_code(&self) -> Option<&str> {
+        match &self.outcome {
+            RequestOutcome::Rejected { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The `type` field (`response.create` for every valid WebSocket request).
     pub fn event_type(&self) -> Option<&str> {
         self.json.get("type").and_then(Value::as_str)
@@ -600,6 +655,13 @@ impl FakeProvider {
 
     pub fn set_refuse_websocket(&self, refuse: bool) {
         self.update_settings(|s| s.refuse_websocket = refuse);
+    }
+
+    /// Every connection open now has reached its lifetime: its next `response.create` gets
+    /// `websocket_connection_limit_reached`. Connections opened later are unaffected.
+    pub fn expire_open_connections(&self) {
+        let now = Instant::now();
+        self.update_settings(|s| s.expired_before = Some(now));
     }
 
     pub fn set_connection_lifetime(&self, lifetime: Duration) {
@@ -1058,6 +1120,7 @@ enum Commit {
 
 #[derive(Debug)]
 struct Plan {
+    gate: Option<Gate>,
     /// Events with their offsets from the request's arrival.
     events: Vec<(Duration, Value)>,
     /// Set for [`Outcome::Error`] turns: no events, just this error after `ttft`.
@@ -1182,6 +1245,7 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
     } = &turn.outcome
     {
         return Plan {
+            gate: turn.gate.clone(),
             events: Vec::new(),
             error: Some((turn.ttft, ApiError::scripted(*status, code, message))),
             drop_after: None,
@@ -1227,6 +1291,7 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
         let completed = echo.response("completed", &[], usage(0), &[]);
         w.emit(json!({ "type": "response.completed", "response": completed }));
         return Plan {
+            gate: None,
             events: w.events,
             error: None,
             drop_after: None,
@@ -1383,6 +1448,7 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
         Outcome::Error { .. } => Commit::Evict { previous_id },
     };
     Plan {
+        gate: turn.gate.clone(),
         events: w.events,
         error: None,
         drop_after: turn.drop_after,
@@ -1791,6 +1857,9 @@ async fn serve_post(
         RequestOutcome::Prewarm { id: response_id }
     };
     shared.record(connection, Transport::Http, raw, bytes, outcome);
+    if let Some(gate) = &plan.gate {
+        gate.wait().await;
+    }
     let start = Instant::now();
 
     if !stream_mode {
@@ -2030,7 +2099,9 @@ async fn on_frame(
 ) -> Flow {
     let bytes = text.len();
     let settings = shared.settings();
-    if opened_at.elapsed() >= settings.connection_lifetime {
+    if opened_at.elapsed() >= settings.connection_lifetime
+        || settings.expired_before.is_some_and(|t| opened_at < t)
+    {
         let error = ApiError::lifetime_reached();
         let outcome = RequestOutcome::Rejected {
             status: error.status,
@@ -2121,6 +2192,9 @@ async fn start_ws_request(
             send_now(ws, &error.ws_event()).await
         }
         Ok((response_id, plan, generate)) => {
+            if let Some(gate) = &plan.gate {
+                gate.wait().await;
+            }
             let now = Instant::now();
             state.in_flight = true;
             if let Some((delay, error)) = plan.error {

@@ -389,3 +389,41 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, (u32, Vec<u8>)
     }
     out
 }
+
+/// The fake provider on its own runtime, for synchronous tests; plus a daemon pointed at it.
+#[derive(Debug)]
+pub struct Provider {
+    rt: tokio::runtime::Runtime,
+    pub fake: fake_provider::FakeProvider,
+}
+
+impl Provider {
+    pub fn start(script: fake_provider::Script) -> Provider {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("provider runtime");
+        let fake = rt.block_on(fake_provider::FakeProvider::start(script));
+        Provider { rt, fake }
+    }
+
+    /// Block until the provider has received `n` requests in all; returns them.
+    pub fn wait_for_requests(&self, n: usize) -> Vec<fake_provider::Recorded> {
+        self.rt.block_on(self.fake.wait_for_requests(n))
+    }
+
+    /// A daemon configured to use this provider over WebSocket (`ws`) or HTTP + SSE.
+    pub fn daemon(&self, ws: bool) -> InProcess {
+        let home = Home::new();
+        let mut config = home.config();
+        config.provider_url = if ws {
+            self.fake.ws_url()
+        } else {
+            self.fake.http_url()
+        };
+        config.api_key = Some("sk-test-not-a-real-key".into());
+        config.fsync = false;
+        InProcess::start_with(home, config)
+    }
+}

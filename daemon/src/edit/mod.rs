@@ -237,6 +237,8 @@ pub(crate) struct Outcome {
     pub(crate) edit: Option<String>,
     pub(crate) files: Vec<FileSummary>,
     pub(crate) diff: String,
+    /// Each written file's new content (`None` = deleted).
+    pub(crate) after: Vec<(String, Option<Vec<u8>>)>,
 }
 
 /// Parse, check and (unless dry-run) apply and record a patch.
@@ -326,6 +328,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             edit: None,
             files,
             diff,
+            after: Vec::new(),
         });
     }
 
@@ -358,6 +361,10 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         edit: Some(record::edit_short_id(ctx.repo, edit)?),
         files,
         diff,
+        after: changes
+            .into_iter()
+            .map(|c| (c.path, c.after.map(|a| a.bytes)))
+            .collect(),
     })
 }
 
@@ -500,6 +507,10 @@ pub(crate) fn revert(
         edit: Some(short),
         files,
         diff,
+        after: writes
+            .into_iter()
+            .map(|w| (w.path, w.after.map(|a| a.bytes)))
+            .collect(),
     })
 }
 

@@ -194,8 +194,6 @@ pub(crate) fn parse_any(text: &str) -> Result<Patch, ParseError> {
 /// complete, and [`finish`](Self::finish) returns exactly what [`parse_patch`] returns for the
 /// concatenated text.
 #[derive(Debug)]
-// Consumed by the `ask` pipeline as tool-call deltas stream in; until then only tests use it.
-#[allow(dead_code)]
 pub(crate) struct StreamingParser {
     /// The start of a line whose newline has not arrived yet.
     partial: String,
@@ -208,7 +206,6 @@ impl Default for StreamingParser {
     }
 }
 
-#[allow(dead_code)]
 impl StreamingParser {
     pub(crate) fn new() -> Self {
         StreamingParser {

@@ -1,3 +1,4 @@
+mod ask;
 mod crash;
 mod edits;
 mod hostile;

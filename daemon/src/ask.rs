@@ -1,0 +1,508 @@
+//! `ask`: one model call per edit, over a warm session, applied through the edit engine.
+//!
+//! Each repository has a conversation: a provider session (prewarmed with the instructions,
+//! the `apply_patch` tool and the repository outline), the history needed to resend it
+//! unchained, and the file contents the model has seen — the compare-and-swap base of its
+//! patches. A turn sends only the new items; the patch streams and is parsed as it arrives;
+//! once the response completes, the patch is applied all-or-nothing (3-way merged if the user
+//! kept typing), and the tool call's output goes at the head of the next turn instead of costing
+//! a second round trip now. A newer ask in the same repository cancels the one in flight.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use spark_proto::methods::{AskEvent, AskParams, AskResult, AskTimings, FileChangeSummary};
+use spark_proto::{ErrorCode, RpcError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::config::Config;
+use crate::context;
+use crate::edit::{self, patch::StreamEvent, patch::StreamingParser};
+use crate::provider::{
+    InputItem, OutputItem, SessionConfig, SessionHandle, Tool, TurnEvent, TurnFailure, TurnRequest,
+};
+use crate::repo::RepoHandle;
+
+/// What the model is told with every request. Byte-stable: it is resent on every turn.
+pub(crate) const INSTRUCTIONS: &str = "You are spark, a fast, precise code-editing agent working in the user's git repository. \
+Make the smallest correct edit that does what the user asks, with the apply_patch tool, using paths relative to the repository root. \
+Only edit files whose content you were shown, or create new ones. \
+If the request needs no change to files, answer briefly in text. Keep any text short.";
+
+/// Output tokens between two progress notifications.
+const TOKENS_PER_PROGRESS: u64 = 32;
+
+/// Every repository's conversation.
+#[derive(Debug)]
+pub(crate) struct Asks {
+    url: String,
+    api_key: Option<Arc<str>>,
+    model: String,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    convs: Mutex<HashMap<PathBuf, Arc<Conversation>>>,
+}
+
+#[derive(Debug)]
+struct Conversation {
+    session: SessionHandle,
+    state: tokio::sync::Mutex<ConvState>,
+    /// The ask in flight, cancelled by the next one (steering).
+    current: Mutex<Option<CancellationToken>>,
+    created: Instant,
+}
+
+#[derive(Debug, Default)]
+struct ConvState {
+    /// Everything an unchained resend needs: repo context, user messages, model outputs.
+    history: Vec<InputItem>,
+    /// Content of each file as the model last saw it.
+    seen: HashMap<String, Vec<u8>>,
+    warmed: bool,
+}
+
+/// A session as `status` shows it.
+#[derive(Debug)]
+pub(crate) struct ConvStatus {
+    pub(crate) repo: PathBuf,
+    pub(crate) connected: bool,
+    pub(crate) age_ms: u64,
+    pub(crate) rtt_ms: Option<f64>,
+}
+
+impl Asks {
+    pub(crate) fn new(config: &Config, tracker: TaskTracker, shutdown: CancellationToken) -> Asks {
+        Asks {
+            url: config.provider_url.clone(),
+            api_key: config.api_key.as_deref().map(Arc::from),
+            model: config.model.clone(),
+            tracker,
+            shutdown,
+            convs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn conversation(&self, workdir: &Path) -> Result<Arc<Conversation>, RpcError> {
+        let mut convs = self
+            .convs
+            .lock()
+            .map_err(|_| internal("conversation table poisoned"))?;
+        if let Some(c) = convs.get(workdir) {
+            return Ok(c.clone());
+        }
+        let mut config =
+            SessionConfig::new(self.url.clone(), self.api_key.clone(), self.model.clone());
+        config.instructions = INSTRUCTIONS.to_owned();
+        config.prompt_cache_key = Some(format!("spark:{}", workdir.display()));
+        let session = crate::provider::spawn(config, &self.tracker, self.shutdown.clone()).map_err(|e| {
+            RpcError::new(ErrorCode::Provider, format!("bad provider URL {}: {e}", self.url))
+                .with_hint("set SPARK_PROVIDER_URL to a ws://, wss://, http:// or https:// Responses endpoint")
+        })?;
+        let conv = Arc::new(Conversation {
+            session,
+            state: tokio::sync::Mutex::new(ConvState::default()),
+            current: Mutex::new(None),
+            created: Instant::now(),
+        });
+        convs.insert(workdir.to_owned(), conv.clone());
+        Ok(conv)
+    }
+
+    pub(crate) async fn status(&self) -> Vec<ConvStatus> {
+        let convs: Vec<(PathBuf, Arc<Conversation>)> = self
+            .convs
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for (repo, conv) in convs {
+            let s = conv.session.status().await.ok();
+            out.push(ConvStatus {
+                repo,
+                connected: s.as_ref().is_some_and(|s| s.connected),
+                age_ms: s
+                    .as_ref()
+                    .and_then(|s| s.age)
+                    .unwrap_or_else(|| conv.created.elapsed())
+                    .as_millis() as u64,
+                rtt_ms: s.and_then(|s| s.last_rtt).map(|d| d.as_secs_f64() * 1e3),
+            });
+        }
+        out
+    }
+
+    /// Run one ask. `emit` streams progress; `cancel` fires when the client goes away.
+    pub(crate) async fn ask<F, Fut>(
+        &self,
+        repo: RepoHandle,
+        cwd_prefix: String,
+        params: AskParams,
+        cancel: CancellationToken,
+        emit: F,
+    ) -> Result<AskResult, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let started = Instant::now();
+        let conv = self.conversation(repo.workdir())?;
+        // Steering: a newer ask in this repository replaces the one in flight.
+        if let Some(old) = conv
+            .current
+            .lock()
+            .map_err(|_| internal("poisoned"))?
+            .replace(cancel.clone())
+        {
+            old.cancel();
+        }
+        let mut state = tokio::select! {
+            s = conv.state.lock() => s,
+            () = cancel.cancelled() => return Err(cancelled()),
+        };
+        if params.new_conversation || !state.warmed {
+            *state = ConvState::default();
+            let outline = repo.run(context::outline_text).await?;
+            let item = InputItem::developer_text(outline);
+            state.history.push(item.clone());
+            conv.session
+                .prewarm(
+                    INSTRUCTIONS.to_owned(),
+                    vec![Tool::apply_patch()],
+                    vec![item],
+                )
+                .await
+                .map_err(session_error)?;
+            state.warmed = true;
+        }
+
+        let seen = state.seen.clone();
+        let (prompt, focus) = (params.prompt.clone(), params.focus.clone());
+        let prefix = cwd_prefix.clone();
+        let assembled = repo
+            .run(move |ctx| context::assemble(ctx, &prefix, &prompt, &focus, &seen, false))
+            .await??;
+        info!(
+            target: "audit",
+            repo = %repo.workdir().display(),
+            files = ?assembled.audit,
+            bytes = assembled.text.len(),
+            "context sent to the provider"
+        );
+        let user = InputItem::user_text(assembled.text);
+        let mut full_context = state.history.clone();
+        full_context.push(user.clone());
+        let mut events = conv
+            .session
+            .turn(TurnRequest {
+                new_input: vec![user.clone()],
+                full_context,
+                tool_choice: None,
+            })
+            .await
+            .map_err(session_error)?;
+
+        let mut parser = StreamingParser::new();
+        let mut deltas = 0u64;
+        let mut first_delta: Option<Instant> = None;
+        let done = loop {
+            let event = tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    // No cancel event exists: the session closes the socket and re-warms.
+                    let _ = conv.session.cancel().await;
+                    return Err(cancelled());
+                }
+                e = events.recv() => e,
+            };
+            match event {
+                None => return Err(internal("the provider session ended during the request")),
+                Some(TurnEvent::TextDelta { delta, .. }) => {
+                    first_delta.get_or_insert_with(Instant::now);
+                    deltas += 1;
+                    emit(AskEvent::Text { delta }).await;
+                }
+                Some(TurnEvent::ToolInputDelta { delta, .. }) => {
+                    first_delta.get_or_insert_with(Instant::now);
+                    deltas += 1;
+                    for e in parser.push(&delta) {
+                        if let StreamEvent::FileStarted { path, kind } = e {
+                            emit(AskEvent::PatchFile {
+                                path,
+                                op: format!("{kind:?}").to_lowercase(),
+                            })
+                            .await;
+                        }
+                    }
+                    emit(AskEvent::Patch { delta }).await;
+                }
+                Some(TurnEvent::FunctionArgumentsDelta { .. }) => {
+                    first_delta.get_or_insert_with(Instant::now);
+                    deltas += 1;
+                }
+                Some(TurnEvent::Done(done)) => break done,
+                Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),
+                Some(
+                    TurnEvent::Started { .. } | TurnEvent::ItemAdded(_) | TurnEvent::ItemDone(_),
+                ) => {}
+            }
+            if deltas > 0 && deltas.is_multiple_of(TOKENS_PER_PROGRESS) {
+                let secs = first_delta
+                    .map(|t| t.elapsed().as_secs_f64())
+                    .unwrap_or(0.0);
+                let rate = if secs > 0.0 {
+                    deltas as f64 / secs
+                } else {
+                    0.0
+                };
+                emit(AskEvent::Tokens {
+                    output_tokens: deltas,
+                    tokens_per_s: rate,
+                })
+                .await;
+            }
+        };
+
+        // The model has now seen this turn's files and its own reply.
+        state.seen.extend(assembled.seen);
+        state.history.push(user);
+        state
+            .history
+            .extend(done.output.iter().filter_map(OutputItem::to_input));
+        let patch = find_patch(&done.output);
+        let mut timings = AskTimings {
+            request_ms: ms(done.timings.send_overhead()),
+            ttft_ms: done.timings.first_delta.map(ms),
+            apply_ms: None,
+            total_ms: 0.0,
+            output_tokens: done
+                .usage
+                .as_ref()
+                .map(|u| u.output_tokens)
+                .unwrap_or(deltas),
+            bytes_sent: done.timings.bytes_sent as u64,
+            chained: done.chained,
+        };
+        let answer = done.text();
+
+        if let Some(reason) = &done.incomplete_reason {
+            if let Some((call, _)) = &patch {
+                answer_tool(
+                    &conv.session,
+                    &mut state.history,
+                    call,
+                    "Not applied: the response was incomplete.",
+                )
+                .await;
+            }
+            return Err(RpcError::new(
+                ErrorCode::Provider,
+                format!("the model's response was incomplete ({reason}); nothing was applied"),
+            )
+            .with_kind("incomplete_response"));
+        }
+        let Some((call, patch_text)) = patch else {
+            timings.total_ms = ms(started.elapsed());
+            return Ok(AskResult {
+                edit: None,
+                files: Vec::new(),
+                answer,
+                diff: String::new(),
+                timings,
+            });
+        };
+        if cancel.is_cancelled() {
+            answer_tool(
+                &conv.session,
+                &mut state.history,
+                &call,
+                "Not applied: the user cancelled the request.",
+            )
+            .await;
+            return Err(cancelled());
+        }
+
+        let apply_started = Instant::now();
+        let req = edit::ApplyRequest {
+            patch: patch_text,
+            cwd_prefix: String::new(),
+            dry_run: params.dry_run,
+            source: "ask".into(),
+            message: params.prompt.clone(),
+            bases: state.seen.clone(),
+        };
+        let applied = repo.run(move |ctx| edit::apply(ctx, &req)).await?;
+        timings.apply_ms = Some(ms(apply_started.elapsed()));
+        match applied {
+            Ok(outcome) => {
+                let output = match (&outcome.edit, params.dry_run) {
+                    (_, true) => "Not applied: the user asked for a dry run.".to_owned(),
+                    (Some(id), false) => format!("Applied as edit {id}."),
+                    (None, false) => "Nothing changed: the files already matched.".to_owned(),
+                };
+                answer_tool(&conv.session, &mut state.history, &call, &output).await;
+                if outcome.edit.is_some() {
+                    repo.count_edit();
+                    for (path, after) in &outcome.after {
+                        match after {
+                            Some(bytes) => state.seen.insert(path.clone(), bytes.clone()),
+                            None => state.seen.remove(path),
+                        };
+                    }
+                }
+                timings.total_ms = ms(started.elapsed());
+                Ok(AskResult {
+                    edit: outcome.edit,
+                    files: outcome
+                        .files
+                        .into_iter()
+                        .map(|f| FileChangeSummary {
+                            path: f.path,
+                            change: f.change.to_owned(),
+                            added: f.added,
+                            removed: f.removed,
+                        })
+                        .collect(),
+                    answer,
+                    diff: outcome.diff,
+                    timings,
+                })
+            }
+            Err(e) => {
+                answer_tool(
+                    &conv.session,
+                    &mut state.history,
+                    &call,
+                    &format!("Patch rejected: {e}"),
+                )
+                .await;
+                Err(e.to_rpc())
+            }
+        }
+    }
+}
+
+/// The tool call a patch came in, to be answered on the next turn.
+#[derive(Debug, Clone)]
+enum Call {
+    Custom(String),
+    Function(String),
+    /// The patch was in the message text: nothing to answer.
+    None,
+}
+
+/// The patch of a response: the `apply_patch` custom tool call, its JSON function variant, or
+/// a patch written in the message text.
+fn find_patch(output: &[OutputItem]) -> Option<(Call, String)> {
+    for item in output {
+        match item {
+            OutputItem::CustomToolCall {
+                call_id,
+                name,
+                input,
+                ..
+            } if name == "apply_patch" => {
+                return Some((Call::Custom(call_id.clone()), input.clone()));
+            }
+            OutputItem::FunctionCall {
+                call_id,
+                name,
+                arguments,
+                ..
+            } if name == "apply_patch" => {
+                let input = serde_json::from_str::<serde_json::Value>(arguments)
+                    .ok()
+                    .and_then(|v| v.get("input").and_then(|i| i.as_str()).map(str::to_owned))
+                    .unwrap_or_else(|| arguments.clone());
+                return Some((Call::Function(call_id.clone()), input));
+            }
+            _ => {}
+        }
+    }
+    let text: String = output.iter().filter_map(OutputItem::text).collect();
+    text.contains("*** Begin Patch")
+        .then_some((Call::None, text))
+}
+
+/// Answer a tool call: the session sends the output at the head of the next turn, and the
+/// history keeps it for any unchained resend of the conversation.
+async fn answer_tool(
+    session: &SessionHandle,
+    history: &mut Vec<InputItem>,
+    call: &Call,
+    output: &str,
+) {
+    let (call_id, item) = match call {
+        Call::Custom(id) => (
+            id,
+            InputItem::CustomToolCallOutput {
+                call_id: id.clone(),
+                output: output.to_owned(),
+            },
+        ),
+        Call::Function(id) => (
+            id,
+            InputItem::FunctionCallOutput {
+                call_id: id.clone(),
+                output: output.to_owned(),
+            },
+        ),
+        Call::None => return,
+    };
+    history.push(item);
+    if let Err(e) = session
+        .set_pending_tool_output(call_id.as_str(), output)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record the tool output for the next turn");
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn internal(what: &str) -> RpcError {
+    RpcError::new(ErrorCode::Internal, what.to_owned())
+}
+
+fn cancelled() -> RpcError {
+    RpcError::new(
+        ErrorCode::Cancelled,
+        "the request was cancelled; nothing was applied",
+    )
+    .with_kind("cancelled")
+}
+
+fn turn_failure(f: TurnFailure) -> RpcError {
+    match f {
+        TurnFailure::Cancelled => cancelled(),
+        TurnFailure::Provider { code, message } => {
+            let mut e = RpcError::new(
+                ErrorCode::Provider,
+                format!("the provider refused the request: {message}; nothing was applied"),
+            );
+            if let Some(c) = code {
+                e = e.with_kind(c);
+            }
+            e
+        }
+        TurnFailure::Transport(m) => RpcError::new(
+            ErrorCode::Provider,
+            format!("cannot reach the provider: {m}; nothing was applied"),
+        )
+        .with_kind("transport")
+        .with_hint("check SPARK_PROVIDER_URL and the network; `sparkctl status` shows the session"),
+        TurnFailure::Shutdown => RpcError::new(ErrorCode::ShuttingDown, "sparkd is shutting down"),
+    }
+}
+
+fn session_error(e: crate::provider::SessionError) -> RpcError {
+    match e {
+        crate::provider::SessionError::Failed(f) => turn_failure(f),
+        other => RpcError::new(ErrorCode::Provider, other.to_string()),
+    }
+}

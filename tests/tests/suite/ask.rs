@@ -1,0 +1,528 @@
+//! `ask` end to end against the fake provider: warm chained sessions, one model call per edit,
+//! tool outputs answered on the next turn, recovery, fallback, rotation, cancel and steer, races
+//! with the user's typing, and secrets that never leave the machine.
+
+use serde_json::Value;
+use spark_proto::ErrorCode;
+use spark_proto::methods::{Ask, AskEvent, AskParams, AskProgress, AskResult, Focus};
+use spark_tests::fake_provider::{Gate, Item, Outcome, Script, Transport, Turn};
+use spark_tests::{Provider, TestRepo, snapshot};
+use sparkctl::{Client, ClientError};
+
+const LIB: &str = "fn one() {\n    1\n}\n\nfn two() {\n    2\n}\n\nfn three() {\n    3\n}\n";
+
+const PATCH_ONE: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn one() {\n-    1\n+    100\n*** End Patch\n";
+const PATCH_TWO: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two() {\n-    2\n+    200\n*** End Patch\n";
+
+fn params(repo: &TestRepo, prompt: &str, focus: &[&str]) -> AskParams {
+    AskParams {
+        cwd: repo.cwd(),
+        prompt: prompt.into(),
+        focus: focus
+            .iter()
+            .map(|p| Focus {
+                path: (*p).into(),
+                start_line: None,
+                end_line: None,
+            })
+            .collect(),
+        dry_run: false,
+        new_conversation: false,
+    }
+}
+
+fn ask(c: &mut Client, p: &AskParams) -> (Result<AskResult, ClientError>, Vec<AskProgress>) {
+    let mut progress = Vec::new();
+    let r = c.call_with::<Ask>(p, |n| {
+        assert_eq!(n.method, "ask/progress");
+        progress.push(serde_json::from_value(n.params.expect("params")).expect("progress shape"));
+    });
+    (r, progress)
+}
+
+fn code_of(e: ClientError) -> (ErrorCode, String) {
+    match e {
+        ClientError::Rpc(r) => (r.error_code().expect("known code"), r.message),
+        other => panic!("expected an RPC error, got {other}"),
+    }
+}
+
+fn input_bytes(r: &spark_tests::fake_provider::Recorded) -> usize {
+    serde_json::to_string(r.input()).expect("json").len()
+}
+
+fn repo() -> TestRepo {
+    TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes()), ("README.md", b"# demo\n")])
+}
+
+#[test]
+fn asks_reuse_one_warm_chained_connection_with_one_model_call_per_edit() {
+    let p = Provider::start(Script::new().turns([
+        Turn::apply_patch(PATCH_ONE),
+        Turn::apply_patch(PATCH_TWO),
+        Turn::text("Both are done."),
+    ]));
+    let d = p.daemon(true);
+    let repo = repo();
+    let mut c = d.client();
+
+    let (r1, progress) = ask(&mut c, &params(&repo, "make one bigger", &["src/lib.rs"]));
+    let r1 = r1.expect("first ask");
+    let id1 = r1.edit.clone().expect("edit recorded");
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    1\n", "    100\n").as_bytes()
+    );
+    assert!(
+        progress
+            .iter()
+            .any(|p| matches!(&p.event, AskEvent::PatchFile { path, .. } if path == "src/lib.rs"))
+    );
+    let streamed: String = progress
+        .iter()
+        .filter_map(|p| match &p.event {
+            AskEvent::Patch { delta } => Some(delta.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        streamed, PATCH_ONE,
+        "the patch streamed to the client as it arrived"
+    );
+    assert!(
+        repo.git(&["stash", "show", "-p", &id1])
+            .contains("+    100")
+    );
+
+    let (r2, _) = ask(&mut c, &params(&repo, "and two", &["src/lib.rs"]));
+    let r2 = r2.expect("second ask");
+    assert!(
+        r2.timings.chained,
+        "the second turn continues the conversation"
+    );
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    1\n", "    100\n")
+            .replace("    2\n", "    200\n")
+            .as_bytes()
+    );
+
+    let (r3, progress) = ask(&mut c, &params(&repo, "thanks", &[]));
+    let r3 = r3.expect("text-only ask");
+    assert_eq!(
+        (r3.edit.as_deref(), r3.answer.as_str()),
+        (None, "Both are done.")
+    );
+    let text: String = progress
+        .iter()
+        .filter_map(|p| match &p.event {
+            AskEvent::Text { delta } => Some(delta.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(text, "Both are done.");
+
+    let reqs = p.fake.requests();
+    assert_eq!(
+        reqs.len(),
+        4,
+        "a prewarm and exactly one model call per ask: {reqs:#?}"
+    );
+    assert!(reqs[0].is_prewarm(), "prewarm before the first ask");
+    assert!(
+        reqs.iter()
+            .all(|r| r.connection == reqs[0].connection && r.transport == Transport::WebSocket),
+        "one connection"
+    );
+    for (prev, next) in reqs.iter().zip(&reqs[1..]) {
+        assert_eq!(next.previous_response_id(), prev.response_id(), "chained");
+    }
+    for r in &reqs {
+        assert_eq!(r.json["store"], false);
+        assert!(
+            r.json["tools"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["name"] == "apply_patch"))
+        );
+    }
+    // The tool call of each edit is answered at the head of the next turn, never by a new call.
+    for n in [2, 3] {
+        let first = &reqs[n].input()[0];
+        assert_eq!(
+            first["type"], "custom_tool_call_output",
+            "turn {n}: {first}"
+        );
+        assert!(
+            first["output"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("Applied as edit")),
+            "{first}"
+        );
+    }
+    // Later turns carry only the new items: the file the model saw is not resent.
+    assert!(
+        reqs[1].raw.contains("fn three()"),
+        "the first turn shows the focus file"
+    );
+    for n in [2, 3] {
+        assert!(
+            !reqs[n].raw.contains("fn three()"),
+            "turn {n} resent the file"
+        );
+        assert!(
+            input_bytes(&reqs[n]) < 1024,
+            "continued turn {n} input: {} bytes",
+            input_bytes(&reqs[n])
+        );
+    }
+}
+
+#[test]
+fn incomplete_failed_and_refused_responses_apply_nothing_and_the_next_ask_works() {
+    let patch_item = Item::CustomToolCall {
+        name: "apply_patch".into(),
+        input: PATCH_ONE.into(),
+    };
+    let p = Provider::start(Script::new().turns([
+        Turn::new(Outcome::Incomplete {
+            items: vec![patch_item.clone()],
+            reason: "max_output_tokens".into(),
+        }),
+        Turn::new(Outcome::Failed {
+            items: vec![patch_item],
+            code: "server_error".into(),
+            message: "boom".into(),
+        }),
+        Turn::error("rate_limit_exceeded", "slow down"),
+        Turn::apply_patch(PATCH_ONE),
+    ]));
+    let d = p.daemon(true);
+    let repo = repo();
+    let before = snapshot(repo.path());
+    let mut c = d.client();
+    for what in ["incomplete", "failed", "error event"] {
+        let (r, _) = ask(&mut c, &params(&repo, "make one bigger", &["src/lib.rs"]));
+        let (code, message) = code_of(r.expect_err(what));
+        assert_eq!(code, ErrorCode::Provider, "{what}: {message}");
+        assert!(message.contains("nothing was applied"), "{what}: {message}");
+        assert_eq!(
+            snapshot(repo.path()),
+            before,
+            "{what}: nothing on disk or in .git changed"
+        );
+    }
+    let (r, _) = ask(&mut c, &params(&repo, "make one bigger", &["src/lib.rs"]));
+    r.expect("the next ask works");
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    1\n", "    100\n").as_bytes()
+    );
+}
+
+#[test]
+fn a_refused_websocket_upgrade_falls_back_to_http_sse() {
+    let p = Provider::start(
+        Script::new()
+            .refuse_websocket()
+            .turns([Turn::apply_patch(PATCH_ONE), Turn::text("ok")]),
+    );
+    let d = p.daemon(true);
+    let repo = repo();
+    let mut c = d.client();
+    ask(&mut c, &params(&repo, "make one bigger", &["src/lib.rs"]))
+        .0
+        .expect("ask over SSE");
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    1\n", "    100\n").as_bytes()
+    );
+    ask(&mut c, &params(&repo, "thanks", &[]))
+        .0
+        .expect("second ask over SSE");
+    let heads = p.fake.heads();
+    assert!(
+        heads
+            .iter()
+            .any(|h| h.is_websocket_upgrade() && h.status == 426),
+        "the upgrade was tried and refused"
+    );
+    let reqs = p.fake.requests();
+    let generating: Vec<_> = reqs.iter().filter(|r| !r.is_prewarm()).collect();
+    assert!(
+        generating.iter().all(|r| r.transport == Transport::Http),
+        "{reqs:#?}"
+    );
+    // The tool output is still answered on the next turn.
+    let last = generating.last().expect("turns");
+    assert!(
+        last.input()
+            .iter()
+            .any(|i| i["type"] == "custom_tool_call_output"),
+        "{:?}",
+        last.input()
+    );
+}
+
+#[test]
+fn the_session_recovers_after_the_provider_restarts() {
+    let p = Provider::start(
+        Script::new().turns([Turn::apply_patch(PATCH_ONE), Turn::apply_patch(PATCH_TWO)]),
+    );
+    let d = p.daemon(true);
+    let repo = repo();
+    let mut c = d.client();
+    ask(&mut c, &params(&repo, "one", &["src/lib.rs"]))
+        .0
+        .expect("first");
+    p.fake.restart();
+    let (r, _) = ask(&mut c, &params(&repo, "two", &["src/lib.rs"]));
+    r.expect("ask after the provider restarted");
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    1\n", "    100\n")
+            .replace("    2\n", "    200\n")
+            .as_bytes()
+    );
+    assert!(p.fake.connections_opened() >= 2, "reconnected");
+    // The new connection knows no earlier response: the turn went out unchained, whole.
+    let reqs = p.fake.requests();
+    let last = reqs.iter().rev().find(|r| !r.is_prewarm()).expect("turn");
+    assert!(
+        last.input()
+            .iter()
+            .any(|i| i["type"] == "custom_tool_call_output"),
+        "tool output carried over"
+    );
+}
+
+#[test]
+fn the_connection_is_replaced_at_the_lifetime_limit() {
+    let p =
+        Provider::start(Script::new().turns([Turn::text("warm"), Turn::apply_patch(PATCH_ONE)]));
+    let d = p.daemon(true);
+    let repo = repo();
+    let mut c = d.client();
+    ask(&mut c, &params(&repo, "hello", &[]))
+        .0
+        .expect("first ask");
+    // The connection in use reaches the provider's lifetime limit.
+    p.fake.expire_open_connections();
+    ask(&mut c, &params(&repo, "one", &["src/lib.rs"]))
+        .0
+        .expect("ask at the limit");
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    1\n", "    100\n").as_bytes()
+    );
+    let reqs = p.fake.requests();
+    assert!(
+        reqs.iter()
+            .any(|r| r.outcome_code() == Some("websocket_connection_limit_reached")),
+        "{reqs:#?}"
+    );
+    assert!(p.fake.connections_opened() >= 2);
+}
+
+#[test]
+fn a_disconnecting_client_cancels_and_a_newer_ask_steers() {
+    let gate = Gate::new();
+    let p = Provider::start(Script::new().turns([
+        Turn::apply_patch(PATCH_ONE).with_gate(gate.clone()),
+        Turn::apply_patch(PATCH_TWO).with_gate(Gate::new()),
+        Turn::apply_patch(PATCH_TWO),
+    ]));
+    let d = p.daemon(true);
+    let repo = repo();
+    let before = snapshot(repo.path());
+
+    // 1. Ctrl-C: the client goes away while the model is generating.
+    let mut c = d.client();
+    let line = serde_json::json!({"jsonrpc":"2.0","id":1,"method":"ask","params": params(&repo, "one", &["src/lib.rs"])});
+    c.send_raw(&line).expect("send");
+    p.wait_for_requests(2); // prewarm + the turn
+    drop(c);
+    gate.open(); // the provider answers now; nobody must apply it
+    // 2. A newer ask in the same repo cancels the one in flight and starts at once.
+    let mut first = d.client();
+    let repo_cwd = params(&repo, "two", &["src/lib.rs"]);
+    let waiter = std::thread::spawn(move || ask(&mut first, &repo_cwd).0);
+    // The steered ask's request reached the provider (held by its gate)...
+    let reqs = p.wait_for_requests(4);
+    assert!(reqs.len() >= 4);
+    let mut second = d.client();
+    let (r, _) = ask(
+        &mut second,
+        &params(&repo, "two, differently", &["src/lib.rs"]),
+    );
+    r.expect("the steering ask");
+    let (code, _) = code_of(waiter.join().expect("thread").expect_err("steered away"));
+    assert_eq!(code, ErrorCode::Cancelled);
+    // Only the last ask's edit landed; the cancelled patch never did.
+    let mut expected = before.clone();
+    expected.insert(
+        "src/lib.rs".into(),
+        (
+            expected["src/lib.rs"].0,
+            LIB.replace("    2\n", "    200\n").into_bytes(),
+        ),
+    );
+    let now: Vec<_> = snapshot(repo.path())
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(".git"))
+        .collect();
+    let want: Vec<_> = expected
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(".git"))
+        .collect();
+    assert_eq!(now, want);
+}
+
+#[test]
+fn an_edit_racing_the_users_typing_is_merged_or_refused_with_their_bytes_intact() {
+    // Non-overlapping: the user edits fn three while the model rewrites fn one.
+    let gate = Gate::new();
+    let p = Provider::start(
+        Script::new().turns([Turn::apply_patch(PATCH_ONE).with_gate(gate.clone())]),
+    );
+    let d = p.daemon(true);
+    let repo = repo();
+    let mut c = d.client();
+    let prm = params(&repo, "one", &["src/lib.rs"]);
+    let t = std::thread::spawn(move || ask(&mut c, &prm).0);
+    p.wait_for_requests(2);
+    repo.write(
+        "src/lib.rs",
+        LIB.replace("    3\n", "    3 // typed\n").as_bytes(),
+    );
+    gate.open();
+    t.join().expect("thread").expect("merged");
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    1\n", "    100\n")
+            .replace("    3\n", "    3 // typed\n")
+            .as_bytes()
+    );
+
+    // Overlapping: the user rewrote the very line the model changes.
+    let gate = Gate::new();
+    let p = Provider::start(
+        Script::new().turns([Turn::apply_patch(PATCH_ONE).with_gate(gate.clone())]),
+    );
+    let d = p.daemon(true);
+    let repo = self::repo();
+    let mut c = d.client();
+    let prm = params(&repo, "one", &["src/lib.rs"]);
+    let t = std::thread::spawn(move || ask(&mut c, &prm).0);
+    p.wait_for_requests(2);
+    let typed = LIB.replace("    1\n", "    1 + mine\n");
+    repo.write("src/lib.rs", typed.as_bytes());
+    let before = snapshot(repo.path());
+    gate.open();
+    let (code, message) = code_of(t.join().expect("thread").expect_err("conflict"));
+    assert_eq!(code, ErrorCode::Conflict, "{message}");
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        typed.as_bytes(),
+        "the user's bytes are intact"
+    );
+    assert_eq!(snapshot(repo.path()), before, "nothing written");
+}
+
+#[test]
+fn secrets_ignored_files_and_git_internals_never_reach_the_provider() {
+    let p = Provider::start(Script::new().default_turn(Turn::text("ok")));
+    let d = p.daemon(true);
+    let repo = TestRepo::with_files(&[
+        ("src/lib.rs", LIB.as_bytes()),
+        (".gitignore", b"build/\n"),
+        (".env", b"API_TOKEN=canary-env-7f3a\n"),
+        (
+            "deploy/id_rsa",
+            b"-----BEGIN OPENSSH PRIVATE KEY----- canary-key-91bc\n",
+        ),
+    ]);
+    repo.write("build/out.txt", b"canary-ignored-55d1\n");
+    repo.git(&["config", "spark.canary", "canary-git-c0de"]);
+    let mut c = d.client();
+    for (focus, kind) in [
+        (".env", "path_secret"),
+        ("deploy/id_rsa", "path_secret"),
+        ("build/out.txt", "path_ignored"),
+        (".git/config", "path_git_dir"),
+    ] {
+        let (r, _) = ask(&mut c, &params(&repo, "look", &[focus]));
+        let ClientError::Rpc(e) = r.expect_err(focus) else {
+            panic!("rpc error")
+        };
+        assert_eq!(
+            (e.error_code(), e.kind()),
+            (Some(ErrorCode::EditRejected), Some(kind)),
+            "{focus}: {}",
+            e.message
+        );
+        assert!(e.message.contains(focus), "{}", e.message);
+    }
+    ask(&mut c, &params(&repo, "and the lib", &["src/lib.rs"]))
+        .0
+        .expect("ordinary ask");
+    for r in p.fake.requests() {
+        for canary in [
+            "canary-env-7f3a",
+            "canary-key-91bc",
+            "canary-ignored-55d1",
+            "canary-git-c0de",
+        ] {
+            assert!(!r.raw.contains(canary), "{canary} reached the provider");
+        }
+        let outline = r.raw.contains("Repository files:");
+        if outline {
+            assert!(
+                !r.raw.contains(".env\\n") && !r.raw.contains("id_rsa"),
+                "secrets listed in the outline"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_text_answer_and_the_http_transport_work_from_the_command_line() {
+    let p = Provider::start(Script::new().turns([
+        Turn::text("Nothing to change."),
+        Turn::apply_patch(PATCH_ONE),
+    ]));
+    let repo = repo();
+    let ctl = spark_tests::Ctl::new();
+    let run = |args: &[&str]| {
+        ctl.command("sparkctl")
+            .current_dir(repo.path())
+            .env("SPARK_PROVIDER_URL", p.fake.http_url())
+            .env("SPARK_API_KEY", "sk-test")
+            .args(args)
+            .output()
+            .expect("run sparkctl")
+    };
+    let out = run(&["ask", "is", "anything", "wrong?"]);
+    assert_eq!(out.status.code(), Some(0), "{}", spark_tests::stderr(&out));
+    assert_eq!(spark_tests::stdout(&out), "Nothing to change.\n");
+    let out = run(&["--json", "ask", "-f", "src/lib.rs:1-3", "make one bigger"]);
+    assert_eq!(out.status.code(), Some(0), "{}", spark_tests::stderr(&out));
+    let lines: Vec<Value> = spark_tests::stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let last = lines.last().expect("result line");
+    assert!(last["edit"].is_string(), "{last}");
+    assert_eq!(last["files"][0]["path"], "src/lib.rs");
+    assert!(last["timings"]["total_ms"].as_f64().is_some(), "{last}");
+    assert!(
+        lines[..lines.len() - 1]
+            .iter()
+            .all(|l| l["type"].is_string()),
+        "progress lines first"
+    );
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    1\n", "    100\n").as_bytes()
+    );
+    assert!(ctl.run(["stop"]).status.success());
+}
