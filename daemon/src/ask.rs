@@ -206,6 +206,8 @@ impl Asks {
             .map_err(session_error)?;
 
         let mut parser = StreamingParser::new();
+        // The whole tool input streamed (some providers send it only in the final item).
+        let mut streamed = String::new();
         let mut deltas = 0u64;
         let mut first_delta: Option<Instant> = None;
         let done = loop {
@@ -237,6 +239,7 @@ impl Asks {
                             .await;
                         }
                     }
+                    streamed.push_str(&delta);
                     emit(AskEvent::Patch { delta }).await;
                 }
                 Some(TurnEvent::FunctionArgumentsDelta { .. }) => {
@@ -314,6 +317,21 @@ impl Asks {
                 timings,
             });
         };
+        // The streamed patch was parsed as it arrived: a malformed one is refused right away.
+        if matches!(call, Call::Custom(_))
+            && streamed == patch_text
+            && let Err(e) = parser.finish()
+        {
+            let e = edit::EditError::from(e);
+            answer_tool(
+                &conv.session,
+                &mut state.history,
+                &call,
+                &format!("Patch rejected: {e}"),
+            )
+            .await;
+            return Err(e.to_rpc());
+        }
         if cancel.is_cancelled() {
             answer_tool(
                 &conv.session,

@@ -526,3 +526,37 @@ fn a_text_answer_and_the_http_transport_work_from_the_command_line() {
     );
     assert!(ctl.run(["stop"]).status.success());
 }
+
+#[test]
+fn a_malformed_patch_is_refused_and_the_model_is_told_why_on_the_next_turn() {
+    let bad = "*** Begin Patch\n*** Frobnicate File: src/lib.rs\n*** End Patch\n";
+    let p = Provider::start(Script::new().turns([Turn::apply_patch(bad), Turn::text("sorry")]));
+    let d = p.daemon(true);
+    let repo = repo();
+    let before = snapshot(repo.path());
+    let mut c = d.client();
+    let (r, _) = ask(&mut c, &params(&repo, "one", &["src/lib.rs"]));
+    let ClientError::Rpc(e) = r.expect_err("malformed") else {
+        panic!("rpc error")
+    };
+    assert_eq!(
+        (e.error_code(), e.kind()),
+        (Some(ErrorCode::EditRejected), Some("patch_syntax")),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("patch line 2"), "{}", e.message);
+    assert_eq!(snapshot(repo.path()), before);
+    ask(&mut c, &params(&repo, "try again", &[]))
+        .0
+        .expect("next ask");
+    let reqs = p.fake.requests();
+    let first = &reqs.last().expect("turn").input()[0];
+    assert_eq!(first["type"], "custom_tool_call_output");
+    assert!(
+        first["output"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("Patch rejected: patch line 2")),
+        "{first}"
+    );
+}
