@@ -277,7 +277,7 @@ impl Asks {
             .extend(done.output.iter().filter_map(OutputItem::to_input));
         let patch = find_patch(&done.output);
         let mut timings = AskTimings {
-            request_ms: ms(done.timings.send_overhead()),
+            request_ms: ms(done.timings.sent_at.saturating_duration_since(started)),
             ttft_ms: done.timings.first_delta.map(ms),
             apply_ms: None,
             total_ms: 0.0,

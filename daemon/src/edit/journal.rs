@@ -3,9 +3,11 @@
 //! Before the first file changes, a journal naming every file's before and after state (as blob
 //! ids already stored in the repository's object database) is written and synced. Files are then
 //! written atomically (temp file in the same directory, fsync, rename) after re-checking that
-//! each still holds its expected bytes. The journal moves to `written` once every file landed and
-//! is deleted when the edit is recorded. At daemon start, [`recover`] rolls a `prepared` journal
-//! back (all-before) and a `written` one forward (all-after, then recorded).
+//! each still holds its expected bytes. The journal is deleted once the edit is recorded. At
+//! daemon start, recovery reads the files themselves: if every one holds its after state, the
+//! operation rolls forward (recorded now); otherwise each file still in its after state is put
+//! back (all-before). Deciding from content, not from a phase marker, saves a second synced
+//! journal write on every edit.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -20,16 +22,6 @@ use super::record::FileState;
 
 /// Bumped on any incompatible change of the journal format.
 const JOURNAL_VERSION: u32 = 1;
-
-/// Where an operation stands; decides which way recovery goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum Phase {
-    /// Nothing or part of the files written: recovery restores every before state.
-    Prepared,
-    /// Every file written: recovery finishes the bookkeeping.
-    Written,
-}
 
 /// What the journalled operation was, so recovery can finish its bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +75,6 @@ pub(crate) struct Journal {
     pub(crate) version: u32,
     pub(crate) id: String,
     pub(crate) workdir: PathBuf,
-    pub(crate) phase: Phase,
     pub(crate) operation: Operation,
     pub(crate) files: Vec<JournalFile>,
     /// Directories created for new files, outermost first; removed again on rollback if empty.
@@ -118,8 +109,7 @@ pub(crate) struct Durability {
 }
 
 /// Write `writes` to the worktree of `repo` all together, journalled in `journal_dir`.
-/// Returns the journal's path (phase `written`); the caller records the operation, then calls
-/// [`finish`]. Nothing is left changed on error.
+/// Returns the journal's path; the caller records the operation, then calls [`finish`]. Nothing is left changed on error.
 pub(crate) fn commit(
     repo: &Repository,
     workdir: &Path,
@@ -154,11 +144,10 @@ pub(crate) fn commit(
         }
     }
     let id = format!("{:020}-{}", unique(), std::process::id());
-    let mut journal = Journal {
+    let journal = Journal {
         version: JOURNAL_VERSION,
         id: id.clone(),
         workdir: workdir.to_owned(),
-        phase: Phase::Prepared,
         operation,
         files,
         created_dirs,
@@ -181,8 +170,6 @@ pub(crate) fn commit(
             return Err(e);
         }
     }
-    journal.phase = Phase::Written;
-    save(&path, &journal, durability)?;
     failpoint.hit("after_written");
     Ok(path)
 }
@@ -292,6 +279,19 @@ pub(crate) fn rollback(repo: &Repository, journal: &Journal) -> Result<(), EditE
         let _ = std::fs::remove_dir(workdir.join(dir));
     }
     Ok(())
+}
+
+/// Whether every file of `journal` holds its after state: the writes all landed.
+pub(crate) fn landed(repo: &Repository, journal: &Journal) -> Result<bool, EditError> {
+    for f in &journal.files {
+        let abs = journal.workdir.join(&f.path);
+        let current = read_state(&abs).map_err(|e| EditError::io("read", &abs, e))?;
+        let after = load(repo, f.after)?;
+        if current.map(|s| s.bytes) != after.map(|s| s.bytes) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Read the before/after states of a journal back from the object database.

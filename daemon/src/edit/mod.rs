@@ -594,19 +594,16 @@ pub(crate) fn recover(
     ctx: &RepoCtx<'_>,
     journal: &journal::Journal,
 ) -> Result<&'static str, EditError> {
-    match (&journal.phase, &journal.operation) {
-        (journal::Phase::Prepared, _) => {
-            journal::rollback(ctx.repo, journal)?;
-            Ok("rolled back")
-        }
-        (
-            journal::Phase::Written,
-            Operation::Apply {
-                source,
-                message,
-                time_ms,
-            },
-        ) => {
+    if !journal::landed(ctx.repo, journal)? {
+        journal::rollback(ctx.repo, journal)?;
+        return Ok("rolled back");
+    }
+    match &journal.operation {
+        Operation::Apply {
+            source,
+            message,
+            time_ms,
+        } => {
             let mut changes = Vec::new();
             for f in &journal.files {
                 changes.push(FileChange {
@@ -618,7 +615,7 @@ pub(crate) fn recover(
             finish_apply(ctx, true, &changes, source, message, *time_ms)?;
             Ok("completed")
         }
-        (journal::Phase::Written, Operation::Revert { edit, stash }) => {
+        Operation::Revert { edit, stash } => {
             let oid = Oid::from_str(edit).map_err(|e| EditError::git("read journal id", e))?;
             finish_revert(ctx, oid, *stash, "")?;
             Ok("completed")
