@@ -33,6 +33,10 @@ Make the smallest correct edit that does what the user asks, with the apply_patc
 Only edit files whose content you were shown, or create new ones. \
 If the request needs no change to files, answer briefly in text. Keep any text short.";
 
+/// History kept for unchained resends (and every HTTP + SSE turn, which cannot chain with
+/// `store:false`); older turns are dropped whole beyond this.
+const MAX_HISTORY_BYTES: usize = 64 * 1024;
+
 /// Output tokens between two progress notifications.
 const TOKENS_PER_PROGRESS: u64 = 32;
 
@@ -275,6 +279,9 @@ impl Asks {
         state
             .history
             .extend(done.output.iter().filter_map(OutputItem::to_input));
+        // What the model saw is this patch's compare-and-swap base, whatever trimming forgets.
+        let bases = state.seen.clone();
+        trim_history(&mut state);
         let patch = find_patch(&done.output);
         let mut timings = AskTimings {
             request_ms: ms(done.timings.sent_at.saturating_duration_since(started)),
@@ -350,7 +357,7 @@ impl Asks {
             dry_run: params.dry_run,
             source: "ask".into(),
             message: params.prompt.clone(),
-            bases: state.seen.clone(),
+            bases,
         };
         let applied = repo.run(move |ctx| edit::apply(ctx, &req)).await?;
         timings.apply_ms = Some(ms(apply_started.elapsed()));
@@ -401,6 +408,43 @@ impl Asks {
             }
         }
     }
+}
+
+/// Drop the oldest turns (each from a user message to the next) until the history fits. The
+/// model then no longer holds those files when resent unchained, so what it "saw" is forgotten
+/// too and the next ask shows focus files whole again.
+fn trim_history(state: &mut ConvState) {
+    let size = |h: &[InputItem]| {
+        h.iter()
+            .map(|i| serde_json::to_string(i).map(|s| s.len()).unwrap_or(0))
+            .sum::<usize>()
+    };
+    if size(&state.history) <= MAX_HISTORY_BYTES {
+        return;
+    }
+    let is_user = |i: &InputItem| {
+        matches!(
+            i,
+            InputItem::Message {
+                role: crate::provider::wire::Role::User,
+                ..
+            }
+        )
+    };
+    // history[0] is the repository context; turns start at user messages after it.
+    while size(&state.history) > MAX_HISTORY_BYTES {
+        let Some(next) = state
+            .history
+            .iter()
+            .skip(2)
+            .position(is_user)
+            .map(|p| p + 2)
+        else {
+            break;
+        };
+        state.history.drain(1..next);
+    }
+    state.seen.clear();
 }
 
 /// The tool call a patch came in, to be answered on the next turn.
@@ -522,5 +566,66 @@ fn session_error(e: crate::provider::SessionError) -> RpcError {
     match e {
         crate::provider::SessionError::Failed(f) => turn_failure(f),
         other => RpcError::new(ErrorCode::Provider, other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(i: &InputItem) -> String {
+        serde_json::to_string(i).expect("json")
+    }
+
+    #[test]
+    fn trimming_drops_whole_old_turns_and_keeps_the_context_and_the_last_turn() {
+        let mut state = ConvState::default();
+        state.history.push(InputItem::developer_text("context"));
+        for n in 0..6 {
+            state.history.push(InputItem::user_text(format!(
+                "turn {n} {}",
+                "x".repeat(20_000)
+            )));
+            state.history.push(InputItem::CustomToolCall {
+                call_id: format!("c{n}"),
+                name: "apply_patch".into(),
+                input: "p".into(),
+            });
+            state.history.push(InputItem::CustomToolCallOutput {
+                call_id: format!("c{n}"),
+                output: "ok".into(),
+            });
+        }
+        state.seen.insert("a.rs".into(), b"x".to_vec());
+        trim_history(&mut state);
+        let all: Vec<String> = state.history.iter().map(text).collect();
+        assert!(all[0].contains("context"));
+        assert!(all.iter().map(String::len).sum::<usize>() <= MAX_HISTORY_BYTES);
+        assert!(
+            all.last().is_some_and(|l| l.contains("c5")),
+            "the last turn stays"
+        );
+        assert!(
+            !all.iter().any(|l| l.contains("turn 0 ")),
+            "the oldest turn went"
+        );
+        // Calls and their outputs stay paired.
+        for n in 0..6 {
+            let call = all.iter().any(|l| {
+                l.contains(&format!("\"call_id\":\"c{n}\"")) && l.contains("custom_tool_call\"")
+            });
+            let out = all.iter().any(|l| {
+                l.contains(&format!("\"call_id\":\"c{n}\""))
+                    && l.contains("custom_tool_call_output")
+            });
+            assert_eq!(
+                call, out,
+                "call {n} and its output are kept or dropped together"
+            );
+        }
+        assert!(
+            state.seen.is_empty(),
+            "forgotten files are shown whole next time"
+        );
     }
 }
