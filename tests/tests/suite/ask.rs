@@ -560,3 +560,63 @@ fn a_malformed_patch_is_refused_and_the_model_is_told_why_on_the_next_turn() {
         "{first}"
     );
 }
+
+#[test]
+fn ctrl_c_on_sparkctl_ask_cancels_in_the_daemon_and_applies_nothing() {
+    use std::os::unix::process::ExitStatusExt;
+    let gate = Gate::new();
+    let p = Provider::start(Script::new().turns([
+        Turn::apply_patch(PATCH_ONE).with_gate(gate.clone()),
+        Turn::apply_patch(PATCH_TWO),
+    ]));
+    let repo = repo();
+    let ctl = spark_tests::Ctl::new();
+    let command = |args: &[&str]| {
+        let mut cmd = ctl.command("sparkctl");
+        cmd.current_dir(repo.path())
+            .env("SPARK_PROVIDER_URL", p.fake.ws_url())
+            .env("SPARK_API_KEY", "sk-test")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd
+    };
+    let before = snapshot(repo.path());
+    let mut child = command(&["ask", "-f", "src/lib.rs", "one"])
+        .spawn()
+        .expect("spawn");
+    p.wait_for_requests(2); // prewarm + the turn: the model is "generating"
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    assert!(
+        status.signal() == Some(2) || status.code() == Some(130),
+        "interrupted: {status}"
+    );
+    gate.open();
+    // The daemon dropped the cancelled response: the next ask gets a fresh turn and applies only it.
+    let out = command(&["ask", "-f", "src/lib.rs", "two"])
+        .output()
+        .expect("next ask");
+    assert!(out.status.success());
+    let mut expected = before;
+    expected.insert(
+        "src/lib.rs".into(),
+        (
+            expected["src/lib.rs"].0,
+            LIB.replace("    2\n", "    200\n").into_bytes(),
+        ),
+    );
+    let now: Vec<_> = snapshot(repo.path())
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(".git"))
+        .collect();
+    let want: Vec<_> = expected
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(".git"))
+        .collect();
+    assert_eq!(now, want, "nothing of the interrupted ask landed");
+    assert!(ctl.run(["stop"]).status.success());
+}
