@@ -60,6 +60,9 @@ pub struct Config {
     pub fsync: bool,
     /// Test hook: abort at this named point of an edit (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
+    /// The version this daemon reports to clients: its own, except that debug builds honour
+    /// `SPARK_TEST_DAEMON_VERSION` so tests can exercise the client's version restart.
+    pub reported_version: String,
 }
 
 impl fmt::Debug for Config {
@@ -76,6 +79,7 @@ impl fmt::Debug for Config {
             .field("log", &self.log)
             .field("fsync", &self.fsync)
             .field("failpoint", &self.failpoint)
+            .field("reported_version", &self.reported_version)
             .finish()
     }
 }
@@ -169,6 +173,9 @@ impl Config {
             } else {
                 None
             },
+            reported_version: env("SPARK_TEST_DAEMON_VERSION")
+                .filter(|_| cfg!(debug_assertions))
+                .unwrap_or_else(|| crate::VERSION.to_owned()),
         })
     }
 

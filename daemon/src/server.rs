@@ -297,7 +297,7 @@ impl Connection {
             self.initialized = true;
             return to_value(InitializeResult {
                 protocol_version: PROTOCOL_VERSION,
-                daemon_version: crate::VERSION.to_owned(),
+                daemon_version: self.shared.config.reported_version.clone(),
                 pid: std::process::id(),
             });
         }
@@ -487,7 +487,7 @@ impl Connection {
         let connections = *self.shared.connections.borrow() as u64;
         StatusResult {
             pid: std::process::id(),
-            version: crate::VERSION.to_owned(),
+            version: self.shared.config.reported_version.clone(),
             protocol_version: PROTOCOL_VERSION,
             started_at: self.shared.started_at_ms,
             uptime_ms: u64::try_from(self.shared.started.elapsed().as_millis()).unwrap_or(u64::MAX),

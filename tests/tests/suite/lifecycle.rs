@@ -192,3 +192,33 @@ fn usage_errors_exit_1_and_help_and_completions_exit_0() {
         "completions never start the daemon"
     );
 }
+
+#[test]
+fn a_daemon_of_another_version_is_replaced_and_the_user_is_told() {
+    let ctl = Ctl::new();
+    // An "old" daemon: started with a different reported version.
+    let out = ctl
+        .command("sparkctl")
+        .env("SPARK_TEST_DAEMON_VERSION", "0.0.1-old")
+        .args(["status", "--json"])
+        .output()
+        .expect("start old daemon");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let old: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(old["version"], "0.0.1-old");
+    let old_pid = old["pid"].as_i64().expect("pid") as i32;
+
+    let out = ctl.run(["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("restarted sparkd: it was version 0.0.1-old")
+            && err.contains(env!("CARGO_PKG_VERSION")),
+        "{err}"
+    );
+    assert!(!pid_alive(old_pid), "the old daemon is gone");
+    let new = status_json(&ctl);
+    assert_eq!(new["version"], env!("CARGO_PKG_VERSION"));
+    assert_ne!(new["pid"].as_i64(), Some(i64::from(old_pid)));
+    assert!(ctl.run(["stop"]).status.success());
+}
