@@ -12,11 +12,6 @@
 
 // The API is wider than today's callers (status fields, per-item events, the timing
 // breakdown); narrow this once `sparkctl status` and the benchmarks read them.
-#![allow(
-    dead_code,
-    unused_imports,
-    reason = "provider API fields and re-exports not yet read by every caller"
-)]
 
 pub(crate) mod session;
 pub(crate) mod transport;
@@ -29,8 +24,6 @@ mod sse;
 mod tests;
 
 pub(crate) use session::{
-    CancelOutcome, PrewarmDone, SessionConfig, SessionError, SessionHandle, SessionStatus,
-    TurnDone, TurnEvent, TurnEvents, TurnFailure, TurnRequest, TurnTimings, spawn,
+    SessionConfig, SessionError, SessionHandle, TurnEvent, TurnFailure, TurnRequest, spawn,
 };
-pub(crate) use transport::{TransportError, TransportKind, ensure_crypto_provider};
-pub(crate) use wire::{InputItem, OutputItem, Tool, ToolChoice, Usage};
+pub(crate) use wire::{InputItem, OutputItem, Tool};

@@ -145,6 +145,8 @@ pub(crate) struct TurnRequest {
 /// the model's output limit.
 pub(crate) type TurnEvents = mpsc::UnboundedReceiver<TurnEvent>;
 
+// Diagnostic payload: kept for logs and callers that want it, not read by every path.
+#[allow(dead_code)]
 /// What a turn streams to its caller.
 #[derive(Debug)]
 pub(crate) enum TurnEvent {
@@ -175,6 +177,8 @@ pub(crate) enum TurnEvent {
     Failed(TurnFailure),
 }
 
+// Diagnostic payload: kept for logs and callers that want it, not read by every path.
+#[allow(dead_code)]
 /// A finished turn.
 #[derive(Debug)]
 pub(crate) struct TurnDone {
@@ -197,6 +201,7 @@ impl TurnDone {
 
     /// Tool calls the response ended with; each must be answered with
     /// [`SessionHandle::set_pending_tool_output`] before (or it is answered "not executed").
+    #[cfg(test)]
     pub(crate) fn tool_calls(&self) -> impl Iterator<Item = &OutputItem> {
         self.output.iter().filter(|i| {
             matches!(
@@ -207,6 +212,8 @@ impl TurnDone {
     }
 }
 
+// Diagnostic payload: kept for logs and callers that want it, not read by every path.
+#[allow(dead_code)]
 /// Where a turn's time went. Durations after `sent_at` are of the last attempt.
 #[derive(Clone, Debug)]
 pub(crate) struct TurnTimings {
@@ -221,13 +228,6 @@ pub(crate) struct TurnTimings {
     /// Request payload bytes over all attempts.
     pub(crate) bytes_sent: usize,
     pub(crate) attempts: u8,
-}
-
-impl TurnTimings {
-    /// Daemon-side time from the call to the request on the wire (includes any reconnect).
-    pub(crate) fn send_overhead(&self) -> Duration {
-        self.sent_at.saturating_duration_since(self.requested_at)
-    }
 }
 
 /// Why a turn (or prewarm) produced no response.
@@ -257,6 +257,8 @@ pub(crate) enum SessionError {
     Failed(#[from] TurnFailure),
 }
 
+// Diagnostic payload: kept for logs and callers that want it, not read by every path.
+#[allow(dead_code)]
 /// A finished prewarm.
 #[derive(Clone, Debug)]
 pub(crate) struct PrewarmDone {
@@ -273,6 +275,8 @@ pub(crate) struct CancelOutcome {
     pub(crate) queued: usize,
 }
 
+// Diagnostic payload: kept for logs and callers that want it, not read by every path.
+#[allow(dead_code)]
 /// A snapshot for `sparkctl status`.
 #[derive(Clone, Debug)]
 pub(crate) struct SessionStatus {
