@@ -321,8 +321,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         }
     }
     writes.retain(|w| w.before != w.after);
-    let files = summarize(&writes);
-    let diff = diff_of(&writes)?;
+    let (files, diff) = summarize(&writes)?;
     if req.dry_run || writes.is_empty() {
         return Ok(Outcome {
             edit: None,
@@ -479,8 +478,7 @@ pub(crate) fn revert(
         });
     }
     writes.retain(|w| w.before != w.after);
-    let files = summarize(&writes);
-    let diff = diff_of(&writes)?;
+    let (files, diff) = summarize(&writes)?;
     let operation = Operation::Revert {
         edit: hex.clone(),
         stash,
@@ -681,51 +679,36 @@ fn merge3(base: &[u8], ours: &[u8], theirs: &[u8], path: &str) -> Result<Vec<u8>
     Ok(result.content().to_vec())
 }
 
-fn summarize(writes: &[Write1]) -> Vec<FileSummary> {
-    writes
-        .iter()
-        .map(|w| {
-            let (added, removed) = line_delta(content(&w.before), content(&w.after));
-            let change = match (&w.before, &w.after) {
-                (None, _) => "added",
-                (_, None) => "deleted",
-                _ => "modified",
-            };
-            FileSummary {
-                path: w.path.clone(),
-                change,
-                added,
-                removed,
-            }
-        })
-        .collect()
+/// Per-file summaries and the unified diff of the writes (as `git diff` shows them), from one
+/// diff per file.
+fn summarize(writes: &[Write1]) -> Result<(Vec<FileSummary>, String), EditError> {
+    let mut files = Vec::with_capacity(writes.len());
+    let mut diff = Vec::new();
+    for w in writes {
+        let old = w.before.as_ref().map(|_| Path::new(&w.path));
+        let new = w.after.as_ref().map(|_| Path::new(&w.path));
+        let mut p =
+            git2::Patch::from_buffers(content(&w.before), old, content(&w.after), new, None)
+                .map_err(|e| EditError::git("diff", e))?;
+        let (_, added, removed) = p.line_stats().map_err(|e| EditError::git("diff", e))?;
+        diff.extend_from_slice(&p.to_buf().map_err(|e| EditError::git("diff", e))?);
+        let change = match (&w.before, &w.after) {
+            (None, _) => "added",
+            (_, None) => "deleted",
+            _ => "modified",
+        };
+        files.push(FileSummary {
+            path: w.path.clone(),
+            change,
+            added: added as u32,
+            removed: removed as u32,
+        });
+    }
+    Ok((files, String::from_utf8_lossy(&diff).into_owned()))
 }
 
 fn content(s: &Option<FileState>) -> &[u8] {
     s.as_ref().map(|s| s.bytes.as_slice()).unwrap_or(b"")
-}
-
-/// Lines added and removed between two contents, from git's own diff.
-fn line_delta(old: &[u8], new: &[u8]) -> (u32, u32) {
-    match git2::Patch::from_buffers(old, None, new, None, None).and_then(|p| p.line_stats()) {
-        Ok((_, add, del)) => (add as u32, del as u32),
-        Err(_) => (0, 0),
-    }
-}
-
-/// A unified diff of the writes, as `git diff` would show them.
-fn diff_of(writes: &[Write1]) -> Result<String, EditError> {
-    let mut out = Vec::new();
-    for w in writes {
-        let (a, b) = (content(&w.before), content(&w.after));
-        let old = w.before.as_ref().map(|_| Path::new(&w.path));
-        let new = w.after.as_ref().map(|_| Path::new(&w.path));
-        let mut p = git2::Patch::from_buffers(a, old, b, new, None)
-            .map_err(|e| EditError::git("diff", e))?;
-        let buf = p.to_buf().map_err(|e| EditError::git("diff", e))?;
-        out.extend_from_slice(&buf);
-    }
-    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 fn now_ms() -> u64 {
