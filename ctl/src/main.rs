@@ -426,7 +426,7 @@ impl AskView {
                 eprint!("\r{} tokens · {tokens_per_s:.0} tok/s ", output_tokens);
                 self.progress_shown = true;
             }
-            AskEvent::Tokens { .. } | AskEvent::Sent { .. } | AskEvent::PatchFile { .. } => {}
+            AskEvent::Tokens { .. } | AskEvent::PatchFile { .. } => {}
         }
     }
 

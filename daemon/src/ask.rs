@@ -116,6 +116,19 @@ impl Asks {
         Ok(conv)
     }
 
+    /// Files changed outside the conversation (undo, stash, `edit/apply`): the model's view of
+    /// them is stale, so the next ask shows them whole instead of as a diff against it, and the
+    /// compare-and-swap base becomes their content at apply time.
+    pub(crate) async fn forget(&self, workdir: &Path, paths: &[String]) {
+        let conv = self.convs.lock().ok().and_then(|m| m.get(workdir).cloned());
+        if let Some(conv) = conv {
+            let mut state = conv.state.lock().await;
+            for p in paths {
+                state.seen.remove(p);
+            }
+        }
+    }
+
     pub(crate) async fn status(&self) -> Vec<ConvStatus> {
         let convs: Vec<(PathBuf, Arc<Conversation>)> = self
             .convs

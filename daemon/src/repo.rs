@@ -72,6 +72,10 @@ impl RepoHandle {
 pub(crate) struct Repos {
     env: EditEnv,
     map: Mutex<HashMap<PathBuf, RepoHandle>>,
+    /// Client directory → (worktree, prefix): discovery walks the filesystem, and the same few
+    /// directories ask again and again. A nested repository created later under a cached
+    /// directory is still safe: the edit engine refuses paths inside nested repositories.
+    discovered: Mutex<HashMap<PathBuf, (PathBuf, String)>>,
 }
 
 impl Repos {
@@ -79,6 +83,7 @@ impl Repos {
         Repos {
             env,
             map: Mutex::new(HashMap::new()),
+            discovered: Mutex::new(HashMap::new()),
         }
     }
 
@@ -91,14 +96,15 @@ impl Repos {
                 format!("cwd {} is not an absolute path", cwd.display()),
             ));
         }
-        let found = tokio::task::spawn_blocking(move || discover(&cwd))
-            .await
-            .map_err(|e| {
-                RpcError::new(
-                    ErrorCode::Internal,
-                    format!("repository discovery failed: {e}"),
-                )
-            })??;
+        let cached = self
+            .discovered
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&cwd).cloned());
+        let found = match cached {
+            Some(found) => Ok(found),
+            None => self.discover_and_remember(cwd).await,
+        }?;
         let (workdir, prefix) = found;
         if let Some(h) = self.lock()?.get(&workdir) {
             return Ok((h.clone(), prefix));
@@ -119,6 +125,22 @@ impl Repos {
         // Two first requests may race to open it: the first handle in wins, the other's actor exits.
         let handle = self.lock()?.entry(workdir).or_insert(handle).clone();
         Ok((handle, prefix))
+    }
+
+    async fn discover_and_remember(&self, cwd: PathBuf) -> Result<(PathBuf, String), RpcError> {
+        let key = cwd.clone();
+        let found = tokio::task::spawn_blocking(move || discover(&cwd))
+            .await
+            .map_err(|e| {
+                RpcError::new(
+                    ErrorCode::Internal,
+                    format!("repository discovery failed: {e}"),
+                )
+            })??;
+        if let Ok(mut m) = self.discovered.lock() {
+            m.insert(key, found.clone());
+        }
+        Ok(found)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<PathBuf, RepoHandle>>, RpcError> {

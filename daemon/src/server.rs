@@ -378,6 +378,8 @@ impl Connection {
             .map_err(|e| e.to_rpc())?;
         if let Some(id) = &outcome.edit {
             repo.count_edit();
+            let paths: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
+            self.shared.asks.forget(repo.workdir(), &paths).await;
             let _ = self.shared.events.send(Event::EditApplied {
                 repo: repo.workdir().display().to_string(),
                 edit: id.clone(),
@@ -398,6 +400,8 @@ impl Connection {
             .run(move |ctx| edit::revert(ctx, p.id.as_deref(), stash))
             .await?
             .map_err(|e| e.to_rpc())?;
+        let paths: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
+        self.shared.asks.forget(repo.workdir(), &paths).await;
         let _ = self.shared.events.send(Event::EditReverted {
             repo: repo.workdir().display().to_string(),
             edit: outcome.edit.clone().unwrap_or_default(),

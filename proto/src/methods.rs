@@ -281,8 +281,6 @@ pub struct AskProgress {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AskEvent {
-    /// The request went out to the provider.
-    Sent { bytes: u64 },
     /// Model text as it streams.
     Text { delta: String },
     /// Patch text as it streams (the apply_patch tool's input).

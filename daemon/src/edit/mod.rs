@@ -102,7 +102,12 @@ impl EditError {
                 Some("the patch must follow the apply_patch grammar (docs/protocol.md)"),
             ),
             EditError::Path(e) => (
-                ErrorCode::EditRejected,
+                // The filesystem or git failing to answer is not the request's fault.
+                if matches!(e.code(), "io" | "git") {
+                    ErrorCode::Internal
+                } else {
+                    ErrorCode::EditRejected
+                },
                 format!("path_{}", e.code()),
                 Some(e.path().to_owned()),
                 None,
@@ -111,9 +116,11 @@ impl EditError {
                 ErrorCode::PatchMismatch,
                 source.code().to_owned(),
                 Some(path.clone()),
-                Some(
-                    "the file does not contain the patch's context lines; regenerate the patch against the current file",
-                ),
+                Some(if source.code() == "ambiguous_match" {
+                    "the lines match loosely in more than one place; add context lines so they match one place"
+                } else {
+                    "the file does not contain the patch's context lines; regenerate the patch against the current file"
+                }),
             ),
             EditError::Conflict { path } => (
                 ErrorCode::Conflict,
@@ -431,23 +438,21 @@ pub(crate) fn revert(
     let short = record::edit_short_id(ctx.repo, oid)?;
     let hex = oid.to_string();
     let summary = summaries.iter().find(|s| s.applied.edit == hex);
-    match summary.map(|s| s.state) {
-        Some(EventKind::Undone) => {
-            return Err(EditError::NotApplied {
-                id: short,
-                state: "undone",
-            });
-        }
-        Some(EventKind::Stashed) => {
-            return Err(EditError::NotApplied {
-                id: short,
-                state: "stashed",
-            });
-        }
-        Some(EventKind::Applied) | None => {}
+    let changes = record::edit_changes(ctx.repo, oid)?;
+    // An undone or stashed edit may have been brought back with `git stash apply`/`pop`: then
+    // the worktree, not the ledger, says it is applied.
+    let state = match summary.map(|s| s.state) {
+        Some(EventKind::Undone) => Some("undone"),
+        Some(EventKind::Stashed) => Some("stashed"),
+        Some(EventKind::Applied) | None => None,
+    };
+    if let Some(state) = state
+        && !holds_after_state(ctx, &changes)?
+    {
+        return Err(EditError::NotApplied { id: short, state });
     }
     let mut writes = Vec::new();
-    for change in record::edit_changes(ctx.repo, oid)? {
+    for change in changes {
         let rel = paths::validate_rel_path(&change.path)?;
         let abs = ctx.workdir.join(rel.to_path());
         let current = journal::read_state(&abs).map_err(|e| EditError::io("read", &abs, e))?;
@@ -499,7 +504,13 @@ pub(crate) fn revert(
             &s.applied.message
         }
     });
-    finish_revert(ctx, oid, stash, message.map(String::as_str).unwrap_or(""))?;
+    finish_revert(
+        ctx,
+        oid,
+        stash,
+        message.map(String::as_str).unwrap_or(""),
+        false,
+    )?;
     journal::finish(&jpath, &ctx.env.failpoint);
     Ok(Outcome {
         edit: Some(short),
@@ -512,7 +523,27 @@ pub(crate) fn revert(
     })
 }
 
-fn finish_revert(ctx: &RepoCtx<'_>, oid: Oid, stash: bool, message: &str) -> Result<(), EditError> {
+/// Whether every file of an edit holds its after state in the worktree.
+fn holds_after_state(ctx: &RepoCtx<'_>, changes: &[FileChange]) -> Result<bool, EditError> {
+    for c in changes {
+        let abs = ctx
+            .workdir
+            .join(paths::validate_rel_path(&c.path)?.to_path());
+        let current = journal::read_state(&abs).map_err(|e| EditError::io("read", &abs, e))?;
+        if current.map(|s| s.bytes) != c.after.as_ref().map(|a| a.bytes.clone()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn finish_revert(
+    ctx: &RepoCtx<'_>,
+    oid: Oid,
+    stash: bool,
+    message: &str,
+    recovering: bool,
+) -> Result<(), EditError> {
     let hex = oid.to_string();
     if stash {
         let on_stash = ctx.repo.refname_to_id("refs/stash").ok() == Some(oid);
@@ -524,7 +555,8 @@ fn finish_revert(ctx: &RepoCtx<'_>, oid: Oid, stash: bool, message: &str) -> Res
         .into_iter()
         .find(|s| s.applied.edit == hex)
         .map(|s| s.state);
-    if state == Some(EventKind::Applied) {
+    // Recovery may run after the event was written; a live revert always records itself.
+    if !recovering || state == Some(EventKind::Applied) {
         ledger::append(
             ctx.repo.path(),
             &ledger::Entry {
@@ -615,7 +647,7 @@ pub(crate) fn recover(
         }
         Operation::Revert { edit, stash } => {
             let oid = Oid::from_str(edit).map_err(|e| EditError::git("read journal id", e))?;
-            finish_revert(ctx, oid, *stash, "")?;
+            finish_revert(ctx, oid, *stash, "", true)?;
             Ok("completed")
         }
     }

@@ -620,3 +620,34 @@ fn ctrl_c_on_sparkctl_ask_cancels_in_the_daemon_and_applies_nothing() {
     assert_eq!(now, want, "nothing of the interrupted ask landed");
     assert!(ctl.run(["stop"]).status.success());
 }
+
+#[test]
+fn after_an_undo_the_next_ask_shows_the_file_whole_again() {
+    let p = Provider::start(
+        Script::new().turns([Turn::apply_patch(PATCH_ONE), Turn::apply_patch(PATCH_TWO)]),
+    );
+    let d = p.daemon(true);
+    let repo = repo();
+    let mut c = d.client();
+    ask(&mut c, &params(&repo, "one", &["src/lib.rs"]))
+        .0
+        .expect("ask");
+    c.call::<spark_proto::methods::EditUndo>(&spark_proto::methods::EditParams {
+        cwd: repo.cwd(),
+        id: None,
+    })
+    .expect("undo");
+    ask(&mut c, &params(&repo, "two", &["src/lib.rs"]))
+        .0
+        .expect("ask after undo");
+    let reqs = p.fake.requests();
+    let last = reqs.last().expect("turn");
+    assert!(
+        last.raw.contains("fn three()"),
+        "the reverted file was shown whole, not as 'unchanged'"
+    );
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    2\n", "    200\n").as_bytes()
+    );
+}

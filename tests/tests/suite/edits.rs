@@ -503,3 +503,29 @@ fn sparkctl_apply_log_show_undo_from_the_command_line() {
     );
     assert!(ctl.run(["stop"]).status.success());
 }
+
+#[test]
+fn an_edit_brought_back_with_git_stash_apply_can_be_undone_again() {
+    let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes()), ("old.txt", b"bye\n")]);
+    let d = InProcess::start();
+    let mut c = d.client();
+    let id = apply(&mut c, &repo.cwd(), THREE_FILE_PATCH, "m")
+        .expect("apply")
+        .edit
+        .expect("id");
+    c.call::<EditUndo>(&EditParams {
+        cwd: repo.cwd(),
+        id: Some(id.clone()),
+    })
+    .expect("undo");
+    repo.git(&["stash", "apply", &id]);
+    // The ledger says "undone", but the worktree holds the edit again: undo follows the worktree.
+    c.call::<EditUndo>(&EditParams {
+        cwd: repo.cwd(),
+        id: Some(id.clone()),
+    })
+    .expect("undo again");
+    assert_eq!(repo.read("src/lib.rs"), LIB.as_bytes());
+    assert!(!repo.exists("src/new.rs"));
+    assert_eq!(repo.read("old.txt"), b"bye\n");
+}
