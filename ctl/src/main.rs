@@ -11,7 +11,7 @@ use spark_proto::layout::Layout;
 use spark_proto::methods::{
     ASK_PROGRESS, ApplyParams, Ask, AskEvent, AskParams, AskProgress, AskResult, EditApply,
     EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty, Focus, LogParams,
-    Status, StatusResult,
+    Refresh, Status, StatusResult, Unwatch, Watch, WatchParams,
 };
 use sparkctl::autostart::{self, Started};
 use sparkctl::{Client, ClientError};
@@ -92,6 +92,22 @@ enum Command {
     },
     /// Show the daemon: version, uptime, socket, repositories, sessions and cache.
     Status,
+    /// Watch a repository (default: the one of the current directory): its context stays
+    /// current in memory and its model session warm. Survives daemon restarts.
+    Watch {
+        /// A directory inside the repository.
+        dir: Option<PathBuf>,
+    },
+    /// Stop watching a repository.
+    Unwatch {
+        /// A directory inside the repository.
+        dir: Option<PathBuf>,
+    },
+    /// Rescan a watched repository now (git hooks run this after checkout, merge or rebase).
+    Refresh {
+        /// A directory inside the repository.
+        dir: Option<PathBuf>,
+    },
     /// Stop the daemon (waits until it has exited).
     Stop,
     /// Print a shell completion script, e.g. `sparkctl completions bash > ~/.local/share/bash-completion/completions/sparkctl`.
@@ -310,6 +326,54 @@ fn run(cli: Cli) -> Result<(), Failure> {
             clap_complete::generate(shell, &mut Cli::command(), "sparkctl", &mut out);
             write_stdout(&out)
         }
+        Command::Watch { dir } => {
+            let r = connect()?
+                .call::<Watch>(&WatchParams {
+                    dir: dir_param(dir)?,
+                })
+                .map_err(fail)?;
+            if cli.json {
+                return print_json(&r);
+            }
+            let mut line = format!(
+                "watching {} ({} files, {} watches)",
+                r.repo.path, r.repo.files, r.repo.watches
+            );
+            if let Some(why) = &r.repo.degraded {
+                line += &format!("\nwarning: degraded: {why}");
+            }
+            print_line(&line)
+        }
+        Command::Unwatch { dir } => {
+            let r = connect()?
+                .call::<Unwatch>(&WatchParams {
+                    dir: dir_param(dir)?,
+                })
+                .map_err(fail)?;
+            if cli.json {
+                return print_json(&r);
+            }
+            print_line(&if r.was_watched {
+                format!("stopped watching {}", r.repo)
+            } else {
+                format!("{} was not watched", r.repo)
+            })
+        }
+        Command::Refresh { dir } => {
+            let r = connect()?
+                .call::<Refresh>(&WatchParams {
+                    dir: dir_param(dir)?,
+                })
+                .map_err(fail)?;
+            if cli.json {
+                return print_json(&r);
+            }
+            print_line(&if r.was_watched {
+                format!("rescanning {}", r.repo)
+            } else {
+                format!("{} is not watched", r.repo)
+            })
+        }
         Command::Status => {
             let status = connect()?.call::<Status>(&Empty {}).map_err(fail)?;
             if cli.json {
@@ -475,6 +539,15 @@ impl AskView {
         eprintln!("{}", self.style.paint(DIM, &timing));
         Ok(())
     }
+}
+
+/// An absolute directory for the daemon: `dir` resolved against the current one.
+fn dir_param(dir: Option<PathBuf>) -> Result<String, Failure> {
+    let base = cwd()?;
+    Ok(match dir {
+        None => base,
+        Some(d) => std::path::Path::new(&base).join(d).display().to_string(),
+    })
 }
 
 fn cwd() -> Result<String, Failure> {
@@ -681,7 +754,18 @@ fn render_status(s: &StatusResult) -> String {
         out += "repos     none\n";
     }
     for r in &s.repos {
-        out += &format!("repo      {} ({} edits)\n", r.path, r.edits);
+        out += &format!("repo      {} ({} edits", r.path, r.edits);
+        if r.watched {
+            let state = if r.indexed { "watched" } else { "indexing" };
+            out += &format!(", {state}: {} files, {} watches", r.files, r.watches);
+            if let Some(at) = r.last_event_at {
+                out += &format!(", last change {}", human_age(now_ms().saturating_sub(at)));
+            }
+        }
+        out += ")\n";
+        if let Some(why) = &r.degraded {
+            out += &format!("          degraded: {why}\n");
+        }
     }
     if s.sessions.is_empty() {
         out += "sessions  none\n";
@@ -699,8 +783,18 @@ fn render_status(s: &StatusResult) -> String {
         );
     }
     match &s.cache {
-        Some(c) => out += &format!("cache     {} entries, {} bytes", c.entries, c.bytes),
-        None => out += "cache     empty",
+        Some(c) => match &c.unavailable {
+            Some(why) => out += &format!("cache     unavailable: {why}"),
+            None => {
+                out += &format!(
+                    "cache     {} files, {} KiB on disk, {}",
+                    c.entries,
+                    c.bytes / 1024,
+                    c.dir
+                )
+            }
+        },
+        None => out += "cache     none",
     }
     out
 }

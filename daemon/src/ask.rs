@@ -26,6 +26,7 @@ use crate::provider::{
     InputItem, OutputItem, SessionConfig, SessionHandle, Tool, TurnEvent, TurnFailure, TurnRequest,
 };
 use crate::repo::RepoHandle;
+use crate::watch::Watchers;
 
 /// What the model is told with every request. Byte-stable: it is resent on every turn.
 pub(crate) const INSTRUCTIONS: &str = "You are spark, a fast, precise code-editing agent working in the user's git repository. \
@@ -49,6 +50,7 @@ pub(crate) struct Asks {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     convs: Mutex<HashMap<PathBuf, Arc<Conversation>>>,
+    watchers: Watchers,
 }
 
 #[derive(Debug)]
@@ -67,6 +69,8 @@ struct ConvState {
     /// Content of each file as the model last saw it.
     seen: HashMap<String, Vec<u8>>,
     warmed: bool,
+    /// The watcher's change number when the model last got the outline (or news of it).
+    outline_seq: Option<u64>,
 }
 
 /// A session as `status` shows it.
@@ -79,7 +83,12 @@ pub(crate) struct ConvStatus {
 }
 
 impl Asks {
-    pub(crate) fn new(config: &Config, tracker: TaskTracker, shutdown: CancellationToken) -> Asks {
+    pub(crate) fn new(
+        config: &Config,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+        watchers: Watchers,
+    ) -> Asks {
         Asks {
             url: config.provider_url.clone(),
             api_key: config.api_key.as_deref().map(Arc::from),
@@ -87,7 +96,60 @@ impl Asks {
             tracker,
             shutdown,
             convs: Mutex::new(HashMap::new()),
+            watchers,
         }
+    }
+
+    /// Open and prewarm `repo`'s session in the background (when it is watched), so its first
+    /// ask starts warm. Failures are only logged: the ask will try again and report them.
+    pub(crate) fn prewarm(self: &Arc<Self>, repo: RepoHandle) {
+        let asks = self.clone();
+        self.tracker.spawn(async move {
+            let result = async {
+                let conv = asks.conversation(repo.workdir())?;
+                let mut state = conv.state.lock().await;
+                if !state.warmed {
+                    asks.warm_up(&conv, &repo, &mut state).await?;
+                }
+                Ok::<(), RpcError>(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(repo = %repo.workdir().display(), error = %e.message, "prewarm failed");
+            }
+        });
+    }
+
+    /// Start the conversation over: the outline as context, prewarmed on the session.
+    async fn warm_up(
+        &self,
+        conv: &Conversation,
+        repo: &RepoHandle,
+        state: &mut ConvState,
+    ) -> Result<(), RpcError> {
+        *state = ConvState::default();
+        let watchers = self.watchers.clone();
+        let (outline, seq) = repo
+            .run(move |ctx| {
+                (
+                    context::outline_text(ctx, &watchers),
+                    watchers.seq(ctx.workdir),
+                )
+            })
+            .await?;
+        let item = InputItem::developer_text(outline);
+        state.history.push(item.clone());
+        conv.session
+            .prewarm(
+                INSTRUCTIONS.to_owned(),
+                vec![Tool::apply_patch()],
+                vec![item],
+            )
+            .await
+            .map_err(session_error)?;
+        state.warmed = true;
+        state.outline_seq = seq;
+        Ok(())
     }
 
     fn conversation(&self, workdir: &Path) -> Result<Arc<Conversation>, RpcError> {
@@ -167,6 +229,8 @@ impl Asks {
     {
         let started = Instant::now();
         let conv = self.conversation(repo.workdir())?;
+        // A repository is watched from its first ask on.
+        self.watchers.ensure_watched(repo.workdir());
         // Steering: a newer ask in this repository replaces the one in flight.
         if let Some(old) = conv
             .current
@@ -181,27 +245,24 @@ impl Asks {
             () = cancel.cancelled() => return Err(cancelled()),
         };
         if params.new_conversation || !state.warmed {
-            *state = ConvState::default();
-            let outline = repo.run(context::outline_text).await?;
-            let item = InputItem::developer_text(outline);
-            state.history.push(item.clone());
-            conv.session
-                .prewarm(
-                    INSTRUCTIONS.to_owned(),
-                    vec![Tool::apply_patch()],
-                    vec![item],
-                )
-                .await
-                .map_err(session_error)?;
-            state.warmed = true;
+            self.warm_up(&conv, &repo, &mut state).await?;
         }
 
         let seen = state.seen.clone();
         let (prompt, focus) = (params.prompt.clone(), params.focus.clone());
         let prefix = cwd_prefix.clone();
-        let assembled = repo
-            .run(move |ctx| context::assemble(ctx, &prefix, &prompt, &focus, &seen, false))
+        let watchers = self.watchers.clone();
+        let outline_seq = state.outline_seq;
+        let (assembled, new_seq) = repo
+            .run(move |ctx| {
+                let news = context::outline_news(ctx, &watchers, outline_seq);
+                context::assemble(ctx, &watchers, &prefix, &prompt, &focus, &seen, news.text)
+                    .map(|a| (a, news.seq))
+            })
             .await??;
+        if new_seq.is_some() {
+            state.outline_seq = new_seq;
+        }
         info!(
             target: "audit",
             repo = %repo.workdir().display(),
@@ -382,6 +443,8 @@ impl Asks {
                     (None, false) => "Nothing changed: the files already matched.".to_owned(),
                 };
                 answer_tool(&conv.session, &mut state.history, &call, &output).await;
+                self.watchers
+                    .note_own_writes(repo.workdir(), &outcome.after);
                 if outcome.edit.is_some() {
                     repo.count_edit();
                     for (path, after) in &outcome.after {

@@ -13,11 +13,14 @@ use spark_proto::{ErrorCode, RpcError};
 
 use crate::edit::paths::{self, Intent};
 use crate::edit::{RepoCtx, journal};
+use crate::watch::Watchers;
 
 /// Largest file sent to the model whole; bigger focus files are refused with a clear error.
 pub(crate) const MAX_FILE_BYTES: usize = 256 * 1024;
 /// The outline lists at most this many paths (the model can ask for more through tools).
 const OUTLINE_MAX_PATHS: usize = 2000;
+/// Recently changed files named when the user focuses none.
+const RECENT_FILES: usize = 5;
 /// Lines of context shown around a focused line range.
 const RANGE_MARGIN: u32 = 3;
 
@@ -36,17 +39,17 @@ pub(crate) struct Assembled {
 /// what the model has already `seen` in this conversation and whether to include the outline.
 pub(crate) fn assemble(
     ctx: &RepoCtx<'_>,
+    watchers: &Watchers,
     cwd_prefix: &str,
     prompt: &str,
     focus: &[Focus],
     seen: &HashMap<String, Vec<u8>>,
-    with_outline: bool,
+    news: Option<String>,
 ) -> Result<Assembled, RpcError> {
     let mut out = Assembled::default();
-    if with_outline {
-        let outline = outline(ctx);
-        out.audit.push(("<outline>".into(), outline.len()));
-        out.text += &outline;
+    if let Some(news) = news {
+        out.audit.push(("<outline changes>".into(), news.len()));
+        out.text += &news;
     }
     for f in focus {
         let joined = if cwd_prefix.is_empty() {
@@ -65,10 +68,17 @@ pub(crate) fn assemble(
         let rel = paths::validate_rel_path(&joined).map_err(refuse)?;
         let abs =
             paths::check_target(ctx.workdir, ctx.repo, &rel, Intent::Modify).map_err(refuse)?;
-        let bytes = journal::read_state(&abs)
-            .map_err(|e| RpcError::new(ErrorCode::Internal, format!("cannot read {}: {e}", rel)))?
-            .map(|s| s.bytes)
-            .unwrap_or_default();
+        // Watched: the cache serves it from memory (it re-checks the file's metadata first).
+        let cached = watchers.file(ctx.workdir, rel.as_str()).map(|f| f.bytes);
+        let bytes = match cached {
+            Some(b) => b,
+            None => journal::read_state(&abs)
+                .map_err(|e| {
+                    RpcError::new(ErrorCode::Internal, format!("cannot read {}: {e}", rel))
+                })?
+                .map(|s| s.bytes)
+                .unwrap_or_default(),
+        };
         let reject = |why: &str, kind: &str| {
             RpcError::new(
                 ErrorCode::EditRejected,
@@ -121,6 +131,16 @@ pub(crate) fn assemble(
         out.audit.push((path.to_owned(), out.text.len() - before));
         out.seen.insert(path.to_owned(), bytes);
     }
+    if focus.is_empty() {
+        // No file named: say where the user has been working (names only, no content).
+        let recent = watchers.recently_changed(ctx.workdir, RECENT_FILES);
+        if !recent.is_empty() {
+            out.text += &format!(
+                "\nFiles the user changed most recently: {}\n",
+                recent.join(", ")
+            );
+        }
+    }
     out.text += &format!("\nRequest: {prompt}\n");
     Ok(out)
 }
@@ -138,9 +158,63 @@ fn range_note(path: &str, text: &str, start: u32, end: u32) -> String {
     note + "```\n"
 }
 
-/// The outline as sent when a conversation starts (for [`crate::repo::RepoHandle::run`]).
-pub(crate) fn outline_text(ctx: &RepoCtx<'_>) -> String {
-    outline(ctx)
+/// The outline as sent when a conversation starts: from the watcher's memory when the
+/// repository is watched, else from the index.
+pub(crate) fn outline_text(ctx: &RepoCtx<'_>, watchers: &Watchers) -> String {
+    match watchers.outline(ctx.workdir) {
+        Some(o) => o.to_string(),
+        None => outline(ctx),
+    }
+}
+
+/// What changed in the repository's file list since the model's outline (change number
+/// `seq`), and the new change number.
+#[derive(Debug, Default)]
+pub(crate) struct News {
+    pub(crate) text: Option<String>,
+    pub(crate) seq: Option<u64>,
+}
+
+/// Files created or deleted since `seq` (the whole outline again if the watcher's history no
+/// longer reaches back that far). Modified files are not listed: focused ones travel as diffs.
+pub(crate) fn outline_news(ctx: &RepoCtx<'_>, watchers: &Watchers, seq: Option<u64>) -> News {
+    let Some(seq) = seq else {
+        return News {
+            text: None,
+            seq: watchers.seq(ctx.workdir),
+        };
+    };
+    let Some(changes) = watchers.changed_since(ctx.workdir, seq) else {
+        return News::default();
+    };
+    let keep = |paths: &[String]| -> Vec<String> {
+        paths
+            .iter()
+            .filter(|p| {
+                paths::validate_rel_path(p)
+                    .map(|r| !paths::is_secret(&r))
+                    .unwrap_or(false)
+            })
+            .cloned()
+            .collect()
+    };
+    let text = if !changes.complete {
+        Some(outline_text(ctx, watchers))
+    } else {
+        let (created, deleted) = (keep(&changes.created), keep(&changes.deleted));
+        let mut t = String::new();
+        if !created.is_empty() {
+            t += &format!("New files since the outline: {}\n", created.join(", "));
+        }
+        if !deleted.is_empty() {
+            t += &format!("Deleted files since the outline: {}\n", deleted.join(", "));
+        }
+        (!t.is_empty()).then_some(t)
+    };
+    News {
+        text,
+        seq: Some(changes.seq),
+    }
 }
 
 /// The tracked files (minus secrets), one per line, capped.

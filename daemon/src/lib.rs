@@ -10,17 +10,21 @@
 //! - `provider`: warm Responses-API sessions (WebSocket mode, HTTP + SSE fallback).
 //! - `context`: what the model sees, and the guard on every byte that leaves the machine.
 //! - `ask`: one model call per edit, streamed, applied through the edit engine.
+//! - `watch`: one watcher per repository keeping its outline and file contents current.
+//! - `cache`: the sled context cache (disposable: rebuilt whenever it is unreadable).
 
 pub mod config;
 pub mod instance;
 pub mod server;
 
 mod ask;
+mod cache;
 mod codec;
 mod context;
 mod edit;
 mod provider;
 mod repo;
+mod watch;
 
 use std::path::Path;
 
@@ -90,6 +94,30 @@ pub mod bench {
         crate::edit::patch::parse_any(text)
             .map(|p| p.ops.len())
             .map_err(|e| e.to_string())
+    }
+
+    /// What a cold index of a repository cost, for the indexing benchmark.
+    #[derive(Debug, Clone)]
+    pub struct IndexReport {
+        pub files: usize,
+        pub text_files: u64,
+        pub watches: usize,
+        pub elapsed: std::time::Duration,
+        pub flush: std::time::Duration,
+    }
+
+    /// Index `dir` from cold as a watch would (with a sled cache in `cache` if given).
+    pub fn index_repo(
+        dir: &std::path::Path,
+        cache: Option<&std::path::Path>,
+    ) -> Result<IndexReport, String> {
+        crate::watch::index_once(dir, cache).map(|s| IndexReport {
+            files: s.files,
+            text_files: s.text_files,
+            watches: s.watches,
+            elapsed: s.elapsed,
+            flush: s.flush,
+        })
     }
 }
 

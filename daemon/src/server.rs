@@ -56,7 +56,8 @@ pub(crate) struct Shared {
     connections: watch::Sender<usize>,
     next_conn: AtomicU64,
     pub(crate) repos: Repos,
-    pub(crate) asks: crate::ask::Asks,
+    pub(crate) asks: Arc<crate::ask::Asks>,
+    pub(crate) watchers: crate::watch::Watchers,
 }
 
 /// The edit engine's settings, from the daemon's configuration.
@@ -73,6 +74,16 @@ pub(crate) fn edit_env(config: &Config) -> EditEnv {
 pub(crate) async fn serve(config: Config, instance: Instance, shutdown: CancellationToken) {
     let (events, _) = broadcast::channel(EVENT_CAPACITY);
     let tracker = TaskTracker::new();
+    let watchers = crate::watch::Watchers::new(
+        &config.layout.cache_dir,
+        &config.layout.state_dir,
+        events.clone(),
+        &tracker,
+        &shutdown,
+        crate::watch::WatchOptions::default(),
+    );
+    // Repositories watched before the restart are watched again, in the background.
+    watchers.restore();
     let shared = Arc::new(Shared {
         started: Instant::now(),
         started_at_ms: unix_ms(),
@@ -82,7 +93,13 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         connections: watch::Sender::new(0),
         next_conn: AtomicU64::new(1),
         repos: Repos::new(edit_env(&config)),
-        asks: crate::ask::Asks::new(&config, tracker.clone(), shutdown.clone()),
+        asks: Arc::new(crate::ask::Asks::new(
+            &config,
+            tracker.clone(),
+            shutdown.clone(),
+            watchers.clone(),
+        )),
+        watchers,
         config,
     });
     info!(socket = %instance.socket.display(), pid = std::process::id(), version = crate::VERSION, "sparkd serving");
@@ -333,6 +350,33 @@ impl Connection {
                 }
                 to_value(Empty {})
             }
+            methods::Watch::NAME => {
+                let p = parse_params::<methods::Watch>(params)?;
+                to_value(self.watch(p).await?)
+            }
+            methods::Unwatch::NAME => {
+                let p = parse_params::<methods::Unwatch>(params)?;
+                let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
+                let was_watched = self
+                    .shared
+                    .watchers
+                    .unwatch(repo.workdir())
+                    .await
+                    .map_err(|e| e.to_rpc())?;
+                to_value(methods::UnwatchResult {
+                    repo: repo.workdir().display().to_string(),
+                    was_watched,
+                })
+            }
+            methods::Refresh::NAME => {
+                let p = parse_params::<methods::Refresh>(params)?;
+                let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
+                let was_watched = self.shared.watchers.refresh(repo.workdir());
+                to_value(methods::UnwatchResult {
+                    repo: repo.workdir().display().to_string(),
+                    was_watched,
+                })
+            }
             methods::EditApply::NAME => {
                 let p = parse_params::<methods::EditApply>(params)?;
                 to_value(self.edit_apply(p).await?)
@@ -361,6 +405,21 @@ impl Connection {
         }
     }
 
+    async fn watch(&self, p: methods::WatchParams) -> Result<methods::WatchResult, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
+        let w = self
+            .shared
+            .watchers
+            .watch(repo.workdir())
+            .await
+            .map_err(|e| e.to_rpc())?;
+        // A watched repository's first ask should start warm.
+        self.shared.asks.prewarm(repo.clone());
+        Ok(methods::WatchResult {
+            repo: repo_status(repo.workdir(), repo.edits(), Some(&w)),
+        })
+    }
+
     async fn edit_apply(&self, p: methods::ApplyParams) -> Result<methods::EditResult, RpcError> {
         let started = Instant::now();
         let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
@@ -376,6 +435,9 @@ impl Connection {
             .run(move |ctx| edit::apply(ctx, &req))
             .await?
             .map_err(|e| e.to_rpc())?;
+        self.shared
+            .watchers
+            .note_own_writes(repo.workdir(), &outcome.after);
         if let Some(id) = &outcome.edit {
             repo.count_edit();
             let paths: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
@@ -400,6 +462,9 @@ impl Connection {
             .run(move |ctx| edit::revert(ctx, p.id.as_deref(), stash))
             .await?
             .map_err(|e| e.to_rpc())?;
+        self.shared
+            .watchers
+            .note_own_writes(repo.workdir(), &outcome.after);
         let paths: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
         self.shared.asks.forget(repo.workdir(), &paths).await;
         let _ = self.shared.events.send(Event::EditReverted {
@@ -485,6 +550,26 @@ impl Connection {
         });
     }
 
+    /// Every repository the daemon knows (asked about or watched), with its watch state.
+    fn repo_statuses(&self) -> Vec<methods::RepoStatus> {
+        let watched = self.shared.watchers.status();
+        let handles = self.shared.repos.all();
+        let mut out: Vec<methods::RepoStatus> = handles
+            .iter()
+            .map(|h| {
+                let w = watched.iter().find(|w| w.workdir == h.workdir());
+                repo_status(h.workdir(), h.edits(), w)
+            })
+            .collect();
+        for w in &watched {
+            if !handles.iter().any(|h| h.workdir() == w.workdir) {
+                out.push(repo_status(&w.workdir, 0, Some(w)));
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out
+    }
+
     async fn status(&self) -> StatusResult {
         let layout = &self.shared.config.layout;
         let sessions = self.shared.asks.status().await;
@@ -498,16 +583,7 @@ impl Connection {
             socket: layout.socket.display().to_string(),
             log_file: layout.log_file.display().to_string(),
             connections,
-            repos: self
-                .shared
-                .repos
-                .all()
-                .iter()
-                .map(|r| methods::RepoStatus {
-                    path: r.workdir().display().to_string(),
-                    edits: r.edits(),
-                })
-                .collect(),
+            repos: self.repo_statuses(),
             sessions: sessions
                 .into_iter()
                 .map(|c| methods::SessionStatus {
@@ -517,7 +593,7 @@ impl Connection {
                     rtt_ms: c.rtt_ms,
                 })
                 .collect(),
-            cache: None,
+            cache: Some(cache_status(self.shared.watchers.cache_status())),
         }
     }
 }
@@ -533,6 +609,33 @@ impl tokio::io::AsyncRead for SharedStream {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut &*self.0).poll_read(cx, buf)
+    }
+}
+
+fn repo_status(
+    workdir: &std::path::Path,
+    edits: u64,
+    w: Option<&crate::watch::RepoWatchStatus>,
+) -> methods::RepoStatus {
+    methods::RepoStatus {
+        path: workdir.display().to_string(),
+        edits,
+        watched: w.is_some(),
+        indexed: w.is_some_and(|w| w.indexed),
+        files: w.map(|w| w.files).unwrap_or(0),
+        watches: w.map(|w| w.watches).unwrap_or(0),
+        last_event_at: w.and_then(|w| w.last_event_at),
+        degraded: w.and_then(|w| w.degraded.clone()),
+    }
+}
+
+fn cache_status(c: crate::watch::CacheSummary) -> methods::CacheStatus {
+    methods::CacheStatus {
+        dir: c.dir.display().to_string(),
+        entries: c.entries,
+        bytes: c.bytes,
+        rebuilds: c.rebuilds,
+        unavailable: c.unavailable,
     }
 }
 

@@ -64,6 +64,19 @@ method!(
 );
 
 method!(
+    /// `watch` → [`WatchResult`]: keep a repository's context current (and its session warm).
+    Watch, "watch", WatchParams, WatchResult
+);
+method!(
+    /// `unwatch` → [`UnwatchResult`]: stop watching a repository.
+    Unwatch, "unwatch", WatchParams, UnwatchResult
+);
+method!(
+    /// `refresh` → [`UnwatchResult`]: rescan a watched repository now (git hooks call it after
+    /// a checkout, merge or rebase); `was_watched` tells whether it was watched.
+    Refresh, "refresh", WatchParams, UnwatchResult
+);
+method!(
     /// `ask` → [`AskResult`]: ask the model for an edit; streams `ask/progress` notifications.
     Ask, "ask", AskParams, AskResult
 );
@@ -116,11 +129,51 @@ pub struct StatusResult {
 }
 
 /// A repository the daemon knows about.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RepoStatus {
     pub path: String,
     /// Edits recorded by this daemon since it started.
     pub edits: u64,
+    /// Watched: its context is kept current in memory (and survives daemon restarts).
+    #[serde(default)]
+    pub watched: bool,
+    /// The first index is complete.
+    #[serde(default)]
+    pub indexed: bool,
+    /// Files in the outline.
+    #[serde(default)]
+    pub files: u64,
+    /// Directory watches in use.
+    #[serde(default)]
+    pub watches: u64,
+    /// Unix ms of the last filesystem event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_at: Option<u64>,
+    /// Why changes may be noticed late (watch limit reached, …); absent when all is well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
+}
+
+/// Params of [`Watch`] and [`Unwatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchParams {
+    /// An absolute directory inside the repository.
+    pub dir: String,
+}
+
+/// Result of [`Watch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchResult {
+    pub repo: RepoStatus,
+}
+
+/// Result of [`Unwatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnwatchResult {
+    pub repo: String,
+    /// False if it was not watched.
+    pub was_watched: bool,
 }
 
 /// A provider session (one per repository and conversation).
@@ -136,8 +189,16 @@ pub struct SessionStatus {
 /// The context cache.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheStatus {
+    pub dir: String,
+    /// Text files indexed across watched repositories.
     pub entries: u64,
+    /// Size on disk.
     pub bytes: u64,
+    /// Times it was found corrupt (or of another format) and rebuilt since the daemon started.
+    pub rebuilds: u64,
+    /// Why the daemon runs without it, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 /// Params of [`EditApply`].
@@ -405,6 +466,7 @@ mod tests {
             repos: vec![RepoStatus {
                 path: "/r".into(),
                 edits: 2,
+                ..RepoStatus::default()
             }],
             sessions: vec![],
             cache: None,

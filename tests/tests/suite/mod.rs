@@ -4,3 +4,4 @@ mod edits;
 mod hostile;
 mod lifecycle;
 mod protocol;
+mod watch;

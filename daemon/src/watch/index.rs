@@ -1,0 +1,295 @@
+//! One repository's in-memory view: every indexed file's metadata, the outline text ready to
+//! send, and a short history of what changed (so a later turn can say "new, changed, deleted
+//! since you last looked" without comparing whole trees). Readers (context assembly on the repo
+//! actor) take a read lock for a map lookup or an `Arc` clone; only the repository's watcher
+//! task writes, once per debounced batch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use crate::cache::{FileMeta, Kind};
+
+/// The outline is sent at the start of every conversation: about 12k tokens at most, leaving
+/// the rest of a 128k context for files and the conversation.
+pub(crate) const OUTLINE_MAX_BYTES: usize = 48 * 1024;
+/// Batches of changes remembered for `changed_since`; older questions get "incomplete".
+const LOG_MAX_BATCHES: usize = 1024;
+/// Paths remembered across those batches (a `git checkout` can change thousands at once).
+const LOG_MAX_PATHS: usize = 50_000;
+
+/// One indexed file.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) meta: FileMeta,
+    /// The change number at which the file (re)appeared; 0 = present at the first index.
+    pub(crate) since: u64,
+}
+
+/// What changed since a given change number.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Changes {
+    /// The current change number: ask again with it next time.
+    pub(crate) seq: u64,
+    /// False when the history no longer reaches back that far: resend the outline.
+    pub(crate) complete: bool,
+    pub(crate) created: Vec<String>,
+    pub(crate) modified: Vec<String>,
+    pub(crate) deleted: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct View {
+    pub(crate) files: BTreeMap<String, Entry>,
+    pub(crate) outline: Arc<str>,
+    /// Incremented once per batch that changed something the user did.
+    pub(crate) seq: u64,
+    log: VecDeque<(u64, Vec<String>)>,
+    log_paths: usize,
+    /// Changes at or before this number have been forgotten.
+    floor: u64,
+    /// Deleted paths still in the log: the number at which each had appeared, and at which it
+    /// was deleted.
+    tombstones: HashMap<String, (u64, u64)>,
+}
+
+impl View {
+    pub(crate) fn text_bytes(&self) -> (u64, u64) {
+        let mut n = 0;
+        let mut bytes = 0;
+        for e in self.files.values() {
+            if let Kind::Text(_) = e.meta.kind {
+                n += 1;
+                bytes += e.meta.stat.size;
+            }
+        }
+        (n, bytes)
+    }
+
+    /// Record one batch of user-visible changes under a new change number.
+    pub(crate) fn log_batch(&mut self, paths: Vec<String>, deleted: &[(String, u64)]) -> u64 {
+        self.seq += 1;
+        for (p, since) in deleted {
+            self.tombstones.insert(p.clone(), (*since, self.seq));
+        }
+        self.log_paths += paths.len();
+        self.log.push_back((self.seq, paths));
+        let floor = self.floor;
+        while self.log.len() > LOG_MAX_BATCHES || self.log_paths > LOG_MAX_PATHS {
+            let Some((seq, old)) = self.log.pop_front() else {
+                break;
+            };
+            self.log_paths -= old.len();
+            self.floor = seq;
+        }
+        if self.floor != floor {
+            let floor = self.floor;
+            self.tombstones.retain(|_, (_, deleted)| *deleted > floor);
+        }
+        self.seq
+    }
+
+    pub(crate) fn changed_since(&self, seq: u64) -> Changes {
+        let mut out = Changes {
+            seq: self.seq,
+            complete: seq >= self.floor,
+            ..Changes::default()
+        };
+        let touched: BTreeSet<&String> = self
+            .log
+            .iter()
+            .filter(|(s, _)| *s > seq)
+            .flat_map(|(_, ps)| ps)
+            .collect();
+        for p in touched {
+            match self.files.get(p) {
+                Some(e) if e.since > seq => out.created.push(p.clone()),
+                Some(_) => out.modified.push(p.clone()),
+                // A file that came and went since then was never seen: nothing to say.
+                None if self.tombstones.get(p).is_some_and(|(s, _)| *s > seq) => {}
+                None => out.deleted.push(p.clone()),
+            }
+        }
+        out
+    }
+
+    /// Paths changed most recently first, at most `limit`.
+    pub(crate) fn recent(&self, limit: usize) -> Vec<String> {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for (_, ps) in self.log.iter().rev() {
+            for p in ps {
+                if out.len() == limit {
+                    return out;
+                }
+                if self.files.contains_key(p) && seen.insert(p) {
+                    out.push(p.clone());
+                }
+            }
+        }
+        out
+    }
+
+    pub(crate) fn rebuild_outline(&mut self) {
+        self.outline = outline(&self.files).into();
+    }
+}
+
+/// The outline: files grouped by directory, with top-level symbols while they fit the budget.
+///
+/// ```text
+/// Repository outline (3 files):
+/// Cargo.toml
+/// src/
+///   lib.rs: fn run, struct Config
+///   main.rs: fn main
+/// ```
+pub(crate) fn outline(files: &BTreeMap<String, Entry>) -> String {
+    let mut by_dir: BTreeMap<&str, Vec<(&str, &Entry)>> = BTreeMap::new();
+    for (path, e) in files {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        by_dir.entry(dir).or_default().push((name, e));
+    }
+    let render = |symbols: bool, limit: usize| {
+        let mut text = format!("Repository outline ({} files):\n", files.len());
+        let mut listed = 0usize;
+        'dirs: for (dir, entries) in &by_dir {
+            let indent = if dir.is_empty() { "" } else { "  " };
+            if !dir.is_empty() {
+                let _ = writeln!(text, "{dir}/");
+            }
+            for (name, e) in entries {
+                let before = text.len();
+                let _ = write!(text, "{indent}{name}");
+                if symbols && !e.meta.symbols.is_empty() {
+                    text.push_str(": ");
+                    text.push_str(&e.meta.symbols);
+                }
+                text.push('\n');
+                if text.len() > limit {
+                    text.truncate(before);
+                    break 'dirs;
+                }
+                listed += 1;
+            }
+        }
+        (text, listed)
+    };
+    let (text, listed) = render(true, OUTLINE_MAX_BYTES);
+    if listed == files.len() {
+        return text;
+    }
+    // Names of every file matter more than symbols of some: drop symbols, then cut.
+    let note_room = 64;
+    let (mut text, listed) = render(false, OUTLINE_MAX_BYTES - note_room);
+    if listed < files.len() {
+        let _ = writeln!(text, "… and {} more files", files.len() - listed);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{BlobId, Stat};
+
+    fn entry(symbols: &[&str], since: u64) -> Entry {
+        Entry {
+            meta: FileMeta {
+                stat: Stat::default(),
+                kind: Kind::Text(BlobId::of(b"x")),
+                symbols: symbols.join(", ").into(),
+            },
+            since,
+        }
+    }
+
+    #[test]
+    fn the_outline_groups_files_by_directory() {
+        let mut files = BTreeMap::new();
+        files.insert("Cargo.toml".to_owned(), entry(&[], 0));
+        files.insert("src/main.rs".to_owned(), entry(&["fn main"], 0));
+        files.insert(
+            "src/lib.rs".to_owned(),
+            entry(&["fn run", "struct Config"], 0),
+        );
+        files.insert("src/a/b.rs".to_owned(), entry(&[], 0));
+        files.insert("src.rs".to_owned(), entry(&[], 0));
+        assert_eq!(
+            outline(&files),
+            "Repository outline (5 files):\nCargo.toml\nsrc.rs\nsrc/\n  lib.rs: fn run, struct Config\n  main.rs: fn main\nsrc/a/\n  b.rs\n"
+        );
+    }
+
+    #[test]
+    fn a_huge_outline_drops_symbols_then_names() {
+        let mut files = BTreeMap::new();
+        for i in 0..1500 {
+            files.insert(
+                format!("d{}/file{i}.rs", i % 10),
+                entry(&["fn a_long_function_name", "struct AnotherLongName"], 0),
+            );
+        }
+        let text = outline(&files);
+        assert!(text.len() <= OUTLINE_MAX_BYTES, "{}", text.len());
+        assert!(!text.contains("fn a_long"), "symbols dropped first");
+        assert!(
+            text.contains("file1499.rs"),
+            "all names fit without symbols"
+        );
+        for i in 1500..10_000 {
+            files.insert(format!("d{}/file{i}.rs", i % 10), entry(&[], 0));
+        }
+        let text = outline(&files);
+        assert!(text.len() <= OUTLINE_MAX_BYTES, "{}", text.len());
+        assert!(
+            text.trim_end().ends_with("more files"),
+            "{}",
+            &text[text.len() - 80..]
+        );
+    }
+
+    #[test]
+    fn changed_since_classifies_created_modified_deleted() {
+        let mut v = View::default();
+        v.files.insert("kept.rs".into(), entry(&[], 0));
+        v.files.insert("gone.rs".into(), entry(&[], 0));
+        v.files.insert("flash.rs".into(), entry(&[], 0));
+        let s0 = v.seq;
+        // Batch 1: kept.rs modified, new.rs created.
+        v.files.insert("new.rs".into(), entry(&[], 1));
+        let s1 = v.log_batch(vec!["kept.rs".into(), "new.rs".into()], &[]);
+        // Batch 2: gone.rs deleted; temp.rs created and deleted in batch 3.
+        v.files.remove("gone.rs");
+        v.log_batch(vec!["gone.rs".into()], &[("gone.rs".into(), 0)]);
+        v.log_batch(vec!["temp.rs".into()], &[("temp.rs".into(), 3)]);
+        let c = v.changed_since(s0);
+        assert!(c.complete);
+        assert_eq!(c.seq, 3);
+        assert_eq!(c.created, ["new.rs"]);
+        assert_eq!(c.modified, ["kept.rs"]);
+        assert_eq!(c.deleted, ["gone.rs"]);
+        let c = v.changed_since(s1);
+        assert_eq!((c.created.len(), c.modified.len()), (0, 0));
+        assert_eq!(c.deleted, ["gone.rs"]);
+        assert_eq!(
+            v.changed_since(3),
+            Changes {
+                seq: 3,
+                complete: true,
+                ..Changes::default()
+            }
+        );
+        assert_eq!(v.recent(5), ["kept.rs", "new.rs"]);
+    }
+
+    #[test]
+    fn old_history_is_forgotten_and_says_so() {
+        let mut v = View::default();
+        for i in 0..(LOG_MAX_BATCHES + 10) {
+            v.log_batch(vec![format!("f{i}")], &[]);
+        }
+        assert!(!v.changed_since(0).complete);
+        assert!(v.changed_since(v.seq - 5).complete);
+    }
+}
