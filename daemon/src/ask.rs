@@ -508,6 +508,7 @@ fn trim_history(state: &mut ConvState) {
         )
     };
     // history[0] is the repository context; turns start at user messages after it.
+    let mut dropped = false;
     while size(&state.history) > MAX_HISTORY_BYTES {
         let Some(next) = state
             .history
@@ -519,8 +520,11 @@ fn trim_history(state: &mut ConvState) {
             break;
         };
         state.history.drain(1..next);
+        dropped = true;
     }
-    state.seen.clear();
+    if dropped {
+        state.seen.clear();
+    }
 }
 
 /// The tool call a patch came in, to be answered on the next turn.

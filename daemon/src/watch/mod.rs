@@ -229,8 +229,8 @@ struct Hub {
     /// The persisted list (`None` until first read). It is the user's choice, kept apart from
     /// what is currently running so a repository that failed to start is not forgotten.
     persisted: tokio::sync::Mutex<Option<BTreeSet<PathBuf>>>,
-    /// Persisted repositories not running yet (restore is under way): `status` lists them as
-    /// watched but not indexed, so a restart never looks like a forgotten watch.
+    /// Repositories whose watch is starting in the background (restored after a restart, or
+    /// first asked about): `status` lists them as watched but not indexed yet.
     restoring: Mutex<BTreeSet<PathBuf>>,
     budget: Arc<Budget>,
 }
@@ -364,8 +364,16 @@ impl Watchers {
         }
         let this = self.clone();
         let workdir = workdir.to_owned();
+        // Listed as watched (not yet indexed) at once, like a repository being restored.
+        if let Ok(mut r) = self.hub.restoring.lock() {
+            r.insert(workdir.clone());
+        }
         self.hub.tracker.spawn(async move {
-            if let Err(e) = this.watch(&workdir).await {
+            let result = this.watch(&workdir).await;
+            if let Ok(mut r) = this.hub.restoring.lock() {
+                r.remove(&workdir);
+            }
+            if let Err(e) = result {
                 warn!(error = %e, "cannot watch a repository");
             }
         });

@@ -650,3 +650,90 @@ fn after_an_undo_the_next_ask_shows_the_file_whole_again() {
         LIB.replace("    2\n", "    200\n").as_bytes()
     );
 }
+
+#[test]
+fn dry_run_writes_nothing_and_new_starts_a_fresh_conversation() {
+    let p =
+        Provider::start(Script::new().turns([Turn::apply_patch(PATCH_ONE), Turn::text("fresh")]));
+    let d = p.daemon(true);
+    let repo = repo();
+    let before = snapshot(repo.path());
+    let mut c = d.client();
+    let mut prm = params(&repo, "one", &["src/lib.rs"]);
+    prm.dry_run = true;
+    let r = ask(&mut c, &prm).0.expect("dry run");
+    assert_eq!(r.edit, None);
+    assert!(r.diff.contains("+    100"), "{}", r.diff);
+    assert_eq!(snapshot(repo.path()), before, "a dry run writes nothing");
+
+    let mut prm = params(&repo, "start over", &[]);
+    prm.new_conversation = true;
+    ask(&mut c, &prm).0.expect("new conversation");
+    let reqs = p.fake.requests();
+    let n = reqs.len();
+    assert!(
+        reqs[n - 2].is_prewarm(),
+        "a fresh conversation is prewarmed again"
+    );
+    assert_eq!(
+        reqs[n - 1].previous_response_id(),
+        reqs[n - 2].response_id(),
+        "and chained to that prewarm only"
+    );
+    // The dry run's tool call is still answered, as "not applied".
+    assert!(
+        reqs[n - 2]
+            .input()
+            .iter()
+            .all(|i| i["type"] != "custom_tool_call_output")
+    );
+}
+
+#[test]
+fn a_one_line_change_to_a_large_focused_file_is_sent_as_a_small_diff() {
+    let p = Provider::start(Script::new().default_turn(Turn::text("ok")));
+    let d = p.daemon(true);
+    let big: String = (0..3000)
+        .map(|i| format!("fn f{i}() -> u32 {{ {i} }}\n"))
+        .collect();
+    let repo = TestRepo::with_files(&[("src/big.rs", big.as_bytes())]);
+    let mut c = d.client();
+    ask(&mut c, &params(&repo, "look", &["src/big.rs"]))
+        .0
+        .expect("first ask");
+    // The first ask watches the repository.
+    let status = c
+        .call::<spark_proto::methods::Status>(&Default::default())
+        .expect("status");
+    assert!(
+        status.repos.iter().any(|r| r.watched),
+        "watched from its first ask: {:?}",
+        status.repos
+    );
+
+    repo.write(
+        "src/big.rs",
+        big.replace("fn f1500() -> u32 { 1500 }", "fn f1500() -> u32 { 15 }")
+            .as_bytes(),
+    );
+    ask(&mut c, &params(&repo, "look again", &["src/big.rs"]))
+        .0
+        .expect("second ask");
+    let reqs = p.fake.requests();
+    let (first, second) = (&reqs[reqs.len() - 2], &reqs[reqs.len() - 1]);
+    assert!(
+        input_bytes(first) > big.len(),
+        "the first turn carries the whole file"
+    );
+    assert!(
+        second.raw.contains("-fn f1500() -> u32 { 1500 }")
+            && second.raw.contains("+fn f1500() -> u32 { 15 }"),
+        "{}",
+        second.raw
+    );
+    assert!(
+        input_bytes(second) < 1024,
+        "a one-line change is a small diff: {} bytes",
+        input_bytes(second)
+    );
+}
