@@ -6,7 +6,9 @@
 //! - [`Ctl`]: runs `sparkctl` in a hermetic environment and stops any daemon it started.
 //! - [`TestRepo`]: a hermetic git repository; [`snapshot`] proves nothing changed on disk.
 //! - [`fake_provider`]: a Responses-API provider on loopback (WebSocket mode and HTTP + SSE).
+//! - [`fake_chat`]: an OpenAI chat-completions endpoint for peers that speak only that (aider).
 
+pub mod fake_chat;
 pub mod fake_provider;
 
 use std::ffi::OsStr;
