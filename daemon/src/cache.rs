@@ -32,9 +32,10 @@ const SNAPSHOTS: &[u8] = b"snapshots";
 /// sled's page cache; it is the bulk of the cache's memory, and the daemon's RSS budget is
 /// 100 MB with ten large repositories watched.
 const PAGE_CACHE_BYTES: u64 = 4 * 1024 * 1024;
-/// sled flushes in the background this often; the cache is disposable, so a lost second of
-/// writes only costs a re-read after a crash.
-const FLUSH_EVERY_MS: u64 = 1000;
+/// sled flushes (and fsyncs) in the background this often. The cache is disposable, so a lost
+/// few seconds of writes only cost a re-read after a crash, while each flush competes for the
+/// disk with the edit engine's own fsyncs on the ask path: keep them rare.
+const FLUSH_EVERY_MS: u64 = 10_000;
 
 /// A git blob id (SHA-1 of `blob <len>\0<bytes>`): the same name git gives the content, so a
 /// session can say which version of a file the model saw and match it against git objects.

@@ -344,15 +344,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         message: req.message.clone(),
         time_ms,
     };
-    let jpath = journal::commit(
-        ctx.repo,
-        ctx.workdir,
-        &ctx.env.journal_dir,
-        operation,
-        &writes,
-        ctx.env.durability,
-        &ctx.env.failpoint,
-    )?;
+    let jpath = commit_writes(ctx, operation, &writes)?;
     let changes: Vec<FileChange> = writes
         .iter()
         .map(|w| FileChange {
@@ -372,6 +364,23 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             .map(|c| (c.path, c.after.map(|a| a.bytes)))
             .collect(),
     })
+}
+
+/// Write `writes` to the worktree all-or-nothing, journalled (see [`journal::commit`]).
+fn commit_writes(
+    ctx: &RepoCtx<'_>,
+    operation: Operation,
+    writes: &[Write1],
+) -> Result<PathBuf, EditError> {
+    journal::commit(
+        ctx.repo,
+        ctx.workdir,
+        &ctx.env.journal_dir,
+        operation,
+        writes,
+        ctx.env.durability,
+        &ctx.env.failpoint,
+    )
 }
 
 /// Record a written apply and add it to the ledger (also used by recovery; idempotent).
@@ -488,15 +497,7 @@ pub(crate) fn revert(
         edit: hex.clone(),
         stash,
     };
-    let jpath = journal::commit(
-        ctx.repo,
-        ctx.workdir,
-        &ctx.env.journal_dir,
-        operation,
-        &writes,
-        ctx.env.durability,
-        &ctx.env.failpoint,
-    )?;
+    let jpath = commit_writes(ctx, operation, &writes)?;
     let message = summary.map(|s| {
         if s.applied.message.is_empty() {
             &s.applied.source
