@@ -350,14 +350,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     dir: dir_param(dir)?,
                 })
                 .map_err(fail)?;
-            if cli.json {
-                return print_json(&r);
-            }
-            print_line(&if r.was_watched {
-                format!("stopped watching {}", r.repo)
-            } else {
-                format!("{} was not watched", r.repo)
-            })
+            print_watch_change(&r, cli.json, "stopped watching", "was not watched")
         }
         Command::Refresh { dir } => {
             let r = connect()?
@@ -365,14 +358,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     dir: dir_param(dir)?,
                 })
                 .map_err(fail)?;
-            if cli.json {
-                return print_json(&r);
-            }
-            print_line(&if r.was_watched {
-                format!("rescanning {}", r.repo)
-            } else {
-                format!("{} is not watched", r.repo)
-            })
+            print_watch_change(&r, cli.json, "rescanning", "is not watched")
         }
         Command::Status => {
             let status = connect()?.call::<Status>(&Empty {}).map_err(fail)?;
@@ -539,6 +525,23 @@ impl AskView {
         eprintln!("{}", self.style.paint(DIM, &timing));
         Ok(())
     }
+}
+
+/// The answer of `unwatch` or `refresh`: JSON, or one line saying what happened.
+fn print_watch_change(
+    r: &spark_proto::methods::UnwatchResult,
+    json: bool,
+    done: &str,
+    not_watched: &str,
+) -> Result<(), Failure> {
+    if json {
+        return print_json(r);
+    }
+    print_line(&if r.was_watched {
+        format!("{done} {}", r.repo)
+    } else {
+        format!("{} {not_watched}", r.repo)
+    })
 }
 
 /// An absolute directory for the daemon: `dir` resolved against the current one.

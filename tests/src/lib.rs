@@ -429,3 +429,10 @@ impl Provider {
         InProcess::start_with(home, config)
     }
 }
+
+/// [`snapshot`] of the worktree only (`.git` left out): what the user sees in their files.
+pub fn worktree_snapshot(dir: &Path) -> std::collections::BTreeMap<String, (u32, Vec<u8>)> {
+    let mut s = snapshot(dir);
+    s.retain(|k, _| !k.starts_with(".git"));
+    s
+}

@@ -6,7 +6,7 @@ use serde_json::Value;
 use spark_proto::ErrorCode;
 use spark_proto::methods::{Ask, AskEvent, AskParams, AskProgress, AskResult, Focus};
 use spark_tests::fake_provider::{Gate, Item, Outcome, Script, Transport, Turn};
-use spark_tests::{Provider, TestRepo, snapshot};
+use spark_tests::{Provider, TestRepo, snapshot, worktree_snapshot};
 use sparkctl::{Client, ClientError};
 
 const LIB: &str = "fn one() {\n    1\n}\n\nfn two() {\n    2\n}\n\nfn three() {\n    3\n}\n";
@@ -366,14 +366,8 @@ fn a_disconnecting_client_cancels_and_a_newer_ask_steers() {
             LIB.replace("    2\n", "    200\n").into_bytes(),
         ),
     );
-    let now: Vec<_> = snapshot(repo.path())
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(".git"))
-        .collect();
-    let want: Vec<_> = expected
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(".git"))
-        .collect();
+    expected.retain(|k, _| !k.starts_with(".git"));
+    let (now, want) = (worktree_snapshot(repo.path()), expected);
     assert_eq!(now, want);
 }
 
@@ -608,14 +602,8 @@ fn ctrl_c_on_sparkctl_ask_cancels_in_the_daemon_and_applies_nothing() {
             LIB.replace("    2\n", "    200\n").into_bytes(),
         ),
     );
-    let now: Vec<_> = snapshot(repo.path())
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(".git"))
-        .collect();
-    let want: Vec<_> = expected
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(".git"))
-        .collect();
+    expected.retain(|k, _| !k.starts_with(".git"));
+    let (now, want) = (worktree_snapshot(repo.path()), expected);
     assert_eq!(now, want, "nothing of the interrupted ask landed");
     assert!(ctl.run(["stop"]).status.success());
 }
