@@ -55,9 +55,19 @@ pub struct Daemon {
     instance: instance::Instance,
 }
 
+/// Process-wide libgit2 settings for the daemon. Every object spark references it has just
+/// written or read itself, so libgit2's re-checks are pure cost on the edit path: looking up each
+/// object a new tree or commit names (a loose-object read per entry), and re-hashing every object
+/// read with collision-detecting SHA-1 (git itself does neither outside `fsck`).
+fn tune_libgit2() {
+    git2::opts::strict_object_creation(false);
+    git2::opts::strict_hash_verification(false);
+}
+
 impl Daemon {
     /// Claim the socket (single instance, stale-socket recovery) and prepare the state dir.
     pub fn bind(config: Config) -> Result<Daemon, RunError> {
+        tune_libgit2();
         let instance =
             instance::Instance::claim(&config.layout.socket, &config.layout.instance_lock())?;
         use std::os::unix::fs::DirBuilderExt;

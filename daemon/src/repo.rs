@@ -228,7 +228,7 @@ pub(crate) fn recover_all(env: &EditEnv) {
             Ok(j) => j,
             Err(e) => {
                 tracing::error!(journal = %path.display(), error = %e, "unreadable journal; set aside");
-                let _ = std::fs::rename(&path, path.with_extension("json.bad"));
+                let _ = std::fs::rename(&path, path.with_extension("journal.bad"));
                 continue;
             }
         };

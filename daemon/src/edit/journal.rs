@@ -1,27 +1,40 @@
 //! All-or-nothing writes to the worktree, across `kill -9`.
 //!
-//! Before the first file changes, a journal naming every file's before and after state (as blob
-//! ids already stored in the repository's object database) is written and synced. Files are then
-//! written atomically (temp file in the same directory, fsync, rename) after re-checking that
-//! each still holds its expected bytes. The journal is deleted once the edit is recorded. At
-//! daemon start, recovery reads the files themselves: if every one holds its after state, the
-//! operation rolls forward (recorded now); otherwise each file still in its after state is put
-//! back (all-before). Deciding from content, not from a phase marker, saves a second synced
-//! journal write on every edit.
+//! Before the first file changes, a journal holding every file's before and after content
+//! (inline, so it needs nothing else to be durable) is written and synced. Files are then
+//! written atomically (temp files in the same directories, synced, renamed into place, the
+//! directories synced) after re-checking that each still holds its expected bytes. At daemon
+//! start, recovery reads the files themselves: if every one holds its after state, the operation
+//! rolls forward (recorded now, unless the ledger already names the journal); otherwise each
+//! file still in its after state is put back (all-before). Deciding from content, not from a
+//! phase marker, saves a second synced journal write on every edit.
+//!
+//! Each repository has one journal slot file (its actor runs one operation at a time), written
+//! in place: a finished operation only zeroes the slot's magic, so an edit creates and deletes
+//! no journal file, and the synced overwrite of an already-allocated slot costs a data flush.
+//! A torn slot (bad checksum) can only come from a crash before its sync returned, when no
+//! worktree file had been touched yet, so it is set aside.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use git2::{Oid, Repository};
+use git2::{ObjectType, Oid};
 use serde::{Deserialize, Serialize};
 
 use super::EditError;
 use super::record::FileState;
 
 /// Bumped on any incompatible change of the journal format.
-const JOURNAL_VERSION: u32 = 1;
+const JOURNAL_VERSION: u32 = 2;
+/// First bytes of a pending journal; a finished slot has them zeroed.
+const MAGIC: &[u8; 8] = b"SPARKJ2\n";
+/// Length of the trailing checksum (a SHA-1 over everything before it).
+const CHECKSUM_LEN: usize = 20;
+/// File name extension of journal slots.
+const SLOT_EXT: &str = "journal";
 
 /// What the journalled operation was, so recovery can finish its bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,56 +50,49 @@ pub(crate) enum Operation {
     Revert { edit: String, stash: bool },
 }
 
-/// One file's before and after state, by blob id (`None` = absent).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct JournalFile {
-    pub(crate) path: String,
-    pub(crate) before: Option<BlobRef>,
-    pub(crate) after: Option<BlobRef>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct BlobRef {
-    pub(crate) blob: HexOid,
-    pub(crate) mode: u32,
-}
-
-/// An object id stored as hex in the journal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub(crate) struct HexOid(pub(crate) Oid);
-
-impl TryFrom<String> for HexOid {
-    type Error = git2::Error;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Oid::from_str(&s).map(HexOid)
-    }
-}
-
-impl From<HexOid> for String {
-    fn from(o: HexOid) -> String {
-        o.0.to_string()
-    }
-}
-
-/// The journal file's content.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A journal: the operation, and every file's before and after content.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Journal {
     pub(crate) version: u32,
+    /// Unique per operation; names temp files and ties ledger lines to the operation.
     pub(crate) id: String,
     pub(crate) workdir: PathBuf,
     pub(crate) operation: Operation,
-    pub(crate) files: Vec<JournalFile>,
+    pub(crate) files: Vec<Write1>,
     /// Directories created for new files, outermost first; removed again on rollback if empty.
     pub(crate) created_dirs: Vec<String>,
 }
 
 /// A file to write: its repository-relative path with before and after contents.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Write1 {
     pub(crate) path: String,
     pub(crate) before: Option<FileState>,
     pub(crate) after: Option<FileState>,
+}
+
+/// The journal's header as stored; contents follow it in order (each file's before, then after).
+#[derive(Serialize, Deserialize)]
+struct Header {
+    version: u32,
+    id: String,
+    workdir: PathBuf,
+    operation: Operation,
+    files: Vec<HeaderFile>,
+    created_dirs: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HeaderFile {
+    path: String,
+    before: Option<Stored>,
+    after: Option<Stored>,
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct Stored {
+    mode: u32,
+    len: u64,
 }
 
 /// Crash-test hooks: abort the process at a named point of [`commit`]. Off unless configured.
@@ -108,37 +114,24 @@ pub(crate) struct Durability {
     pub(crate) fsync: bool,
 }
 
-/// Write `writes` to the worktree of `repo` all together, journalled in `journal_dir`.
-/// Returns the journal's path; the caller records the operation, then calls [`finish`]. Nothing is left changed on error.
+/// A journal that is written and synced: its operation's writes may proceed.
+pub(crate) struct Pending {
+    pub(crate) slot: PathBuf,
+    pub(crate) id: String,
+}
+
+/// Write `writes` to the worktree `workdir` all together, journalled in `journal_dir`.
+/// The caller records the operation, then calls [`finish`]. Nothing is left changed on error.
 pub(crate) fn commit(
-    repo: &Repository,
     workdir: &Path,
     journal_dir: &Path,
     operation: Operation,
     writes: &[Write1],
     durability: Durability,
     failpoint: &Failpoint,
-) -> Result<PathBuf, EditError> {
-    let store = |s: &Option<FileState>| -> Result<Option<BlobRef>, EditError> {
-        s.as_ref()
-            .map(|f| {
-                repo.blob(&f.bytes)
-                    .map(|oid| BlobRef {
-                        blob: HexOid(oid),
-                        mode: f.mode,
-                    })
-                    .map_err(|e| EditError::git("store blob", e))
-            })
-            .transpose()
-    };
-    let mut files = Vec::with_capacity(writes.len());
+) -> Result<Pending, EditError> {
     let mut created_dirs = Vec::new();
     for w in writes {
-        files.push(JournalFile {
-            path: w.path.clone(),
-            before: store(&w.before)?,
-            after: store(&w.after)?,
-        });
         if w.after.is_some() {
             missing_dirs(workdir, &w.path, &mut created_dirs);
         }
@@ -149,46 +142,227 @@ pub(crate) fn commit(
         id: id.clone(),
         workdir: workdir.to_owned(),
         operation,
-        files,
+        files: writes.to_vec(),
         created_dirs,
     };
-    std::fs::create_dir_all(journal_dir)
-        .map_err(|e| EditError::io("create journal directory", journal_dir, e))?;
-    let path = journal_dir.join(format!("{id}.json"));
-    save(&path, &journal, durability)?;
+    let slot = slot_path(journal_dir, workdir);
+    save(journal_dir, &slot, &encode(&journal)?, durability)?;
     failpoint.hit("after_journal");
 
-    match write_all(workdir, &journal, writes, durability, failpoint) {
-        Ok(()) => {}
-        Err(e) => {
-            // Put back whatever landed, then forget the journal: the worktree is as before.
-            if let Err(re) = rollback(repo, &journal) {
-                tracing::error!(error = %re, journal = %path.display(), "rollback failed; journal kept for recovery");
-                return Err(e);
-            }
-            let _ = std::fs::remove_file(&path);
+    if let Err(e) = write_all(&journal, durability, failpoint) {
+        // Put back whatever landed, then forget the journal: the worktree is as before.
+        if let Err(re) = rollback(&journal) {
+            tracing::error!(error = %re, journal = %slot.display(), "rollback failed; journal kept for recovery");
             return Err(e);
         }
+        clear(&slot);
+        return Err(e);
     }
     failpoint.hit("after_written");
-    Ok(path)
+    Ok(Pending { slot, id })
 }
 
-/// The operation is recorded: drop its journal.
-pub(crate) fn finish(path: &Path, failpoint: &Failpoint) {
+/// The operation is recorded: retire its journal.
+pub(crate) fn finish(pending: &Pending, failpoint: &Failpoint) {
     failpoint.hit("before_finish");
-    if let Err(e) = std::fs::remove_file(path) {
-        tracing::warn!(error = %e, journal = %path.display(), "cannot remove journal");
+    clear(&pending.slot);
+}
+
+/// Zero a slot's magic so it no longer names a pending operation. Not synced: if the zeroing is
+/// lost in a power cut, recovery finds the operation's id in the ledger and does nothing.
+fn clear(slot: &Path) {
+    let result = OpenOptions::new()
+        .write(true)
+        .open(slot)
+        .and_then(|f| f.write_all_at(&[0; MAGIC.len()], 0));
+    if let Err(e) = result {
+        tracing::warn!(error = %e, journal = %slot.display(), "cannot retire journal");
     }
+}
+
+/// The journal slot of the repository at `workdir`.
+fn slot_path(journal_dir: &Path, workdir: &Path) -> PathBuf {
+    let key = Oid::hash_object(ObjectType::Blob, workdir.as_os_str().as_bytes())
+        .map(|o| o.to_string())
+        .unwrap_or_default();
+    journal_dir.join(format!("{}.{SLOT_EXT}", &key[..key.len().min(16)]))
+}
+
+fn encode(journal: &Journal) -> Result<Vec<u8>, EditError> {
+    let stored = |s: &Option<FileState>| {
+        s.as_ref().map(|s| Stored {
+            mode: s.mode,
+            len: s.bytes.len() as u64,
+        })
+    };
+    let header = Header {
+        version: journal.version,
+        id: journal.id.clone(),
+        workdir: journal.workdir.clone(),
+        operation: journal.operation.clone(),
+        files: journal
+            .files
+            .iter()
+            .map(|f| HeaderFile {
+                path: f.path.clone(),
+                before: stored(&f.before),
+                after: stored(&f.after),
+            })
+            .collect(),
+        created_dirs: journal.created_dirs.clone(),
+    };
+    let header = serde_json::to_vec(&header)
+        .map_err(|e| EditError::Internal(format!("encode journal: {e}")))?;
+    let header_len = u32::try_from(header.len())
+        .map_err(|_| EditError::Internal("journal header too large".into()))?;
+    let contents: usize = journal
+        .files
+        .iter()
+        .flat_map(|f| [&f.before, &f.after])
+        .map(|s| s.as_ref().map_or(0, |s| s.bytes.len()))
+        .sum();
+    let mut out = Vec::with_capacity(MAGIC.len() + 4 + header.len() + contents + CHECKSUM_LEN);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&header_len.to_le_bytes());
+    out.extend_from_slice(&header);
+    for f in &journal.files {
+        for s in [&f.before, &f.after].into_iter().flatten() {
+            out.extend_from_slice(&s.bytes);
+        }
+    }
+    let sum = checksum(&out)?;
+    out.extend_from_slice(sum.as_bytes());
+    Ok(out)
+}
+
+/// Decode a slot's bytes: `Ok(None)` for a retired (or never used) slot.
+fn decode(bytes: &[u8]) -> Result<Option<Journal>, String> {
+    if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] == [0; MAGIC.len()] {
+        return Ok(None);
+    }
+    if &bytes[..MAGIC.len()] != MAGIC {
+        return Err("not a journal of this spark version".into());
+    }
+    let rest = &bytes[MAGIC.len()..];
+    let torn = || "torn journal (interrupted before it was synced)".to_owned();
+    let len_bytes: [u8; 4] = rest
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(torn)?;
+    let header_len = u32::from_le_bytes(len_bytes) as usize;
+    let header_bytes = rest.get(4..4 + header_len).ok_or_else(torn)?;
+    let header: Header = serde_json::from_slice(header_bytes).map_err(|_| torn())?;
+    if header.version != JOURNAL_VERSION {
+        return Err(format!("unsupported journal version {}", header.version));
+    }
+    let mut at = MAGIC.len() + 4 + header_len;
+    let mut take = |s: Option<Stored>| -> Result<Option<FileState>, String> {
+        s.map(|s| {
+            let end = usize::try_from(s.len)
+                .ok()
+                .and_then(|l| at.checked_add(l))
+                .ok_or_else(torn)?;
+            let bytes = bytes.get(at..end).ok_or_else(torn)?.to_vec();
+            at = end;
+            Ok(FileState {
+                bytes,
+                mode: s.mode,
+            })
+        })
+        .transpose()
+    };
+    let mut files = Vec::with_capacity(header.files.len());
+    for f in header.files {
+        let before = take(f.before)?;
+        let after = take(f.after)?;
+        files.push(Write1 {
+            path: f.path,
+            before,
+            after,
+        });
+    }
+    let stored_sum = bytes.get(at..at + CHECKSUM_LEN).ok_or_else(torn)?;
+    let sum = checksum(&bytes[..at]).map_err(|e| e.to_string())?;
+    if stored_sum != sum.as_bytes() {
+        return Err(torn());
+    }
+    Ok(Some(Journal {
+        version: header.version,
+        id: header.id,
+        workdir: header.workdir,
+        operation: header.operation,
+        files,
+        created_dirs: header.created_dirs,
+    }))
+}
+
+fn checksum(bytes: &[u8]) -> Result<Oid, EditError> {
+    Oid::hash_object(ObjectType::Blob, bytes).map_err(|e| EditError::git("checksum journal", e))
+}
+
+/// Overwrite the slot in place with `bytes` and sync it. Older, longer content past the end is
+/// ignored (the header gives every length); the slot only grows.
+fn save(
+    journal_dir: &Path,
+    slot: &Path,
+    bytes: &[u8],
+    durability: Durability,
+) -> Result<(), EditError> {
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(slot)
+    };
+    let (f, created) = match open() {
+        Ok(f) => (f, false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(journal_dir)
+                .map_err(|e| EditError::io("create journal directory", journal_dir, e))?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(slot)
+                .map_err(|e| EditError::io("create journal", slot, e))?;
+            (f, true)
+        }
+        Err(e) => return Err(EditError::io("open journal", slot, e)),
+    };
+    f.write_all_at(bytes, 0)
+        .and_then(|()| {
+            if durability.fsync {
+                f.sync_data()
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(|e| EditError::io("write journal", slot, e))?;
+    if created && durability.fsync {
+        sync_dir(journal_dir);
+    }
+    Ok(())
 }
 
 fn write_all(
-    workdir: &Path,
     journal: &Journal,
-    writes: &[Write1],
     durability: Durability,
     failpoint: &Failpoint,
 ) -> Result<(), EditError> {
+    let workdir = &journal.workdir;
+    let writes = &journal.files;
+    // Directories whose entries change, to sync once each after the renames.
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut touch_dir = |abs: &Path| {
+        if let Some(dir) = abs.parent()
+            && !dirs.iter().any(|d| d == dir)
+        {
+            dirs.push(dir.to_owned());
+        }
+    };
     for dir in &journal.created_dirs {
         let abs = workdir.join(dir);
         match std::fs::create_dir(&abs) {
@@ -196,35 +370,51 @@ fn write_all(
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(EditError::io("create directory", &abs, e)),
         }
+        touch_dir(&abs);
     }
     // Stage every new content first, so the renames below are the only visible step.
     let mut staged = Vec::with_capacity(writes.len());
+    let mut result = Ok(());
     for w in writes {
         let abs = workdir.join(&w.path);
         let tmp = match &w.after {
-            Some(after) => Some(write_temp(&abs, &journal.id, after, durability)?),
+            Some(after) => match write_temp(&abs, &journal.id, after) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            },
             None => None,
         };
         staged.push((abs, tmp));
     }
+    if result.is_ok() && durability.fsync {
+        result = sync_temps(&staged);
+    }
     // Compare-and-swap: the bytes on disk must still be exactly what the edit was computed from.
-    let mut result = Ok(());
-    for (w, (abs, _)) in writes.iter().zip(&staged) {
-        if read_state(abs)
-            .map_err(|e| EditError::io("read", abs, e))?
-            .map(|s| s.bytes)
-            != w.before.as_ref().map(|s| s.bytes.clone())
-        {
-            result = Err(EditError::Changed {
-                path: w.path.clone(),
-            });
-            break;
+    if result.is_ok() {
+        for (w, (abs, _)) in writes.iter().zip(&staged) {
+            match read_state(abs) {
+                Ok(state)
+                    if state.as_ref().map(|s| &s.bytes) == w.before.as_ref().map(|s| &s.bytes) => {}
+                Ok(_) => {
+                    result = Err(EditError::Changed {
+                        path: w.path.clone(),
+                    });
+                    break;
+                }
+                Err(e) => {
+                    result = Err(EditError::io("read", abs, e));
+                    break;
+                }
+            }
         }
     }
     if result.is_ok() {
-        for (n, (w, (abs, tmp))) in writes.iter().zip(&staged).enumerate() {
+        for (n, (abs, tmp)) in staged.iter().enumerate() {
             let step = match tmp {
-                Some(tmp) => std::fs::rename(tmp, abs)
+                Some((tmp, _)) => std::fs::rename(tmp, abs)
                     .map_err(|e| EditError::io("rename into place", abs, e)),
                 None => std::fs::remove_file(abs).map_err(|e| EditError::io("delete", abs, e)),
             };
@@ -232,42 +422,73 @@ fn write_all(
                 result = Err(e);
                 break;
             }
-            if durability.fsync {
-                sync_parent(abs);
-            }
-            let _ = w;
+            touch_dir(abs);
             failpoint.hit(&format!("after_file_{}", n + 1));
         }
     }
     for (_, tmp) in &staged {
-        if let Some(tmp) = tmp {
+        if let Some((tmp, _)) = tmp {
             let _ = std::fs::remove_file(tmp);
+        }
+    }
+    if result.is_ok() && durability.fsync {
+        for dir in &dirs {
+            sync_dir(dir);
         }
     }
     result
 }
 
+/// Sync staged temp files. With several, they are synced concurrently so the filesystem can
+/// commit them together instead of one journal commit each.
+fn sync_temps(staged: &[(PathBuf, Option<(PathBuf, File)>)]) -> Result<(), EditError> {
+    let files: Vec<&(PathBuf, File)> = staged.iter().filter_map(|(_, t)| t.as_ref()).collect();
+    let sync = |(path, f): &(PathBuf, File)| {
+        f.sync_all()
+            .map_err(|e| EditError::io("sync temp file", path, e))
+    };
+    match files.as_slice() {
+        [] => Ok(()),
+        [one] => sync(one),
+        [first, rest @ ..] => std::thread::scope(|s| {
+            let handles: Vec<_> = rest.iter().map(|t| s.spawn(move || sync(t))).collect();
+            let mut result = sync(first);
+            for h in handles {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(EditError::Internal("sync thread panicked".into())));
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        }),
+    }
+}
+
 /// Restore every file of `journal` whose content is its after state (or a half-done temp) to
 /// its before state. Files the user changed since are left alone.
-pub(crate) fn rollback(repo: &Repository, journal: &Journal) -> Result<(), EditError> {
+pub(crate) fn rollback(journal: &Journal) -> Result<(), EditError> {
     let workdir = &journal.workdir;
     for f in &journal.files {
         let abs = workdir.join(&f.path);
         let _ = std::fs::remove_file(temp_path(&abs, &journal.id));
         let current = read_state(&abs).map_err(|e| EditError::io("read", &abs, e))?;
-        let before = load(repo, f.before)?;
-        let after = load(repo, f.after)?;
-        let bytes = |s: &Option<FileState>| s.as_ref().map(|s| s.bytes.clone());
-        if bytes(&current) == bytes(&before) {
+        fn bytes(s: &Option<FileState>) -> Option<&Vec<u8>> {
+            s.as_ref().map(|s| &s.bytes)
+        }
+        if bytes(&current) == bytes(&f.before) {
             continue;
         }
-        if bytes(&current) != bytes(&after) {
+        if bytes(&current) != bytes(&f.after) {
             tracing::warn!(path = %f.path, "file changed since the interrupted edit; leaving it as it is");
             continue;
         }
-        match &before {
+        match &f.before {
             Some(state) => {
-                let tmp = write_temp(&abs, &journal.id, state, Durability { fsync: true })?;
+                let (tmp, file) = write_temp(&abs, &journal.id, state)?;
+                file.sync_all()
+                    .map_err(|e| EditError::io("sync temp file", &tmp, e))?;
                 std::fs::rename(&tmp, &abs).map_err(|e| EditError::io("restore", &abs, e))?;
             }
             None => std::fs::remove_file(&abs).map_err(|e| EditError::io("remove", &abs, e))?,
@@ -282,48 +503,38 @@ pub(crate) fn rollback(repo: &Repository, journal: &Journal) -> Result<(), EditE
 }
 
 /// Whether every file of `journal` holds its after state: the writes all landed.
-pub(crate) fn landed(repo: &Repository, journal: &Journal) -> Result<bool, EditError> {
+pub(crate) fn landed(journal: &Journal) -> Result<bool, EditError> {
     for f in &journal.files {
         let abs = journal.workdir.join(&f.path);
         let current = read_state(&abs).map_err(|e| EditError::io("read", &abs, e))?;
-        let after = load(repo, f.after)?;
-        if current.map(|s| s.bytes) != after.map(|s| s.bytes) {
+        if current.as_ref().map(|s| &s.bytes) != f.after.as_ref().map(|s| &s.bytes) {
             return Ok(false);
         }
     }
     Ok(true)
 }
 
-/// Read the before/after states of a journal back from the object database.
-pub(crate) fn load(repo: &Repository, r: Option<BlobRef>) -> Result<Option<FileState>, EditError> {
-    r.map(|r| {
-        repo.find_blob(r.blob.0)
-            .map(|b| FileState {
-                bytes: b.content().to_vec(),
-                mode: r.mode,
-            })
-            .map_err(|e| EditError::git("read journalled blob", e))
-    })
-    .transpose()
-}
-
-/// Journals left by a previous daemon, oldest first.
+/// Journals left pending by a previous daemon.
 pub(crate) fn pending(journal_dir: &Path) -> Vec<(PathBuf, Result<Journal, String>)> {
     let Ok(entries) = std::fs::read_dir(journal_dir) else {
         return Vec::new();
     };
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter(|p| p.extension().is_some_and(|x| x == SLOT_EXT))
         .collect();
     paths.sort();
     paths
         .into_iter()
-        .map(|p| {
+        .filter_map(|p| {
             let j = std::fs::read(&p)
                 .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Journal>(&b).map_err(|e| e.to_string()));
-            (p, j)
+                .and_then(|b| decode(&b));
+            match j {
+                Ok(None) => None,
+                Ok(Some(j)) => Some((p, Ok(j))),
+                Err(e) => Some((p, Err(e))),
+            }
         })
         .collect()
 }
@@ -353,12 +564,7 @@ fn temp_path(abs: &Path, id: &str) -> PathBuf {
     abs.with_file_name(format!(".{name}.spark-{id}.tmp"))
 }
 
-fn write_temp(
-    abs: &Path,
-    id: &str,
-    state: &FileState,
-    durability: Durability,
-) -> Result<PathBuf, EditError> {
+fn write_temp(abs: &Path, id: &str, state: &FileState) -> Result<(PathBuf, File), EditError> {
     let tmp = temp_path(abs, id);
     let perms = file_perms(
         std::fs::metadata(abs)
@@ -375,19 +581,12 @@ fn write_temp(
         .map_err(|e| EditError::io("create temp file", &tmp, e))?;
     let done = f
         .write_all(&state.bytes)
-        .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(perms)))
-        .and_then(|()| {
-            if durability.fsync {
-                f.sync_all()
-            } else {
-                Ok(())
-            }
-        });
+        .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(perms)));
     if let Err(e) = done {
         let _ = std::fs::remove_file(&tmp);
         return Err(EditError::io("write temp file", &tmp, e));
     }
-    Ok(tmp)
+    Ok((tmp, f))
 }
 
 /// Permission bits for a file written in state `mode` over a file with bits `existing`: the
@@ -404,31 +603,14 @@ fn file_perms(existing: Option<u32>, mode: u32) -> u32 {
     }
 }
 
-fn save(path: &Path, journal: &Journal, durability: Durability) -> Result<(), EditError> {
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec(journal)
-        .map_err(|e| EditError::Internal(format!("encode journal: {e}")))?;
-    let mut f = File::create(&tmp).map_err(|e| EditError::io("create journal", &tmp, e))?;
-    f.write_all(&bytes)
-        .and_then(|()| {
-            if durability.fsync {
-                f.sync_all()
-            } else {
-                Ok(())
-            }
-        })
-        .map_err(|e| EditError::io("write journal", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| EditError::io("commit journal", path, e))?;
-    if durability.fsync {
-        sync_parent(path);
+fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent() {
+        sync_dir(dir);
     }
-    Ok(())
 }
 
-fn sync_parent(path: &Path) {
-    if let Some(dir) = path.parent()
-        && let Ok(d) = File::open(dir)
-    {
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
 }
@@ -462,6 +644,153 @@ fn unique() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state(bytes: &[u8]) -> Option<FileState> {
+        Some(FileState {
+            bytes: bytes.to_vec(),
+            mode: 0o100644,
+        })
+    }
+
+    fn sample() -> Journal {
+        Journal {
+            version: JOURNAL_VERSION,
+            id: "00000000000000000001-1".into(),
+            workdir: PathBuf::from("/w"),
+            operation: Operation::Apply {
+                source: "apply".into(),
+                message: "m".into(),
+                time_ms: 5,
+            },
+            files: vec![
+                Write1 {
+                    path: "a.txt".into(),
+                    before: state(b"one\r\n"),
+                    after: state(b"two\r\n"),
+                },
+                Write1 {
+                    path: "new/b.txt".into(),
+                    before: None,
+                    after: Some(FileState {
+                        bytes: vec![0xef, 0xbb, 0xbf, b'x'],
+                        mode: 0o100755,
+                    }),
+                },
+                Write1 {
+                    path: "gone.txt".into(),
+                    before: state(b""),
+                    after: None,
+                },
+            ],
+            created_dirs: vec!["new".into()],
+        }
+    }
+
+    #[test]
+    fn journals_round_trip_and_torn_or_retired_slots_are_recognised() {
+        let j = sample();
+        let bytes = encode(&j).unwrap();
+        assert_eq!(decode(&bytes), Ok(Some(j.clone())));
+        // A slot keeps older, longer content past the end; it is ignored.
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(b"older journal tail");
+        assert_eq!(decode(&longer), Ok(Some(j)));
+        // Every prefix (a write cut short) is torn, never a different journal.
+        for n in MAGIC.len()..bytes.len() {
+            assert!(decode(&bytes[..n]).is_err(), "prefix of {n} bytes");
+        }
+        // A flipped content byte fails the checksum.
+        let mut flipped = bytes.clone();
+        let at = bytes.len() - CHECKSUM_LEN - 2;
+        flipped[at] ^= 1;
+        assert!(decode(&flipped).is_err());
+        // Retired (zeroed magic) and empty slots hold nothing.
+        let mut retired = bytes;
+        retired[..MAGIC.len()].fill(0);
+        assert_eq!(decode(&retired), Ok(None));
+        assert_eq!(decode(b""), Ok(None));
+    }
+
+    #[test]
+    fn a_finished_operation_whose_journal_survived_is_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = tempfile::tempdir().unwrap();
+        let repo = git2::Repository::init(dir.path()).unwrap();
+        let w = dir.path();
+        std::fs::write(w.join("a.txt"), "a\n").unwrap();
+        std::fs::write(w.join("b.txt"), "b\n").unwrap();
+        let env = super::super::EditEnv {
+            journal_dir: jdir.path().to_owned(),
+            durability: Durability { fsync: true },
+            failpoint: Failpoint(None),
+        };
+        let ctx = super::super::RepoCtx {
+            repo: &repo,
+            workdir: w,
+            env: &env,
+        };
+        let writes = vec![
+            Write1 {
+                path: "a.txt".into(),
+                before: state(b"a\n"),
+                after: state(b"A\n"),
+            },
+            Write1 {
+                path: "b.txt".into(),
+                before: state(b"b\n"),
+                after: state(b"B\n"),
+            },
+        ];
+        let op = Operation::Apply {
+            source: "apply".into(),
+            message: "loud".into(),
+            time_ms: 1_700_000_000_000,
+        };
+        let pending = commit(w, jdir.path(), op, &writes, env.durability, &env.failpoint).unwrap();
+        let slot_bytes = std::fs::read(&pending.slot).unwrap();
+        let changes: Vec<_> = writes
+            .iter()
+            .map(|w| super::super::FileChange {
+                path: w.path.clone(),
+                before: w.before.clone(),
+                after: w.after.clone(),
+            })
+            .collect();
+        super::super::finish_apply(&ctx, false, &pending.id, &changes, "apply", "loud", 1).unwrap();
+        finish(&pending, &env.failpoint);
+        assert!(self::pending(jdir.path()).is_empty(), "retired");
+
+        // The user goes on editing; then a power cut loses the slot's retirement.
+        std::fs::write(w.join("b.txt"), "B\nuser\n").unwrap();
+        std::fs::write(&pending.slot, &slot_bytes).unwrap();
+        let found = self::pending(jdir.path());
+        assert_eq!(found.len(), 1);
+        let journal = found.into_iter().next().unwrap().1.unwrap();
+        assert_eq!(
+            super::super::recover(&ctx, &journal).unwrap(),
+            "already finished"
+        );
+        assert_eq!(std::fs::read(w.join("a.txt")).unwrap(), b"A\n");
+        assert_eq!(std::fs::read(w.join("b.txt")).unwrap(), b"B\nuser\n");
+        assert_eq!(
+            super::super::ledger::summaries(repo.path()).unwrap().len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_torn_journal_is_reported_not_replayed() {
+        let jdir = tempfile::tempdir().unwrap();
+        let bytes = encode(&sample()).unwrap();
+        std::fs::write(
+            jdir.path().join("0123456789abcdef.journal"),
+            &bytes[..bytes.len() / 2],
+        )
+        .unwrap();
+        let found = pending(jdir.path());
+        assert_eq!(found.len(), 1);
+        assert!(found[0].1.as_ref().unwrap_err().contains("torn"));
+    }
 
     #[test]
     fn permission_bits_are_kept_unless_the_exec_state_changes() {

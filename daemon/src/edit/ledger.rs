@@ -3,6 +3,7 @@
 //! latest event. It lives beside the repository (not in the daemon's state or cache) so that it
 //! travels with the repository and survives a lost cache; the edits themselves are git commits.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,10 @@ pub(crate) struct Entry {
     pub(crate) message: String,
     #[serde(default)]
     pub(crate) files: Vec<String>,
+    /// The journal of the operation that wrote this event, so recovery can tell a finished
+    /// operation whose journal outlived it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) journal: String,
 }
 
 /// An edit with its current state, for `log`.
@@ -89,26 +94,50 @@ pub(crate) fn summaries(git_dir: &Path) -> Result<Vec<EditSummary>, EditError> {
         Err(e) => return Err(EditError::io("read", &p, e)),
     };
     let mut out: Vec<EditSummary> = Vec::new();
-    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let Ok(entry) = serde_json::from_slice::<Entry>(line) else {
-            tracing::warn!(ledger = %p.display(), "skipping unreadable ledger line");
-            continue;
-        };
-        match out.iter_mut().find(|s| s.applied.edit == entry.edit) {
-            Some(s) => {
-                s.state = entry.event;
-                s.updated_at = entry.at;
+    let mut by_edit: HashMap<String, usize> = HashMap::new();
+    for entry in entries(&p, &text) {
+        match by_edit.get(&entry.edit) {
+            Some(&i) => {
+                out[i].state = entry.event;
+                out[i].updated_at = entry.at;
             }
-            None if entry.event == EventKind::Applied => out.push(EditSummary {
-                state: EventKind::Applied,
-                updated_at: entry.at,
-                applied: entry,
-            }),
+            None if entry.event == EventKind::Applied => {
+                by_edit.insert(entry.edit.clone(), out.len());
+                out.push(EditSummary {
+                    state: EventKind::Applied,
+                    updated_at: entry.at,
+                    applied: entry,
+                });
+            }
             None => {}
         }
     }
     out.reverse();
     Ok(out)
+}
+
+/// Whether an event written by the operation journalled as `journal` is in the ledger.
+pub(crate) fn mentions_journal(git_dir: &Path, journal: &str) -> Result<bool, EditError> {
+    let p = path(git_dir);
+    let text = match std::fs::read(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(EditError::io("read", &p, e)),
+    };
+    Ok(entries(&p, &text).any(|e| e.journal == journal))
+}
+
+/// The readable lines of the ledger at `p` (a torn last line after a crash is skipped).
+fn entries<'t>(p: &'t Path, text: &'t [u8]) -> impl Iterator<Item = Entry> + 't {
+    text.split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .filter_map(move |line| match serde_json::from_slice::<Entry>(line) {
+            Ok(entry) => Some(entry),
+            Err(_) => {
+                tracing::warn!(ledger = %p.display(), "skipping unreadable ledger line");
+                None
+            }
+        })
 }
 
 #[cfg(test)]
@@ -123,6 +152,7 @@ mod tests {
             source: "apply".into(),
             message: "m".into(),
             files: vec!["a".into()],
+            journal: String::new(),
         }
     }
 

@@ -251,11 +251,12 @@ pub(crate) struct Outcome {
 /// Parse, check and (unless dry-run) apply and record a patch.
 pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, EditError> {
     let parsed = patch::parse_any(&req.patch)?;
+    let mut targets = paths::Targets::new(ctx.workdir, ctx.repo);
     let mut writes: Vec<Write1> = Vec::new();
     for op in &parsed.ops {
         match op {
             patch::FileOp::Add { path, lines } => {
-                let rel = resolve(ctx, &req.cwd_prefix, path, Intent::Create)?;
+                let rel = resolve(&mut targets, &req.cwd_prefix, path, Intent::Create)?;
                 writes.push(Write1 {
                     path: rel.as_str().to_owned(),
                     before: None,
@@ -266,7 +267,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 });
             }
             patch::FileOp::Delete { path } => {
-                let rel = resolve(ctx, &req.cwd_prefix, path, Intent::Delete)?;
+                let rel = resolve(&mut targets, &req.cwd_prefix, path, Intent::Delete)?;
                 let current = read_text(ctx, &rel)?;
                 writes.push(Write1 {
                     path: rel.as_str().to_owned(),
@@ -279,7 +280,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 move_to,
                 chunks,
             } => {
-                let rel = resolve(ctx, &req.cwd_prefix, path, Intent::Modify)?;
+                let rel = resolve(&mut targets, &req.cwd_prefix, path, Intent::Modify)?;
                 let current = read_text(ctx, &rel)?;
                 let base = req.bases.get(rel.as_str()).unwrap_or(&current.bytes);
                 let edited =
@@ -298,7 +299,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 };
                 match move_to {
                     Some(dest) => {
-                        let dest = resolve(ctx, &req.cwd_prefix, dest, Intent::Create)?;
+                        let dest = resolve(&mut targets, &req.cwd_prefix, dest, Intent::Create)?;
                         writes.push(Write1 {
                             path: rel.as_str().to_owned(),
                             before: Some(current),
@@ -344,7 +345,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         message: req.message.clone(),
         time_ms,
     };
-    let jpath = commit_writes(ctx, operation, &writes)?;
+    let pending = commit_writes(ctx, operation, &writes)?;
     let changes: Vec<FileChange> = writes
         .iter()
         .map(|w| FileChange {
@@ -353,8 +354,16 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             after: w.after.clone(),
         })
         .collect();
-    let edit = finish_apply(ctx, false, &changes, &req.source, &req.message, time_ms)?;
-    journal::finish(&jpath, &ctx.env.failpoint);
+    let edit = finish_apply(
+        ctx,
+        false,
+        &pending.id,
+        &changes,
+        &req.source,
+        &req.message,
+        time_ms,
+    )?;
+    journal::finish(&pending, &ctx.env.failpoint);
     Ok(Outcome {
         edit: Some(record::edit_short_id(ctx.repo, edit)?),
         files,
@@ -371,9 +380,8 @@ fn commit_writes(
     ctx: &RepoCtx<'_>,
     operation: Operation,
     writes: &[Write1],
-) -> Result<PathBuf, EditError> {
+) -> Result<journal::Pending, EditError> {
     journal::commit(
-        ctx.repo,
         ctx.workdir,
         &ctx.env.journal_dir,
         operation,
@@ -387,6 +395,7 @@ fn commit_writes(
 fn finish_apply(
     ctx: &RepoCtx<'_>,
     recovering: bool,
+    journal_id: &str,
     changes: &[FileChange],
     source: &str,
     message: &str,
@@ -419,6 +428,7 @@ fn finish_apply(
                 source: source.to_owned(),
                 message: message.to_owned(),
                 files: changes.iter().map(|c| c.path.clone()).collect(),
+                journal: journal_id.to_owned(),
             },
             ctx.env.durability.fsync,
         )?;
@@ -497,7 +507,7 @@ pub(crate) fn revert(
         edit: hex.clone(),
         stash,
     };
-    let jpath = commit_writes(ctx, operation, &writes)?;
+    let pending = commit_writes(ctx, operation, &writes)?;
     let message = summary.map(|s| {
         if s.applied.message.is_empty() {
             &s.applied.source
@@ -510,9 +520,10 @@ pub(crate) fn revert(
         oid,
         stash,
         message.map(String::as_str).unwrap_or(""),
+        &pending.id,
         false,
     )?;
-    journal::finish(&jpath, &ctx.env.failpoint);
+    journal::finish(&pending, &ctx.env.failpoint);
     Ok(Outcome {
         edit: Some(short),
         files,
@@ -543,6 +554,7 @@ fn finish_revert(
     oid: Oid,
     stash: bool,
     message: &str,
+    journal_id: &str,
     recovering: bool,
 ) -> Result<(), EditError> {
     let hex = oid.to_string();
@@ -571,6 +583,7 @@ fn finish_revert(
                 source: String::new(),
                 message: String::new(),
                 files: Vec::new(),
+                journal: journal_id.to_owned(),
             },
             ctx.env.durability.fsync,
         )?;
@@ -625,8 +638,12 @@ pub(crate) fn recover(
     ctx: &RepoCtx<'_>,
     journal: &journal::Journal,
 ) -> Result<&'static str, EditError> {
-    if !journal::landed(ctx.repo, journal)? {
-        journal::rollback(ctx.repo, journal)?;
+    if ledger::mentions_journal(ctx.repo.path(), &journal.id)? {
+        // Finished and in the ledger; only the journal's retirement was lost.
+        return Ok("already finished");
+    }
+    if !journal::landed(journal)? {
+        journal::rollback(journal)?;
         return Ok("rolled back");
     }
     match &journal.operation {
@@ -635,20 +652,21 @@ pub(crate) fn recover(
             message,
             time_ms,
         } => {
-            let mut changes = Vec::new();
-            for f in &journal.files {
-                changes.push(FileChange {
+            let changes: Vec<FileChange> = journal
+                .files
+                .iter()
+                .map(|f| FileChange {
                     path: f.path.clone(),
-                    before: journal::load(ctx.repo, f.before)?,
-                    after: journal::load(ctx.repo, f.after)?,
-                });
-            }
-            finish_apply(ctx, true, &changes, source, message, *time_ms)?;
+                    before: f.before.clone(),
+                    after: f.after.clone(),
+                })
+                .collect();
+            finish_apply(ctx, true, &journal.id, &changes, source, message, *time_ms)?;
             Ok("completed")
         }
         Operation::Revert { edit, stash } => {
             let oid = Oid::from_str(edit).map_err(|e| EditError::git("read journal id", e))?;
-            finish_revert(ctx, oid, *stash, "", true)?;
+            finish_revert(ctx, oid, *stash, "", &journal.id, true)?;
             Ok("completed")
         }
     }
@@ -656,7 +674,7 @@ pub(crate) fn recover(
 
 /// Validate a patch path (relative to the client's cwd) and check its target.
 fn resolve(
-    ctx: &RepoCtx<'_>,
+    targets: &mut paths::Targets<'_>,
     cwd_prefix: &str,
     raw: &str,
     intent: Intent,
@@ -669,7 +687,7 @@ fn resolve(
         format!("{cwd_prefix}/{raw}")
     };
     let rel = paths::validate_rel_path(&joined)?;
-    paths::check_target(ctx.workdir, ctx.repo, &rel, intent)?;
+    targets.check(&rel, intent)?;
     Ok(rel)
 }
 

@@ -367,17 +367,63 @@ pub(crate) fn check_target(
     rel: &RelPath,
     intent: Intent,
 ) -> Result<PathBuf, PathError> {
+    Targets::new(workdir, repo).check(rel, intent)
+}
+
+/// [`check_target`] for the several paths of one request: the canonical worktree and git
+/// directory and the re-read index are looked up once, at the first check.
+pub(crate) struct Targets<'r> {
+    workdir: &'r Path,
+    repo: &'r git2::Repository,
+    looked_up: Option<(PathBuf, PathBuf, git2::Index)>,
+}
+
+impl<'r> Targets<'r> {
+    pub(crate) fn new(workdir: &'r Path, repo: &'r git2::Repository) -> Self {
+        Targets {
+            workdir,
+            repo,
+            looked_up: None,
+        }
+    }
+
+    /// See [`check_target`].
+    pub(crate) fn check(&mut self, rel: &RelPath, intent: Intent) -> Result<PathBuf, PathError> {
+        // First and without I/O: a deny-listed name is refused alike whether or not it exists,
+        // so the answer reveals nothing about the user's secrets.
+        if is_secret(rel) {
+            return Err(PathError::new(PathErrorKind::Secret, rel.as_str()));
+        }
+        let (workdir, repo) = (self.workdir, self.repo);
+        let (root, git_dir, index) = match &mut self.looked_up {
+            Some(l) => l,
+            slot => {
+                let path = rel.as_str();
+                let root = fs::canonicalize(workdir).map_err(|e| PathError::io(path, e))?;
+                let git_dir = fs::canonicalize(repo.path()).map_err(|e| PathError::io(path, e))?;
+                let mut index = repo.index().map_err(|e| PathError::git(path, e))?;
+                // `repo.index()` is cached per `Repository`: pick up what `git add` did since.
+                // This reads the user's index, never writes it.
+                index.read(false).map_err(|e| PathError::git(path, e))?;
+                slot.insert((root, git_dir, index))
+            }
+        };
+        check_one(workdir, repo, root, git_dir, index, rel, intent)
+    }
+}
+
+fn check_one(
+    workdir: &Path,
+    repo: &git2::Repository,
+    root: &Path,
+    git_dir: &Path,
+    index: &git2::Index,
+    rel: &RelPath,
+    intent: Intent,
+) -> Result<PathBuf, PathError> {
     use PathErrorKind as K;
     let path = rel.as_str();
     let refuse = |kind| PathError::new(kind, path);
-
-    // First and without I/O: a deny-listed name is refused alike whether or not it exists, so
-    // the answer reveals nothing about the user's secrets.
-    if is_secret(rel) {
-        return Err(refuse(K::Secret));
-    }
-    let root = fs::canonicalize(workdir).map_err(|e| PathError::io(path, e))?;
-    let git_dir = fs::canonicalize(repo.path()).map_err(|e| PathError::io(path, e))?;
 
     let components: Vec<&str> = rel.components().collect();
     let leaf_at = components.len().saturating_sub(1);
@@ -404,7 +450,7 @@ pub(crate) fn check_target(
             leaf = Some(meta);
         } else if file_type.is_symlink() {
             match fs::canonicalize(&on_disk) {
-                Ok(target) if target.starts_with(&root) && !target.starts_with(&git_dir) => {
+                Ok(target) if target.starts_with(root) && !target.starts_with(git_dir) => {
                     if !target.is_dir() {
                         return Err(refuse(K::NotADirectory));
                     }
@@ -418,19 +464,15 @@ pub(crate) fn check_target(
         }
     }
 
-    let resolved = resolve(workdir, &root, path, &components, present.min(leaf_at))?;
+    let resolved = resolve(workdir, root, path, &components, present.min(leaf_at))?;
     // The same path reached through symlinks: checked too, so that a link cannot launder a name.
     let real = (resolved.rel != *rel).then_some(&resolved.rel);
     if real.is_some_and(is_secret) {
         return Err(refuse(K::Secret));
     }
 
-    let mut index = repo.index().map_err(|e| PathError::git(path, e))?;
-    // `repo.index()` is cached per `Repository`: pick up what `git add` did since. This reads
-    // the user's index, never writes it.
-    index.read(false).map_err(|e| PathError::git(path, e))?;
     for candidate in [Some(rel), real].into_iter().flatten() {
-        if has_gitlink(&index, candidate) {
+        if has_gitlink(index, candidate) {
             return Err(refuse(K::Submodule));
         }
     }
@@ -439,7 +481,7 @@ pub(crate) fn check_target(
     let leaf_is_dir = leaf.as_ref().is_some_and(fs::Metadata::is_dir);
     let real_components: Vec<&str> = resolved.rel.components().collect();
     let probes = resolved.existing_dirs + usize::from(leaf_is_dir);
-    let mut probe = root.clone();
+    let mut probe = root.to_path_buf();
     for component in real_components.iter().take(probes) {
         probe.push(component);
         match fs::symlink_metadata(probe.join(".git")) {
@@ -450,7 +492,7 @@ pub(crate) fn check_target(
         }
     }
     for candidate in [Some(rel), real].into_iter().flatten() {
-        if is_ignored(repo, &index, candidate).map_err(|e| PathError::git(path, e))? {
+        if is_ignored(repo, index, candidate).map_err(|e| PathError::git(path, e))? {
             return Err(refuse(K::Ignored));
         }
     }

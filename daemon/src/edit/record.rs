@@ -2,7 +2,8 @@
 //! `git stash show -p <id>` prints exactly the edit and `git stash apply <id>` re-applies it.
 //! A record is three commits: B (HEAD's tree with the edited files in their pre-edit state),
 //! I (the "index commit", same tree as B) and W (B's tree with the post-edit states, parents
-//! [B, I]). Recording only ever writes objects and refs under `refs/spark/` (plus `refs/stash`
+//! [B, I]). When the edited files were unmodified against HEAD, B is HEAD itself, exactly as
+//! `git stash` does it, and only I and W are written. Recording only ever writes objects and refs under `refs/spark/` (plus `refs/stash`
 //! when asked): HEAD, the branch, the user's index and the worktree are never touched, and no
 //! hook or filter runs, because the edit has already landed on disk and the user's own git state
 //! belongs to the user. Every W is pinned under `refs/spark/pins/<hex>` so that neither gc nor
@@ -120,27 +121,37 @@ pub(crate) fn record_edit(
     // if the user commits while we work.
     let head = head_commit(repo)?;
     let before = changes.iter().map(|c| (c.path.as_str(), c.before.as_ref()));
-    let b_tree = match &head {
-        Some(commit) => updated_tree(repo, &commit.tree().during("read HEAD's tree")?, before)?,
-        None => tree_from_scratch(repo, before)?,
+    let sig = signature(repo, meta.time_ms)?;
+    let summary = summary_line(&meta.message);
+    let head_tree = head
+        .as_ref()
+        .map(|h| h.tree().during("read HEAD's tree"))
+        .transpose()?;
+    let b = match (&head, &head_tree) {
+        (Some(head), Some(tree)) if tree_holds(tree, changes)? => head.clone(),
+        _ => {
+            let b_tree = match &head_tree {
+                Some(tree) => updated_tree(repo, tree, before)?,
+                None => tree_from_scratch(repo, before)?,
+            };
+            let parents: Vec<&Commit<'_>> = head.iter().collect();
+            let b_id = repo
+                .commit(
+                    None,
+                    &sig,
+                    &sig,
+                    &format!("spark base: {summary}\n"),
+                    &b_tree,
+                    &parents,
+                )
+                .during("write the base commit")?;
+            repo.find_commit(b_id).during("read the base commit")?
+        }
     };
+    let b_tree = b.tree().during("read the base tree")?;
     let after = changes.iter().map(|c| (c.path.as_str(), c.after.as_ref()));
     let w_tree = updated_tree(repo, &b_tree, after)?;
 
-    let sig = signature(repo, meta.time_ms)?;
-    let summary = summary_line(&meta.message);
-    let parents: Vec<&Commit<'_>> = head.iter().collect();
-    let b_id = repo
-        .commit(
-            None,
-            &sig,
-            &sig,
-            &format!("spark base: {summary}\n"),
-            &b_tree,
-            &parents,
-        )
-        .during("write the base commit")?;
-    let b = repo.find_commit(b_id).during("read the base commit")?;
     // `git stash` insists on an index commit as W's second parent; the edit never staged
     // anything, so it carries B's tree and `git stash apply --index` stays a no-op for the index.
     let i_id = repo
@@ -451,7 +462,7 @@ fn tree_from_scratch<'r, 'a>(
     let mut files = Vec::new();
     for (path, state) in states {
         if let Some(state) = state {
-            let blob = repo.blob(&state.bytes).during("write a blob")?;
+            let blob = store_blob(repo, &state.bytes)?;
             files.push((path, path, blob, file_mode(path, state.mode)?));
         }
     }
@@ -508,7 +519,7 @@ fn updated_tree<'r, 'a>(
     for (path, state) in states {
         match state {
             Some(state) => {
-                let blob = repo.blob(&state.bytes).during("write a blob")?;
+                let blob = store_blob(repo, &state.bytes)?;
                 update.upsert(path, blob, file_mode(path, state.mode)?);
             }
             None => {
@@ -522,6 +533,47 @@ fn updated_tree<'r, 'a>(
     }
     let id = update.create_updated(repo, base).during("build a tree")?;
     repo.find_tree(id).during("read a built tree")
+}
+
+/// Whether `tree` already holds every change's before state (content and mode; absent where the
+/// file did not exist), so HEAD can serve as the base commit.
+fn tree_holds(tree: &Tree<'_>, changes: &[FileChange]) -> Result<bool, RecordError> {
+    for c in changes {
+        let entry = match tree.get_path(Path::new(&c.path)) {
+            Ok(entry) => Some(entry),
+            Err(err) if err.code() == ErrorCode::NotFound => None,
+            Err(err) => {
+                return Err(RecordError::Git {
+                    op: "read a tree entry",
+                    source: err,
+                });
+            }
+        };
+        let same = match (&c.before, entry) {
+            (None, None) => true,
+            (Some(state), Some(entry)) => {
+                entry.filemode() == i32::from(file_mode(&c.path, state.mode)?)
+                    && entry.id()
+                        == Oid::hash_object(ObjectType::Blob, &state.bytes).during("hash a blob")?
+            }
+            _ => false,
+        };
+        if !same {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Store `bytes` as a blob unless the object database has it already: an existing object is
+/// found by a lookup instead of being written to a temp file that is then thrown away.
+pub(crate) fn store_blob(repo: &Repository, bytes: &[u8]) -> Result<Oid, RecordError> {
+    let oid = Oid::hash_object(ObjectType::Blob, bytes).during("hash a blob")?;
+    let odb = repo.odb().during("open the object database")?;
+    if odb.exists(oid) {
+        return Ok(oid);
+    }
+    odb.write(ObjectType::Blob, bytes).during("write a blob")
 }
 
 fn tree_has(tree: &Tree<'_>, path: &str) -> Result<bool, RecordError> {
@@ -966,9 +1018,10 @@ mod tests {
         assert_eq!(edit_patch(&t.repo, edit).unwrap(), expected);
         assert_eq!(edit_changes(&t.repo, edit).unwrap(), changes);
 
-        // Stash shape: W^1 is B (parent HEAD), W^2 is I with B's tree.
+        // Stash shape: the edited files were unmodified, so W^1 is HEAD itself (as with
+        // `git stash`); W^2 is I with B's tree.
         let head = t.git(&["rev-parse", "HEAD"]);
-        assert_eq!(t.git(&["rev-parse", &format!("{edit}^1^")]), head);
+        assert_eq!(t.git(&["rev-parse", &format!("{edit}^1")]), head);
         assert_eq!(
             t.git(&["rev-parse", &format!("{edit}^2^{{tree}}")]),
             t.git(&["rev-parse", &format!("{edit}^1^{{tree}}")])
@@ -1053,6 +1106,49 @@ mod tests {
     }
 
     #[test]
+    fn a_base_commit_is_written_only_when_an_edited_file_differs_from_head() {
+        let t = repo_with_history();
+        let head = t.git(&["rev-parse", "HEAD"]);
+        // user.txt carries an uncommitted change: the base must hold it, on top of HEAD.
+        let changes = vec![change(
+            "user.txt",
+            file(b"u changed by the user\n"),
+            file(b"u changed by the user\nand by spark\n"),
+        )];
+        let edit = record(&t, &changes, "on top of the user's change");
+        let base = t.git(&["rev-parse", &format!("{edit}^1")]);
+        assert_ne!(base, head, "a separate base commit");
+        assert_eq!(t.git(&["rev-parse", &format!("{edit}^1^")]), head);
+        assert_eq!(
+            t.git(&["show", &format!("{edit}^1:user.txt")]),
+            "u changed by the user\n"
+        );
+        assert_eq!(
+            t.git(&["stash", "show", "-p", &t.short(edit)]),
+            edit_patch(&t.repo, edit).unwrap()
+        );
+        assert_eq!(edit_changes(&t.repo, edit).unwrap(), changes);
+
+        // An unmodified file: HEAD is the base, and only I and W are new commits.
+        let count = |t: &TestRepo| t.git(&["rev-list", "--all", "--count"]);
+        t.write("user.txt", b"u\n", MODE_FILE);
+        let before = count(&t);
+        let changes = vec![change(
+            "a.txt",
+            file(b"zero\none\ntwo\nthree\n"),
+            file(b"0\n"),
+        )];
+        let edit = record(&t, &changes, "on HEAD");
+        assert_eq!(t.git(&["rev-parse", &format!("{edit}^1")]), head);
+        assert_eq!(edit_changes(&t.repo, edit).unwrap(), changes);
+        assert_eq!(
+            count(&t).trim().parse::<u32>().unwrap(),
+            before.trim().parse::<u32>().unwrap() + 2
+        );
+        t.assert_fsck_clean();
+    }
+
+    #[test]
     fn detached_head_records_and_stashes() {
         let t = repo_with_history();
         t.git(&["checkout", "-q", "--detach"]);
@@ -1063,7 +1159,7 @@ mod tests {
         assert_eq!(user_state(&t), user_before);
         assert!(t.repo.head_detached().unwrap());
         assert_eq!(
-            t.git(&["rev-parse", &format!("{edit}^1^")]),
+            t.git(&["rev-parse", &format!("{edit}^1")]),
             t.git(&["rev-parse", "HEAD"])
         );
 
