@@ -72,12 +72,15 @@ fn cli_runs(
     run(); // starts the daemon, prewarms, first (unchained) turn
     let (mut wall, mut request, mut total, mut bytes) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ttft, mut apply) = (Vec::new(), Vec::new());
     for _ in 0..n {
         let (w, t) = run();
         wall.push(w.as_secs_f64() * 1e3);
         request.push(t["request_ms"].as_f64().unwrap_or(0.0));
         total.push(t["total_ms"].as_f64().unwrap_or(0.0));
         bytes.push(t["bytes_sent"].as_f64().unwrap_or(0.0));
+        ttft.push(t["ttft_ms"].as_f64().unwrap_or(0.0));
+        apply.push(t["apply_ms"].as_f64().unwrap_or(0.0));
         assert_eq!(t["chained"], label.contains("WebSocket"), "chaining: {t}");
     }
     out.push(stats(
@@ -89,6 +92,16 @@ fn cli_runs(
         &format!("daemon: request in -> response.create out, {label}"),
         "ms",
         request,
+    ));
+    out.push(stats(
+        &format!("daemon: response.create out -> first delta in, {label}"),
+        "ms",
+        ttft,
+    ));
+    out.push(stats(
+        &format!("daemon: apply + record (with fsync), {label}"),
+        "ms",
+        apply,
     ));
     out.push(stats(&format!("daemon: total, {label}"), "ms", total));
     out.push(stats(

@@ -1867,7 +1867,7 @@ async fn serve_post(
         let Some((at, last)) = plan.events.last() else {
             return false;
         };
-        tokio::time::sleep_until(start + *at).await;
+        until(start + *at).await;
         if let Commit::Keep {
             conversation,
             store: true,
@@ -1894,7 +1894,7 @@ async fn serve_post(
     let mut sent = 0usize;
     let mut events = plan.events.iter().peekable();
     while let Some((at, _)) = events.peek() {
-        tokio::time::sleep_until(start + *at).await;
+        until(start + *at).await;
         // Everything due now goes out in one write.
         let now = Instant::now();
         let mut chunk = String::new();
@@ -2035,6 +2035,15 @@ enum Flow {
     Stop,
 }
 
+/// Wait for `at`, returning at once when it is already due. (`sleep_until` rounds up to the
+/// timer's next millisecond tick, which would add up to a millisecond of fake latency to a
+/// zero-latency script.)
+async fn until(at: Instant) {
+    if at > Instant::now() {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 async fn serve_ws(shared: &Shared, mut ws: Ws, connection: u64) {
     let opened_at = Instant::now();
     let mut state = WsState::default();
@@ -2042,7 +2051,7 @@ async fn serve_ws(shared: &Shared, mut ws: Ws, connection: u64) {
         let next_at = state.schedule.front().map(|(at, _)| *at);
         tokio::select! {
             biased;
-            _ = tokio::time::sleep_until(next_at.unwrap_or(opened_at)), if next_at.is_some() => {
+            _ = until(next_at.unwrap_or(opened_at)), if next_at.is_some() => {
                 if let Flow::Stop = run_due_steps(shared, &mut ws, &mut state).await {
                     return;
                 }
