@@ -742,7 +742,12 @@ fn summarize(writes: &[Write1]) -> Result<(Vec<FileSummary>, String), EditError>
             git2::Patch::from_buffers(content(&w.before), old, content(&w.after), new, None)
                 .map_err(|e| EditError::git("diff", e))?;
         let (_, added, removed) = p.line_stats().map_err(|e| EditError::git("diff", e))?;
-        diff.extend_from_slice(&p.to_buf().map_err(|e| EditError::git("diff", e))?);
+        let text = p.to_buf().map_err(|e| EditError::git("diff", e))?;
+        diff.extend_from_slice(&git_header(w)?);
+        // libgit2 diffs two buffers as a modification; keep its hunks, not its header.
+        if let Some(at) = find_hunks(&text) {
+            diff.extend_from_slice(&text[at..]);
+        }
         let change = match (&w.before, &w.after) {
             (None, _) => "added",
             (_, None) => "deleted",
@@ -756,6 +761,64 @@ fn summarize(writes: &[Write1]) -> Result<(Vec<FileSummary>, String), EditError>
         });
     }
     Ok((files, String::from_utf8_lossy(&diff).into_owned()))
+}
+
+/// The header `git diff` prints for one file of an edit: `new file mode`/`deleted file mode`,
+/// `old mode`/`new mode`, abbreviated blob ids, and `/dev/null` sides.
+fn git_header(w: &Write1) -> Result<Vec<u8>, EditError> {
+    const NONE: &str = "0000000";
+    let abbrev = |s: &FileState| -> Result<String, EditError> {
+        let oid = git2::Oid::hash_object(git2::ObjectType::Blob, &s.bytes)
+            .map_err(|e| EditError::git("hash", e))?;
+        Ok(oid.to_string()[..7].to_owned())
+    };
+    let path = &w.path;
+    let mut h = format!("diff --git a/{path} b/{path}\n");
+    let has_text = |s: &FileState| !s.bytes.is_empty();
+    match (&w.before, &w.after) {
+        (None, Some(after)) => {
+            h += &format!(
+                "new file mode {:o}\nindex {NONE}..{}\n",
+                after.mode,
+                abbrev(after)?
+            );
+            if has_text(after) {
+                h += &format!("--- /dev/null\n+++ b/{path}\n");
+            }
+        }
+        (Some(before), None) => {
+            h += &format!(
+                "deleted file mode {:o}\nindex {}..{NONE}\n",
+                before.mode,
+                abbrev(before)?
+            );
+            if has_text(before) {
+                h += &format!("--- a/{path}\n+++ /dev/null\n");
+            }
+        }
+        (Some(before), Some(after)) => {
+            if before.mode != after.mode {
+                h += &format!("old mode {:o}\nnew mode {:o}\n", before.mode, after.mode);
+            }
+            if before.bytes != after.bytes {
+                h += &format!("index {}..{}", abbrev(before)?, abbrev(after)?);
+                if before.mode == after.mode {
+                    h += &format!(" {:o}", after.mode);
+                }
+                h += &format!("\n--- a/{path}\n+++ b/{path}\n");
+            }
+        }
+        (None, None) => {}
+    }
+    Ok(h.into_bytes())
+}
+
+/// Where the first hunk of a libgit2 patch text starts.
+fn find_hunks(text: &[u8]) -> Option<usize> {
+    if text.starts_with(b"@@") {
+        return Some(0);
+    }
+    text.windows(3).position(|w| w == b"\n@@").map(|at| at + 1)
 }
 
 fn content(s: &Option<FileState>) -> &[u8] {

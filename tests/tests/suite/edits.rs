@@ -376,6 +376,25 @@ fn dry_run_shows_the_diff_and_writes_nothing() {
         r.diff
     );
     assert_eq!(snapshot(repo.path()), before);
+
+    // The preview is the diff git itself prints for the edit once applied (file by file: the
+    // preview follows the patch's order, git sorts by path).
+    let sections = |diff: &str| {
+        let mut v: Vec<String> = diff
+            .split("diff --git ")
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    };
+    let id = apply(&mut c, &repo.cwd(), THREE_FILE_PATCH, "m")
+        .expect("apply")
+        .edit
+        .expect("id");
+    let git = repo.git(&["stash", "show", "-p", &id]);
+    assert!(git.contains("new file mode 100644") && git.contains("deleted file mode 100644"));
+    assert_eq!(sections(&r.diff), sections(&git));
 }
 
 #[test]
