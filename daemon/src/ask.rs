@@ -51,6 +51,7 @@ pub(crate) struct Asks {
     shutdown: CancellationToken,
     convs: Mutex<HashMap<PathBuf, Arc<Conversation>>>,
     watchers: Watchers,
+    events: tokio::sync::broadcast::Sender<spark_proto::events::Event>,
 }
 
 #[derive(Debug)]
@@ -88,6 +89,7 @@ impl Asks {
         tracker: TaskTracker,
         shutdown: CancellationToken,
         watchers: Watchers,
+        events: tokio::sync::broadcast::Sender<spark_proto::events::Event>,
     ) -> Asks {
         Asks {
             url: config.provider_url.clone(),
@@ -97,6 +99,7 @@ impl Asks {
             shutdown,
             convs: Mutex::new(HashMap::new()),
             watchers,
+            events,
         }
     }
 
@@ -164,6 +167,13 @@ impl Asks {
             SessionConfig::new(self.url.clone(), self.api_key.clone(), self.model.clone());
         config.instructions = INSTRUCTIONS.to_owned();
         config.prompt_cache_key = Some(format!("spark:{}", workdir.display()));
+        let (events, repo) = (self.events.clone(), workdir.display().to_string());
+        config.on_state = Some(Arc::new(move |state| {
+            let _ = events.send(spark_proto::events::Event::SessionState {
+                repo: repo.clone(),
+                state: state.as_str().to_owned(),
+            });
+        }));
         let session = crate::provider::spawn(config, &self.tracker, self.shutdown.clone()).map_err(|e| {
             RpcError::new(ErrorCode::Provider, format!("bad provider URL {}: {e}", self.url))
                 .with_hint("set SPARK_PROVIDER_URL to a ws://, wss://, http:// or https:// Responses endpoint")

@@ -84,6 +84,13 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
     );
     // Repositories watched before the restart are watched again, in the background.
     watchers.restore();
+    let asks = Arc::new(crate::ask::Asks::new(
+        &config,
+        tracker.clone(),
+        shutdown.clone(),
+        watchers.clone(),
+        events.clone(),
+    ));
     let shared = Arc::new(Shared {
         started: Instant::now(),
         started_at_ms: unix_ms(),
@@ -93,12 +100,7 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         connections: watch::Sender::new(0),
         next_conn: AtomicU64::new(1),
         repos: Repos::new(edit_env(&config)),
-        asks: Arc::new(crate::ask::Asks::new(
-            &config,
-            tracker.clone(),
-            shutdown.clone(),
-            watchers.clone(),
-        )),
+        asks,
         watchers,
         config,
     });

@@ -64,6 +64,40 @@ const MAX_ATTEMPTS: u8 = 3;
 /// leaves a call unanswered.
 const UNANSWERED_TOOL_OUTPUT: &str = "The tool call was not executed.";
 
+/// What a session's connection just did, for the `session_state` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SessionState {
+    /// Connected in WebSocket mode.
+    ConnectedWebSocket,
+    /// Connected over HTTP + SSE (configured, or after a fallback).
+    ConnectedHttp,
+    /// The WebSocket upgrade was refused; HTTP + SSE from now on.
+    FellBackToHttp,
+    /// The connection was lost; it is reopened when needed (or in the background).
+    Lost,
+    /// Connecting failed; retried with backoff.
+    ConnectFailed,
+    /// The connection is replaced before the provider's age limit.
+    Rotating,
+}
+
+impl SessionState {
+    /// The `state` string of the `session_state` event.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            SessionState::ConnectedWebSocket => "connected_websocket",
+            SessionState::ConnectedHttp => "connected_http",
+            SessionState::FellBackToHttp => "fell_back_to_http",
+            SessionState::Lost => "lost",
+            SessionState::ConnectFailed => "connect_failed",
+            SessionState::Rotating => "rotating",
+        }
+    }
+}
+
+/// Called on every connection state change (from the session task; must not block).
+pub(crate) type StateHook = Arc<dyn Fn(SessionState) + Send + Sync>;
+
 /// How a session connects and what it sends with every request.
 #[derive(Clone)]
 pub(crate) struct SessionConfig {
@@ -83,6 +117,7 @@ pub(crate) struct SessionConfig {
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_cap: Duration,
     pub(crate) max_background_attempts: u32,
+    pub(crate) on_state: Option<StateHook>,
 }
 
 impl SessionConfig {
@@ -106,6 +141,7 @@ impl SessionConfig {
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_cap: DEFAULT_BACKOFF_CAP,
             max_background_attempts: DEFAULT_MAX_BACKGROUND_ATTEMPTS,
+            on_state: None,
         }
     }
 }
@@ -924,6 +960,11 @@ impl Session {
                     ping: None,
                     pong_deadline: None,
                 });
+                self.report(if ws {
+                    SessionState::ConnectedWebSocket
+                } else {
+                    SessionState::ConnectedHttp
+                });
                 if ws {
                     // A first RTT sample for `status`, at no cost to the first turn.
                     self.send_ping().await;
@@ -937,6 +978,7 @@ impl Session {
                     warn!(error = %e, url = fallback.url(), "WebSocket mode refused; falling back to HTTP + SSE");
                     self.endpoint = fallback;
                     self.fell_back = true;
+                    self.report(SessionState::FellBackToHttp);
                     self.start_connect();
                 }
                 None => self.connect_failed(e),
@@ -945,8 +987,16 @@ impl Session {
         }
     }
 
+    /// Tell the state hook, if any.
+    fn report(&self, state: SessionState) {
+        if let Some(hook) = &self.config.on_state {
+            hook(state);
+        }
+    }
+
     fn connect_failed(&mut self, e: TransportError) {
         warn!(error = %e, url = self.endpoint.url(), "provider connect failed");
+        self.report(SessionState::ConnectFailed);
         let message = e.to_string();
         self.last_error = Some(message.clone());
         // Waiting callers learn it now instead of waiting through the backoff.
@@ -1040,6 +1090,7 @@ impl Session {
         let idle = self.inflight.is_none() && self.queue.is_empty();
         if idle && now.saturating_duration_since(live.connected_at) >= self.config.rotate_after {
             info!("rotating the provider connection before its age limit");
+            self.report(SessionState::Rotating);
             self.drop_live();
             self.rewarm_on_connect = true;
             self.start_connect();
@@ -1086,6 +1137,7 @@ impl Session {
     /// otherwise fail it; reconnect now if work waits, else in the background.
     fn connection_lost(&mut self, reason: String) {
         warn!(%reason, "provider connection lost");
+        self.report(SessionState::Lost);
         self.last_error = Some(reason.clone());
         if let Some(live) = self.live.take() {
             live.conn.close();
@@ -1116,6 +1168,7 @@ impl Session {
                     && l.connected_at.elapsed() >= self.config.rotate_after
             }) {
                 info!("rotating the provider connection before its age limit");
+                self.report(SessionState::Rotating);
                 self.drop_live();
                 self.rewarm_on_connect = true;
             }

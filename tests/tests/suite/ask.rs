@@ -295,6 +295,73 @@ fn the_session_recovers_after_the_provider_restarts() {
     );
 }
 
+/// `session_state` events a subscriber hears until the `n`th `edit_applied` event.
+fn session_states_until_edit(sub: &mut Client, n: usize) -> Vec<String> {
+    let (mut states, mut edits) = (Vec::new(), 0);
+    while edits < n {
+        let note = sub.next_notification().expect("event");
+        let p = note.params.expect("params");
+        match p["type"].as_str() {
+            Some("session_state") => states.push(p["state"].as_str().expect("state").to_owned()),
+            Some("edit_applied") => edits += 1,
+            _ => {}
+        }
+    }
+    states
+}
+
+#[test]
+fn subscribers_hear_sessions_connect_drop_and_fall_back() {
+    let p = Provider::start(
+        Script::new().turns([Turn::apply_patch(PATCH_ONE), Turn::apply_patch(PATCH_TWO)]),
+    );
+    let d = p.daemon(true);
+    let repo = repo();
+    let mut sub = d.client();
+    sub.call::<spark_proto::methods::Subscribe>(&Default::default())
+        .expect("subscribe");
+    let mut c = d.client();
+    ask(&mut c, &params(&repo, "one", &["src/lib.rs"]))
+        .0
+        .expect("first");
+    assert_eq!(
+        session_states_until_edit(&mut sub, 1),
+        ["connected_websocket"]
+    );
+    p.fake.restart();
+    ask(&mut c, &params(&repo, "two", &["src/lib.rs"]))
+        .0
+        .expect("after the restart");
+    let states = session_states_until_edit(&mut sub, 1);
+    assert_eq!(
+        (
+            states.first().map(String::as_str),
+            states.last().map(String::as_str)
+        ),
+        (Some("lost"), Some("connected_websocket")),
+        "{states:?}"
+    );
+
+    let p = Provider::start(
+        Script::new()
+            .refuse_websocket()
+            .turns([Turn::apply_patch(PATCH_ONE)]),
+    );
+    let d = p.daemon(true);
+    let repo = self::repo();
+    let mut sub = d.client();
+    sub.call::<spark_proto::methods::Subscribe>(&Default::default())
+        .expect("subscribe");
+    let mut c = d.client();
+    ask(&mut c, &params(&repo, "one", &["src/lib.rs"]))
+        .0
+        .expect("over SSE");
+    assert_eq!(
+        session_states_until_edit(&mut sub, 1),
+        ["fell_back_to_http", "connected_http"]
+    );
+}
+
 #[test]
 fn the_connection_is_replaced_at_the_lifetime_limit() {
     let p =
