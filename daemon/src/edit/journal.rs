@@ -33,6 +33,8 @@ const JOURNAL_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"SPARKJ2\n";
 /// Length of the trailing checksum (a SHA-1 over everything before it).
 const CHECKSUM_LEN: usize = 20;
+/// A slot larger than this is cut back to the journal being written when that is much smaller.
+const SLOT_KEEP_BYTES: u64 = 1 << 20;
 /// File name extension of journal slots.
 const SLOT_EXT: &str = "journal";
 
@@ -332,7 +334,19 @@ fn save(
         }
         Err(e) => return Err(EditError::io("open journal", slot, e)),
     };
+    // The slot only grows, so an edit of a huge file would otherwise pin that size forever.
+    let shrink = f
+        .metadata()
+        .map(|m| m.len() > SLOT_KEEP_BYTES && m.len() > 2 * bytes.len() as u64)
+        .unwrap_or(false);
     f.write_all_at(bytes, 0)
+        .and_then(|()| {
+            if shrink {
+                f.set_len(bytes.len() as u64)
+            } else {
+                Ok(())
+            }
+        })
         .and_then(|()| {
             if durability.fsync {
                 f.sync_data()
@@ -776,6 +790,28 @@ mod tests {
             super::super::ledger::summaries(repo.path()).unwrap().len(),
             1
         );
+    }
+
+    #[test]
+    fn a_slot_is_rewritten_in_place_and_cut_back_after_a_huge_journal() {
+        let jdir = tempfile::tempdir().unwrap();
+        let slot = slot_path(jdir.path(), Path::new("/some/repo"));
+        let fsync = Durability { fsync: false };
+        let small = encode(&sample()).unwrap();
+        save(jdir.path(), &slot, &small, fsync).unwrap();
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&slot).unwrap());
+        let huge = vec![7u8; 3 << 20];
+        save(jdir.path(), &slot, &huge, fsync).unwrap();
+        assert_eq!(std::fs::metadata(&slot).unwrap().len(), huge.len() as u64);
+        save(jdir.path(), &slot, &small, fsync).unwrap();
+        let meta = std::fs::metadata(&slot).unwrap();
+        assert_eq!(meta.len(), small.len() as u64, "cut back");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&meta),
+            ino,
+            "same file throughout"
+        );
+        assert_eq!(decode(&std::fs::read(&slot).unwrap()), Ok(Some(sample())));
     }
 
     #[test]
