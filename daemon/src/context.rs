@@ -2,7 +2,8 @@
 //!
 //! The first turn of a conversation carries a compact outline of the repository and the focus
 //! files; later turns carry only what changed since the model last saw it (a small diff for a
-//! focused file the user edited). Every file read for the model goes through the same checks as
+//! focused file the user edited). Without focus files, spark picks them from memory: the files
+//! the prompt names or whose top-level names it mentions, and the ones the user changed last. Every file read for the model goes through the same checks as
 //! an edit target — never `.git`, a git-ignored file, a deny-listed secret, a binary or an
 //! oversized file — even when the user names it. Runs on the repository actor.
 
@@ -21,6 +22,14 @@ pub(crate) const MAX_FILE_BYTES: usize = 256 * 1024;
 const OUTLINE_MAX_PATHS: usize = 2000;
 /// Recently changed files named when the user focuses none.
 const RECENT_FILES: usize = 5;
+/// Of those, how many are sent whole (if they fit).
+const RECENT_WHOLE: usize = 2;
+/// Files the prompt points at that are sent whole when the user focuses none.
+const AUTO_FILES: usize = 3;
+/// Files chosen by spark (not named by the user) are sent whole only up to this size each…
+const AUTO_MAX_FILE_BYTES: usize = 32 * 1024;
+/// …and until this much has been added for them in one request.
+const AUTO_MAX_BYTES: usize = 48 * 1024;
 /// Lines of context shown around a focused line range.
 const RANGE_MARGIN: u32 = 3;
 
@@ -57,92 +66,147 @@ pub(crate) fn assemble(
         } else {
             format!("{cwd_prefix}/{}", f.path)
         };
-        let refuse = |e: paths::PathError| {
-            RpcError::new(
-                ErrorCode::EditRejected,
-                format!("cannot show {} to the model: {e}", f.path),
-            )
-            .with_kind(format!("path_{}", e.code()))
-            .with_path(f.path.clone())
-        };
-        let rel = paths::validate_rel_path(&joined).map_err(refuse)?;
-        let abs =
-            paths::check_target(ctx.workdir, ctx.repo, &rel, Intent::Modify).map_err(refuse)?;
-        // Watched: the cache serves it from memory (it re-checks the file's metadata first).
-        let cached = watchers.file(ctx.workdir, rel.as_str()).map(|f| f.bytes);
-        let bytes = match cached {
-            Some(b) => b,
-            None => journal::read_state(&abs)
-                .map_err(|e| {
-                    RpcError::new(ErrorCode::Internal, format!("cannot read {}: {e}", rel))
-                })?
-                .map(|s| s.bytes)
-                .unwrap_or_default(),
-        };
-        let reject = |why: &str, kind: &str| {
-            RpcError::new(
-                ErrorCode::EditRejected,
-                format!("cannot show {} to the model: {why}", f.path),
-            )
-            .with_kind(kind)
-            .with_path(f.path.clone())
-        };
-        if bytes.len() > MAX_FILE_BYTES {
-            return Err(reject(
-                &format!(
-                    "it is {} bytes, over the {MAX_FILE_BYTES}-byte limit",
-                    bytes.len()
-                ),
-                "too_large",
-            ));
-        }
-        let Ok(text) = std::str::from_utf8(&bytes) else {
-            return Err(reject("it is not text", "binary_target"));
-        };
-        if bytes.contains(&0) {
-            return Err(reject("it is not text", "binary_target"));
-        }
-        let path = rel.as_str();
-        let before = out.text.len();
-        match seen.get(path) {
-            Some(old) if *old == bytes => {
-                out.text += &format!("\n`{path}` is unchanged since you last saw it.\n")
-            }
-            Some(old) => {
-                out.text += &format!(
-                    "\n`{path}` changed since you last saw it:\n```diff\n{}```\n",
-                    diff(old, &bytes)
-                )
-            }
-            None => {
-                out.text += &format!(
-                    "\n`{path}`:\n```\n{text}{}```\n",
-                    if text.ends_with('\n') || text.is_empty() {
-                        ""
-                    } else {
-                        "\n"
-                    }
-                )
-            }
-        }
-        if let (Some(start), Some(end)) = (f.start_line, f.end_line) {
-            out.text += &range_note(path, text, start, end);
-        }
-        out.audit.push((path.to_owned(), out.text.len() - before));
-        out.seen.insert(path.to_owned(), bytes);
+        let range = f.start_line.zip(f.end_line);
+        add_file(
+            &mut out,
+            ctx,
+            watchers,
+            &joined,
+            &f.path,
+            seen,
+            range,
+            MAX_FILE_BYTES,
+        )?;
     }
     if focus.is_empty() {
-        // No file named: say where the user has been working (names only, no content).
+        // No file named: the files the prompt points at, then the ones the user changed most
+        // recently, whole while they fit; the names of a few more recent ones.
+        let related = watchers.related(ctx.workdir, prompt, AUTO_FILES);
         let recent = watchers.recently_changed(ctx.workdir, RECENT_FILES);
-        if !recent.is_empty() {
+        let mut sent = 0usize;
+        let mut named = Vec::new();
+        for path in related.iter().chain(recent.iter().take(RECENT_WHOLE)) {
+            if out.seen.contains_key(path.as_str()) || sent >= AUTO_MAX_BYTES {
+                continue;
+            }
+            let before = out.text.len();
+            match add_file(
+                &mut out,
+                ctx,
+                watchers,
+                path,
+                path,
+                seen,
+                None,
+                AUTO_MAX_FILE_BYTES,
+            ) {
+                Ok(()) => sent += out.text.len() - before,
+                // Chosen by spark, not the user: a file that cannot be shown is just left out.
+                Err(e) => tracing::debug!(path, error = %e.message, "not adding a related file"),
+            }
+        }
+        named.extend(
+            recent
+                .iter()
+                .filter(|p| !out.seen.contains_key(p.as_str()))
+                .cloned(),
+        );
+        if !named.is_empty() {
             out.text += &format!(
                 "\nFiles the user changed most recently: {}\n",
-                recent.join(", ")
+                named.join(", ")
             );
         }
     }
     out.text += &format!("\nRequest: {prompt}\n");
     Ok(out)
+}
+
+/// Add the file at `joined` (repo-relative; `shown` is how the user wrote it) to `out`: whole
+/// the first time, as a diff against what the model saw, or as "unchanged"; through the same
+/// checks as an edit target.
+#[allow(clippy::too_many_arguments)]
+fn add_file(
+    out: &mut Assembled,
+    ctx: &RepoCtx<'_>,
+    watchers: &Watchers,
+    joined: &str,
+    shown: &str,
+    seen: &HashMap<String, Vec<u8>>,
+    range: Option<(u32, u32)>,
+    max_bytes: usize,
+) -> Result<(), RpcError> {
+    let refuse = |e: paths::PathError| {
+        RpcError::new(
+            ErrorCode::EditRejected,
+            format!("cannot show {shown} to the model: {e}"),
+        )
+        .with_kind(format!("path_{}", e.code()))
+        .with_path(shown.to_owned())
+    };
+    let rel = paths::validate_rel_path(joined).map_err(refuse)?;
+    let abs = paths::check_target(ctx.workdir, ctx.repo, &rel, Intent::Modify).map_err(refuse)?;
+    // Watched: the cache serves it from memory (it re-checks the file's metadata first).
+    let cached = watchers.file(ctx.workdir, rel.as_str()).map(|f| f.bytes);
+    let bytes = match cached {
+        Some(b) => b,
+        None => journal::read_state(&abs)
+            .map_err(|e| RpcError::new(ErrorCode::Internal, format!("cannot read {}: {e}", rel)))?
+            .map(|s| s.bytes)
+            .unwrap_or_default(),
+    };
+    let reject = |why: &str, kind: &str| {
+        RpcError::new(
+            ErrorCode::EditRejected,
+            format!("cannot show {shown} to the model: {why}"),
+        )
+        .with_kind(kind)
+        .with_path(shown.to_owned())
+    };
+    if bytes.len() > max_bytes {
+        return Err(reject(
+            &format!(
+                "it is {} bytes, over the {max_bytes}-byte limit",
+                bytes.len()
+            ),
+            "too_large",
+        ));
+    }
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return Err(reject("it is not text", "binary_target"));
+    };
+    if bytes.contains(&0) {
+        return Err(reject("it is not text", "binary_target"));
+    }
+    let path = rel.as_str();
+    let before = out.text.len();
+    match seen.get(path) {
+        Some(old) if *old == bytes => {
+            out.text += &format!("\n`{path}` is unchanged since you last saw it.\n")
+        }
+        Some(old) => {
+            out.text += &format!(
+                "\n`{path}` changed since you last saw it:\n```diff\n{}```\n",
+                diff(old, &bytes)
+            )
+        }
+        None => {
+            out.text += &format!(
+                "\n`{path}`:\n```\n{text}{}```\n",
+                if text.ends_with('\n') || text.is_empty() {
+                    ""
+                } else {
+                    "\n"
+                }
+            )
+        }
+    }
+    if let Some((start, end)) = range {
+        out.text += &range_note(path, text, start, end);
+    }
+    out.audit.push((path.to_owned(), out.text.len() - before));
+    out.seen.insert(path.to_owned(), bytes);
+    Ok(())
 }
 
 /// "Focus on lines 40-60" with those lines (plus a small margin) quoted.

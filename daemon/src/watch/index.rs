@@ -42,6 +42,9 @@ pub(crate) struct Changes {
 pub(crate) struct View {
     pub(crate) files: BTreeMap<String, Entry>,
     pub(crate) outline: Arc<str>,
+    /// (hash of a top-level symbol's name, ordinal of its file in `files`), sorted: which files
+    /// define a name the prompt mentions, in a few bytes per symbol. Rebuilt with the outline.
+    symbol_index: Vec<(u64, u32)>,
     /// Incremented once per batch that changed something the user did.
     pub(crate) seq: u64,
     log: VecDeque<(u64, Vec<String>)>,
@@ -132,7 +135,180 @@ impl View {
 
     pub(crate) fn rebuild_outline(&mut self) {
         self.outline = outline(&self.files).into();
+        let mut index = Vec::new();
+        for (ordinal, e) in (0u32..).zip(self.files.values()) {
+            for name in symbol_names(&e.meta.symbols) {
+                index.push((name_hash(name), ordinal));
+            }
+        }
+        index.sort_unstable();
+        index.dedup();
+        index.shrink_to_fit();
+        self.symbol_index = index;
     }
+
+    /// Text files the prompt points at, best first, at most `limit`: files it names (by path,
+    /// or by a file name with its extension), then files defining names it mentions. A name
+    /// written like code (`mean()`, `` `parse` ``, `snake_case`, `camelCase`, `a::b`) counts on
+    /// its own; two plain words must meet in one file. Names defined in many files say nothing
+    /// and are skipped. No disk access: the symbol index and the file list are in memory.
+    pub(crate) fn related(&self, prompt: &str, limit: usize) -> Vec<String> {
+        /// A name defined in more files than this is too common to point anywhere.
+        const MAX_DEFINITIONS: usize = 8;
+        const NAMED: u32 = 100;
+        const CODE_WORD: u32 = 3;
+        const PLAIN_WORD: u32 = 1;
+        const ENOUGH: u32 = 2 * PLAIN_WORD;
+        let words = prompt_words(prompt);
+        let mut score: HashMap<u32, u32> = HashMap::new();
+        for w in &words {
+            let h = name_hash(w.text);
+            let from = self.symbol_index.partition_point(|&(x, _)| x < h);
+            let hits: Vec<u32> = self.symbol_index[from..]
+                .iter()
+                .take_while(|&&(x, _)| x == h)
+                .map(|&(_, o)| o)
+                .collect();
+            if hits.len() > MAX_DEFINITIONS {
+                continue;
+            }
+            for o in hits {
+                *score.entry(o).or_default() += if w.code { CODE_WORD } else { PLAIN_WORD };
+            }
+        }
+        let named: Vec<&str> = words.iter().filter(|w| w.path).map(|w| w.text).collect();
+        if named.is_empty() && !score.values().any(|&s| s >= ENOUGH) {
+            return Vec::new();
+        }
+        let mut picked: Vec<(u32, u32)> = Vec::new();
+        for (ordinal, (path, e)) in (0u32..).zip(&self.files) {
+            if !matches!(e.meta.kind, Kind::Text(_)) {
+                continue;
+            }
+            let mut s = score.get(&ordinal).copied().unwrap_or(0);
+            if named.iter().any(|n| names_file(path, n)) {
+                s += NAMED;
+            }
+            if s >= ENOUGH {
+                picked.push((s, ordinal));
+            }
+        }
+        // Best first; among equals, the order of `files` (by path).
+        picked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        picked.truncate(limit);
+        let wanted: HashMap<u32, usize> = picked
+            .iter()
+            .enumerate()
+            .map(|(rank, &(_, o))| (o, rank))
+            .collect();
+        let mut out = vec![String::new(); picked.len()];
+        for (ordinal, path) in (0u32..).zip(self.files.keys()) {
+            if let Some(&rank) = wanted.get(&ordinal) {
+                out[rank] = path.clone();
+            }
+        }
+        out
+    }
+}
+
+/// A word of the prompt that may point at a file.
+#[derive(Debug, PartialEq, Eq)]
+struct Word<'p> {
+    text: &'p str,
+    /// Written like code: a call, in backticks, with `_`, `::` or inner capitals.
+    code: bool,
+    /// Looks like a path or a file name (`src/lib.rs`, `stats.py`).
+    path: bool,
+}
+
+fn prompt_words(prompt: &str) -> Vec<Word<'_>> {
+    let is_ident = |c: char| c.is_alphanumeric() || c == '_';
+    let mut out: Vec<Word<'_>> = Vec::new();
+    fn push<'p>(w: Word<'p>, out: &mut Vec<Word<'p>>) {
+        match out.iter_mut().find(|o| o.text == w.text) {
+            Some(o) => {
+                o.code |= w.code;
+                o.path |= w.path;
+            }
+            None => out.push(w),
+        }
+    }
+    // Path-like tokens: runs of identifier characters, `.`, `/` and `-` with a dot or slash.
+    for token in prompt.split(|c: char| !(is_ident(c) || matches!(c, '.' | '/' | '-'))) {
+        let token = token.trim_matches(|c| matches!(c, '.' | '-' | '/'));
+        let has_ext = token
+            .rsplit_once('.')
+            .is_some_and(|(stem, ext)| !stem.is_empty() && ext.chars().any(char::is_alphabetic));
+        if has_ext || token.contains('/') {
+            push(
+                Word {
+                    text: token,
+                    code: false,
+                    path: true,
+                },
+                &mut out,
+            );
+        }
+    }
+    // Identifiers, with what surrounds them.
+    let bytes = prompt.as_bytes();
+    let mut start = None;
+    for (i, c) in prompt.char_indices().chain([(prompt.len(), ' ')]) {
+        match (start, is_ident(c)) {
+            (None, true) => start = Some(i),
+            (Some(s), false) => {
+                start = None;
+                let text = &prompt[s..i];
+                if text.chars().count() < 3 || text.chars().all(|c| c.is_ascii_digit()) {
+                    continue;
+                }
+                let before = s.checked_sub(1).map(|b| bytes[b]);
+                let after = bytes.get(i).copied();
+                let inner_capital = text.chars().skip(1).any(char::is_uppercase)
+                    && text.chars().any(char::is_lowercase);
+                let code = text.contains('_')
+                    || inner_capital
+                    || after == Some(b'(')
+                    || (before == Some(b'`') && after == Some(b'`'))
+                    || after == Some(b':') && bytes.get(i + 1) == Some(&b':')
+                    || before == Some(b':') && s >= 2 && bytes[s - 2] == b':';
+                push(
+                    Word {
+                        text,
+                        code,
+                        path: false,
+                    },
+                    &mut out,
+                );
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether `name` (from the prompt) names the file at `path`: the whole path, a tail of it at
+/// a `/`, or its file name.
+fn names_file(path: &str, name: &str) -> bool {
+    path == name
+        || path
+            .strip_suffix(name)
+            .is_some_and(|head| head.ends_with('/'))
+}
+
+/// The names in an outline symbol string (`fn run, struct Config` → `run`, `Config`).
+fn symbol_names(symbols: &str) -> impl Iterator<Item = &str> {
+    symbols
+        .split(", ")
+        .filter_map(|entry| entry.rsplit(' ').next())
+        .filter(|name| !name.is_empty())
+}
+
+/// FNV-1a: a small, fast hash for the symbol index (collisions only cost a wrong guess).
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The outline: files grouped by directory, with top-level symbols while they fit the budget.
@@ -202,6 +378,67 @@ mod tests {
             },
             since,
         }
+    }
+
+    fn view(files: &[(&str, &[&str])]) -> View {
+        let mut v = View::default();
+        for (path, symbols) in files {
+            v.files.insert((*path).to_owned(), entry(symbols, 0));
+        }
+        v.rebuild_outline();
+        v
+    }
+
+    #[test]
+    fn the_prompt_points_at_files_by_name_and_by_the_names_they_define() {
+        let v = view(&[
+            ("stats.py", &["def mean", "def median"]),
+            ("lists.py", &["def empty", "def list"]),
+            ("src/lib.rs", &["fn parse_config", "struct Config"]),
+            ("src/main.rs", &["fn main"]),
+            ("docs/readme.md", &[]),
+        ]);
+        // A call names `mean`; plain words (`empty`, `list`) only count together.
+        assert_eq!(
+            v.related("make mean() return 0.0 for an empty list", 3),
+            ["stats.py", "lists.py"]
+        );
+        assert_eq!(v.related("return the mean", 3), Vec::<String>::new());
+        assert_eq!(v.related("return the `mean`", 3), ["stats.py"]);
+        // snake_case and CamelCase are code on their own; a path or file name wins over both.
+        assert_eq!(v.related("rename parse_config", 3), ["src/lib.rs"]);
+        assert_eq!(
+            v.related("Config should derive Debug", 3),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            v.related("a Config::new in main.rs", 3),
+            ["src/main.rs", "src/lib.rs"]
+        );
+        assert_eq!(
+            v.related("fix the typo in docs/readme.md.", 3),
+            ["docs/readme.md"]
+        );
+        assert_eq!(
+            v.related("fix the typo in readme.md", 3),
+            ["docs/readme.md"]
+        );
+        assert_eq!(v.related("nothing relevant here", 3), Vec::<String>::new());
+        assert_eq!(v.related("mean() and parse_config()", 1), ["src/lib.rs"]);
+    }
+
+    #[test]
+    fn names_defined_everywhere_point_nowhere() {
+        let files: Vec<(String, Vec<&str>)> = (0..20)
+            .map(|i| (format!("m{i}.py"), vec!["def run"]))
+            .collect();
+        let refs: Vec<(&str, &[&str])> = files
+            .iter()
+            .map(|(p, s)| (p.as_str(), s.as_slice()))
+            .collect();
+        let v = view(&refs);
+        assert_eq!(v.related("make run() faster", 3), Vec::<String>::new());
+        assert_eq!(v.related("make run() in m7.py faster", 3), ["m7.py"]);
     }
 
     #[test]

@@ -537,6 +537,14 @@ impl Watchers {
             .unwrap_or_default()
     }
 
+    /// Text files the prompt points at, best first (context selection, SPEC §5); see
+    /// `View::related`. Empty when `workdir` is not watched.
+    pub(crate) fn related(&self, workdir: &Path, prompt: &str, limit: usize) -> Vec<String> {
+        self.repo(workdir)
+            .and_then(|r| r.view.read().ok().map(|v| v.related(prompt, limit)))
+            .unwrap_or_default()
+    }
+
     fn repo(&self, workdir: &Path) -> Option<Arc<Repo>> {
         self.hub.repos.lock().ok()?.get(workdir).cloned()
     }

@@ -191,3 +191,46 @@ fn watched_repositories_survive_a_restart_and_a_broken_cache_is_rebuilt() {
     );
     assert!(run(&["stop"]).status.success());
 }
+
+#[test]
+fn without_focus_the_files_the_prompt_points_at_are_sent_and_edited() {
+    const STATS: &str = "def mean(xs):\n    return sum(xs) / len(xs)\n\n\ndef median(xs):\n    return sorted(xs)[len(xs) // 2]\n";
+    const OTHER: &str = "def mode(xs):\n    return max(set(xs), key=xs.count)\n";
+    let patch = "*** Begin Patch\n*** Update File: stats.py\n@@ def mean(xs):\n-    return sum(xs) / len(xs)\n+    return sum(xs) / len(xs) if xs else 0.0\n*** End Patch\n";
+    let p = Provider::start(Script::new().turns([Turn::apply_patch(patch)]));
+    let d = p.daemon(true);
+    let repo = TestRepo::with_files(&[
+        ("stats.py", STATS.as_bytes()),
+        ("other.py", OTHER.as_bytes()),
+        (".env", b"SECRET=hunter2\n"),
+    ]);
+    let mut c = d.client();
+    let r = watch(&mut c, &repo);
+    assert!(r.indexed, "{r:?}");
+    let result = c
+        .call::<Ask>(&AskParams {
+            cwd: repo.cwd(),
+            prompt: "make mean() return 0.0 for an empty list, see .env".into(),
+            focus: vec![],
+            dry_run: false,
+            new_conversation: false,
+        })
+        .expect("ask");
+    assert!(result.edit.is_some(), "{result:?}");
+    let reqs = p.fake.requests();
+    let turn = reqs.iter().rev().find(|r| !r.is_prewarm()).expect("turn");
+    let input: Value = turn.json["input"].clone();
+    let text = input.to_string();
+    assert!(
+        text.contains(&serde_json::to_string(STATS).expect("json")[1..40]),
+        "stats.py, which defines mean(), went with the prompt: {text}"
+    );
+    assert!(!text.contains("def mode"), "an unrelated file stays home");
+    assert!(!text.contains("hunter2"), "a named secret never leaves");
+    assert_eq!(
+        repo.read("stats.py"),
+        STATS
+            .replace("len(xs)\n\n", "len(xs) if xs else 0.0\n\n")
+            .as_bytes()
+    );
+}
