@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""spark against its peers: per-edit wall time of `sparkctl ask`, `codex exec` and
-`aider --message`, each making the same one-file edit from the same canned model output,
-against one fake model, on this machine, in one run.
+"""spark against its peers: per-edit wall time of `sparkctl ask`, `codex exec`, a warm
+`codex app-server` turn and `aider --message`, each making the same one-file edit from the same
+canned model output, against one fake model, on this machine, in one run.
 
     python3 bench/peers/run.py                 # everything, default counts
     python3 bench/peers/run.py --help          # counts, versions, what to skip
@@ -14,7 +14,8 @@ What it does:
 3. per case: starts `spark-fake-provider` (zero-latency, or paced), a fresh git repository with
    bench/peers/fixture.py's file, a private home for the tool; warm-up runs, then timed runs;
    before each run the file is reset, after it the file must read exactly the expected result
-   or the run does not count;
+   or the run does not count; the warm `codex app-server` case keeps one app-server process and
+   one thread for all its runs and times each turn (`turn/start` written -> `turn/completed` in);
 4. prints tables, writes bench/out/peers.json and bench/out/peers.md, and the plots
    docs/bench-peers-latency.svg and docs/bench-spark-breakdown.svg (--plots-dir).
 
@@ -25,7 +26,9 @@ import argparse
 import json
 import os
 import platform
+import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -334,6 +337,11 @@ def codex_case(case, fake, exe, transport, native=None):
         return ok, why, None
 
     case.measure(prepare, run_once, check)
+    transport_notes(case, fake, before, websockets)
+
+
+def transport_notes(case, fake, before, websockets):
+    """What the fake saw of codex since `before` (its `stats`): requests per transport, refusals."""
     after = fake.cmd("stats")
     ws = after["ws_requests"] - before["ws_requests"]
     http = after["http_requests"] - before["http_requests"]
@@ -346,6 +354,264 @@ def codex_case(case, fake, exe, transport, native=None):
         case.notes.append(f"codex also sent {http} requests over HTTP")
     if not websockets and ws:
         case.notes.append(f"codex also sent {ws} requests over WebSocket")
+
+
+# -------------------------------------------------------------------------------------------
+# codex app-server, warm
+# -------------------------------------------------------------------------------------------
+
+# Waits, in seconds: starting the server and its thread; one turn; a turn interrupted after a
+# timeout; the process exiting once its stdin is closed.
+APP_SERVER_START_TIMEOUT = 60
+APP_SERVER_TURN_TIMEOUT = 120
+APP_SERVER_INTERRUPT_TIMEOUT = 10
+APP_SERVER_EXIT_TIMEOUT = 5
+
+# Answers to the server's requests (approvals), so that a turn never waits for a person. With
+# approval_policy "never" none should come; any that does is counted in the case's notes.
+APP_SERVER_ANSWERS = {
+    "item/commandExecution/requestApproval": {"decision": "accept"},
+    "item/fileChange/requestApproval": {"decision": "accept"},
+    "applyPatchApproval": {"decision": "approved"},
+    "execCommandApproval": {"decision": "approved"},
+}
+
+
+class AppServerError(Exception):
+    """The app-server exited, wrote something that is not a message, or refused a request."""
+
+
+class AppServer:
+    """One `codex app-server` process on stdio: JSON-RPC 2.0 messages without the "jsonrpc"
+    field, one per line. Every wait has a deadline (subprocess.TimeoutExpired past it); requests
+    from the server are answered on the way (APP_SERVER_ANSWERS, an error for the rest)."""
+
+    def __init__(self, exe, cwd, env, stderr_path):
+        self.stderr_path = stderr_path
+        with open(stderr_path, "wb") as err:
+            # Its own process group: close() can end the launcher and the native binary together.
+            self.proc = subprocess.Popen([str(exe), "app-server"], cwd=cwd, env=env, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, bufsize=0, start_new_session=True)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
+        self.buf = b""
+        self.last_id = 0
+        self.turns_started = 0
+        self.server_requests = []
+        # Set when a timed-out turn could not be interrupted: later turns fail at once.
+        self.broken = None
+
+    def exit_status(self):
+        try:
+            return f"exit {self.proc.wait(timeout=1)}"
+        except subprocess.TimeoutExpired:
+            return "still running"
+
+    def stderr_tail(self):
+        try:
+            return tail(Path(self.stderr_path).read_text(errors="replace"), 4)
+        except OSError:
+            return ""
+
+    def send(self, msg):
+        try:
+            self.proc.stdin.write((json.dumps(msg) + "\n").encode())
+        except OSError as e:
+            raise AppServerError(f"writing to codex app-server: {e}; stderr: {self.stderr_tail()}")
+
+    def request(self, method, params):
+        self.last_id += 1
+        self.send({"id": self.last_id, "method": method, "params": params})
+        return self.last_id
+
+    def call(self, method, params, timeout):
+        """A request and its result, skipping the notifications that come before the answer."""
+        rid = self.request(method, params)
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.read(deadline, timeout)
+            if msg.get("id") == rid:
+                if "error" in msg:
+                    raise AppServerError(f"{method} refused: {msg['error']}")
+                return msg.get("result") or {}
+
+    def read(self, deadline, timeout):
+        """The next response or notification; None at once when `deadline` is None and nothing waits."""
+        while True:
+            while b"\n" not in self.buf:
+                left = 0 if deadline is None else deadline - time.monotonic()
+                if deadline is not None and left <= 0:
+                    raise subprocess.TimeoutExpired("codex app-server", timeout)
+                if not self.selector.select(left):
+                    if deadline is None:
+                        return None
+                    continue
+                chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+                if not chunk:
+                    raise AppServerError(f"codex app-server closed its stdout ({self.exit_status()}); "
+                                         f"stderr: {self.stderr_tail() or '-'}")
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\n", 1)
+            if not line.strip():
+                continue
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                raise AppServerError(f"codex app-server wrote a line that is not JSON: {line[:200]!r}")
+            if "method" in msg and "id" in msg:
+                self.answer(msg)
+                continue
+            return msg
+
+    def answer(self, msg):
+        method = msg["method"]
+        self.server_requests.append(method)
+        if method in APP_SERVER_ANSWERS:
+            self.send({"id": msg["id"], "result": APP_SERVER_ANSWERS[method]})
+        else:
+            self.send({"id": msg["id"], "error": {"code": -32601, "message": f"the benchmark does not handle {method}"}})
+
+    def drain(self):
+        """Read what is already waiting (notifications after the last turn/completed), untimed."""
+        while self.read(None, 0) is not None:
+            pass
+
+    def start_thread(self, repo):
+        """initialize, initialized, thread/start -> the thread id."""
+        self.call("initialize", {"clientInfo": {"name": "spark-bench", "title": "spark peers benchmark",
+                                                "version": "0.1.0"}}, APP_SERVER_START_TIMEOUT)
+        self.send({"method": "initialized"})
+        result = self.call("thread/start", {"cwd": str(repo), "model": CODEX_MODEL, "approvalPolicy": "never",
+                                            "sandbox": "workspace-write"}, APP_SERVER_START_TIMEOUT)
+        return result["thread"]["id"]
+
+    def turn(self, thread_id, text, timeout):
+        """One turn: (ms from writing turn/start to reading its turn/completed, the completed turn,
+        the `error` notifications seen)."""
+        if self.broken:
+            raise AppServerError(self.broken)
+        self.drain()
+        errors = []
+        self.turns_started += 1
+        t0 = time.perf_counter_ns()
+        rid = self.request("turn/start", {"threadId": thread_id, "input": [{"type": "text", "text": text}]})
+        deadline = time.monotonic() + timeout
+        turn_id, completed = None, {}
+        try:
+            while turn_id is None or turn_id not in completed:
+                msg = self.read(deadline, timeout)
+                method = msg.get("method")
+                if msg.get("id") == rid:
+                    if "error" in msg:
+                        raise AppServerError(f"turn/start refused: {msg['error']}")
+                    turn_id = msg["result"]["turn"]["id"]
+                elif method == "turn/completed":
+                    completed[msg["params"]["turn"]["id"]] = (time.perf_counter_ns(), msg["params"]["turn"])
+                elif method == "error":
+                    errors.append(msg["params"].get("error", {}).get("message"))
+        except subprocess.TimeoutExpired:
+            self.interrupt(thread_id, turn_id)
+            raise
+        t1, turn = completed[turn_id]
+        return (t1 - t0) / 1e6, turn, errors
+
+    def interrupt(self, thread_id, turn_id):
+        """After a timeout: stop the turn, so that the next turn/start does not join it."""
+        if turn_id is None:
+            self.broken = "codex app-server did not answer a turn/start in time"
+            return
+        try:
+            self.request("turn/interrupt", {"threadId": thread_id, "turnId": turn_id})
+            deadline = time.monotonic() + APP_SERVER_INTERRUPT_TIMEOUT
+            while True:
+                msg = self.read(deadline, APP_SERVER_INTERRUPT_TIMEOUT)
+                if msg.get("method") == "turn/completed" and msg["params"]["turn"]["id"] == turn_id:
+                    return
+        except (subprocess.TimeoutExpired, AppServerError) as e:
+            self.broken = f"codex app-server did not end a timed-out turn when interrupted: {e}"
+
+    def close(self):
+        """Close stdin (the server exits), then end the process group if it did not."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=APP_SERVER_EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=APP_SERVER_EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.proc.wait(timeout=APP_SERVER_EXIT_TIMEOUT)
+        # Whatever the launcher left behind in the group it was started in.
+        self.signal_group(signal.SIGKILL)
+        self.selector.close()
+        self.proc.stdout.close()
+
+    def signal_group(self, sig):
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def app_server_case(case, fake, exe):
+    """A warm `codex app-server` (the npm launcher's `codex app-server`, stdio): one process and
+    one thread for the whole case, started untimed; each run is one turn of that thread, so the
+    thread's history grows by one edit per run, as a warm app-server user's does."""
+    repo, home = fresh_case_dir(case.key)
+    (home / "config.toml").write_text(codex_config(fake.urls["compat_base_url"], True))
+    env = hermetic_env(home, CODEX_HOME=home, SPARK_BENCH_KEY="sk-bench-not-a-key")
+    before = fake.cmd("stats")
+    try:
+        server = AppServer(exe, repo, env, home / "app-server.stderr")
+    except OSError as e:
+        case.status, case.reason = "failed", f"starting codex app-server: {e}"
+        log(f"  {case.label}: {case.reason}")
+        return
+    try:
+        try:
+            thread_id = server.start_thread(repo)
+        except (AppServerError, subprocess.TimeoutExpired, KeyError, TypeError) as e:
+            case.status, case.reason = "failed", f"starting codex app-server and its thread: {e}"
+            log(f"  {case.label}: {case.reason}")
+            return
+
+        def prepare():
+            reset(repo)
+            fake.cmd("arm")
+
+        def run_once():
+            try:
+                ms, turn, errors = server.turn(thread_id, fixture.PROMPT, APP_SERVER_TURN_TIMEOUT)
+            except AppServerError as e:
+                return None, {"error": str(e)}
+            except (KeyError, TypeError) as e:
+                return None, {"error": f"a message of an unexpected shape: {e!r}"}
+            return ms, {"turn": turn, "errors": errors}
+
+        def check(outcome):
+            if "error" in outcome:
+                return False, outcome["error"], None
+            turn = outcome["turn"]
+            if turn.get("status") != "completed":
+                why = (turn.get("error") or {}).get("message") or "; ".join(filter(None, outcome["errors"]))
+                return False, f"turn {turn.get('status')}: {why or '?'}", None
+            ok, why = file_check(repo)
+            if not ok:
+                return False, why, None
+            last = fake.cmd("last").get("last") or {}
+            return True, None, {"codex_turn_duration_ms": turn.get("durationMs"),
+                                "last_request_input_bytes": len(json.dumps(last.get("input", []), separators=(",", ":"))),
+                                "last_request_chained": bool(last.get("previous_response_id"))}
+
+        case.measure(prepare, run_once, check)
+    finally:
+        server.close()
+    transport_notes(case, fake, before, True)
+    case.notes.append({"thread_turns": server.turns_started, "server_requests_answered": server.server_requests})
 
 
 # -------------------------------------------------------------------------------------------
@@ -502,7 +768,14 @@ def budgets(by_key):
         if s and c:
             ratio = c["p50"] / s["p50"]
             rows.append((f"`codex exec` ({what}) p50 / spark p50, both WebSocket: >= 40x", f"{ratio:.0f}x", ratio >= 40))
-    rows.append(("spark >= 11x less than a warm `codex app-server` turn", "not measured by this harness", None))
+    app = by_key.get("codex-app-server")
+    a = summarize(app.samples) if app else None
+    name = "warm `codex app-server` turn p50 / spark p50, both WebSocket: >= 11x"
+    if s and a:
+        ratio = a["p50"] / s["p50"]
+        rows.append((name, f"{ratio:.1f}x", ratio >= 11))
+    else:
+        rows.append((name, "not measured" + (f" ({app.status}, see Problems)" if app and app.status != "ok" else ""), None))
     lines = ["| SPEC §8 budget | measured | met? |", "|---|---|---|"]
     for name, value, met in rows:
         lines.append(f"| {name} | {value} | {'yes' if met else ('**no**' if met is False else 'open')} |")
@@ -517,7 +790,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spark-runs", type=int, default=50, help="timed runs per warm spark case (default 50)")
     ap.add_argument("--cold-runs", type=int, default=20, help="timed cold-start spark runs (default 20)")
-    ap.add_argument("--codex-runs", type=int, default=20, help="timed runs per codex case (default 20)")
+    ap.add_argument("--codex-runs", type=int, default=20,
+                    help="timed runs per codex case, turns for the warm app-server (default 20)")
     ap.add_argument("--aider-runs", type=int, default=5, help="timed aider runs (default 5)")
     ap.add_argument("--skip", default="", help="comma-separated: codex, aider, simulated")
     ap.add_argument("--codex-version", default="0.169.0", help="npm @openai/codex version, or 'latest'")
@@ -622,6 +896,18 @@ def main():
         fake = Fake(patch_file, armed=True)
         try:
             codex_case(case, fake, exe, transport, native if direct else None)
+        finally:
+            fake.close()
+        cases.append(case)
+    case = Case("codex-app-server", "codex app-server, warm turn, WebSocket", "codex", "WebSocket", "zero-latency",
+                args.codex_runs, 1)
+    if exe is None:
+        unavailable(case, why)
+    else:
+        log(f"- {case.label} ({args.codex_runs} turns)")
+        fake = Fake(patch_file, armed=True)
+        try:
+            app_server_case(case, fake, exe)
         finally:
             fake.close()
         cases.append(case)
