@@ -1,5 +1,6 @@
 //! `ask` latency against the fake provider: `sparkctl ask` end to end with a warm daemon
-//! (WebSocket and HTTP + SSE) at zero model latency, the daemon's own time from request in to
+//! (WebSocket and HTTP + SSE, asks back to back; and WebSocket with the machine idle for 1 s
+//! before each ask) at zero model latency, the daemon's own time from request in to
 //! `response.create` on the wire, bytes per continued turn, and — with the model streaming at
 //! 1000 tokens/s — how long after the first delta the client shows the first token.
 //!
@@ -40,6 +41,7 @@ fn cli_runs(
     url_of: impl Fn(&Provider) -> String,
     label: &str,
     n: usize,
+    pause: Duration,
     out: &mut Vec<serde_json::Value>,
 ) {
     let p = Provider::start(toggling_script(n + 1));
@@ -74,6 +76,8 @@ fn cli_runs(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut ttft, mut apply) = (Vec::new(), Vec::new());
     for _ in 0..n {
+        // An idle machine between asks, as between a person's edits (not timed).
+        std::thread::sleep(pause);
         let (w, t) = run();
         wall.push(w.as_secs_f64() * 1e3);
         request.push(t["request_ms"].as_f64().unwrap_or(0.0));
@@ -118,8 +122,15 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(200);
     let mut out = Vec::new();
-    cli_runs(|p| p.fake.ws_url(), "WebSocket", n, &mut out);
-    cli_runs(|p| p.fake.http_url(), "HTTP+SSE", n, &mut out);
+    cli_runs(|p| p.fake.ws_url(), "WebSocket", n, Duration::ZERO, &mut out);
+    cli_runs(|p| p.fake.http_url(), "HTTP+SSE", n, Duration::ZERO, &mut out);
+    cli_runs(
+        |p| p.fake.ws_url(),
+        "WebSocket, 1 s idle before each ask",
+        (n / 4).max(30),
+        Duration::from_secs(1),
+        &mut out,
+    );
 
     // First visible token: model at 1000 tokens/s; daemon and client in this process so their
     // clocks compare. Overhead = client's first text − (request_ms + ttft_ms), where ttft_ms is
