@@ -122,8 +122,20 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(200);
     let mut out = Vec::new();
-    cli_runs(|p| p.fake.ws_url(), "WebSocket", n, Duration::ZERO, &mut out);
-    cli_runs(|p| p.fake.http_url(), "HTTP+SSE", n, Duration::ZERO, &mut out);
+    cli_runs(
+        |p| p.fake.ws_url(),
+        "WebSocket",
+        n,
+        Duration::ZERO,
+        &mut out,
+    );
+    cli_runs(
+        |p| p.fake.http_url(),
+        "HTTP+SSE",
+        n,
+        Duration::ZERO,
+        &mut out,
+    );
     cli_runs(
         |p| p.fake.ws_url(),
         "WebSocket, 1 s idle before each ask",

@@ -138,7 +138,10 @@ fn main() {
         last.json["input"]
     );
     picked.sort_by(f64::total_cmp);
-    let (b50, b99) = (picked[picked.len() / 2], picked[picked.len() * 99 / 100 - 1]);
+    let (b50, b99) = (
+        picked[picked.len() / 2],
+        picked[picked.len() * 99 / 100 - 1],
+    );
     println!(
         "context assembly without -f (the daemon picks the file the prompt names): p50 {b50:.3} ms, p99 {b99:.3} ms"
     );
