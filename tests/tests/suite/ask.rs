@@ -408,7 +408,10 @@ fn a_disconnecting_client_cancels_and_a_newer_ask_steers() {
     c.send_raw(&line).expect("send");
     p.wait_for_requests(2); // prewarm + the turn
     drop(c);
-    gate.open(); // the provider answers now; nobody must apply it
+    // The daemon saw the client go: it closed the provider connection and re-prewarms on a new
+    // one. (Opening the gate before that would race the disconnect against the answer.)
+    p.wait_for_requests(3);
+    gate.open(); // the provider answers now, on the closed connection; nobody must apply it
     // 2. A newer ask in the same repo cancels the one in flight and starts at once.
     let mut first = d.client();
     let repo_cwd = params(&repo, "two", &["src/lib.rs"]);
@@ -655,6 +658,9 @@ fn ctrl_c_on_sparkctl_ask_cancels_in_the_daemon_and_applies_nothing() {
         status.signal() == Some(2) || status.code() == Some(130),
         "interrupted: {status}"
     );
+    // The daemon saw the client go: it closed the provider connection and re-prewarms on a new
+    // one. (Opening the gate before that would race the disconnect against the answer.)
+    p.wait_for_requests(3);
     gate.open();
     // The daemon dropped the cancelled response: the next ask gets a fresh turn and applies only it.
     let out = command(&["ask", "-f", "src/lib.rs", "two"])
