@@ -137,11 +137,21 @@ impl Client {
     pub fn call_with<M: Method>(
         &mut self,
         params: &M::Params,
+        on_notification: impl FnMut(Notification),
+    ) -> Result<M::Result, ClientError> {
+        self.call_with_sent::<M>(params, || {}, on_notification)
+    }
+
+    /// [`Client::call_with`], running `sent` once the request is written, before waiting.
+    pub fn call_with_sent<M: Method>(
+        &mut self,
+        params: &M::Params,
+        sent: impl FnOnce(),
         mut on_notification: impl FnMut(Notification),
     ) -> Result<M::Result, ClientError> {
         let params =
             serde_json::to_value(params).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let value = self.call_raw(M::NAME, params, &mut on_notification)?;
+        let value = self.call_raw_sent(M::NAME, params, sent, &mut on_notification)?;
         serde_json::from_value(value)
             .map_err(|e| ClientError::Protocol(format!("bad result for `{}`: {e}", M::NAME)))
     }
@@ -153,6 +163,16 @@ impl Client {
         params: Value,
         on_notification: &mut dyn FnMut(Notification),
     ) -> Result<Value, ClientError> {
+        self.call_raw_sent(method, params, || {}, on_notification)
+    }
+
+    fn call_raw_sent(
+        &mut self,
+        method: &str,
+        params: Value,
+        sent: impl FnOnce(),
+        on_notification: &mut dyn FnMut(Notification),
+    ) -> Result<Value, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         let req = Request {
@@ -162,6 +182,7 @@ impl Client {
             params: Some(params),
         };
         self.reader.get_mut().write_all(&encode(&req))?;
+        sent();
         loop {
             match self.read_message()? {
                 Message::Response(r) if r.id == Id::Number(id) => {

@@ -9,6 +9,7 @@
 
 pub mod autostart;
 mod client;
+pub mod interrupt;
 
 pub use client::{Client, ClientError};
 

@@ -14,6 +14,7 @@ use spark_proto::methods::{
     Refresh, Status, StatusResult, Unwatch, Watch, WatchParams,
 };
 use sparkctl::autostart::{self, Started};
+use sparkctl::interrupt::CancelOnCtrlC;
 use sparkctl::{Client, ClientError};
 
 /// sparkctl talks to sparkd, spark's daemon for instant AI code edits. Any command starts the
@@ -211,15 +212,35 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let mut client = connect()?;
             let mut view = AskView::new(cli.json, style);
+            // Ctrl-C now cancels in the daemon, and we report what it did.
+            let mut ctrl_c = CancelOnCtrlC::install(layout.socket.clone(), params.cwd.clone());
             let result = client
-                .call_with::<Ask>(&params, |n| view.on_notification(n))
+                .call_with_sent::<Ask>(
+                    &params,
+                    || ctrl_c.as_mut().map_or((), CancelOnCtrlC::listen),
+                    |n| view.on_notification(n),
+                )
                 .map_err(fail);
             view.finish_stream();
+            let interrupted = ctrl_c.as_ref().is_some_and(CancelOnCtrlC::interrupted);
+            drop(ctrl_c);
             let result = result?;
             if cli.json {
-                return print_json(&result);
+                print_json(&result)?;
+            } else {
+                view.print_result(&result, dry_run)?;
             }
-            view.print_result(&result, dry_run)
+            if interrupted {
+                // The edit landed before the cancel reached it: say so, and how to take it back.
+                if let Some(id) = &result.edit {
+                    eprintln!(
+                        "sparkctl: interrupted, but the edit had already landed as {id}; `sparkctl undo {id}` reverts it"
+                    );
+                }
+                let _ = std::io::stdout().flush();
+                std::process::exit(sparkctl::interrupt::INTERRUPTED);
+            }
+            Ok(())
         }
         Command::Apply {
             file,

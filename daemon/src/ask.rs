@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -54,12 +55,29 @@ pub(crate) struct Asks {
     events: tokio::sync::broadcast::Sender<spark_proto::events::Event>,
 }
 
+/// Clears a conversation's `current` when its ask ends, unless a newer ask replaced it.
+struct InFlight<'c> {
+    conv: &'c Conversation,
+    number: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut current) = self.conv.current.lock()
+            && current.as_ref().is_some_and(|(n, _)| *n == self.number)
+        {
+            *current = None;
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Conversation {
     session: SessionHandle,
     state: tokio::sync::Mutex<ConvState>,
-    /// The ask in flight, cancelled by the next one (steering).
-    current: Mutex<Option<CancellationToken>>,
+    /// The ask in flight (a number unique to it, and its token), cancelled by the next one
+    /// (steering) or by `cancel`; cleared when it ends.
+    current: Mutex<Option<(u64, CancellationToken)>>,
     created: Instant,
 }
 
@@ -188,6 +206,22 @@ impl Asks {
         Ok(conv)
     }
 
+    /// Stop the ask in flight in `workdir`, if any (the `cancel` method). True if there was one.
+    pub(crate) fn cancel(&self, workdir: &Path) -> bool {
+        let conv = self.convs.lock().ok().and_then(|m| m.get(workdir).cloned());
+        let Some(conv) = conv else {
+            return false;
+        };
+        let current = conv.current.lock().ok().and_then(|mut c| c.take());
+        match current {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Files changed outside the conversation (undo, stash, `edit/apply`): the model's view of
     /// them is stale, so the next ask shows them whole instead of as a diff against it, and the
     /// compare-and-swap base becomes their content at apply time.
@@ -242,14 +276,20 @@ impl Asks {
         // A repository is watched from its first ask on.
         self.watchers.ensure_watched(repo.workdir());
         // Steering: a newer ask in this repository replaces the one in flight.
-        if let Some(old) = conv
+        static NEXT_ASK: AtomicU64 = AtomicU64::new(1);
+        let number = NEXT_ASK.fetch_add(1, Ordering::Relaxed);
+        if let Some((_, old)) = conv
             .current
             .lock()
             .map_err(|_| internal("poisoned"))?
-            .replace(cancel.clone())
+            .replace((number, cancel.clone()))
         {
             old.cancel();
         }
+        let _in_flight = InFlight {
+            conv: &conv,
+            number,
+        };
         let mut state = tokio::select! {
             s = conv.state.lock() => s,
             () = cancel.cancelled() => return Err(cancelled()),

@@ -379,6 +379,18 @@ impl Connection {
                     was_watched,
                 })
             }
+            methods::Cancel::NAME => {
+                let p = parse_params::<methods::Cancel>(params)?;
+                let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
+                let cancelled = self.shared.asks.cancel(repo.workdir());
+                if cancelled {
+                    info!(conn = self.id, repo = %repo.workdir().display(), "ask cancelled by request");
+                }
+                to_value(methods::CancelResult {
+                    repo: repo.workdir().display().to_string(),
+                    cancelled,
+                })
+            }
             methods::EditApply::NAME => {
                 let p = parse_params::<methods::EditApply>(params)?;
                 to_value(self.edit_apply(p).await?)

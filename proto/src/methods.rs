@@ -80,6 +80,28 @@ method!(
     /// `ask` → [`AskResult`]: ask the model for an edit; streams `ask/progress` notifications.
     Ask, "ask", AskParams, AskResult
 );
+method!(
+    /// `cancel` → [`CancelResult`]: stop the `ask` in flight in a repository, whichever
+    /// connection sent it. That `ask` then answers `cancelled` if it stopped before applying
+    /// anything, or with its edit if the edit had already landed.
+    Cancel, "cancel", CancelParams, CancelResult
+);
+
+/// Params of [`Cancel`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelParams {
+    /// Absolute directory inside the repository (as for `ask`).
+    pub cwd: String,
+}
+
+/// Result of [`Cancel`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelResult {
+    pub repo: String,
+    /// Whether an `ask` was in flight in the repository and was told to stop.
+    pub cancelled: bool,
+}
 
 /// Params or result with no fields: `{}` (a missing `params` is accepted too).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

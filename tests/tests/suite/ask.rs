@@ -4,7 +4,9 @@
 
 use serde_json::Value;
 use spark_proto::ErrorCode;
-use spark_proto::methods::{Ask, AskEvent, AskParams, AskProgress, AskResult, Focus};
+use spark_proto::methods::{
+    Ask, AskEvent, AskParams, AskProgress, AskResult, Cancel, CancelParams, Focus,
+};
 use spark_tests::fake_provider::{Gate, Item, Outcome, Script, Transport, Turn};
 use spark_tests::{Provider, TestRepo, snapshot, worktree_snapshot};
 use sparkctl::{Client, ClientError};
@@ -442,6 +444,52 @@ fn a_disconnecting_client_cancels_and_a_newer_ask_steers() {
 }
 
 #[test]
+fn cancel_stops_the_ask_in_flight_from_another_connection() {
+    let gate = Gate::new();
+    let p = Provider::start(Script::new().turns([
+        Turn::apply_patch(PATCH_ONE).with_gate(gate.clone()),
+        Turn::apply_patch(PATCH_TWO),
+    ]));
+    let d = p.daemon(true);
+    let repo = repo();
+    let before = worktree_snapshot(repo.path());
+    let mut other = d.client();
+    let cancel = |c: &mut Client| {
+        c.call::<Cancel>(&CancelParams { cwd: repo.cwd() })
+            .expect("cancel")
+    };
+    assert!(!cancel(&mut other).cancelled, "nothing in flight yet");
+
+    let mut c = d.client();
+    let first = params(&repo, "one", &["src/lib.rs"]);
+    let waiter = std::thread::spawn(move || ask(&mut c, &first).0);
+    p.wait_for_requests(2); // prewarm + the turn: the model is "generating"
+    let r = cancel(&mut other);
+    assert!(r.cancelled, "{r:?}");
+    let (code, _) = code_of(waiter.join().expect("thread").expect_err("cancelled"));
+    assert_eq!(code, ErrorCode::Cancelled);
+    // The daemon dropped that response's connection and re-prewarms; the answer now goes
+    // nowhere and nothing of it lands.
+    p.wait_for_requests(3);
+    gate.open();
+    let mut c = d.client();
+    let r = ask(&mut c, &params(&repo, "two", &["src/lib.rs"]))
+        .0
+        .expect("the next ask works");
+    assert!(r.edit.is_some());
+    let mut expected = before;
+    expected.insert(
+        "src/lib.rs".into(),
+        (
+            expected["src/lib.rs"].0,
+            LIB.replace("    2\n", "    200\n").into_bytes(),
+        ),
+    );
+    assert_eq!(worktree_snapshot(repo.path()), expected);
+    assert!(!cancel(&mut other).cancelled, "that ask is over");
+}
+
+#[test]
 fn an_edit_racing_the_users_typing_is_merged_or_refused_with_their_bytes_intact() {
     // Non-overlapping: the user edits fn three while the model rewrites fn one.
     let gate = Gate::new();
@@ -626,7 +674,6 @@ fn a_malformed_patch_is_refused_and_the_model_is_told_why_on_the_next_turn() {
 
 #[test]
 fn ctrl_c_on_sparkctl_ask_cancels_in_the_daemon_and_applies_nothing() {
-    use std::os::unix::process::ExitStatusExt;
     let gate = Gate::new();
     let p = Provider::start(Script::new().turns([
         Turn::apply_patch(PATCH_ONE).with_gate(gate.clone()),
@@ -654,10 +701,8 @@ fn ctrl_c_on_sparkctl_ask_cancels_in_the_daemon_and_applies_nothing() {
         .status()
         .expect("kill");
     let status = child.wait().expect("wait");
-    assert!(
-        status.signal() == Some(2) || status.code() == Some(130),
-        "interrupted: {status}"
-    );
+    // sparkctl caught Ctrl-C, had the daemon cancel, got `cancelled` back, and exited 130.
+    assert_eq!(status.code(), Some(130), "interrupted: {status}");
     // The daemon saw the client go: it closed the provider connection and re-prewarms on a new
     // one. (Opening the gate before that would race the disconnect against the answer.)
     p.wait_for_requests(3);
