@@ -35,6 +35,8 @@ const MAGIC: &[u8; 8] = b"SPARKJ2\n";
 const CHECKSUM_LEN: usize = 20;
 /// A slot larger than this is cut back to the journal being written when that is much smaller.
 const SLOT_KEEP_BYTES: u64 = 1 << 20;
+/// Temp files synced together (and so open at once) at most.
+const SYNC_BATCH: usize = 16;
 /// File name extension of journal slots.
 const SLOT_EXT: &str = "journal";
 
@@ -386,14 +388,21 @@ fn write_all(
         }
         touch_dir(&abs);
     }
-    // Stage every new content first, so the renames below are the only visible step.
-    let mut staged = Vec::with_capacity(writes.len());
+    // Stage every new content first, so the renames below are the only visible step. With
+    // fsync, the temp files are synced a batch at a time (bounding the open files).
+    let mut staged: Vec<(PathBuf, Option<PathBuf>)> = Vec::with_capacity(writes.len());
+    let mut unsynced: Vec<(PathBuf, File)> = Vec::new();
     let mut result = Ok(());
     for w in writes {
         let abs = workdir.join(&w.path);
         let tmp = match &w.after {
             Some(after) => match write_temp(&abs, &journal.id, after) {
-                Ok(t) => Some(t),
+                Ok((tmp, file)) => {
+                    if durability.fsync {
+                        unsynced.push((tmp.clone(), file));
+                    }
+                    Some(tmp)
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
@@ -402,10 +411,17 @@ fn write_all(
             None => None,
         };
         staged.push((abs, tmp));
+        if unsynced.len() == SYNC_BATCH {
+            result = sync_temps(&std::mem::take(&mut unsynced));
+            if result.is_err() {
+                break;
+            }
+        }
     }
-    if result.is_ok() && durability.fsync {
-        result = sync_temps(&staged);
+    if result.is_ok() {
+        result = sync_temps(&unsynced);
     }
+    drop(unsynced);
     // Compare-and-swap: the bytes on disk must still be exactly what the edit was computed from.
     if result.is_ok() {
         for (w, (abs, _)) in writes.iter().zip(&staged) {
@@ -428,7 +444,7 @@ fn write_all(
     if result.is_ok() {
         for (n, (abs, tmp)) in staged.iter().enumerate() {
             let step = match tmp {
-                Some((tmp, _)) => std::fs::rename(tmp, abs)
+                Some(tmp) => std::fs::rename(tmp, abs)
                     .map_err(|e| EditError::io("rename into place", abs, e)),
                 None => std::fs::remove_file(abs).map_err(|e| EditError::io("delete", abs, e)),
             };
@@ -441,7 +457,7 @@ fn write_all(
         }
     }
     for (_, tmp) in &staged {
-        if let Some((tmp, _)) = tmp {
+        if let Some(tmp) = tmp {
             let _ = std::fs::remove_file(tmp);
         }
     }
@@ -453,15 +469,14 @@ fn write_all(
     result
 }
 
-/// Sync staged temp files. With several, they are synced concurrently so the filesystem can
-/// commit them together instead of one journal commit each.
-fn sync_temps(staged: &[(PathBuf, Option<(PathBuf, File)>)]) -> Result<(), EditError> {
-    let files: Vec<&(PathBuf, File)> = staged.iter().filter_map(|(_, t)| t.as_ref()).collect();
+/// Sync temp files. With several, they are synced concurrently so the filesystem can commit
+/// them together instead of one journal commit each.
+fn sync_temps(files: &[(PathBuf, File)]) -> Result<(), EditError> {
     let sync = |(path, f): &(PathBuf, File)| {
         f.sync_all()
             .map_err(|e| EditError::io("sync temp file", path, e))
     };
-    match files.as_slice() {
+    match files {
         [] => Ok(()),
         [one] => sync(one),
         [first, rest @ ..] => std::thread::scope(|s| {
@@ -812,6 +827,42 @@ mod tests {
             "same file throughout"
         );
         assert_eq!(decode(&std::fs::read(&slot).unwrap()), Ok(Some(sample())));
+    }
+
+    #[test]
+    fn an_edit_of_more_files_than_the_open_file_limit_lands_with_fsync() {
+        // Many sync batches: temps are synced (and held open) a batch at a time, so an edit is
+        // never bounded by the open-file limit (often 1024); all land, none is left behind.
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        let writes: Vec<Write1> = (0..1100)
+            .map(|i| Write1 {
+                path: format!("d{}/f{i}.txt", i % 7),
+                before: None,
+                after: state(format!("{i}\n").as_bytes()),
+            })
+            .collect();
+        let op = Operation::Apply {
+            source: "apply".into(),
+            message: "many".into(),
+            time_ms: 1,
+        };
+        let durability = Durability { fsync: true };
+        let pending = commit(w, jdir.path(), op, &writes, durability, &Failpoint(None)).unwrap();
+        finish(&pending, &Failpoint(None));
+        for (i, wr) in writes.iter().enumerate() {
+            assert_eq!(
+                std::fs::read(w.join(&wr.path)).unwrap(),
+                format!("{i}\n").as_bytes()
+            );
+        }
+        let leftovers: Vec<_> = (0..7)
+            .flat_map(|d| std::fs::read_dir(w.join(format!("d{d}"))).unwrap())
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]
