@@ -3,9 +3,10 @@
 //! The first turn of a conversation carries a compact outline of the repository and the focus
 //! files; later turns carry only what changed since the model last saw it (a small diff for a
 //! focused file the user edited). Without focus files, spark picks them from memory: the files
-//! the prompt names or whose top-level names it mentions, and the ones the user changed last. Every file read for the model goes through the same checks as
-//! an edit target — never `.git`, a git-ignored file, a deny-listed secret, a binary or an
-//! oversized file — even when the user names it. Runs on the repository actor.
+//! the prompt names or whose top-level names it mentions, and the ones the user changed last.
+//! Every file read for the model goes through the same checks as an edit target — never `.git`,
+//! a git-ignored file, a deny-listed secret, a binary or an oversized file — even when the user
+//! names it. Runs on the repository actor.
 
 use std::collections::HashMap;
 
@@ -84,7 +85,6 @@ pub(crate) fn assemble(
         let related = watchers.related(ctx.workdir, prompt, AUTO_FILES);
         let recent = watchers.recently_changed(ctx.workdir, RECENT_FILES);
         let mut sent = 0usize;
-        let mut named = Vec::new();
         for path in related.iter().chain(recent.iter().take(RECENT_WHOLE)) {
             if out.seen.contains_key(path.as_str()) || sent >= AUTO_MAX_BYTES {
                 continue;
@@ -105,12 +105,11 @@ pub(crate) fn assemble(
                 Err(e) => tracing::debug!(path, error = %e.message, "not adding a related file"),
             }
         }
-        named.extend(
-            recent
-                .iter()
-                .filter(|p| !out.seen.contains_key(p.as_str()))
-                .cloned(),
-        );
+        let named: Vec<&str> = recent
+            .iter()
+            .map(String::as_str)
+            .filter(|p| !out.seen.contains_key(*p))
+            .collect();
         if !named.is_empty() {
             out.text += &format!(
                 "\nFiles the user changed most recently: {}\n",
