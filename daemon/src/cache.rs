@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
 
 /// Bump whenever the encoding of a key or value changes: an old cache is then rebuilt.
-pub(crate) const FORMAT: &[u8] = b"spark-context-cache/2";
+pub(crate) const FORMAT: &[u8] = b"spark-context-cache/3";
 const FORMAT_KEY: &[u8] = b"format";
 /// The tree of per-repository metadata snapshots, keyed by worktree path.
 const SNAPSHOTS: &[u8] = b"snapshots";
@@ -113,6 +113,34 @@ pub(crate) struct FileMeta {
     /// Top-level definitions as the outline shows them (`fn parse, class Foo`); one string, not
     /// a list, because ten repositories of 10k files each must fit the daemon's memory budget.
     pub(crate) symbols: Box<str>,
+    /// In repositories too large for `symbols` to be kept: hashes of the first top-level
+    /// names, so a prompt can still point at them.
+    pub(crate) names: Names,
+}
+
+/// How many top-level names a file keeps as hashes.
+pub(crate) const NAMES: usize = 4;
+
+/// Up to [`NAMES`] name hashes, inline (16 bytes, no allocation: there is one per file of
+/// every watched repository). 0 marks an empty slot; a hash of 0 is stored as 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Names([u32; NAMES]);
+
+impl Names {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().copied().filter(|&h| h != 0)
+    }
+}
+
+impl FromIterator<u32> for Names {
+    /// The first [`NAMES`] hashes; the rest are dropped.
+    fn from_iter<I: IntoIterator<Item = u32>>(hashes: I) -> Self {
+        let mut out = [0; NAMES];
+        for (slot, h) in out.iter_mut().zip(hashes) {
+            *slot = h.max(1);
+        }
+        Names(out)
+    }
 }
 
 impl FileMeta {
@@ -142,6 +170,11 @@ impl FileMeta {
             .unwrap_or((0, b""));
         v.extend_from_slice(&symbols.0.to_le_bytes());
         v.extend_from_slice(symbols.1);
+        let names: Vec<u32> = self.names.iter().collect();
+        v.push(names.len() as u8);
+        for h in names {
+            v.extend_from_slice(&h.to_le_bytes());
+        }
         v
     }
 
@@ -175,10 +208,19 @@ impl FileMeta {
         let symbols = std::str::from_utf8(take(&mut b, usize::from(n))?)
             .ok()?
             .into();
+        let n = usize::from(take(&mut b, 1)?[0]);
+        if n > NAMES {
+            return None;
+        }
+        let names = take(&mut b, n * 4)?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         b.is_empty().then_some(FileMeta {
             stat,
             kind,
             symbols,
+            names,
         })
     }
 }
@@ -593,6 +635,7 @@ mod tests {
             },
             kind: Kind::Text(BlobId::of(blob)),
             symbols: "fn main, struct Ünïcode".into(),
+            names: [7, u32::MAX].into_iter().collect(),
         }
     }
 
@@ -634,6 +677,7 @@ mod tests {
                 stat: Stat::default(),
                 kind: Kind::Binary,
                 symbols: Box::default(),
+                names: Names::default(),
             },
             FileMeta {
                 stat: Stat {
@@ -642,6 +686,7 @@ mod tests {
                 },
                 kind: Kind::TooLarge,
                 symbols: Box::default(),
+                names: Names::default(),
             },
         ] {
             assert_eq!(FileMeta::decode(&m.encode()), Some(m));

@@ -44,7 +44,7 @@ pub(crate) struct View {
     pub(crate) outline: Arc<str>,
     /// (hash of a top-level symbol's name, ordinal of its file in `files`), sorted: which files
     /// define a name the prompt mentions, in a few bytes per symbol. Rebuilt with the outline.
-    symbol_index: Vec<(u64, u32)>,
+    symbol_index: Vec<(u32, u32)>,
     /// Incremented once per batch that changed something the user did.
     pub(crate) seq: u64,
     log: VecDeque<(u64, Vec<String>)>,
@@ -140,6 +140,7 @@ impl View {
             for name in symbol_names(&e.meta.symbols) {
                 index.push((name_hash(name), ordinal));
             }
+            index.extend(e.meta.names.iter().map(|h| (h, ordinal)));
         }
         index.sort_unstable();
         index.dedup();
@@ -297,18 +298,21 @@ fn names_file(path: &str, name: &str) -> bool {
 }
 
 /// The names in an outline symbol string (`fn run, struct Config` → `run`, `Config`).
-fn symbol_names(symbols: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn symbol_names(symbols: &str) -> impl Iterator<Item = &str> {
     symbols
         .split(", ")
         .filter_map(|entry| entry.rsplit(' ').next())
         .filter(|name| !name.is_empty())
 }
 
-/// FNV-1a: a small, fast hash for the symbol index (collisions only cost a wrong guess).
-fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+/// FNV-1a (32-bit): a small, fast hash for the symbol index; a collision only costs a wrong
+/// guess of context, never correctness. Never 0 (the empty slot of `Names`).
+pub(crate) fn name_hash(name: &str) -> u32 {
+    name.bytes()
+        .fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        })
+        .max(1)
 }
 
 /// The outline: files grouped by directory, with top-level symbols while they fit the budget.
@@ -375,6 +379,7 @@ mod tests {
                 stat: Stat::default(),
                 kind: Kind::Text(BlobId::of(b"x")),
                 symbols: symbols.join(", ").into(),
+                names: Default::default(),
             },
             since,
         }
@@ -425,6 +430,21 @@ mod tests {
         );
         assert_eq!(v.related("nothing relevant here", 3), Vec::<String>::new());
         assert_eq!(v.related("mean() and parse_config()", 1), ["src/lib.rs"]);
+    }
+
+    #[test]
+    fn in_a_large_repository_the_hashed_names_point_the_same_way() {
+        let mut v = View::default();
+        let mut e = entry(&[], 0);
+        e.meta.names = symbol_names("def mean, def median")
+            .map(name_hash)
+            .collect();
+        v.files.insert("stats.py".into(), e);
+        v.files.insert("other.py".into(), entry(&[], 0));
+        v.rebuild_outline();
+        assert!(!v.outline.contains("mean"), "the outline shows no symbols");
+        assert_eq!(v.related("make mean() return 0.0", 3), ["stats.py"]);
+        assert_eq!(v.related("make mode() faster", 3), Vec::<String>::new());
     }
 
     #[test]

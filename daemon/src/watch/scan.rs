@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
-use crate::cache::{BlobId, FileMeta, Kind, Stat};
+use crate::cache::{BlobId, FileMeta, Kind, NAMES, Names, Stat};
 use crate::context::MAX_FILE_BYTES;
 use crate::edit::paths;
 
@@ -233,6 +233,7 @@ pub(crate) fn read_file(abs: &Path, rel: &str, buf: &mut Vec<u8>, with_symbols: 
             stat,
             kind,
             symbols: Box::default(),
+            names: Names::default(),
         })
     };
     if stat.size > MAX_FILE_BYTES as u64 {
@@ -265,6 +266,12 @@ pub(crate) fn read_file(abs: &Path, rel: &str, buf: &mut Vec<u8>, with_symbols: 
         } else {
             Box::default()
         },
+        // Too many files to keep the names as text: keep a few 4-byte hashes of them instead.
+        names: if with_symbols {
+            Names::default()
+        } else {
+            symbol_hashes(rel, text)
+        },
         kind: Kind::Text(BlobId::of(buf)),
     })
 }
@@ -277,10 +284,9 @@ pub(crate) fn as_text(bytes: &[u8]) -> Option<&str> {
     std::str::from_utf8(bytes).ok()
 }
 
-/// Top-level definitions, found cheaply: unindented lines that start with a definition keyword
-/// of the file's language, as the outline shows them (`fn run, struct Config`). Good enough for
-/// an outline; never used for correctness.
-pub(crate) fn symbols(rel: &str, text: &str) -> Box<str> {
+/// Calls `found(keyword, name)` for each top-level definition: an unindented line that starts
+/// with a definition keyword of the file's language (after modifiers such as `pub`).
+fn each_symbol(rel: &str, text: &str, mut found: impl FnMut(&str, &str) -> Flow) {
     let ext = rel.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
     let keywords: &[&str] = match ext {
         "rs" => &[
@@ -312,7 +318,7 @@ pub(crate) fn symbols(rel: &str, text: &str) -> Box<str> {
         "ex" | "exs" => &["defmodule", "def"],
         "lua" => &["function", "local function"],
         "sh" | "bash" | "zsh" => &["function"],
-        _ => return Box::default(),
+        _ => return,
     };
     // Modifiers that may precede a keyword on a top-level line.
     const PREFIXES: &[&str] = &[
@@ -336,12 +342,7 @@ pub(crate) fn symbols(rel: &str, text: &str) -> Box<str> {
         "sealed ",
         "open ",
     ];
-    let mut out = String::new();
-    let mut n = 0;
     for line in text.lines() {
-        if n == MAX_SYMBOLS {
-            break;
-        }
         if line.starts_with(char::is_whitespace) {
             continue;
         }
@@ -353,27 +354,64 @@ pub(crate) fn symbols(rel: &str, text: &str) -> Box<str> {
             let Some(after) = rest.strip_prefix(kw).and_then(|r| r.strip_prefix(' ')) else {
                 continue;
             };
-            let name: String = after
-                .trim_start()
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '$')
+            let after = after.trim_start();
+            let end = after
+                .char_indices()
+                .take_while(|&(_, c)| c.is_alphanumeric() || c == '_' || c == '$')
                 .take(MAX_SYMBOL_CHARS)
-                .collect();
-            let kw = kw.trim_end_matches('!');
-            let sep = if n == 0 { "" } else { ", " };
-            if !name.is_empty()
-                && out.len() + sep.len() + kw.len() + 1 + name.len() <= MAX_SYMBOLS_BYTES
-            {
-                out.push_str(sep);
-                out.push_str(kw);
-                out.push(' ');
-                out.push_str(&name);
-                n += 1;
+                .last()
+                .map_or(0, |(i, c)| i + c.len_utf8());
+            if end > 0 && found(kw.trim_end_matches('!'), &after[..end]) == Flow::Stop {
+                return;
             }
             break;
         }
     }
+}
+
+/// Whether [`each_symbol`] goes on.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    More,
+    Stop,
+}
+
+/// Top-level definitions, found cheaply: unindented lines that start with a definition keyword
+/// of the file's language, as the outline shows them (`fn run, struct Config`). Good enough for
+/// an outline; never used for correctness.
+pub(crate) fn symbols(rel: &str, text: &str) -> Box<str> {
+    let mut out = String::new();
+    let mut n = 0;
+    each_symbol(rel, text, |kw, name| {
+        let sep = if n == 0 { "" } else { ", " };
+        if out.len() + sep.len() + kw.len() + 1 + name.len() <= MAX_SYMBOLS_BYTES {
+            out.push_str(sep);
+            out.push_str(kw);
+            out.push(' ');
+            out.push_str(name);
+            n += 1;
+        }
+        if n == MAX_SYMBOLS {
+            Flow::Stop
+        } else {
+            Flow::More
+        }
+    });
     out.into()
+}
+
+/// The hashes of the first names [`symbols`] would list, without building it.
+pub(crate) fn symbol_hashes(rel: &str, text: &str) -> Names {
+    let mut out = Vec::with_capacity(NAMES);
+    each_symbol(rel, text, |_, name| {
+        out.push(super::index::name_hash(name));
+        if out.len() == NAMES {
+            Flow::Stop
+        } else {
+            Flow::More
+        }
+    });
+    out.into_iter().collect()
 }
 
 #[cfg(test)]
