@@ -72,10 +72,10 @@ impl RepoHandle {
 pub(crate) struct Repos {
     env: EditEnv,
     map: Mutex<HashMap<PathBuf, RepoHandle>>,
-    /// Client directory → (worktree, prefix): discovery walks the filesystem, and the same few
-    /// directories ask again and again. A nested repository created later under a cached
-    /// directory is still safe: the edit engine refuses paths inside nested repositories.
-    discovered: Mutex<HashMap<PathBuf, (PathBuf, String)>>,
+    /// Client directory → where discovery found its repository: discovery walks the filesystem,
+    /// and the same few directories ask again and again. A nested repository created later under
+    /// a cached directory is still safe: the edit engine refuses paths inside nested repositories.
+    discovered: Mutex<HashMap<PathBuf, Found>>,
 }
 
 impl Repos {
@@ -105,12 +105,16 @@ impl Repos {
             Some(found) => Ok(found),
             None => self.discover_and_remember(cwd).await,
         }?;
-        let (workdir, prefix) = found;
+        let Found {
+            workdir,
+            git_dir,
+            prefix,
+        } = found;
         if let Some(h) = self.lock()?.get(&workdir) {
             return Ok((h.clone(), prefix));
         }
-        let w = workdir.clone();
-        let repo = tokio::task::spawn_blocking(move || Repository::open(&w))
+        let (w, g) = (workdir.clone(), git_dir);
+        let repo = tokio::task::spawn_blocking(move || open_worktree(&g, &w))
             .await
             .map_err(|e| {
                 RpcError::new(ErrorCode::Internal, format!("repository open failed: {e}"))
@@ -127,7 +131,7 @@ impl Repos {
         Ok((handle, prefix))
     }
 
-    async fn discover_and_remember(&self, cwd: PathBuf) -> Result<(PathBuf, String), RpcError> {
+    async fn discover_and_remember(&self, cwd: PathBuf) -> Result<Found, RpcError> {
         let key = cwd.clone();
         let found = tokio::task::spawn_blocking(move || discover(&cwd))
             .await
@@ -157,8 +161,26 @@ impl Repos {
     }
 }
 
-/// Find the worktree containing `cwd`; return its canonical path and the cwd prefix in it.
-fn discover(cwd: &Path) -> Result<(PathBuf, String), RpcError> {
+/// Where discovery found the repository of a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Found {
+    /// The canonical worktree root: the directory holding the `.git` entry (or `core.worktree`).
+    workdir: PathBuf,
+    /// The git directory that `.git` names: itself, a `gitdir:` file's target, a symlink's target.
+    git_dir: PathBuf,
+    /// The directory relative to the worktree ("" at the root), `/`-separated.
+    prefix: String,
+}
+
+/// Find the repository of `cwd` as git does (`setup_git_directory`): walk up from `cwd`; the
+/// first directory holding a `.git` entry is the worktree's top, whatever that entry is (a git
+/// directory, a `gitdir:` file as `git init --separate-git-dir`, submodules and linked
+/// worktrees write, or a symlink to a git directory), and `.git` names the git directory, which
+/// may live anywhere, even inside another repository's worktree. libgit2's own discovery takes
+/// the worktree to be the git directory's parent when that is not named `.git`, which picks the
+/// wrong tree for such layouts; so the walk is done here and libgit2 only opens what it names.
+/// `GIT_DIR` and `GIT_WORK_TREE` are the client's business (docs/protocol.md).
+fn discover(cwd: &Path) -> Result<Found, RpcError> {
     let not_repo = |why: String| {
         RpcError::new(ErrorCode::NotARepository, why)
             .with_hint("run it inside a git working tree (`git init` makes one)")
@@ -166,23 +188,140 @@ fn discover(cwd: &Path) -> Result<(PathBuf, String), RpcError> {
     let canonical = cwd
         .canonicalize()
         .map_err(|e| not_repo(format!("cannot use {}: {e}", cwd.display())))?;
-    let repo = Repository::discover(&canonical)
-        .map_err(|_| not_repo(format!("{} is not inside a git repository", cwd.display())))?;
-    let workdir = repo
-        .workdir()
-        .ok_or_else(|| {
+    for top in canonical.ancestors() {
+        let dotgit = top.join(".git");
+        match std::fs::metadata(&dotgit) {
+            Ok(meta) if meta.is_file() => {
+                // git dies on a broken `gitdir:` file rather than looking further up.
+                let git_dir = read_gitfile(&dotgit).map_err(|why| {
+                    not_repo(format!(
+                        "{} is not a usable git link: {why}",
+                        dotgit.display()
+                    ))
+                })?;
+                return found(&canonical, top, &git_dir, &not_repo);
+            }
+            Ok(meta) if meta.is_dir() && is_git_dir(&dotgit) => {
+                return found(&canonical, top, &dotgit, &not_repo);
+            }
+            // Not a repository (an empty or foreign `.git` directory): git keeps walking up.
+            Ok(_) => {}
+            Err(_) => {}
+        }
+        if is_git_dir(top) {
+            return Err(not_repo(format!(
+                "{} is inside a git directory or a bare repository ({}): it has no working tree to edit",
+                cwd.display(),
+                top.display()
+            )));
+        }
+    }
+    Err(not_repo(format!(
+        "{} is not inside a git repository",
+        cwd.display()
+    )))
+}
+
+/// The worktree found at `top` with git directory `git_dir`, and `cwd`'s place in it.
+fn found(
+    cwd: &Path,
+    top: &Path,
+    git_dir: &Path,
+    not_repo: &dyn Fn(String) -> RpcError,
+) -> Result<Found, RpcError> {
+    let git_dir = git_dir
+        .canonicalize()
+        .map_err(|e| not_repo(format!("cannot resolve {}: {e}", git_dir.display())))?;
+    let repo = Repository::open_bare(&git_dir).map_err(|e| {
+        not_repo(format!(
+            "cannot open {}: {}",
+            git_dir.display(),
+            e.message()
+        ))
+    })?;
+    let config = repo.config().map_err(|e| {
+        not_repo(format!(
+            "cannot read {}'s config: {}",
+            git_dir.display(),
+            e.message()
+        ))
+    })?;
+    // A linked worktree shares its main repository's config, whose `core.worktree` (if any)
+    // describes the main worktree, not this one.
+    let linked = git_dir.join("commondir").is_file();
+    let workdir = match config.get_path("core.worktree") {
+        // Submodules absorbed into `.git/modules/` name their worktree this way; git honours it
+        // for any repository and it is relative to the git directory.
+        Ok(worktree) if !linked => git_dir.join(worktree).canonicalize().map_err(|e| {
             not_repo(format!(
-                "{} is a bare repository: it has no working tree to edit",
-                repo.path().display()
+                "cannot resolve core.worktree of {}: {e}",
+                git_dir.display()
+            ))
+        })?,
+        _ => {
+            if !linked && config.get_bool("core.bare").unwrap_or(false) {
+                return Err(not_repo(format!(
+                    "{} is a bare repository (core.bare): it has no working tree to edit",
+                    git_dir.display()
+                )));
+            }
+            top.to_path_buf()
+        }
+    };
+    let prefix = cwd
+        .strip_prefix(&workdir)
+        .map_err(|_| {
+            not_repo(format!(
+                "{} is outside the working tree {} of {}",
+                cwd.display(),
+                workdir.display(),
+                git_dir.display()
             ))
         })?
-        .canonicalize()
-        .map_err(|e| not_repo(format!("cannot resolve the worktree: {e}")))?;
-    let prefix = canonical
-        .strip_prefix(&workdir)
-        .map(|p| p.to_string_lossy().replace('\\', "/"))
-        .unwrap_or_default();
-    Ok((workdir, prefix))
+        .to_string_lossy()
+        .replace('\\', "/");
+    Ok(Found {
+        workdir,
+        git_dir,
+        prefix,
+    })
+}
+
+/// The target of a `gitdir: <path>` file, relative to the file's directory.
+fn read_gitfile(dotgit: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(dotgit).map_err(|e| e.to_string())?;
+    let target = text
+        .strip_prefix("gitdir:")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or("it does not start with `gitdir:`")?;
+    let base = dotgit.parent().unwrap_or(Path::new("/"));
+    Ok(base.join(target))
+}
+
+/// Whether `dir` is a git directory (git's `is_git_directory`: libgit2 opens it as one).
+fn is_git_dir(dir: &Path) -> bool {
+    Repository::open_bare(dir).is_ok()
+}
+
+/// Open the repository `git_dir` with `workdir` as its worktree, whatever libgit2 would infer.
+fn open_worktree(git_dir: &Path, workdir: &Path) -> Result<Repository, git2::Error> {
+    let repo = Repository::open_bare(git_dir)?;
+    repo.set_workdir(workdir, false)?;
+    Ok(repo)
+}
+
+/// Open the repository whose worktree is `workdir`, found from it as for a client there.
+fn open_at(workdir: &Path) -> Result<Repository, String> {
+    let found = discover(workdir).map_err(|e| e.message.clone())?;
+    if found.workdir != workdir.canonicalize().map_err(|e| e.to_string())? {
+        return Err(format!(
+            "{} is no longer a worktree root (its repository is now {})",
+            workdir.display(),
+            found.workdir.display()
+        ));
+    }
+    open_worktree(&found.git_dir, &found.workdir).map_err(|e| e.to_string())
 }
 
 fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoHandle, RpcError> {
@@ -232,16 +371,14 @@ pub(crate) fn recover_all(env: &EditEnv) {
                 continue;
             }
         };
-        let outcome = Repository::open(&journal.workdir)
-            .map_err(|e| e.to_string())
-            .and_then(|repo| {
-                let ctx = RepoCtx {
-                    repo: &repo,
-                    workdir: &journal.workdir,
-                    env,
-                };
-                crate::edit::recover(&ctx, &journal).map_err(|e| e.to_string())
-            });
+        let outcome = open_at(&journal.workdir).and_then(|repo| {
+            let ctx = RepoCtx {
+                repo: &repo,
+                workdir: &journal.workdir,
+                env,
+            };
+            crate::edit::recover(&ctx, &journal).map_err(|e| e.to_string())
+        });
         match outcome {
             Ok(what) => {
                 tracing::info!(journal = %path.display(), repo = %journal.workdir.display(), "interrupted edit {what}");

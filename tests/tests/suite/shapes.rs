@@ -1,0 +1,344 @@
+//! Repository shapes as users really have them: a `.git` that is a `gitdir:` file or a symlink,
+//! git directories inside other repositories, linked worktrees, submodules, `GIT_DIR` in the
+//! shell, symlinked directories in the tree, stale lock files and sparse checkouts. Each edit
+//! must land in the repository git itself would use, or be refused with nothing changed;
+//! asserted on bytes on disk, refs, the stash list and `git fsck --strict`.
+
+use std::path::{Path, PathBuf};
+
+use spark_proto::methods::{ApplyParams, EditApply, EditResult};
+use spark_tests::{Ctl, InProcess, TestRepo, hermetic_git, snapshot, stderr, stdout};
+use sparkctl::{Client, ClientError};
+
+fn apply(c: &mut Client, cwd: &Path, patch: &str) -> Result<EditResult, ClientError> {
+    c.call::<EditApply>(&ApplyParams {
+        cwd: cwd.display().to_string(),
+        patch: patch.to_owned(),
+        dry_run: false,
+        source: Some("test".into()),
+        message: Some("shape".into()),
+    })
+}
+
+/// Run git in `dir` (hermetic), panicking with its stderr on failure.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = hermetic_git(dir).args(args).output().expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} in {} failed: {}",
+        dir.display(),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+fn identity(dir: &Path) {
+    git(dir, &["config", "user.name", "Spark Test"]);
+    git(dir, &["config", "user.email", "test@spark.invalid"]);
+}
+
+/// A scratch directory for repositories that `TestRepo` cannot lay out.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("shape")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+/// Commit `files` in the worktree `dir`.
+fn commit_files(dir: &Path, files: &[(&str, &[u8])]) {
+    for (rel, bytes) in files {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, bytes).expect("write");
+        git(dir, &["add", rel]);
+    }
+    git(dir, &["commit", "-q", "-m", "files"]);
+}
+
+fn update(path: &str, old: &str, new: &str) -> String {
+    format!("*** Begin Patch\n*** Update File: {path}\n-{old}\n+{new}\n*** End Patch\n")
+}
+
+/// Every ref of the repository at `dir` with its target.
+fn refs(dir: &Path) -> String {
+    git(dir, &["for-each-ref", "--format=%(refname) %(objectname)"])
+}
+
+/// The edit `id` is what `git stash show -p` prints in `dir`, and the repository is sound.
+fn assert_recorded_in(dir: &Path, id: &str, minus: &str, plus: &str) {
+    let shown = git(dir, &["stash", "show", "-p", id]);
+    assert!(
+        shown.contains(&format!("-{minus}\n+{plus}\n")),
+        "{}: {shown}",
+        dir.display()
+    );
+    assert!(
+        refs(dir).contains("refs/spark/edits"),
+        "{}: recorded here",
+        dir.display()
+    );
+    git(dir, &["fsck", "--strict"]);
+}
+
+#[test]
+fn separate_git_dir_inside_another_repository_edits_the_inner_worktree() {
+    let outer = TestRepo::with_files(&[("a.txt", b"outer\n")]);
+    let place = scratch();
+    let inner = place.path().join("inner");
+    // `git init --separate-git-dir` leaves `inner/.git` a `gitdir:` file pointing into `outer`.
+    let git_dir = outer.path().join("gitdirs/inner.git");
+    std::fs::create_dir(outer.path().join("gitdirs")).expect("mkdir");
+    git(
+        place.path(),
+        &[
+            "init",
+            "-q",
+            "-b",
+            "main",
+            "--separate-git-dir",
+            git_dir.to_str().expect("utf-8"),
+            inner.to_str().expect("utf-8"),
+        ],
+    );
+    identity(&inner);
+    commit_files(&inner, &[("a.txt", b"inner\n")]);
+    assert!(
+        std::fs::read_to_string(inner.join(".git"))
+            .expect("gitfile")
+            .starts_with("gitdir:")
+    );
+    let outer_refs = refs(outer.path());
+
+    let d = InProcess::start();
+    let mut c = d.client();
+    let r = apply(&mut c, &inner, &update("a.txt", "inner", "INNER")).expect("apply");
+    let id = r.edit.expect("edit id");
+
+    assert_eq!(
+        std::fs::read(inner.join("a.txt")).expect("read"),
+        b"INNER\n"
+    );
+    assert_eq!(
+        outer.read("a.txt"),
+        b"outer\n",
+        "the outer worktree is untouched"
+    );
+    assert_eq!(
+        refs(outer.path()),
+        outer_refs,
+        "nothing recorded in the outer repository"
+    );
+    assert_recorded_in(&inner, &id, "inner", "INNER");
+    assert_eq!(
+        Path::new(&git(&inner, &["rev-parse", "--show-toplevel"]).trim_end()),
+        inner.canonicalize().expect("canonical")
+    );
+    git(outer.path(), &["fsck", "--strict"]);
+}
+
+#[test]
+fn separate_git_dir_elsewhere_and_a_dotgit_symlink_are_edited_like_git_does() {
+    let place = scratch();
+    let store = place.path().join("store");
+    std::fs::create_dir(&store).expect("mkdir");
+
+    let separate = place.path().join("separate");
+    let sep_git = store.join("separate.git");
+    git(
+        place.path(),
+        &[
+            "init",
+            "-q",
+            "-b",
+            "main",
+            "--separate-git-dir",
+            sep_git.to_str().expect("utf-8"),
+            separate.to_str().expect("utf-8"),
+        ],
+    );
+    identity(&separate);
+    commit_files(&separate, &[("a.txt", b"a\n")]);
+
+    // `.git` a symlink to a git directory kept elsewhere (dotfile managers do this).
+    let linked = place.path().join("linked");
+    let link_git = store.join("linked.git");
+    git(
+        place.path(),
+        &[
+            "init",
+            "-q",
+            "-b",
+            "main",
+            "--separate-git-dir",
+            link_git.to_str().expect("utf-8"),
+            linked.to_str().expect("utf-8"),
+        ],
+    );
+    std::fs::remove_file(linked.join(".git")).expect("rm gitfile");
+    std::os::unix::fs::symlink(&link_git, linked.join(".git")).expect("symlink");
+    identity(&linked);
+    commit_files(&linked, &[("sub/b.txt", b"b\n")]);
+
+    let d = InProcess::start();
+    let mut c = d.client();
+    let r = apply(&mut c, &separate, &update("a.txt", "a", "A")).expect("separate git dir");
+    assert_eq!(std::fs::read(separate.join("a.txt")).expect("read"), b"A\n");
+    assert_recorded_in(&separate, &r.edit.expect("id"), "a", "A");
+
+    // From a subdirectory: patch paths start there.
+    let r = apply(&mut c, &linked.join("sub"), &update("b.txt", "b", "B")).expect("symlinked .git");
+    assert_eq!(r.files[0].path, "sub/b.txt");
+    assert_eq!(
+        std::fs::read(linked.join("sub/b.txt")).expect("read"),
+        b"B\n"
+    );
+    assert_recorded_in(&linked, &r.edit.expect("id"), "b", "B");
+    assert_eq!(git(&linked, &["status", "--porcelain"]), " M sub/b.txt\n");
+    // The store holds only git directories: nothing was written next to them.
+    let mut names: Vec<String> = std::fs::read_dir(&store)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["linked.git", "separate.git"]);
+}
+
+#[test]
+fn linked_worktree_and_submodule_edits_stay_in_their_own_tree() {
+    let main = TestRepo::with_files(&[("a.txt", b"main\n")]);
+    let place = scratch();
+    let wt = place.path().join("wt");
+    git(
+        main.path(),
+        &[
+            "worktree",
+            "add",
+            "-q",
+            "-b",
+            "side",
+            wt.to_str().expect("utf-8"),
+        ],
+    );
+
+    let lib = TestRepo::with_files(&[("lib.txt", b"lib\n")]);
+    git(
+        main.path(),
+        &[
+            "-c",
+            "protocol.file.allow=always",
+            "submodule",
+            "add",
+            "-q",
+            lib.path().to_str().expect("utf-8"),
+            "vendor/lib",
+        ],
+    );
+    git(main.path(), &["commit", "-q", "-m", "submodule"]);
+    let sub = main.path().join("vendor/lib");
+    assert!(
+        std::fs::read_to_string(sub.join(".git"))
+            .expect("gitfile")
+            .starts_with("gitdir:")
+    );
+
+    let d = InProcess::start();
+    let mut c = d.client();
+    let r = apply(&mut c, &wt, &update("a.txt", "main", "side")).expect("linked worktree");
+    let wt_id = r.edit.expect("id");
+    assert_eq!(std::fs::read(wt.join("a.txt")).expect("read"), b"side\n");
+    assert_eq!(
+        main.read("a.txt"),
+        b"main\n",
+        "the main worktree is untouched"
+    );
+    assert_eq!(git(&wt, &["status", "--porcelain"]), " M a.txt\n");
+
+    let r = apply(&mut c, &sub, &update("lib.txt", "lib", "LIB")).expect("submodule");
+    let sub_id = r.edit.expect("id");
+    assert_eq!(std::fs::read(sub.join("lib.txt")).expect("read"), b"LIB\n");
+    assert_eq!(
+        lib.read("lib.txt"),
+        b"lib\n",
+        "the submodule's origin is untouched"
+    );
+    assert_recorded_in(&sub, &sub_id, "lib", "LIB");
+    // The record lives in the submodule's git directory, not in the superproject.
+    assert!(!refs(main.path()).contains(&format!("refs/spark/pins/{sub_id}")));
+    assert!(
+        git(&wt, &["stash", "show", "-p", &wt_id]).contains("-main\n+side\n"),
+        "the linked worktree's edit is shown by git there"
+    );
+    assert_eq!(
+        git(main.path(), &["status", "--porcelain"]),
+        " M vendor/lib\n",
+        "the superproject sees only a modified submodule"
+    );
+    git(main.path(), &["fsck", "--strict"]);
+    git(&sub, &["fsck", "--strict"]);
+}
+
+#[test]
+fn git_dir_in_the_shell_is_honoured_when_it_is_the_same_repository_and_refused_otherwise() {
+    let repo = TestRepo::with_files(&[("a.txt", b"a\n"), ("sub/b.txt", b"b\n")]);
+    let other = TestRepo::with_files(&[("a.txt", b"other\n")]);
+    let ctl = Ctl::new();
+    let run = |cwd: &Path, env: &[(&str, &Path)], patch: &str| {
+        let mut cmd = ctl.command("sparkctl");
+        cmd.current_dir(cwd).args(["apply", "-"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), patch.as_bytes())
+            .expect("stdin");
+        child.wait_with_output().expect("wait")
+    };
+    let before = (snapshot(repo.path()), snapshot(other.path()));
+    let other_git: PathBuf = other.path().join(".git");
+    for env in [
+        vec![("GIT_DIR", other_git.as_path())],
+        vec![("GIT_WORK_TREE", other.path())],
+        vec![
+            ("GIT_DIR", other_git.as_path()),
+            ("GIT_WORK_TREE", repo.path()),
+        ],
+    ] {
+        let out = run(repo.path(), &env, &update("a.txt", "a", "A"));
+        assert_eq!(out.status.code(), Some(1), "{env:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("sparkctl finds the repository from the current directory")
+                && err.contains("\nhint: unset GIT_DIR and GIT_WORK_TREE"),
+            "{env:?}: {err}"
+        );
+    }
+    // GIT_DIR alone from a subdirectory: git would take `sub` as the worktree's top.
+    let repo_git = repo.path().join(".git");
+    let out = run(
+        &repo.path().join("sub"),
+        &[("GIT_DIR", &repo_git)],
+        &update("b.txt", "b", "B"),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        (snapshot(repo.path()), snapshot(other.path())),
+        before,
+        "refused: nothing changed anywhere"
+    );
+
+    // As in a git hook: GIT_DIR names this repository, run at the top.
+    let out = run(
+        repo.path(),
+        &[("GIT_DIR", Path::new(".git"))],
+        &update("a.txt", "a", "A"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(repo.read("a.txt"), b"A\n");
+    assert_eq!(other.read("a.txt"), b"other\n");
+    git(repo.path(), &["fsck", "--strict"]);
+    assert!(ctl.run(["stop"]).status.success());
+}
