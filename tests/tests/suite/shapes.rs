@@ -5,6 +5,7 @@
 //! asserted on bytes on disk, refs, the stash list and `git fsck --strict`.
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use spark_proto::methods::{ApplyParams, EditApply, EditResult};
 use spark_tests::{Ctl, InProcess, TestRepo, hermetic_git, snapshot, stderr, stdout};
@@ -341,4 +342,230 @@ fn git_dir_in_the_shell_is_honoured_when_it_is_the_same_repository_and_refused_o
     assert_eq!(other.read("a.txt"), b"other\n");
     git(repo.path(), &["fsck", "--strict"]);
     assert!(ctl.run(["stop"]).status.success());
+}
+
+/// Run `sparkctl args…` in `cwd` with `env`, `stdin` as its input.
+fn sparkctl(ctl: &Ctl, cwd: &Path, env: &[(&str, &str)], args: &[&str], stdin: &str) -> Output {
+    let mut cmd = ctl.command("sparkctl");
+    cmd.current_dir(cwd).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn sparkctl");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for sparkctl")
+}
+
+/// `sparkctl --json log` in `repo`: each edit's (id, state).
+fn log(ctl: &Ctl, repo: &TestRepo) -> Vec<(String, String)> {
+    let out = sparkctl(ctl, repo.path(), &[], &["--json", "log"], "");
+    assert!(out.status.success(), "log: {}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    v["edits"]
+        .as_array()
+        .expect("edits")
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().expect("id").to_owned(),
+                e["state"].as_str().expect("state").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// How many times the repository records an edit: `refs/spark/edits` reflog entries and pins.
+fn records(repo: &TestRepo) -> (usize, usize) {
+    let reflog = repo.git_output(&["reflog", "show", "--format=%H", "refs/spark/edits"]);
+    let entries = if reflog.status.success() {
+        stdout(&reflog).lines().count()
+    } else {
+        0
+    };
+    let pins = repo
+        .git(&["for-each-ref", "--format=%(refname)", "refs/spark/pins/"])
+        .lines()
+        .count();
+    (entries, pins)
+}
+
+fn stash_list(repo: &TestRepo) -> Vec<String> {
+    repo.git(&["stash", "list", "--format=%H"])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn journals(ctl: &Ctl) -> usize {
+    std::fs::read_dir(ctl.home.layout().state_dir.join("journal"))
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| std::fs::read(e.path()).is_ok_and(|b| b.first() != Some(&0)))
+            })
+            .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_path_through_a_symlinked_directory_is_written_and_recorded_under_the_real_path() {
+    let repo = TestRepo::with_files(&[("real/f.txt", b"one\n")]);
+    std::os::unix::fs::symlink("real", repo.path().join("alias")).expect("symlink");
+    repo.git(&["add", "alias"]);
+    repo.git(&["commit", "-q", "-m", "alias"]);
+    let ctl = Ctl::new();
+
+    let out = sparkctl(
+        &ctl,
+        repo.path(),
+        &[],
+        &["--json", "apply", "-"],
+        &update("alias/f.txt", "one", "two"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(r["files"][0]["path"], "real/f.txt", "{r}");
+    let id = r["edit"].as_str().expect("id").to_owned();
+    assert_eq!(repo.read("real/f.txt"), b"two\n");
+    assert_eq!(
+        std::fs::read_link(repo.path().join("alias")).expect("still a link"),
+        Path::new("real")
+    );
+    assert_eq!(repo.git(&["status", "--porcelain"]), " M real/f.txt\n");
+    let shown = repo.git(&["stash", "show", "-p", &id]);
+    assert!(
+        shown.contains("+++ b/real/f.txt\n") && shown.contains("-one\n+two\n"),
+        "{shown}"
+    );
+    assert_eq!(log(&ctl, &repo), [(id.clone(), "applied".to_owned())]);
+
+    // Undoable, and `git stash apply` brings it back, as for any edit.
+    let out = sparkctl(&ctl, repo.path(), &[], &["undo"], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(repo.read("real/f.txt"), b"one\n");
+    repo.git(&["stash", "apply", &id]);
+    assert_eq!(repo.read("real/f.txt"), b"two\n");
+    repo.git(&["fsck", "--strict"]);
+    assert_eq!(journals(&ctl), 0);
+    assert!(ctl.run(["stop"]).status.success());
+}
+
+const THREE_FILES: &str = "*** Begin Patch
+*** Update File: a.txt
+-a
++A
+*** Update File: b.txt
+-b
++B
+*** Add File: new/c.txt
++C
+*** End Patch
+";
+
+/// The worktree as the three-file edit sees it: all before, all after, or something else.
+/// (Whether reverting removes the directory `new/` again is not this test's business.)
+fn edit_state(repo: &TestRepo) -> &'static str {
+    let now = (
+        repo.read("a.txt"),
+        repo.read("b.txt"),
+        repo.exists("new/c.txt").then(|| repo.read("new/c.txt")),
+    );
+    if now == (b"a\n".to_vec(), b"b\n".to_vec(), None) {
+        "before"
+    } else if now == (b"A\n".to_vec(), b"B\n".to_vec(), Some(b"C\n".to_vec())) {
+        "after"
+    } else {
+        "torn"
+    }
+}
+
+#[test]
+fn every_failure_after_the_first_write_settles_all_before_or_all_after_recorded_once() {
+    // (operation, failpoint, whether the operation is done once settled). `fail_*` points make
+    // a step fail with an error and the daemon lives on; the others kill it, and recovery at the
+    // next start settles it.
+    let cases = [
+        ("apply", "after_file_1", false),
+        ("apply", "after_file_3", true),
+        ("apply", "after_written", true),
+        ("apply", "after_record", true),
+        ("apply", "before_finish", true),
+        ("apply", "fail_record", false),
+        ("apply", "fail_after_record", false),
+        ("stash", "after_file_2", false),
+        ("stash", "after_written", true),
+        ("stash", "before_finish", true),
+        ("stash", "fail_record", false),
+        ("stash", "fail_after_record", false),
+    ];
+    for (op, point, done) in cases {
+        let what = format!("{op} at {point}");
+        let repo = TestRepo::with_files(&[("a.txt", b"a\n"), ("b.txt", b"b\n")]);
+        let ctl = Ctl::new();
+        let fp = [("SPARK_FAILPOINT", point)];
+        if op == "stash" {
+            let out = sparkctl(&ctl, repo.path(), &[], &["apply", "-"], THREE_FILES);
+            assert!(out.status.success(), "{what}: {}", stderr(&out));
+            assert!(ctl.run(["stop"]).status.success());
+        }
+        let (args, input): (&[&str], &str) = match op {
+            "apply" => (&["apply", "-"], THREE_FILES),
+            _ => (&["stash"], ""),
+        };
+        let out = sparkctl(&ctl, repo.path(), &fp, args, input);
+        assert_eq!(out.status.code(), Some(2), "{what}: {}", stderr(&out));
+        if point.starts_with("fail_") {
+            // Settled at once, and said so truthfully.
+            assert!(
+                stderr(&out).contains("taken back and nothing changed"),
+                "{what}: {}",
+                stderr(&out)
+            );
+            assert_eq!(journals(&ctl), 0, "{what}: no journal left to recover");
+        }
+        // Whatever happened, the next daemon (no failpoint) settles it before serving.
+        if let Some(pid) = ctl.daemon_pid() {
+            let _ = ctl.run(["stop"]);
+            spark_tests::wait_dead(pid, std::time::Duration::from_secs(10));
+        }
+        let edits = log(&ctl, &repo);
+        // The edit's files are in their after state when it is applied and not stashed.
+        let applied = (op == "apply") == done;
+        assert_eq!(
+            edit_state(&repo),
+            if applied { "after" } else { "before" },
+            "{what}: worktree"
+        );
+        if op == "apply" && !done {
+            assert!(!repo.exists("new"), "{what}: the created directory is gone");
+        }
+        let recorded = usize::from(op == "stash" || done);
+        assert_eq!(edits.len(), recorded, "{what}: ledger {edits:?}");
+        assert_eq!(
+            records(&repo),
+            (recorded, recorded),
+            "{what}: recorded exactly once"
+        );
+        if op == "stash" {
+            assert_eq!(
+                edits[0].1,
+                if done { "stashed" } else { "applied" },
+                "{what}: log"
+            );
+            let full = repo.git(&["rev-parse", &edits[0].0]).trim().to_owned();
+            assert_eq!(
+                stash_list(&repo),
+                if done { vec![full] } else { Vec::new() },
+                "{what}: stash list"
+            );
+        }
+        assert_eq!(journals(&ctl), 0, "{what}: journal settled");
+        repo.git(&["fsck", "--strict"]);
+        assert!(ctl.run(["stop"]).status.success());
+    }
 }
