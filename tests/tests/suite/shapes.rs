@@ -569,3 +569,178 @@ fn every_failure_after_the_first_write_settles_all_before_or_all_after_recorded_
         assert!(ctl.run(["stop"]).status.success());
     }
 }
+
+/// `sparkctl --json args…` that must be refused (exit 1) with nothing changed in `repo` (`.git`
+/// included); returns the error's `kind` and the stderr text.
+fn refused(ctl: &Ctl, repo: &TestRepo, cwd: &Path, args: &[&str], stdin: &str) -> (String, String) {
+    let before = snapshot(repo.path());
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = sparkctl(ctl, cwd, &[], &all, stdin);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert_eq!(snapshot(repo.path()), before, "{args:?}: nothing changed");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "one line and a hint: {err}");
+    assert!(lines[0].starts_with("sparkctl: error: "), "{err}");
+    assert!(lines[1].starts_with("hint: "), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json error");
+    (v["error"]["kind"].as_str().unwrap_or("").to_owned(), err)
+}
+
+#[test]
+fn stale_ref_locks_are_named_and_refused_before_anything_is_written() {
+    let repo = TestRepo::with_files(&[("a.txt", b"a\n"), ("b.txt", b"b\n")]);
+    let ctl = Ctl::new();
+    let edits_lock = repo.path().join(".git/refs/spark/edits.lock");
+    std::fs::create_dir_all(edits_lock.parent().expect("dir")).expect("mkdir");
+    std::fs::write(&edits_lock, b"").expect("lock");
+
+    let patch = update("a.txt", "a", "A");
+    let (kind, err) = refused(&ctl, &repo, repo.path(), &["apply", "-"], &patch);
+    assert_eq!(kind, "ref_locked");
+    let shown = edits_lock.display().to_string();
+    assert!(
+        err.contains(&format!("{shown} exists")) && err.contains(&format!("rm '{shown}'")),
+        "{err}"
+    );
+    assert!(log(&ctl, &repo).is_empty());
+
+    std::fs::remove_file(&edits_lock).expect("unlock");
+    let out = sparkctl(&ctl, repo.path(), &[], &["--json", "apply", "-"], &patch);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = serde_json::from_str::<serde_json::Value>(&stdout(&out)).expect("json")["edit"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    // `stash` needs refs/stash: refused with the edit still applied and nothing on the stash.
+    let stash_lock = repo.path().join(".git/refs/stash.lock");
+    std::fs::write(&stash_lock, b"").expect("lock");
+    let (kind, err) = refused(&ctl, &repo, repo.path(), &["stash"], "");
+    assert_eq!(kind, "ref_locked");
+    assert!(err.contains(&stash_lock.display().to_string()), "{err}");
+    assert_eq!(repo.read("a.txt"), b"A\n");
+    assert!(stash_list(&repo).is_empty());
+    assert_eq!(log(&ctl, &repo), [(id.clone(), "applied".to_owned())]);
+
+    std::fs::remove_file(&stash_lock).expect("unlock");
+    let out = sparkctl(&ctl, repo.path(), &[], &["stash"], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(repo.read("a.txt"), b"a\n");
+    assert_eq!(stash_list(&repo).len(), 1);
+    assert_eq!(log(&ctl, &repo), [(id, "stashed".to_owned())]);
+    repo.git(&["stash", "pop", "-q"]);
+    assert_eq!(repo.read("a.txt"), b"A\n");
+    repo.git(&["fsck", "--strict"]);
+    assert_eq!(journals(&ctl), 0);
+    assert!(ctl.run(["stop"]).status.success());
+}
+
+#[test]
+fn paths_outside_the_sparse_checkout_are_refused_in_cone_and_non_cone_mode() {
+    let repo = TestRepo::with_files(&[
+        ("top.txt", b"top\n"),
+        ("src/a.rs", b"a\n"),
+        ("docs/b.md", b"b\n"),
+    ]);
+    repo.git(&["sparse-checkout", "set", "src"]);
+    assert!(!repo.exists("docs/b.md"), "git left docs out");
+    let ctl = Ctl::new();
+    let add = |path: &str| format!("*** Begin Patch\n*** Add File: {path}\n+new\n*** End Patch\n");
+
+    for patch in [
+        add("docs/new.md"),
+        add("other/x.md"),
+        update("docs/b.md", "b", "B"),
+    ] {
+        let (kind, err) = refused(&ctl, &repo, repo.path(), &["apply", "-"], &patch);
+        assert_eq!(kind, "path_sparse_checkout", "{patch}");
+        assert!(err.contains("sparse checkout"), "{err}");
+        assert!(err.contains("hint: `git sparse-checkout add"), "{err}");
+    }
+    // Inside the cone, and files at the top, are fine.
+    let out = sparkctl(
+        &ctl,
+        repo.path(),
+        &[],
+        &["apply", "-"],
+        &add("src/deep/new.rs"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = sparkctl(&ctl, repo.path(), &[], &["apply", "-"], &add("notes.txt"));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    repo.git(&["sparse-checkout", "set", "--no-cone", "/*.txt", "/src/"]);
+    let (kind, _) = refused(&ctl, &repo, repo.path(), &["apply", "-"], &add("docs/x.md"));
+    assert_eq!(kind, "path_sparse_checkout");
+    let out = sparkctl(&ctl, repo.path(), &[], &["apply", "-"], &add("more.txt"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // git agrees: the files spark added are in the checkout, nothing conflicts on reapply.
+    repo.git(&["sparse-checkout", "reapply"]);
+    assert_eq!(repo.read("src/deep/new.rs"), b"new\n");
+    assert_eq!(repo.read("more.txt"), b"new\n");
+    repo.git(&["fsck", "--strict"]);
+    assert!(ctl.run(["stop"]).status.success());
+}
+
+#[test]
+fn lfs_pointers_and_parent_paths_are_refused_truthfully_with_a_hint() {
+    let pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n";
+    let repo = TestRepo::with_files(&[
+        (
+            ".gitattributes",
+            b"*.dat filter=lfs diff=lfs merge=lfs -text\n",
+        ),
+        ("model.dat", pointer),
+        ("plain.txt", b"version https://git-lfs.github.com/spec/v1\n"),
+        ("src/lib.rs", b"x\n"),
+    ]);
+    let ctl = Ctl::new();
+    let patch =
+        "*** Begin Patch\n*** Update File: model.dat\n-size 12345\n+size 1\n*** End Patch\n";
+    let (kind, err) = refused(&ctl, &repo, repo.path(), &["apply", "-"], patch);
+    assert_eq!(kind, "lfs_pointer");
+    assert!(
+        err.contains("model.dat") && err.contains("Git LFS pointer"),
+        "{err}"
+    );
+    assert!(
+        err.contains("hint: fetch the real content first (`git lfs pull`)"),
+        "{err}"
+    );
+    // The same text in a file without filter=lfs is just text.
+    let out = sparkctl(
+        &ctl,
+        repo.path(),
+        &[],
+        &["apply", "-"],
+        &update(
+            "plain.txt",
+            "version https://git-lfs.github.com/spec/v1",
+            "v2",
+        ),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // `..` from a subdirectory stays inside the tree, and the message does not claim otherwise.
+    let (kind, err) = refused(
+        &ctl,
+        &repo,
+        &repo.path().join("src"),
+        &["apply", "-"],
+        &update("../plain.txt", "v2", "v3"),
+    );
+    assert_eq!(kind, "path_parent_dir");
+    assert!(
+        err.contains("refusing path `../plain.txt`: it contains a `..` component")
+            && !err.contains("escapes"),
+        "{err}"
+    );
+    assert!(
+        err.contains("hint: name the file relative to the current directory without `..`"),
+        "{err}"
+    );
+    repo.git(&["fsck", "--strict"]);
+    assert!(ctl.run(["stop"]).status.success());
+}
