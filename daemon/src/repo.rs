@@ -390,3 +390,94 @@ pub(crate) fn recover_all(env: &EditEnv) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        (dir, root)
+    }
+
+    fn refused(cwd: &Path) -> String {
+        match discover(cwd) {
+            Ok(found) => panic!("{} was found as {found:?}", cwd.display()),
+            Err(e) => {
+                assert_eq!(e.error_code(), Some(ErrorCode::NotARepository), "{e:?}");
+                e.message
+            }
+        }
+    }
+
+    #[test]
+    fn a_relative_gitdir_file_names_a_git_dir_whose_parent_is_not_the_worktree() {
+        let (_d, root) = scratch();
+        let git_dir = root.join("outer/store/inner.git");
+        Repository::init_bare(&git_dir).expect("init");
+        let inner = root.join("inner");
+        std::fs::create_dir_all(inner.join("src")).expect("mkdir");
+        std::fs::write(inner.join(".git"), "gitdir: ../outer/store/inner.git\n").expect("gitfile");
+        // A bare init says core.bare; a separate git dir made by `git init` says otherwise.
+        Repository::open_bare(&git_dir)
+            .and_then(|r| r.config()?.set_bool("core.bare", false))
+            .expect("not bare");
+        let found = discover(&inner.join("src")).expect("found");
+        assert_eq!(
+            found,
+            Found {
+                workdir: inner.clone(),
+                git_dir: git_dir.clone(),
+                prefix: "src".into(),
+            }
+        );
+        let repo = open_worktree(&found.git_dir, &found.workdir).expect("open");
+        assert_eq!(repo.workdir(), Some(inner.join("").as_path()));
+    }
+
+    #[test]
+    fn core_worktree_names_the_top_and_core_bare_refuses() {
+        let (_d, root) = scratch();
+        let git_dir = root.join("super/.git/modules/lib");
+        let repo = Repository::init_bare(&git_dir).expect("init");
+        let lib = root.join("super/lib");
+        std::fs::create_dir_all(&lib).expect("mkdir");
+        std::fs::write(lib.join(".git"), format!("gitdir: {}\n", git_dir.display()))
+            .expect("gitfile");
+        assert!(refused(&lib).contains("bare repository"));
+        let mut config = repo.config().expect("config");
+        config.set_bool("core.bare", false).expect("set");
+        config
+            .set_str("core.worktree", "../../../lib")
+            .expect("set");
+        let found = discover(&lib).expect("found");
+        assert_eq!((found.workdir, found.prefix), (lib, String::new()));
+    }
+
+    #[test]
+    fn broken_links_bare_dirs_and_git_dirs_themselves_are_refused() {
+        let (_d, root) = scratch();
+        let w = root.join("w");
+        Repository::init(&w).expect("init");
+        assert!(refused(&w.join(".git/refs")).contains("inside a git directory"));
+
+        let broken = root.join("broken");
+        std::fs::create_dir_all(&broken).expect("mkdir");
+        std::fs::write(broken.join(".git"), "gitdir: nowhere\n").expect("gitfile");
+        assert!(refused(&broken).contains("nowhere"));
+        std::fs::write(broken.join(".git"), "not a link\n").expect("gitfile");
+        assert!(refused(&broken).contains("gitdir:"));
+
+        assert!(refused(&root).contains("not inside a git repository"));
+    }
+
+    #[test]
+    fn a_dotgit_directory_that_is_no_repository_is_passed_over_as_git_does() {
+        let (_d, root) = scratch();
+        Repository::init(&root).expect("init");
+        std::fs::create_dir_all(root.join("sub/.git")).expect("mkdir");
+        let found = discover(&root.join("sub")).expect("found");
+        assert_eq!((found.workdir, found.prefix), (root, "sub".to_owned()));
+    }
+}

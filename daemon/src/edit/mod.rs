@@ -1036,3 +1036,47 @@ fn content(s: &Option<FileState>) -> &[u8] {
 fn now_ms() -> u64 {
     crate::server::unix_ms()
 }
+
+#[cfg(test)]
+mod take_back_tests {
+    use super::*;
+
+    fn commit(repo: &Repository, message: &str) -> Oid {
+        let sig = git2::Signature::now("t", "t@example.invalid").expect("sig");
+        let tree = repo
+            .treebuilder(None)
+            .and_then(|b| b.write())
+            .and_then(|t| repo.find_tree(t))
+            .expect("tree");
+        repo.commit(None, &sig, &sig, message, &tree, &[])
+            .expect("commit")
+    }
+
+    #[test]
+    fn taking_back_an_update_restores_the_ref_and_its_reflog() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = Repository::init(dir.path()).expect("init");
+        let name = record::EDITS_REF;
+        repo.reference_ensure_log(name).expect("log");
+        let (first, second) = (commit(&repo, "one"), commit(&repo, "two"));
+        repo.reference(name, first, true, "spark: one")
+            .expect("ref");
+        repo.reference(name, second, true, "spark: two")
+            .expect("ref");
+        assert_eq!(repo.reflog(name).expect("reflog").len(), 2);
+
+        take_back_ref(&repo, name, second, Some(first)).expect("take back");
+        assert_eq!(repo.refname_to_id(name).expect("ref"), first);
+        let log = repo.reflog(name).expect("reflog");
+        assert_eq!(log.len(), 1);
+        assert_eq!(log.get(0).expect("entry").id_new(), first);
+
+        // A ref that moved on since is someone else's: left alone.
+        take_back_ref(&repo, name, second, Some(first)).expect("no-op");
+        assert_eq!(repo.refname_to_id(name).expect("ref"), first);
+
+        // The update that created the ref: the ref goes.
+        take_back_ref(&repo, name, first, None).expect("take back");
+        assert!(repo.find_reference(name).is_err());
+    }
+}
