@@ -208,9 +208,11 @@ fn discover(cwd: &Path) -> Result<Found, RpcError> {
             Ok(_) => {}
             Err(_) => {}
         }
-        if is_git_dir(top) {
+        // Inside a worktree's own `.git` the walk goes on to the worktree, as libgit2 does, and
+        // every path from there is refused by name (`.git/...`); a bare repository has no tree.
+        if top.file_name() != Some(std::ffi::OsStr::new(".git")) && is_git_dir(top) {
             return Err(not_repo(format!(
-                "{} is inside a git directory or a bare repository ({}): it has no working tree to edit",
+                "{} is inside a bare repository ({}): it has no working tree to edit",
                 cwd.display(),
                 top.display()
             )));
@@ -456,11 +458,18 @@ mod tests {
     }
 
     #[test]
-    fn broken_links_bare_dirs_and_git_dirs_themselves_are_refused() {
+    fn broken_links_and_bare_repositories_are_refused() {
         let (_d, root) = scratch();
         let w = root.join("w");
         Repository::init(&w).expect("init");
-        assert!(refused(&w.join(".git/refs")).contains("inside a git directory"));
+        let found = discover(&w.join(".git/refs")).expect("found");
+        assert_eq!(
+            found.prefix, ".git/refs",
+            "every path from there names .git"
+        );
+        let bare = root.join("bare.git");
+        Repository::init_bare(&bare).expect("init");
+        assert!(refused(&bare.join("refs")).contains("inside a bare repository"));
 
         let broken = root.join("broken");
         std::fs::create_dir_all(&broken).expect("mkdir");
