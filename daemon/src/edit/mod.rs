@@ -88,10 +88,10 @@ pub(crate) enum EditError {
         "refusing to edit {path}: it is a Git LFS pointer (.gitattributes says filter=lfs), not the file's content"
     )]
     LfsPointer { path: String },
-    #[error("the edit could not be recorded, so it was taken back and nothing changed: {source}")]
+    #[error("recording failed, so the change was taken back and nothing changed: {source}")]
     NotRecorded { source: Box<EditError> },
     #[error(
-        "the edit could not be recorded ({source}), and putting the files back failed ({restore}); the daemon's next start puts them back"
+        "recording failed ({source}), and putting the files back failed ({restore}); the daemon's next start puts them back"
     )]
     NotRestored {
         source: Box<EditError>,
