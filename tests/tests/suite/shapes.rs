@@ -489,32 +489,40 @@ fn every_failure_after_the_first_write_settles_all_before_or_all_after_recorded_
     // (operation, failpoint, whether the operation is done once settled). `fail_*` points make
     // a step fail with an error and the daemon lives on; the others kill it, and recovery at the
     // next start settles it.
-    let cases = [
+    let mut cases = vec![
         ("apply", "after_file_1", false),
+        ("apply", "after_file_2", false),
         ("apply", "after_file_3", true),
         ("apply", "after_written", true),
         ("apply", "after_record", true),
         ("apply", "before_finish", true),
         ("apply", "fail_record", false),
         ("apply", "fail_after_record", false),
-        ("stash", "after_file_2", false),
-        ("stash", "after_written", true),
-        ("stash", "before_finish", true),
-        ("stash", "fail_record", false),
-        ("stash", "fail_after_record", false),
     ];
+    for op in ["undo", "stash"] {
+        cases.extend([
+            (op, "after_file_1", false),
+            (op, "after_file_2", false),
+            (op, "after_file_3", true),
+            (op, "after_written", true),
+            (op, "before_finish", true),
+            (op, "fail_record", false),
+            (op, "fail_after_record", false),
+        ]);
+    }
     for (op, point, done) in cases {
         let what = format!("{op} at {point}");
         let repo = TestRepo::with_files(&[("a.txt", b"a\n"), ("b.txt", b"b\n")]);
         let ctl = Ctl::new();
         let fp = [("SPARK_FAILPOINT", point)];
-        if op == "stash" {
+        if op != "apply" {
             let out = sparkctl(&ctl, repo.path(), &[], &["apply", "-"], THREE_FILES);
             assert!(out.status.success(), "{what}: {}", stderr(&out));
             assert!(ctl.run(["stop"]).status.success());
         }
         let (args, input): (&[&str], &str) = match op {
             "apply" => (&["apply", "-"], THREE_FILES),
+            "undo" => (&["undo"], ""),
             _ => (&["stash"], ""),
         };
         let out = sparkctl(&ctl, repo.path(), &fp, args, input);
@@ -544,23 +552,28 @@ fn every_failure_after_the_first_write_settles_all_before_or_all_after_recorded_
         if op == "apply" && !done {
             assert!(!repo.exists("new"), "{what}: the created directory is gone");
         }
-        let recorded = usize::from(op == "stash" || done);
+        let recorded = usize::from(op != "apply" || done);
         assert_eq!(edits.len(), recorded, "{what}: ledger {edits:?}");
         assert_eq!(
             records(&repo),
             (recorded, recorded),
             "{what}: recorded exactly once"
         );
-        if op == "stash" {
-            assert_eq!(
-                edits[0].1,
-                if done { "stashed" } else { "applied" },
-                "{what}: log"
-            );
+        if op != "apply" {
+            let state = match (op, done) {
+                (_, false) => "applied",
+                ("undo", true) => "undone",
+                _ => "stashed",
+            };
+            assert_eq!(edits[0].1, state, "{what}: log");
             let full = repo.git(&["rev-parse", &edits[0].0]).trim().to_owned();
             assert_eq!(
                 stash_list(&repo),
-                if done { vec![full] } else { Vec::new() },
+                if done && op == "stash" {
+                    vec![full]
+                } else {
+                    Vec::new()
+                },
                 "{what}: stash list"
             );
         }
