@@ -3,6 +3,7 @@
 //! oneshot reply. Everything git and filesystem heavy runs there, never on an async worker.
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -188,7 +189,18 @@ fn discover(cwd: &Path) -> Result<Found, RpcError> {
     let canonical = cwd
         .canonicalize()
         .map_err(|e| not_repo(format!("cannot use {}: {e}", cwd.display())))?;
+    let device = |dir: &Path| std::fs::metadata(dir).map(|m| m.dev()).ok();
+    let start_device = device(&canonical);
     for top in canonical.ancestors() {
+        // git stops at a filesystem boundary (without GIT_DISCOVERY_ACROSS_FILESYSTEM): a
+        // repository on another mount above is not the one this directory belongs to.
+        if device(top) != start_device {
+            return Err(not_repo(format!(
+                "{} is not inside a git repository (the search stopped at the filesystem boundary below {}, as git's does)",
+                cwd.display(),
+                top.display()
+            )));
+        }
         let dotgit = top.join(".git");
         match std::fs::metadata(&dotgit) {
             Ok(meta) if meta.is_file() => {
