@@ -277,6 +277,42 @@ fn linked_worktree_and_submodule_edits_stay_in_their_own_tree() {
     );
     git(main.path(), &["fsck", "--strict"]);
     git(&sub, &["fsck", "--strict"]);
+
+    // A bare repository with a linked worktree (a common layout): core.bare describes the bare
+    // repository, not the worktree, which is edited like any other.
+    let bare = place.path().join("bare.git");
+    git(
+        place.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            main.path().to_str().expect("utf-8"),
+            bare.to_str().expect("utf-8"),
+        ],
+    );
+    let bw = place.path().join("bw");
+    git(
+        &bare,
+        &["worktree", "add", "-q", bw.to_str().expect("utf-8")],
+    );
+    identity(&bw);
+    let r = apply(&mut c, &bw, &update("a.txt", "main", "bare"))
+        .expect("worktree of a bare repository");
+    assert_eq!(std::fs::read(bw.join("a.txt")).expect("read"), b"bare\n");
+    assert_recorded_in(&bw, &r.edit.expect("id"), "main", "bare");
+    assert!(
+        refused_here(&mut c, &bare),
+        "the bare repository itself has no worktree"
+    );
+}
+
+/// Whether `edit/apply` in `dir` is refused as not a repository.
+fn refused_here(c: &mut Client, dir: &Path) -> bool {
+    match apply(c, dir, &update("a.txt", "main", "x")) {
+        Err(ClientError::Rpc(r)) => r.error_code() == Some(spark_proto::ErrorCode::NotARepository),
+        _ => false,
+    }
 }
 
 #[test]
