@@ -793,3 +793,42 @@ fn lfs_pointers_and_parent_paths_are_refused_truthfully_with_a_hint() {
     repo.git(&["fsck", "--strict"]);
     assert!(ctl.run(["stop"]).status.success());
 }
+
+#[test]
+fn an_interrupted_edit_that_cannot_be_recorded_at_start_is_rolled_back_not_kept_forever() {
+    let repo = TestRepo::with_files(&[("a.txt", b"a\n"), ("b.txt", b"b\n")]);
+    let ctl = Ctl::new();
+    // Killed with every file written and nothing recorded ...
+    let out = sparkctl(
+        &ctl,
+        repo.path(),
+        &[("SPARK_FAILPOINT", "after_written")],
+        &["apply", "-"],
+        THREE_FILES,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let pid = ctl.daemon_pid().expect("pid");
+    assert!(spark_tests::wait_dead(
+        pid,
+        std::time::Duration::from_secs(10)
+    ));
+    assert_eq!(edit_state(&repo), "after");
+    assert_eq!(journals(&ctl), 1);
+    // ... and the next start cannot record it either: it settles all-before instead of keeping
+    // a journal that every later start would fail on.
+    let out = sparkctl(
+        &ctl,
+        repo.path(),
+        &[("SPARK_FAILPOINT", "fail_record")],
+        &["--json", "log"],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(edit_state(&repo), "before");
+    assert!(!repo.exists("new"));
+    assert_eq!(journals(&ctl), 0);
+    assert!(log(&ctl, &repo).is_empty());
+    assert_eq!(records(&repo), (0, 0));
+    repo.git(&["fsck", "--strict"]);
+    assert!(ctl.run(["stop"]).status.success());
+}
