@@ -423,8 +423,11 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
     )
     .map_err(|e| take_back(&pending, e))?;
     journal::finish(&pending, &ctx.env.failpoint);
+    // The edit has landed and is recorded: an error now would misreport it as failed, and the
+    // full id is a valid id too.
+    let id = record::edit_short_id(ctx.repo, edit).unwrap_or_else(|_| edit.to_string());
     Ok(Outcome {
-        edit: Some(record::edit_short_id(ctx.repo, edit)?),
+        edit: Some(id),
         files,
         diff,
         after: changes
