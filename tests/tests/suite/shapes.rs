@@ -1,8 +1,10 @@
 //! Repository shapes as users really have them: a `.git` that is a `gitdir:` file or a symlink,
 //! git directories inside other repositories, linked worktrees, submodules, `GIT_DIR` in the
-//! shell, symlinked directories in the tree, stale lock files and sparse checkouts. Each edit
-//! must land in the repository git itself would use, or be refused with nothing changed;
-//! asserted on bytes on disk, refs, the stash list and `git fsck --strict`.
+//! shell, symlinked directories in the tree, stale lock files, sparse checkouts and LFS
+//! pointers. Each edit must land in the repository git itself would use, or be refused with
+//! nothing changed; and every failure after the first write (a crash or an error) must settle
+//! all-before or all-after, recorded exactly once. Asserted on bytes on disk, refs, the stash
+//! list and `git fsck --strict`.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
