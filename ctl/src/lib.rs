@@ -5,10 +5,12 @@
 //!   notifications delivered to a callback while a call is in flight.
 //! - [`autostart`]: connect, or take the startup lock and spawn `sparkd` detached, wait for it to
 //!   be ready, and restart a daemon whose version differs from this client's.
+//! - [`gitenv`]: `GIT_DIR`/`GIT_WORK_TREE` accepted only when they name what discovery finds.
 //! - [`ClientError`]: every failure, with the exit code (SPEC §2) and a hint for the user.
 
 pub mod autostart;
 mod client;
+pub mod gitenv;
 pub mod interrupt;
 
 pub use client::{Client, ClientError};

@@ -575,14 +575,20 @@ fn dir_param(dir: Option<PathBuf>) -> Result<String, Failure> {
 }
 
 fn cwd() -> Result<String, Failure> {
-    std::env::current_dir()
-        .map(|d| d.display().to_string())
-        .map_err(|e| Failure {
-            message: format!("cannot read the current directory: {e}"),
-            hint: None,
-            code: 1,
-            kind: None,
-        })
+    let dir = std::env::current_dir().map_err(|e| Failure {
+        message: format!("cannot read the current directory: {e}"),
+        hint: None,
+        code: 1,
+        kind: None,
+    })?;
+    // The daemon sees only the cwd: refuse variables that would make git pick another repository.
+    sparkctl::gitenv::check(&dir, |k| std::env::var_os(k)).map_err(|r| Failure {
+        message: r.message,
+        hint: Some(r.hint),
+        code: 1,
+        kind: Some("git_environment".into()),
+    })?;
+    Ok(dir.display().to_string())
 }
 
 fn read_patch(file: Option<&std::path::Path>) -> Result<String, Failure> {

@@ -58,7 +58,8 @@ pub struct Config {
     pub max_connections: usize,
     pub log: String,
     pub fsync: bool,
-    /// Test hook: abort at this named point of an edit (`SPARK_FAILPOINT`, debug builds only).
+    /// Test hook: abort at this named point of an edit, or fail there with an error when named
+    /// `fail_<point>` (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
     /// The version this daemon reports to clients: its own, except that debug builds honour
     /// `SPARK_TEST_DAEMON_VERSION` so tests can exercise the client's version restart.

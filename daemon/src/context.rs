@@ -142,6 +142,7 @@ fn add_file(
         )
         .with_kind(format!("path_{}", e.code()))
         .with_path(shown.to_owned())
+        .with_hint(e.hint())
     };
     let rel = paths::validate_rel_path(joined).map_err(refuse)?;
     let abs = paths::check_target(ctx.workdir, ctx.repo, &rel, Intent::Modify).map_err(refuse)?;

@@ -76,6 +76,27 @@ pub(crate) enum EditError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(
+        "{lock} exists: a git command is updating that ref, or one was killed while it did; nothing was written"
+    )]
+    Locked {
+        lock: String,
+        /// How to remove it, naming the file.
+        hint: String,
+    },
+    #[error(
+        "refusing to edit {path}: it is a Git LFS pointer (.gitattributes says filter=lfs), not the file's content"
+    )]
+    LfsPointer { path: String },
+    #[error("recording failed, so the change was taken back and nothing changed: {source}")]
+    NotRecorded { source: Box<EditError> },
+    #[error(
+        "recording failed ({source}), and putting the files back failed ({restore}); the daemon's next start puts them back"
+    )]
+    NotRestored {
+        source: Box<EditError>,
+        restore: Box<EditError>,
+    },
 }
 
 impl EditError {
@@ -110,7 +131,7 @@ impl EditError {
                 },
                 format!("path_{}", e.code()),
                 Some(e.path().to_owned()),
-                None,
+                Some(e.hint()),
             ),
             EditError::Match { path, source } => (
                 ErrorCode::PatchMismatch,
@@ -187,6 +208,32 @@ impl EditError {
             EditError::Io { .. } => (ErrorCode::Internal, "io".into(), None, None),
             EditError::Git { .. } => (ErrorCode::Internal, "git".into(), None, None),
             EditError::Internal(_) => (ErrorCode::Internal, "internal".into(), None, None),
+            EditError::Locked { hint, .. } => (
+                ErrorCode::Conflict,
+                "ref_locked".into(),
+                None,
+                Some(hint.as_str()),
+            ),
+            EditError::LfsPointer { path } => (
+                ErrorCode::EditRejected,
+                "lfs_pointer".into(),
+                Some(path.clone()),
+                Some("fetch the real content first (`git lfs pull`), or edit the file yourself"),
+            ),
+            EditError::NotRecorded { .. } => (
+                ErrorCode::Internal,
+                "not_recorded".into(),
+                None,
+                Some("nothing changed; see the daemon log, then retry"),
+            ),
+            EditError::NotRestored { .. } => (
+                ErrorCode::Internal,
+                "not_restored".into(),
+                None,
+                Some(
+                    "restart the daemon (`sparkctl stop`, then any command) to put the files back",
+                ),
+            ),
         };
         let mut e = RpcError::new(code, self.to_string()).with_kind(kind);
         if let Some(p) = path {
@@ -256,7 +303,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
     for op in &parsed.ops {
         match op {
             patch::FileOp::Add { path, lines } => {
-                let rel = resolve(&mut targets, &req.cwd_prefix, path, Intent::Create)?;
+                let (_, rel) = resolve(&mut targets, &req.cwd_prefix, path, Intent::Create)?;
                 writes.push(Write1 {
                     path: rel.as_str().to_owned(),
                     before: None,
@@ -267,8 +314,9 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 });
             }
             patch::FileOp::Delete { path } => {
-                let rel = resolve(&mut targets, &req.cwd_prefix, path, Intent::Delete)?;
+                let (_, rel) = resolve(&mut targets, &req.cwd_prefix, path, Intent::Delete)?;
                 let current = read_text(ctx, &rel)?;
+                refuse_lfs_pointer(ctx, &rel, &current)?;
                 writes.push(Write1 {
                     path: rel.as_str().to_owned(),
                     before: Some(current),
@@ -280,9 +328,16 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 move_to,
                 chunks,
             } => {
-                let rel = resolve(&mut targets, &req.cwd_prefix, path, Intent::Modify)?;
+                let (written, rel) = resolve(&mut targets, &req.cwd_prefix, path, Intent::Modify)?;
                 let current = read_text(ctx, &rel)?;
-                let base = req.bases.get(rel.as_str()).unwrap_or(&current.bytes);
+                refuse_lfs_pointer(ctx, &rel, &current)?;
+                // The model saw the file under the name it was given, which may go through a
+                // symlinked directory.
+                let base = req
+                    .bases
+                    .get(written.as_str())
+                    .or_else(|| req.bases.get(rel.as_str()))
+                    .unwrap_or(&current.bytes);
                 let edited =
                     matcher::apply_update(base, chunks).map_err(|source| EditError::Match {
                         path: rel.as_str().to_owned(),
@@ -299,7 +354,8 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 };
                 match move_to {
                     Some(dest) => {
-                        let dest = resolve(&mut targets, &req.cwd_prefix, dest, Intent::Create)?;
+                        let (_, dest) =
+                            resolve(&mut targets, &req.cwd_prefix, dest, Intent::Create)?;
                         writes.push(Write1 {
                             path: rel.as_str().to_owned(),
                             before: Some(current),
@@ -339,6 +395,8 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         });
     }
 
+    // Recording needs this ref; a stale lock would fail it after the files changed.
+    refuse_stale_locks(ctx, &[record::EDITS_REF])?;
     let time_ms = now_ms() as i64;
     let operation = Operation::Apply {
         source: req.source.clone(),
@@ -362,10 +420,14 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         &req.source,
         &req.message,
         time_ms,
-    )?;
+    )
+    .map_err(|e| take_back(&pending, e))?;
     journal::finish(&pending, &ctx.env.failpoint);
+    // The edit has landed and is recorded: an error now would misreport it as failed, and the
+    // full id is a valid id too.
+    let id = record::edit_short_id(ctx.repo, edit).unwrap_or_else(|_| edit.to_string());
     Ok(Outcome {
-        edit: Some(record::edit_short_id(ctx.repo, edit)?),
+        edit: Some(id),
         files,
         diff,
         after: changes
@@ -409,13 +471,25 @@ fn finish_apply(
         },
         time_ms,
     };
+    ctx.env.failpoint.fail("record")?;
+    let edits_before = ctx.repo.refname_to_id(record::EDITS_REF).ok();
     let edit = record::record_edit(ctx.repo, changes, &meta)?;
     ctx.env.failpoint.hit("after_record");
+    // From here a failure leaves a record without its ledger line: take the record back too, so
+    // the edit is recorded exactly once or not at all.
+    let unrecord = |e: EditError| {
+        if let Err(u) = unrecord(ctx.repo, edit, edits_before) {
+            tracing::error!(error = %u, edit = %edit, "cannot take back the record of a failed edit");
+        }
+        e
+    };
+    ctx.env.failpoint.fail("after_record").map_err(unrecord)?;
     let hex = edit.to_string();
     // Recovery may run after the ledger line was written; a live apply always appends (the
     // same edit re-applied within one millisecond has the same commit id, and is applied again).
     let known = recovering
-        && ledger::summaries(ctx.repo.path())?
+        && ledger::summaries(ctx.repo.path())
+            .map_err(unrecord)?
             .iter()
             .any(|s| s.applied.edit == hex && s.state == EventKind::Applied);
     if !known {
@@ -431,9 +505,117 @@ fn finish_apply(
                 journal: journal_id.to_owned(),
             },
             ctx.env.durability.fsync,
-        )?;
+        )
+        .map_err(unrecord)?;
     }
     Ok(edit)
+}
+
+/// A step after the files landed failed: put them back (see [`journal::abandon`]) and say so.
+fn take_back(pending: &journal::Pending, error: EditError) -> EditError {
+    tracing::error!(error = %error, "recording failed after the files were written; taking the edit back");
+    match journal::abandon(pending) {
+        Ok(()) => EditError::NotRecorded {
+            source: Box::new(error),
+        },
+        Err(restore) => EditError::NotRestored {
+            source: Box::new(error),
+            restore: Box::new(restore),
+        },
+    }
+}
+
+/// Take back the record of edit `w` whose ledger line could not be written: its pin, and its
+/// entry on `refs/spark/edits` (moved back to `before` by compare-and-swap, its reflog entry
+/// removed). A ref that moved on since is left alone.
+fn unrecord(repo: &Repository, w: Oid, before: Option<Oid>) -> Result<(), git2::Error> {
+    take_back_ref(repo, record::EDITS_REF, w, before)?;
+    match repo.find_reference(&format!("{}{w}", record::PINS_PREFIX)) {
+        Ok(mut pin) => pin.delete(),
+        Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Move `name` from `ours` back to `before` and drop the reflog entry that moved it to `ours`,
+/// so the ref and its log read as if the update never happened.
+fn take_back_ref(
+    repo: &Repository,
+    name: &str,
+    ours: Oid,
+    before: Option<Oid>,
+) -> Result<(), git2::Error> {
+    let mut reference = match repo.find_reference(name) {
+        Ok(r) if r.target() == Some(ours) => r,
+        Ok(_) => return Ok(()),
+        Err(e) if e.code() == git2::ErrorCode::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let Some(before) = before else {
+        // The update created the ref; deleting it deletes its reflog too.
+        return reference.delete();
+    };
+    repo.reference_matching(name, before, true, ours, "spark: take back")?;
+    let mut log = repo.reflog(name)?;
+    // Newest first: the take-back entry, then the update it takes back.
+    if log
+        .get(0)
+        .is_some_and(|e| e.id_old() == ours && e.id_new() == before)
+    {
+        log.remove(0, false)?;
+        if log.get(0).is_some_and(|e| e.id_new() == ours) {
+            log.remove(0, false)?;
+        }
+        log.write()?;
+    }
+    Ok(())
+}
+
+/// Refuse before anything is written when the lock file of a ref the operation will update
+/// exists: libgit2 would fail to update the ref only after the worktree changed.
+fn refuse_stale_locks(ctx: &RepoCtx<'_>, refs: &[&str]) -> Result<(), EditError> {
+    for name in refs {
+        // Shared refs live in the common git directory, also seen from a linked worktree.
+        let lock = ctx.repo.commondir().join(format!("{name}.lock"));
+        if std::fs::symlink_metadata(&lock).is_ok() {
+            let shown = lock.display().to_string();
+            return Err(EditError::Locked {
+                hint: format!(
+                    "if no git command is running in this repository, remove it: rm '{shown}'"
+                ),
+                lock: shown,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuse to edit a Git LFS pointer: a file `.gitattributes` routes through `filter=lfs` whose
+/// worktree content is still the pointer (git-lfs never smudged it). Editing the pointer text
+/// would corrupt the reference to the real content.
+fn refuse_lfs_pointer(
+    ctx: &RepoCtx<'_>,
+    rel: &RelPath,
+    state: &FileState,
+) -> Result<(), EditError> {
+    const LFS_POINTER: &[u8] = b"version https://git-lfs.github.com/spec/v1\n";
+    if !state.bytes.starts_with(LFS_POINTER) {
+        return Ok(());
+    }
+    let filter = ctx
+        .repo
+        .get_attr(
+            Path::new(rel.as_str()),
+            "filter",
+            git2::AttrCheckFlags::default(),
+        )
+        .map_err(|e| EditError::git("read .gitattributes", e))?;
+    if filter == Some("lfs") {
+        return Err(EditError::LfsPointer {
+            path: rel.as_str().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Revert an edit in the worktree (`undo`), optionally moving it onto `refs/stash` (`stash`).
@@ -503,6 +685,9 @@ pub(crate) fn revert(
     }
     writes.retain(|w| w.before != w.after);
     let (files, diff) = summarize(&writes)?;
+    if stash {
+        refuse_stale_locks(ctx, &["refs/stash"])?;
+    }
     let operation = Operation::Revert {
         edit: hex.clone(),
         stash,
@@ -522,7 +707,8 @@ pub(crate) fn revert(
         message.map(String::as_str).unwrap_or(""),
         &pending.id,
         false,
-    )?;
+    )
+    .map_err(|e| take_back(&pending, e))?;
     journal::finish(&pending, &ctx.env.failpoint);
     Ok(Outcome {
         edit: Some(short),
@@ -558,13 +744,28 @@ fn finish_revert(
     recovering: bool,
 ) -> Result<(), EditError> {
     let hex = oid.to_string();
+    ctx.env.failpoint.fail("record")?;
+    // The stash entry this revert pushed, and what `refs/stash` was before, to take it back if
+    // the ledger line cannot be written.
+    let mut pushed: Option<Option<Oid>> = None;
     if stash {
-        let on_stash = ctx.repo.refname_to_id("refs/stash").ok() == Some(oid);
-        if !on_stash {
+        let stash_before = ctx.repo.refname_to_id("refs/stash").ok();
+        if stash_before != Some(oid) {
             record::push_stash(ctx.repo, oid, message)?;
+            pushed = Some(stash_before);
         }
     }
-    let state = ledger::summaries(ctx.repo.path())?
+    let unstash = |e: EditError| {
+        if let Some(before) = pushed
+            && let Err(u) = take_back_ref(ctx.repo, "refs/stash", oid, before)
+        {
+            tracing::error!(error = %u, edit = %oid, "cannot take back the stash entry of a failed stash");
+        }
+        e
+    };
+    ctx.env.failpoint.fail("after_record").map_err(unstash)?;
+    let state = ledger::summaries(ctx.repo.path())
+        .map_err(unstash)?
         .into_iter()
         .find(|s| s.applied.edit == hex)
         .map(|s| s.state);
@@ -586,7 +787,8 @@ fn finish_revert(
                 journal: journal_id.to_owned(),
             },
             ctx.env.durability.fsync,
-        )?;
+        )
+        .map_err(unstash)?;
     }
     Ok(())
 }
@@ -646,7 +848,7 @@ pub(crate) fn recover(
         journal::rollback(journal)?;
         return Ok("rolled back");
     }
-    match &journal.operation {
+    let finished = match &journal.operation {
         Operation::Apply {
             source,
             message,
@@ -661,24 +863,33 @@ pub(crate) fn recover(
                     after: f.after.clone(),
                 })
                 .collect();
-            finish_apply(ctx, true, &journal.id, &changes, source, message, *time_ms)?;
-            Ok("completed")
+            finish_apply(ctx, true, &journal.id, &changes, source, message, *time_ms)
         }
-        Operation::Revert { edit, stash } => {
-            let oid = Oid::from_str(edit).map_err(|e| EditError::git("read journal id", e))?;
-            finish_revert(ctx, oid, *stash, "", &journal.id, true)?;
-            Ok("completed")
+        .map(|_| ()),
+        Operation::Revert { edit, stash } => Oid::from_str(edit)
+            .map_err(|e| EditError::git("read journal id", e))
+            .and_then(|oid| finish_revert(ctx, oid, *stash, "", &journal.id, true)),
+    };
+    match finished {
+        Ok(()) => Ok("completed"),
+        // Recording fails the same way at every start: all-before is the settled state.
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record the interrupted edit; rolling it back");
+            journal::rollback(journal)?;
+            Ok("rolled back (recording failed)")
         }
     }
 }
 
-/// Validate a patch path (relative to the client's cwd) and check its target.
+/// Validate a patch path (relative to the client's cwd) and check its target. Returns the path
+/// as written (joined to the cwd) and the real path the write lands on (symlinked directories
+/// resolved), under which the edit is written and recorded.
 fn resolve(
     targets: &mut paths::Targets<'_>,
     cwd_prefix: &str,
     raw: &str,
     intent: Intent,
-) -> Result<RelPath, EditError> {
+) -> Result<(RelPath, RelPath), EditError> {
     // Validate as written first, so the error quotes the path the patch used.
     paths::validate_rel_path(raw)?;
     let joined = if cwd_prefix.is_empty() {
@@ -687,8 +898,8 @@ fn resolve(
         format!("{cwd_prefix}/{raw}")
     };
     let rel = paths::validate_rel_path(&joined)?;
-    targets.check(&rel, intent)?;
-    Ok(rel)
+    let real = targets.check_real(&rel, intent)?;
+    Ok((rel, real))
 }
 
 fn read_text(ctx: &RepoCtx<'_>, rel: &RelPath) -> Result<FileState, EditError> {
@@ -827,4 +1038,48 @@ fn content(s: &Option<FileState>) -> &[u8] {
 
 fn now_ms() -> u64 {
     crate::server::unix_ms()
+}
+
+#[cfg(test)]
+mod take_back_tests {
+    use super::*;
+
+    fn commit(repo: &Repository, message: &str) -> Oid {
+        let sig = git2::Signature::now("t", "t@example.invalid").expect("sig");
+        let tree = repo
+            .treebuilder(None)
+            .and_then(|b| b.write())
+            .and_then(|t| repo.find_tree(t))
+            .expect("tree");
+        repo.commit(None, &sig, &sig, message, &tree, &[])
+            .expect("commit")
+    }
+
+    #[test]
+    fn taking_back_an_update_restores_the_ref_and_its_reflog() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = Repository::init(dir.path()).expect("init");
+        let name = record::EDITS_REF;
+        repo.reference_ensure_log(name).expect("log");
+        let (first, second) = (commit(&repo, "one"), commit(&repo, "two"));
+        repo.reference(name, first, true, "spark: one")
+            .expect("ref");
+        repo.reference(name, second, true, "spark: two")
+            .expect("ref");
+        assert_eq!(repo.reflog(name).expect("reflog").len(), 2);
+
+        take_back_ref(&repo, name, second, Some(first)).expect("take back");
+        assert_eq!(repo.refname_to_id(name).expect("ref"), first);
+        let log = repo.reflog(name).expect("reflog");
+        assert_eq!(log.len(), 1);
+        assert_eq!(log.get(0).expect("entry").id_new(), first);
+
+        // A ref that moved on since is someone else's: left alone.
+        take_back_ref(&repo, name, second, Some(first)).expect("no-op");
+        assert_eq!(repo.refname_to_id(name).expect("ref"), first);
+
+        // The update that created the ref: the ref goes.
+        take_back_ref(&repo, name, first, None).expect("take back");
+        assert!(repo.find_reference(name).is_err());
+    }
 }

@@ -20,9 +20,9 @@ use git2::{
 };
 
 /// The moving ref whose reflog is the ledger of edits (`git reflog show refs/spark/edits`).
-const EDITS_REF: &str = "refs/spark/edits";
+pub(crate) const EDITS_REF: &str = "refs/spark/edits";
 /// One ref per edit: reflogs expire, these do not.
-const PINS_PREFIX: &str = "refs/spark/pins/";
+pub(crate) const PINS_PREFIX: &str = "refs/spark/pins/";
 const STASH_REF: &str = "refs/stash";
 /// A compare-and-swap ref update loses only to another writer of the same ref; a handful of
 /// retries rides out that race without spinning forever on a stuck lock file.

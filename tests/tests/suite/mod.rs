@@ -4,4 +4,5 @@ mod edits;
 mod hostile;
 mod lifecycle;
 mod protocol;
+mod shapes;
 mod watch;
