@@ -209,6 +209,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 focus,
                 dry_run,
                 new_conversation: new,
+                provider: sparkctl::settings::from_env(|k| std::env::var(k).ok()),
             };
             let mut client = connect()?;
             let mut view = AskView::new(cli.json, style);
@@ -801,10 +802,17 @@ fn render_status(s: &StatusResult) -> String {
             "disconnected"
         };
         out += &format!(
-            "session   {} {state}, age {}\n",
+            "session   {} {state}, age {}",
             x.repo,
             human_duration(x.age_ms)
         );
+        if let Some(provider) = &x.provider {
+            out += &format!(", {provider}");
+        }
+        if let Some(model) = &x.model {
+            out += &format!(" ({model})");
+        }
+        out.push('\n');
     }
     match &s.cache {
         Some(c) => match &c.unavailable {

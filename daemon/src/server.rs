@@ -605,6 +605,8 @@ impl Connection {
                     connected: c.connected,
                     age_ms: c.age_ms,
                     rtt_ms: c.rtt_ms,
+                    provider: Some(c.provider),
+                    model: Some(c.model),
                 })
                 .collect(),
             cache: Some(cache_status(self.shared.watchers.cache_status())),
@@ -678,14 +680,14 @@ fn edit_result(
 
 fn log_entry(id: String, s: edit::ledger::EditSummary) -> methods::LogEntry {
     let state = match s.state {
-        edit::ledger::EventKind::Applied => "applied",
-        edit::ledger::EventKind::Undone => "undone",
-        edit::ledger::EventKind::Stashed => "stashed",
+        edit::ledger::EventKind::Applied => methods::EditState::Applied,
+        edit::ledger::EventKind::Undone => methods::EditState::Undone,
+        edit::ledger::EventKind::Stashed => methods::EditState::Stashed,
     };
     methods::LogEntry {
         id,
         at: s.applied.at,
-        state: state.to_owned(),
+        state,
         source: s.applied.source,
         message: s.applied.message,
         files: s.applied.files,

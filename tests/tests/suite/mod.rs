@@ -1,5 +1,6 @@
 mod ask;
 mod crash;
+mod daily;
 mod edits;
 mod hostile;
 mod lifecycle;
