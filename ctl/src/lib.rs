@@ -5,12 +5,14 @@
 //!   notifications delivered to a callback while a call is in flight.
 //! - [`autostart`]: connect, or take the startup lock and spawn `sparkd` detached, wait for it to
 //!   be ready, and restart a daemon whose version differs from this client's.
+//! - [`output`]: colour and pager choices, as git makes them.
 //! - [`settings`]: the asking shell's provider settings, sent with each `ask`.
 //! - [`ClientError`]: every failure, with the exit code (SPEC §2) and a hint for the user.
 
 pub mod autostart;
 mod client;
 pub mod interrupt;
+pub mod output;
 pub mod settings;
 
 pub use client::{Client, ClientError};

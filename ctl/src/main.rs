@@ -15,6 +15,7 @@ use spark_proto::methods::{
 };
 use sparkctl::autostart::{self, Started};
 use sparkctl::interrupt::CancelOnCtrlC;
+use sparkctl::output::ColorChoice;
 use sparkctl::{Client, ClientError};
 
 /// sparkctl talks to sparkd, spark's daemon for instant AI code edits. Any command starts the
@@ -31,6 +32,18 @@ struct Cli {
     /// Socket path of the daemon (default: from SPARK_SOCKET, SPARK_HOME or XDG_RUNTIME_DIR).
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Colour the output: auto (on a terminal, unless NO_COLOR is set), always or never.
+    #[arg(
+        long,
+        global = true,
+        value_name = "WHEN",
+        value_enum,
+        default_value_t = ColorChoice::Auto,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "always"
+    )]
+    color: ColorChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -185,7 +198,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         layout.socket = std::path::absolute(&s).unwrap_or(s);
     }
     let fail = |e: ClientError| Failure::from_client(e, &layout);
-    let style = Style::detect();
+    let style = Style::detect(cli.color);
     let connect = || -> Result<Client, Failure> {
         let conn = autostart::connect(&layout, "sparkctl")
             .map_err(|e| Failure::from_client(e, &layout))?;
@@ -278,28 +291,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if result.edits.is_empty() {
                 return print_line("no edits yet in this repository");
             }
-            let now = now_ms();
-            let mut out = String::new();
-            for e in &result.edits {
-                let what = if e.message.is_empty() {
-                    &e.source
-                } else {
-                    &e.message
-                };
-                let files = match e.files.len() {
-                    1 => e.files[0].clone(),
-                    n => format!("{n} files"),
-                };
-                out += &format!(
-                    "{}  {:>8}  {:<7}  {}  {}\n",
-                    style.paint(YELLOW, &e.id),
-                    human_age(now.saturating_sub(e.at)),
-                    e.state,
-                    first_line(what),
-                    style.paint(DIM, &format!("({files})"))
-                );
-            }
-            write_stdout(out.as_bytes())
+            write_long(render_log(&result.edits, now_ms(), &style).as_bytes())
         }
         Command::Show { edit } => {
             let result = connect()?
@@ -311,7 +303,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if cli.json {
                 print_json(&result)
             } else {
-                write_stdout(style.diff(&result.diff).as_bytes())
+                write_long(style.diff(&result.diff).as_bytes())
             }
         }
         Command::Undo { edit } => {
@@ -650,10 +642,15 @@ struct Style {
 }
 
 impl Style {
-    fn detect() -> Style {
+    fn detect(choice: ColorChoice) -> Style {
         use std::io::IsTerminal;
+        let no_color = std::env::var("NO_COLOR").ok();
         Style {
-            color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            color: sparkctl::output::use_color(
+                choice,
+                std::io::stdout().is_terminal(),
+                no_color.as_deref(),
+            ),
         }
     }
 
@@ -735,6 +732,66 @@ fn render_edit(r: &EditResult, verb: &str, style: &Style) -> String {
         None => out += "nothing to change: the files already match",
     }
     out
+}
+
+/// `log`'s lines: id, age, state, message, files, with the age and state columns as wide as
+/// their widest value so the messages line up whatever the ages.
+fn render_log(edits: &[spark_proto::methods::LogEntry], now: u64, style: &Style) -> String {
+    let ages: Vec<String> = edits
+        .iter()
+        .map(|e| human_age(now.saturating_sub(e.at)))
+        .collect();
+    let states: Vec<&str> = edits.iter().map(|e| state_label(e.state)).collect();
+    let age_w = ages.iter().map(|a| a.chars().count()).max().unwrap_or(0);
+    let state_w = states.iter().map(|s| s.len()).max().unwrap_or(0);
+    let id_w = edits.iter().map(|e| e.id.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for ((e, age), state) in edits.iter().zip(&ages).zip(&states) {
+        let what = if e.message.is_empty() {
+            &e.source
+        } else {
+            &e.message
+        };
+        let files = match e.files.len() {
+            1 => e.files[0].clone(),
+            n => format!("{n} files"),
+        };
+        // Padding goes outside the colour codes, which have no width on screen.
+        let id_pad = " ".repeat(id_w - e.id.len());
+        out += &format!(
+            "{}{id_pad}  {age:>age_w$}  {state:<state_w$}  {}  {}\n",
+            style.paint(YELLOW, &e.id),
+            first_line(what),
+            style.paint(DIM, &format!("({files})"))
+        );
+    }
+    out
+}
+
+/// An edit's state as `log` prints it.
+fn state_label(state: spark_proto::methods::EditState) -> &'static str {
+    use spark_proto::methods::EditState;
+    match state {
+        EditState::Applied => "applied",
+        EditState::Undone => "undone",
+        EditState::Stashed => "stashed",
+        EditState::RevertedOutside => "reverted outside spark",
+    }
+}
+
+/// Long output (`log`, `show`): through the pager when standard output is a terminal, as git
+/// does; straight to standard output otherwise, or when the pager cannot run.
+fn write_long(bytes: &[u8]) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let pager =
+        sparkctl::output::pager_command(std::io::stdout().is_terminal(), |k| std::env::var(k).ok());
+    if let Some(command) = pager {
+        match sparkctl::output::page(&command, bytes) {
+            Ok(()) => return Ok(()),
+            Err(e) => eprintln!("sparkctl: warning: {e}; printing directly"),
+        }
+    }
+    write_stdout(bytes)
 }
 
 fn first_line(s: &str) -> &str {

@@ -493,14 +493,20 @@ impl Connection {
         let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
         let limit = p.limit.unwrap_or(20) as usize;
         let entries = repo
-            .run(move |ctx| edit::log(ctx, limit))
+            .run(move |ctx| edit::log(ctx, limit).map(|entries| with_reverted(ctx, entries)))
             .await?
             .map_err(|e| e.to_rpc())?;
         Ok(methods::LogResult {
             repo: repo.workdir().display().to_string(),
             edits: entries
                 .into_iter()
-                .map(|(id, s)| log_entry(id, s))
+                .map(|(id, s, reverted)| {
+                    let mut entry = log_entry(id, s);
+                    if reverted {
+                        entry.state = methods::EditState::RevertedOutside;
+                    }
+                    entry
+                })
                 .collect(),
         })
     }
@@ -692,6 +698,25 @@ fn log_entry(id: String, s: edit::ledger::EditSummary) -> methods::LogEntry {
         message: s.applied.message,
         files: s.applied.files,
     }
+}
+
+/// Mark the applied edits whose files are all back to their pre-edit content: `log` must not
+/// call an edit applied that the user reverted with git or their editor.
+fn with_reverted(
+    ctx: &edit::RepoCtx<'_>,
+    entries: Vec<(String, edit::ledger::EditSummary)>,
+) -> Vec<(String, edit::ledger::EditSummary, bool)> {
+    entries
+        .into_iter()
+        .map(|(id, s)| {
+            let reverted = s.state == edit::ledger::EventKind::Applied
+                && edit::reverted_outside(ctx, &s.applied).unwrap_or_else(|e| {
+                    tracing::warn!(edit = %id, error = %e, "cannot tell whether the edit was reverted");
+                    false
+                });
+            (id, s, reverted)
+        })
+        .collect()
 }
 
 async fn write_loop(stream: Arc<Stream>, mut rx: mpsc::Receiver<Vec<u8>>) {

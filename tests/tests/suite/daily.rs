@@ -186,3 +186,196 @@ fn the_asking_shell_s_provider_settings_win_over_the_daemon_s() {
         }
     }
 }
+
+const PATCH_TWO_FILES: &str = "*** Begin Patch\n*** Add File: notes.txt\n+a note\n*** End Patch\n";
+
+/// Run `sparkctl args…` under a pseudo-terminal (util-linux `script`), so that its standard
+/// output is a terminal as in an interactive shell.
+fn run_on_terminal(
+    ctl: &Ctl,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    args: &str,
+) -> std::process::Output {
+    let sparkctl = spark_tests::bin("sparkctl");
+    let mut cmd = ctl.command("sparkctl");
+    let mut script = std::process::Command::new("script");
+    script
+        .env_clear()
+        .envs(
+            cmd.get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .env("TERM", "xterm")
+        .current_dir(dir)
+        .args([
+            "-qec",
+            &format!("{} {args}", sparkctl.display()),
+            "/dev/null",
+        ]);
+    for (k, v) in env {
+        script.env(k, v);
+    }
+    // `cmd` only lent its hermetic environment.
+    cmd.env_clear();
+    script.output().expect("run script")
+}
+
+#[test]
+fn log_lines_up_its_columns_and_names_edits_reverted_outside_spark() {
+    let ctl = Ctl::new();
+    let repo = repo();
+    let apply = |patch: &str, msg: &str| {
+        let mut cmd = ctl.command("sparkctl");
+        cmd.current_dir(repo.path())
+            .args(["apply", "-m", msg])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(patch.as_bytes())
+            .expect("patch");
+        let out = child.wait_with_output().expect("apply");
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    };
+    apply(PATCH_ONE, "one bigger");
+    apply(PATCH_TWO_FILES, "a note");
+    // Age the first edit by 17m 55s in the ledger, so the ages differ in width.
+    let ledger = repo.path().join(".git/spark/ledger.jsonl");
+    let text = std::fs::read_to_string(&ledger).expect("ledger");
+    let mut lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("ledger line"))
+        .collect();
+    let at = lines[0]["at"].as_u64().expect("at");
+    lines[0]["at"] = Value::from(at - (17 * 60 + 55) * 1000);
+    let aged: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&ledger, aged).expect("write ledger");
+
+    // The user reverts the first edit with git.
+    repo.git(&["checkout", "--", "src/lib.rs"]);
+    let out = run_in(&ctl, repo.path(), &[], &["log"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("  applied  ") && lines[0].contains("a note"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("17m 55s ago  reverted outside spark  one bigger"),
+        "{text}"
+    );
+    // Every column starts at the same place on every line.
+    for col in ["ago  ", "  a note", "  one bigger"] {
+        let at: Vec<Option<usize>> = lines.iter().map(|l| l.find(col)).collect();
+        let found: Vec<usize> = at.iter().flatten().copied().collect();
+        assert!(
+            found.windows(2).all(|w| w[0] == w[1]),
+            "{col:?} not aligned:\n{text}"
+        );
+    }
+    let ago = lines[0].find("ago").expect("age");
+    assert_eq!(
+        lines[1].find("ago"),
+        Some(ago),
+        "ages end together:\n{text}"
+    );
+    let msg0 = lines[0].find("a note").expect("message");
+    assert_eq!(
+        lines[1].find("one bigger"),
+        Some(msg0),
+        "messages line up:\n{text}"
+    );
+
+    let out = run_in(&ctl, repo.path(), &[], &["--json", "log"]);
+    let v: Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(v["edits"][0]["state"], "applied");
+    assert_eq!(v["edits"][1]["state"], "reverted_outside");
+
+    // Changed further since, it is applied again in part: no longer called reverted.
+    repo.write("src/lib.rs", b"fn one() {\n    7\n}\n");
+    let out = run_in(&ctl, repo.path(), &[], &["--json", "log"]);
+    let v: Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(v["edits"][1]["state"], "applied");
+    // A deleted added file is a reverted addition.
+    std::fs::remove_file(repo.path().join("notes.txt")).expect("rm");
+    let out = run_in(&ctl, repo.path(), &[], &["--json", "log"]);
+    let v: Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(v["edits"][0]["state"], "reverted_outside");
+    assert!(ctl.run(["stop"]).status.success());
+}
+
+#[test]
+fn color_follows_the_flag_and_no_color_and_long_output_pages_only_on_a_terminal() {
+    let ctl = Ctl::new();
+    let repo = repo();
+    let mut cmd = ctl.command("sparkctl");
+    cmd.current_dir(repo.path())
+        .args(["apply", "-m", "one bigger", "-"])
+        .stdin(std::process::Stdio::piped());
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(PATCH_ONE.as_bytes())
+        .expect("patch");
+    assert!(child.wait().expect("apply").success());
+
+    // A pipe: plain text and no pager, unless asked for colour.
+    let paged = tempfile::tempdir().expect("tempdir");
+    let sink = paged.path().join("paged");
+    let pager = format!("cat > {}", sink.display());
+    let env = [("SPARK_PAGER", pager.as_str())];
+    let out = run_in(&ctl, repo.path(), &env, &["show"]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("+    100"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains('\x1b'), "no colour into a pipe");
+    assert!(!sink.exists(), "no pager into a pipe");
+    let out = run_in(&ctl, repo.path(), &env, &["--color=always", "show"]);
+    assert!(
+        stdout(&out).contains("\x1b[32m+    100\x1b[0m"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run_in(&ctl, repo.path(), &[("NO_COLOR", "1")], &["--color", "log"]);
+    assert!(
+        stdout(&out).contains("\x1b[33m"),
+        "a bare --color is always"
+    );
+
+    // A terminal: `show` goes through SPARK_PAGER, coloured.
+    let out = run_on_terminal(&ctl, repo.path(), &env, "show");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = std::fs::read_to_string(&sink).expect("the pager got the diff");
+    assert!(shown.contains("\x1b[32m+    100\x1b[0m"), "{shown:?}");
+    assert!(
+        !stdout(&out).contains("+    100"),
+        "it went to the pager only"
+    );
+    // NO_COLOR, and PAGER when SPARK_PAGER is unset.
+    std::fs::remove_file(&sink).expect("rm");
+    let env = [("PAGER", pager.as_str()), ("NO_COLOR", "1")];
+    let out = run_on_terminal(&ctl, repo.path(), &env, "log");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let logged = std::fs::read_to_string(&sink).expect("the pager got the log");
+    assert!(logged.contains("applied  one bigger"), "{logged:?}");
+    assert!(!logged.contains('\x1b'), "NO_COLOR: {logged:?}");
+    // `--color=never` on a terminal, and `cat` as the pager means none.
+    let env = [("SPARK_PAGER", "cat")];
+    let out = run_on_terminal(&ctl, repo.path(), &env, "--color=never show");
+    assert!(stdout(&out).contains("+    100"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("\x1b[32m"), "{}", stdout(&out));
+    assert!(ctl.run(["stop"]).status.success());
+}
