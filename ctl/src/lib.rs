@@ -6,6 +6,7 @@
 //! - [`autostart`]: connect, or take the startup lock and spawn `sparkd` detached, wait for it to
 //!   be ready, and restart a daemon whose version differs from this client's.
 //! - [`output`]: colour and pager choices, as git makes them.
+//! - [`service`]: the daemon as a systemd user unit or a launchd agent.
 //! - [`settings`]: the asking shell's provider settings, sent with each `ask`.
 //! - [`ClientError`]: every failure, with the exit code (SPEC §2) and a hint for the user.
 
@@ -13,6 +14,7 @@ pub mod autostart;
 mod client;
 pub mod interrupt;
 pub mod output;
+pub mod service;
 pub mod settings;
 
 pub use client::{Client, ClientError};

@@ -379,3 +379,198 @@ fn color_follows_the_flag_and_no_color_and_long_output_pages_only_on_a_terminal(
     assert!(!stdout(&out).contains("\x1b[32m"), "{}", stdout(&out));
     assert!(ctl.run(["stop"]).status.success());
 }
+
+/// The unit `sparkctl service install` writes for this harness's daemon, from a shell where
+/// `XDG_CONFIG_HOME` is `config` (if set): the service gets the variables its paths derive from.
+fn expected_unit(ctl: &Ctl, config: Option<&std::path::Path>) -> String {
+    let sparkd = std::fs::canonicalize(spark_tests::bin("sparkd")).expect("sparkd");
+    let config = config
+        .map(|c| format!("Environment=XDG_CONFIG_HOME={}\n", c.display()))
+        .unwrap_or_default();
+    format!(
+        "# Written by `sparkctl service install`; `sparkctl service uninstall` removes it.\n\
+         [Unit]\n\
+         Description=spark daemon: warm model sessions and journaled code edits\n\
+         \n\
+         [Service]\n\
+         Type=simple\n\
+         Environment=SPARK_HOME={home}\n\
+         {config}\
+         ExecStart={sparkd} --socket {socket} --idle-timeout 0\n\
+         Restart=on-failure\n\
+         RestartSec=2\n\
+         RestartPreventExitStatus=1\n\
+         TimeoutStopSec=15\n\
+         \n\
+         [Install]\n\
+         WantedBy=default.target\n",
+        home = ctl.home.path().display(),
+        sparkd = sparkd.display(),
+        socket = ctl.home.layout().socket.display(),
+    )
+}
+
+#[test]
+fn service_install_writes_the_systemd_unit_under_xdg_config_home_and_uninstall_removes_it() {
+    let ctl = Ctl::new();
+    let config = tempfile::tempdir().expect("config home");
+    // A PATH without systemctl: the user is told what to run instead, nothing is called.
+    let empty_path = tempfile::tempdir().expect("empty PATH dir");
+    let service = |args: &[&str]| {
+        ctl.command("sparkctl")
+            .env("XDG_CONFIG_HOME", config.path())
+            .env("PATH", empty_path.path())
+            .arg("service")
+            .args(args)
+            .output()
+            .expect("run sparkctl service")
+    };
+    let unit = config.path().join("systemd/user/sparkd.service");
+
+    let out = service(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("sparkd.service is not installed"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = service(&["install"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "installed {}\nsystemctl not found; to start it now and at every login, run: \
+             systemctl --user daemon-reload && systemctl --user enable sparkd.service && \
+             systemctl --user restart sparkd.service\n",
+            unit.display()
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(&unit).expect("unit"),
+        expected_unit(&ctl, Some(config.path()))
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&unit).expect("meta").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o644);
+    let out = service(&["status"]);
+    assert_eq!(
+        stdout(&out),
+        format!("installed {}\nsystemctl not found\n", unit.display())
+    );
+
+    let out = service(&["uninstall"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(&format!("removed {}\n", unit.display())),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!unit.exists(), "the unit file is gone");
+    assert_eq!(
+        std::fs::read_dir(unit.parent().expect("dir"))
+            .expect("dir")
+            .count(),
+        0,
+        "no temp files left"
+    );
+    let out = service(&["uninstall"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).contains("is not installed"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn sparkd_run_as_the_unit_says_serves_the_clients_socket_and_drains_on_sigterm() {
+    use std::io::BufRead;
+    let ctl = Ctl::new();
+    let unit = expected_unit(&ctl, None);
+    // Run exactly the unit's command line, with its environment.
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let argv: Vec<&str> = exec.split(' ').collect();
+    let mut cmd = ctl.command("sparkd");
+    let mut daemon = std::process::Command::new(argv[0]);
+    daemon
+        .env_clear()
+        .envs(
+            cmd.get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .env_remove("SPARK_IDLE_TIMEOUT")
+        .env_remove("SPARK_HOME")
+        .args(&argv[1..])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    cmd.env_clear();
+    for line in unit.lines() {
+        if let Some((k, v)) = line
+            .strip_prefix("Environment=")
+            .and_then(|kv| kv.split_once('='))
+        {
+            daemon.env(k, v);
+        }
+    }
+    let mut child = daemon.spawn().expect("spawn sparkd");
+    let mut stderr_lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    // Its log goes to stderr, where journald collects it; serving is logged once bound.
+    let mut seen = Vec::new();
+    for line in stderr_lines.by_ref() {
+        let line = line.expect("stderr line");
+        seen.push(line.clone());
+        if line.contains("sparkd serving") {
+            break;
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.contains("sparkd serving")),
+        "{seen:?}"
+    );
+    // Every client finds it: sparkctl, resolving the socket from the environment alone.
+    let out = ctl.run(["--json", "status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let status: Value = serde_json::from_str(stdout(&out).trim()).expect("status");
+    assert_eq!(
+        status["pid"],
+        child.id(),
+        "the client reached the service's daemon"
+    );
+    // A client still connected while it stops: drained, not cut.
+    let (mut client, _) =
+        sparkctl::Client::open(&ctl.home.layout().socket, "test").expect("connect");
+    client
+        .call::<spark_proto::methods::Status>(&spark_proto::methods::Empty {})
+        .expect("status");
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let mut rest = Vec::new();
+    for line in stderr_lines.by_ref() {
+        let line = line.expect("stderr line");
+        rest.push(line.clone());
+        if line.contains("SIGTERM received") {
+            break;
+        }
+    }
+    // The client leaves once the daemon is stopping; the drain then ends at once.
+    drop(client);
+    rest.extend(stderr_lines.map_while(Result::ok));
+    let status = child.wait().expect("wait");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM drains and exits 0: {rest:?}"
+    );
+    assert!(
+        rest.iter().any(|l| l.contains("SIGTERM received")),
+        "{rest:?}"
+    );
+    assert!(!ctl.home.layout().socket.exists(), "socket removed");
+}
