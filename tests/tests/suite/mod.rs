@@ -5,4 +5,5 @@ mod edits;
 mod hostile;
 mod lifecycle;
 mod protocol;
+mod ssh;
 mod watch;
