@@ -903,4 +903,77 @@ mod tests {
             "forgotten files are shown whole next time"
         );
     }
+
+    fn choice(url: &str) -> ProviderChoice {
+        ProviderChoice {
+            url: url.to_owned(),
+            model: "m".to_owned(),
+            api_key: Some(Arc::from("k")),
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_sessions_for_other_settings_close_and_the_daemon_s_own_and_busy_ones_stay() {
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let conv = |url: &str| {
+            let session = crate::provider::spawn(
+                SessionConfig::new(url, None, "m"),
+                &tracker,
+                shutdown.clone(),
+            )
+            .expect("session");
+            Arc::new(Conversation {
+                session,
+                state: tokio::sync::Mutex::new(ConvState::default()),
+                current: Mutex::new(None),
+                created: Instant::now(),
+                last_used: Mutex::new(Instant::now()),
+            })
+        };
+        let own = choice("ws://127.0.0.1:1/v1/responses");
+        let (idle, busy, fresh) = (
+            choice("ws://127.0.0.1:2/v1/responses"),
+            choice("ws://127.0.0.1:3/v1/responses"),
+            choice("ws://127.0.0.1:4/v1/responses"),
+        );
+        let mut convs = HashMap::new();
+        for c in [&own, &idle, &busy, &fresh] {
+            convs.insert((PathBuf::from("/r"), c.clone()), conv(&c.url));
+        }
+        let later = Instant::now() + OTHER_SETTINGS_IDLE;
+        *convs[&(PathBuf::from("/r"), fresh.clone())]
+            .last_used
+            .lock()
+            .expect("lock") = later;
+        *convs[&(PathBuf::from("/r"), busy.clone())]
+            .current
+            .lock()
+            .expect("lock") = Some((1, CancellationToken::new()));
+        let session_of_idle = convs[&(PathBuf::from("/r"), idle.clone())].session.clone();
+
+        close_idle(&mut convs, &own, later);
+        let mut left: Vec<&str> = convs.keys().map(|(_, p)| p.url.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [&own.url, &busy.url, &fresh.url].map(String::as_str),
+            "only the idle session for other settings went"
+        );
+        // Once its last handle is gone the session stops, and with it its connection.
+        drop(convs);
+        shutdown.cancel();
+        drop(session_of_idle);
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[test]
+    fn provider_choices_never_print_their_key() {
+        let c = ProviderChoice {
+            api_key: Some(Arc::from("sk-never-shown")),
+            ..choice("ws://127.0.0.1:1/v1/responses")
+        };
+        assert!(!format!("{c:?}").contains("sk-never-shown"));
+    }
 }
