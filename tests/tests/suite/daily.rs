@@ -574,3 +574,72 @@ fn sparkd_run_as_the_unit_says_serves_the_clients_socket_and_drains_on_sigterm()
     );
     assert!(!ctl.home.layout().socket.exists(), "socket removed");
 }
+
+#[test]
+fn service_install_with_systemctl_hands_the_socket_over_and_enables_the_unit() {
+    let ctl = Ctl::new();
+    let config = tempfile::tempdir().expect("config home");
+    // A systemctl that records how it was called, in a PATH of its own: the real one would act
+    // on this machine's user manager.
+    let bin = tempfile::tempdir().expect("PATH dir");
+    let calls = bin.path().join("calls");
+    let systemctl = bin.path().join("systemctl");
+    std::fs::write(
+        &systemctl,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\n[ \"$2\" = is-active ] && echo active\nexit 0\n",
+            calls.display()
+        ),
+    )
+    .expect("fake systemctl");
+    std::fs::set_permissions(
+        &systemctl,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let service = |args: &[&str]| {
+        ctl.command("sparkctl")
+            .env("XDG_CONFIG_HOME", config.path())
+            .env("PATH", bin.path())
+            .arg("service")
+            .args(args)
+            .output()
+            .expect("run sparkctl service")
+    };
+    // A daemon started on demand holds the socket.
+    assert!(ctl.run(["status"]).status.success());
+    let on_demand = ctl.daemon_pid().expect("daemon pid");
+
+    let out = service(&["install"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "stopped sparkd (pid {on_demand}) so that the service takes over its socket"
+        )),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        spark_tests::wait_dead(on_demand, std::time::Duration::from_secs(5)),
+        "the on-demand daemon is gone"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&calls).expect("calls"),
+        "--user daemon-reload\n--user enable sparkd.service\n--user restart sparkd.service\n"
+    );
+    let out = service(&["status"]);
+    assert!(
+        stdout(&out).ends_with("systemctl: active\n"),
+        "{}",
+        stdout(&out)
+    );
+
+    std::fs::remove_file(&calls).expect("rm");
+    let out = service(&["uninstall"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(&calls).expect("calls"),
+        "--user disable --now sparkd.service\n--user daemon-reload\n"
+    );
+    assert!(!config.path().join("systemd/user/sparkd.service").exists());
+}
