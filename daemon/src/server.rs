@@ -513,12 +513,28 @@ impl Connection {
 
     async fn edit_show(&self, p: methods::EditParams) -> Result<methods::ShowResult, RpcError> {
         let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
-        let shown = repo
-            .run(move |ctx| edit::show(ctx, p.id.as_deref()))
+        let (shown, reverted) = repo
+            .run(move |ctx| {
+                edit::show(ctx, p.id.as_deref()).map(|shown| {
+                    // The same truth as `edit/log` about an edit reverted outside spark.
+                    let reverted = shown.summary.clone().is_some_and(|s| {
+                        with_reverted(ctx, vec![(shown.edit.clone(), s)])
+                            .first()
+                            .is_some_and(|(_, _, r)| *r)
+                    });
+                    (shown, reverted)
+                })
+            })
             .await?
             .map_err(|e| e.to_rpc())?;
         Ok(methods::ShowResult {
-            entry: shown.summary.map(|s| log_entry(shown.edit.clone(), s)),
+            entry: shown.summary.map(|s| {
+                let mut entry = log_entry(shown.edit.clone(), s);
+                if reverted {
+                    entry.state = methods::EditState::RevertedOutside;
+                }
+                entry
+            }),
             id: shown.edit,
             diff: shown.diff,
         })

@@ -298,6 +298,13 @@ fn log_lines_up_its_columns_and_names_edits_reverted_outside_spark() {
     let v: Value = serde_json::from_str(stdout(&out).trim()).expect("json");
     assert_eq!(v["edits"][0]["state"], "applied");
     assert_eq!(v["edits"][1]["state"], "reverted_outside");
+    let id = v["edits"][1]["id"].as_str().expect("id").to_owned();
+    let out = run_in(&ctl, repo.path(), &[], &["--json", "show", &id]);
+    let shown: Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(
+        shown["entry"]["state"], "reverted_outside",
+        "show agrees with log"
+    );
 
     // Changed further since, it is applied again in part: no longer called reverted.
     repo.write("src/lib.rs", b"fn one() {\n    7\n}\n");
