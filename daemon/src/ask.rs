@@ -46,6 +46,8 @@ const TOKENS_PER_PROGRESS: u64 = 32;
 /// model or key) is closed after this long unused: such shells come and go, and each session
 /// holds a connection to the provider.
 const OTHER_SETTINGS_IDLE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// How often idle sessions are looked for between asks: a minute late is harmless.
+const IDLE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The provider settings a conversation's session uses: the daemon's own, with whatever the
 /// asking shell set on top. Conversations are kept per repository and per these settings.
@@ -195,6 +197,29 @@ impl Asks {
             .await;
             if let Err(e) = result {
                 tracing::warn!(repo = %repo.workdir().display(), error = %e.message, "prewarm failed");
+            }
+        });
+    }
+
+    /// Close idle sessions for other settings even when no ask comes to do it: each holds a
+    /// connection to a provider the user may have stopped using.
+    pub(crate) fn spawn_idle_sweeper(self: &Arc<Self>) {
+        // Weak: the sweeper must not keep the conversations alive past the server.
+        let asks = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(asks) = asks.upgrade() else { return };
+                let default = asks.default_provider();
+                if let Ok(mut convs) = asks.convs.lock() {
+                    close_idle(&mut convs, &default, Instant::now());
+                }
             }
         });
     }

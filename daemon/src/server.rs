@@ -91,6 +91,7 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         watchers.clone(),
         events.clone(),
     ));
+    asks.spawn_idle_sweeper();
     let shared = Arc::new(Shared {
         started: Instant::now(),
         started_at_ms: unix_ms(),
