@@ -650,3 +650,58 @@ fn service_install_with_systemctl_hands_the_socket_over_and_enables_the_unit() {
     );
     assert!(!config.path().join("systemd/user/sparkd.service").exists());
 }
+
+#[test]
+fn a_newer_ask_steers_away_an_ask_in_flight_under_other_provider_settings() {
+    use spark_proto::methods::{Ask, AskParams, ProviderSettings};
+    let gate = spark_tests::fake_provider::Gate::new();
+    let a = Provider::start(Script::new().default_turn(Turn::apply_patch(PATCH_ONE)));
+    let b =
+        Provider::start(Script::new().turn(Turn::apply_patch(PATCH_ONE).with_gate(gate.clone())));
+    let d = a.daemon(true);
+    let repo = repo();
+    let params = |provider: Option<ProviderSettings>| AskParams {
+        cwd: repo.cwd(),
+        prompt: "make one bigger".into(),
+        focus: Vec::new(),
+        dry_run: false,
+        new_conversation: false,
+        provider,
+    };
+    let from_b = params(Some(ProviderSettings {
+        url: Some(b.fake.ws_url()),
+        model: None,
+        api_key: Some("sk-b".into()),
+    }));
+    let mut first = d.client();
+    let waiter = std::thread::spawn(move || first.call::<Ask>(&from_b));
+    // B holds the turn: the ask is in flight.
+    let reqs = b.wait_for_requests(2); // prewarm + the turn
+    assert!(
+        reqs[0].is_prewarm() && !reqs[1].is_prewarm(),
+        "B warmed its own conversation, then got the turn"
+    );
+    // The same repository, from a shell with the daemon's own settings: one ask at a time.
+    let r = d
+        .client()
+        .call::<Ask>(&params(None))
+        .expect("the newer ask, on A");
+    assert!(r.edit.is_some());
+    // Opened before joining: an ask that was not steered away finishes (and fails the test)
+    // instead of waiting forever.
+    gate.open();
+    let Err(sparkctl::ClientError::Rpc(e)) = waiter.join().expect("thread") else {
+        panic!("the ask on B was not steered away")
+    };
+    assert_eq!(
+        e.error_code(),
+        Some(spark_proto::ErrorCode::Cancelled),
+        "{}",
+        e.message
+    );
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        b"fn one() {\n    100\n}\n",
+        "applied once"
+    );
+}
