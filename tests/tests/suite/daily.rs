@@ -56,6 +56,20 @@ fn an_ask_without_a_key_for_a_remote_provider_names_the_missing_key_and_connects
     let v: Value = serde_json::from_str(stdout(&out).trim()).expect("json error");
     assert_eq!(v["error"]["kind"], "no_api_key", "{v}");
 
+    // A URL no transport speaks is the request's fault: exit 1, with the same kind of hint.
+    let bad = [("SPARK_PROVIDER_URL", "ftp://models.example/v1")];
+    let out = run_in(&ctl, repo.path(), &bad, &["ask", "again"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("must start with ws://, wss://, http:// or https://"),
+        "{err}"
+    );
+    assert!(
+        err.contains("\nhint: set SPARK_PROVIDER_URL to a ws://"),
+        "{err}"
+    );
+
     // No session was ever opened for it.
     let out = run_in(&ctl, repo.path(), &[], &["--json", "status"]);
     let status: Value = serde_json::from_str(stdout(&out).trim()).expect("status");
