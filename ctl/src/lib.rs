@@ -6,12 +6,18 @@
 //! - [`autostart`]: connect, or take the startup lock and spawn `sparkd` detached, wait for it to
 //!   be ready, and restart a daemon whose version differs from this client's.
 //! - [`gitenv`]: `GIT_DIR`/`GIT_WORK_TREE` accepted only when they name what discovery finds.
+//! - [`output`]: colour and pager choices, as git makes them.
+//! - [`service`]: the daemon as a systemd user unit or a launchd agent.
+//! - [`settings`]: the asking shell's provider settings, sent with each `ask`.
 //! - [`ClientError`]: every failure, with the exit code (SPEC §2) and a hint for the user.
 
 pub mod autostart;
 mod client;
 pub mod gitenv;
 pub mod interrupt;
+pub mod output;
+pub mod service;
+pub mod settings;
 
 pub use client::{Client, ClientError};
 

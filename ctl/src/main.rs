@@ -15,6 +15,7 @@ use spark_proto::methods::{
 };
 use sparkctl::autostart::{self, Started};
 use sparkctl::interrupt::CancelOnCtrlC;
+use sparkctl::output::ColorChoice;
 use sparkctl::{Client, ClientError};
 
 /// sparkctl talks to sparkd, spark's daemon for instant AI code edits. Any command starts the
@@ -31,6 +32,18 @@ struct Cli {
     /// Socket path of the daemon (default: from SPARK_SOCKET, SPARK_HOME or XDG_RUNTIME_DIR).
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Colour the output: auto (on a terminal, unless NO_COLOR is set), always or never.
+    #[arg(
+        long,
+        global = true,
+        value_name = "WHEN",
+        value_enum,
+        default_value_t = ColorChoice::Auto,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "always"
+    )]
+    color: ColorChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -111,11 +124,29 @@ enum Command {
     },
     /// Stop the daemon (waits until it has exited).
     Stop,
+    /// Run sparkd as a service of your session: a systemd user unit (Linux) or a launchd agent
+    /// (macOS), restarted on failure, on the socket every client finds. Optional: any command
+    /// still starts the daemon when none runs.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
     /// Print a shell completion script, e.g. `sparkctl completions bash > ~/.local/share/bash-completion/completions/sparkctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceAction {
+    /// Write the unit (or agent) and, where the service manager is present, enable and start it
+    /// (a daemon already running is stopped first so that the service can take its socket).
+    Install,
+    /// Stop and disable the service, and remove its file.
+    Uninstall,
+    /// Show whether the service is installed, current and running.
+    Status,
 }
 
 /// A failure ready to be shown: the message, a hint, and the exit code.
@@ -185,7 +216,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         layout.socket = std::path::absolute(&s).unwrap_or(s);
     }
     let fail = |e: ClientError| Failure::from_client(e, &layout);
-    let style = Style::detect();
+    let style = Style::detect(cli.color);
     let connect = || -> Result<Client, Failure> {
         let conn = autostart::connect(&layout, "sparkctl")
             .map_err(|e| Failure::from_client(e, &layout))?;
@@ -209,6 +240,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 focus,
                 dry_run,
                 new_conversation: new,
+                provider: sparkctl::settings::from_env(|k| std::env::var(k).ok()),
             };
             let mut client = connect()?;
             let mut view = AskView::new(cli.json, style);
@@ -277,28 +309,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if result.edits.is_empty() {
                 return print_line("no edits yet in this repository");
             }
-            let now = now_ms();
-            let mut out = String::new();
-            for e in &result.edits {
-                let what = if e.message.is_empty() {
-                    &e.source
-                } else {
-                    &e.message
-                };
-                let files = match e.files.len() {
-                    1 => e.files[0].clone(),
-                    n => format!("{n} files"),
-                };
-                out += &format!(
-                    "{}  {:>8}  {:<7}  {}  {}\n",
-                    style.paint(YELLOW, &e.id),
-                    human_age(now.saturating_sub(e.at)),
-                    e.state,
-                    first_line(what),
-                    style.paint(DIM, &format!("({files})"))
-                );
-            }
-            write_stdout(out.as_bytes())
+            write_long(render_log(&result.edits, now_ms(), &style).as_bytes())
         }
         Command::Show { edit } => {
             let result = connect()?
@@ -310,7 +321,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if cli.json {
                 print_json(&result)
             } else {
-                write_stdout(style.diff(&result.diff).as_bytes())
+                write_long(style.diff(&result.diff).as_bytes())
             }
         }
         Command::Undo { edit } => {
@@ -342,6 +353,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 ))
             }
         }
+        Command::Service { action } => run_service(action, &layout, cli.json),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sparkctl", &mut out);
@@ -410,6 +422,224 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// `sparkctl service install | uninstall | status`.
+fn run_service(action: ServiceAction, layout: &Layout, json: bool) -> Result<(), Failure> {
+    use sparkctl::service::{self, Manager};
+    let fail = |e: service::ServiceError| Failure {
+        message: e.to_string(),
+        hint: None,
+        code: 2,
+        kind: None,
+    };
+    let var = |k: &str| std::env::var_os(k);
+    let manager = Manager::current();
+    let path = match manager {
+        Manager::Systemd => service::systemd_unit_path(var),
+        Manager::Launchd => service::launchd_plist_path(var),
+    }
+    .map_err(fail)?;
+    let (tool, name) = match manager {
+        Manager::Systemd => ("systemctl", service::SYSTEMD_UNIT.to_owned()),
+        Manager::Launchd => ("launchctl", format!("{}.plist", service::LAUNCHD_LABEL)),
+    };
+    let control = service::find_program(tool, std::env::var_os("PATH"));
+    let uid = rustix::process::getuid().as_raw();
+    let domain = format!("gui/{uid}");
+    // The commands that put the file into effect, and those that take it out.
+    let (start, stop): (Vec<Vec<String>>, Vec<Vec<String>>) = match manager {
+        Manager::Systemd => (
+            vec![
+                vec!["--user".into(), "daemon-reload".into()],
+                vec!["--user".into(), "enable".into(), name.clone()],
+                // Restart, not start: a reinstalled unit must run its new command line.
+                vec!["--user".into(), "restart".into(), name.clone()],
+            ],
+            vec![
+                vec![
+                    "--user".into(),
+                    "disable".into(),
+                    "--now".into(),
+                    name.clone(),
+                ],
+                vec!["--user".into(), "daemon-reload".into()],
+            ],
+        ),
+        Manager::Launchd => (
+            vec![vec![
+                "bootstrap".into(),
+                domain.clone(),
+                path.display().to_string(),
+            ]],
+            vec![vec![
+                "bootout".into(),
+                format!("{domain}/{}", service::LAUNCHD_LABEL),
+            ]],
+        ),
+    };
+    let shown = |cmds: &[Vec<String>]| {
+        cmds.iter()
+            .map(|c| format!("{tool} {}", c.join(" ")))
+            .collect::<Vec<_>>()
+            .join(" && ")
+    };
+    let spec = || -> Result<service::ServiceSpec, Failure> {
+        let sparkd = autostart::find_sparkd().ok_or_else(|| Failure {
+            message: "sparkd not found next to sparkctl or on PATH".into(),
+            hint: Some("install it: `cargo install --locked --path daemon`".into()),
+            code: 2,
+            kind: None,
+        })?;
+        let sparkd = std::fs::canonicalize(&sparkd).unwrap_or(sparkd);
+        service::ServiceSpec::new(sparkd, layout, var).map_err(fail)
+    };
+    let text = |spec: &service::ServiceSpec| match manager {
+        Manager::Systemd => service::systemd_unit(spec),
+        Manager::Launchd => service::launchd_plist(spec),
+    };
+    match action {
+        ServiceAction::Install => {
+            let spec = spec()?;
+            service::write_file(&path, &text(&spec)).map_err(fail)?;
+            let mut lines = vec![format!("installed {}", path.display())];
+            let Some(control) = control else {
+                lines.push(format!(
+                    "{tool} not found; to start it now and at every login, run: {}",
+                    shown(&start)
+                ));
+                return print_service(json, &path, true, None, &lines);
+            };
+            // A daemon started on demand holds the socket: hand it over to the service.
+            if let Ok((client, init)) = Client::open(&layout.socket, "sparkctl") {
+                autostart::stop_and_wait(client, init.pid, layout)
+                    .map_err(|e| Failure::from_client(e, layout))?;
+                lines.push(format!(
+                    "stopped sparkd (pid {}) so that the service takes over its socket",
+                    init.pid
+                ));
+            }
+            for args in &start {
+                run_control(&control, args)?;
+            }
+            lines.push(format!("started: {}", shown(&start)));
+            print_service(json, &path, true, None, &lines)
+        }
+        ServiceAction::Uninstall => {
+            if !path.exists() {
+                let line = format!(
+                    "{name} is not installed ({} does not exist)",
+                    path.display()
+                );
+                return print_service(json, &path, false, None, &[line]);
+            }
+            let mut lines = Vec::new();
+            match &control {
+                // Stopped before its file goes, so the manager still knows what to stop.
+                Some(control) => {
+                    for args in &stop {
+                        if let Err(f) = run_control(control, args) {
+                            lines.push(format!("warning: {}", f.message));
+                        }
+                    }
+                }
+                None => lines.push(format!(
+                    "{tool} not found; if the service was started, stop it with: {}",
+                    shown(&stop)
+                )),
+            }
+            service::remove_file(&path).map_err(fail)?;
+            lines.insert(0, format!("removed {}", path.display()));
+            print_service(json, &path, false, None, &lines)
+        }
+        ServiceAction::Status => {
+            let installed = std::fs::read_to_string(&path).ok();
+            let mut lines = Vec::new();
+            match &installed {
+                None => lines.push(format!("{name} is not installed ({})", path.display())),
+                Some(current) => {
+                    lines.push(format!("installed {}", path.display()));
+                    if spec().is_ok_and(|s| text(&s) != *current) {
+                        lines.push(
+                            "it differs from what `sparkctl service install` writes now (sparkd moved, or SPARK_HOME/XDG paths changed); run it again".into(),
+                        );
+                    }
+                }
+            }
+            let active = match (&control, manager) {
+                (Some(control), Manager::Systemd) => std::process::Command::new(control)
+                    .args(["--user", "is-active", &name])
+                    .output()
+                    .ok()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                    .filter(|s| !s.is_empty()),
+                (Some(control), Manager::Launchd) => std::process::Command::new(control)
+                    .args(["print", &format!("{domain}/{}", service::LAUNCHD_LABEL)])
+                    .output()
+                    .ok()
+                    .map(|o| {
+                        if o.status.success() {
+                            "loaded"
+                        } else {
+                            "not loaded"
+                        }
+                        .to_owned()
+                    }),
+                (None, _) => None,
+            };
+            match &active {
+                Some(state) => lines.push(format!("{tool}: {state}")),
+                None if control.is_none() => lines.push(format!("{tool} not found")),
+                None => {}
+            }
+            print_service(json, &path, installed.is_some(), active.as_deref(), &lines)
+        }
+    }
+}
+
+/// Run `control args…` (systemctl, launchctl); a failure names the command and what it said.
+fn run_control(control: &std::path::Path, args: &[String]) -> Result<(), Failure> {
+    let shown = format!("{} {}", control.display(), args.join(" "));
+    let out = std::process::Command::new(control)
+        .args(args)
+        .output()
+        .map_err(|e| Failure {
+            message: format!("cannot run {shown}: {e}"),
+            hint: None,
+            code: 2,
+            kind: None,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Failure {
+        message: format!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        hint: Some("the service file is in place; fix the cause and run the command again".into()),
+        code: 2,
+        kind: None,
+    })
+}
+
+fn print_service(
+    json: bool,
+    path: &std::path::Path,
+    installed: bool,
+    active: Option<&str>,
+    lines: &[String],
+) -> Result<(), Failure> {
+    if json {
+        return print_json(&serde_json::json!({
+            "path": path.display().to_string(),
+            "installed": installed,
+            "active": active,
+            "notes": lines,
+        }));
+    }
+    print_line(&lines.join("\n"))
 }
 
 /// `PATH` or `PATH:START-END` (or `PATH:LINE`).
@@ -655,10 +885,15 @@ struct Style {
 }
 
 impl Style {
-    fn detect() -> Style {
+    fn detect(choice: ColorChoice) -> Style {
         use std::io::IsTerminal;
+        let no_color = std::env::var("NO_COLOR").ok();
         Style {
-            color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            color: sparkctl::output::use_color(
+                choice,
+                std::io::stdout().is_terminal(),
+                no_color.as_deref(),
+            ),
         }
     }
 
@@ -742,6 +977,66 @@ fn render_edit(r: &EditResult, verb: &str, style: &Style) -> String {
     out
 }
 
+/// `log`'s lines: id, age, state, message, files, with the age and state columns as wide as
+/// their widest value so the messages line up whatever the ages.
+fn render_log(edits: &[spark_proto::methods::LogEntry], now: u64, style: &Style) -> String {
+    let ages: Vec<String> = edits
+        .iter()
+        .map(|e| human_age(now.saturating_sub(e.at)))
+        .collect();
+    let states: Vec<&str> = edits.iter().map(|e| state_label(e.state)).collect();
+    let age_w = ages.iter().map(|a| a.chars().count()).max().unwrap_or(0);
+    let state_w = states.iter().map(|s| s.len()).max().unwrap_or(0);
+    let id_w = edits.iter().map(|e| e.id.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for ((e, age), state) in edits.iter().zip(&ages).zip(&states) {
+        let what = if e.message.is_empty() {
+            &e.source
+        } else {
+            &e.message
+        };
+        let files = match e.files.len() {
+            1 => e.files[0].clone(),
+            n => format!("{n} files"),
+        };
+        // Padding goes outside the colour codes, which have no width on screen.
+        let id_pad = " ".repeat(id_w - e.id.len());
+        out += &format!(
+            "{}{id_pad}  {age:>age_w$}  {state:<state_w$}  {}  {}\n",
+            style.paint(YELLOW, &e.id),
+            first_line(what),
+            style.paint(DIM, &format!("({files})"))
+        );
+    }
+    out
+}
+
+/// An edit's state as `log` prints it.
+fn state_label(state: spark_proto::methods::EditState) -> &'static str {
+    use spark_proto::methods::EditState;
+    match state {
+        EditState::Applied => "applied",
+        EditState::Undone => "undone",
+        EditState::Stashed => "stashed",
+        EditState::RevertedOutside => "reverted outside spark",
+    }
+}
+
+/// Long output (`log`, `show`): through the pager when standard output is a terminal, as git
+/// does; straight to standard output otherwise, or when the pager cannot run.
+fn write_long(bytes: &[u8]) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let pager =
+        sparkctl::output::pager_command(std::io::stdout().is_terminal(), |k| std::env::var(k).ok());
+    if let Some(command) = pager {
+        match sparkctl::output::page(&command, bytes) {
+            Ok(()) => return Ok(()),
+            Err(e) => eprintln!("sparkctl: warning: {e}; printing directly"),
+        }
+    }
+    write_stdout(bytes)
+}
+
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
@@ -807,10 +1102,17 @@ fn render_status(s: &StatusResult) -> String {
             "disconnected"
         };
         out += &format!(
-            "session   {} {state}, age {}\n",
+            "session   {} {state}, age {}",
             x.repo,
             human_duration(x.age_ms)
         );
+        if let Some(provider) = &x.provider {
+            out += &format!(", {provider}");
+        }
+        if let Some(model) = &x.model {
+            out += &format!(" ({model})");
+        }
+        out.push('\n');
     }
     match &s.cache {
         Some(c) => match &c.unavailable {

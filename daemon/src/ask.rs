@@ -42,6 +42,56 @@ const MAX_HISTORY_BYTES: usize = 64 * 1024;
 /// Output tokens between two progress notifications.
 const TOKENS_PER_PROGRESS: u64 = 32;
 
+/// A session for settings other than the daemon's own (a shell that set its own provider,
+/// model or key) is closed after this long unused: such shells come and go, and each session
+/// holds a connection to the provider.
+const OTHER_SETTINGS_IDLE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// How often idle sessions are looked for between asks: a minute late is harmless.
+const IDLE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The provider settings a conversation's session uses: the daemon's own, with whatever the
+/// asking shell set on top. Conversations are kept per repository and per these settings.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ProviderChoice {
+    pub(crate) url: String,
+    pub(crate) model: String,
+    api_key: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for ProviderChoice {
+    // Hand-written so the key never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderChoice")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl ProviderChoice {
+    /// Refuse settings that cannot work before anything connects: a bad URL, or no key for a
+    /// provider that needs one (any that is not on this machine).
+    fn check(&self) -> Result<(), RpcError> {
+        if let Err(e) = crate::config::validate_provider_url(&self.url) {
+            return Err(RpcError::new(ErrorCode::InvalidParams, e.to_string())
+                .with_kind("bad_provider_url")
+                .with_hint("set SPARK_PROVIDER_URL to a ws://, wss://, http:// or https:// Responses endpoint"));
+        }
+        if self.api_key.is_none() && !crate::config::is_loopback_url(&self.url) {
+            return Err(RpcError::new(
+                ErrorCode::Provider,
+                format!("no API key for {}; nothing was sent", self.url),
+            )
+            .with_kind("no_api_key")
+            .with_hint(
+                "set SPARK_API_KEY (or OPENAI_API_KEY) in the shell you ask from, e.g. `export SPARK_API_KEY=sk-...`; a provider on a loopback address needs none",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Every repository's conversation.
 #[derive(Debug)]
 pub(crate) struct Asks {
@@ -50,7 +100,7 @@ pub(crate) struct Asks {
     model: String,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-    convs: Mutex<HashMap<PathBuf, Arc<Conversation>>>,
+    convs: Mutex<HashMap<(PathBuf, ProviderChoice), Arc<Conversation>>>,
     watchers: Watchers,
     events: tokio::sync::broadcast::Sender<spark_proto::events::Event>,
 }
@@ -79,6 +129,8 @@ struct Conversation {
     /// (steering) or by `cancel`; cleared when it ends.
     current: Mutex<Option<(u64, CancellationToken)>>,
     created: Instant,
+    /// When an ask last used it: idle sessions for other settings are closed.
+    last_used: Mutex<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +151,8 @@ pub(crate) struct ConvStatus {
     pub(crate) connected: bool,
     pub(crate) age_ms: u64,
     pub(crate) rtt_ms: Option<f64>,
+    pub(crate) provider: String,
+    pub(crate) model: String,
 }
 
 impl Asks {
@@ -125,9 +179,15 @@ impl Asks {
     /// ask starts warm. Failures are only logged: the ask will try again and report them.
     pub(crate) fn prewarm(self: &Arc<Self>, repo: RepoHandle) {
         let asks = self.clone();
+        let provider = self.default_provider();
+        if provider.check().is_err() {
+            // Nothing could connect (no key): the first ask says why, with a hint.
+            tracing::debug!(repo = %repo.workdir().display(), "no prewarm: the provider settings are incomplete");
+            return;
+        }
         self.tracker.spawn(async move {
             let result = async {
-                let conv = asks.conversation(repo.workdir())?;
+                let conv = asks.conversation(repo.workdir(), &provider)?;
                 let mut state = conv.state.lock().await;
                 if !state.warmed {
                     asks.warm_up(&conv, &repo, &mut state).await?;
@@ -137,6 +197,29 @@ impl Asks {
             .await;
             if let Err(e) = result {
                 tracing::warn!(repo = %repo.workdir().display(), error = %e.message, "prewarm failed");
+            }
+        });
+    }
+
+    /// Close idle sessions for other settings even when no ask comes to do it: each holds a
+    /// connection to a provider the user may have stopped using.
+    pub(crate) fn spawn_idle_sweeper(self: &Arc<Self>) {
+        // Weak: the sweeper must not keep the conversations alive past the server.
+        let asks = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(asks) = asks.upgrade() else { return };
+                let default = asks.default_provider();
+                if let Ok(mut convs) = asks.convs.lock() {
+                    close_idle(&mut convs, &default, Instant::now());
+                }
             }
         });
     }
@@ -173,16 +256,72 @@ impl Asks {
         Ok(())
     }
 
-    fn conversation(&self, workdir: &Path) -> Result<Arc<Conversation>, RpcError> {
+    /// The daemon's own provider settings (its config and environment).
+    fn default_provider(&self) -> ProviderChoice {
+        ProviderChoice {
+            url: self.url.clone(),
+            model: self.model.clone(),
+            api_key: self.api_key.clone(),
+        }
+    }
+
+    /// The settings an ask runs with: what the asking shell set wins over the daemon's own.
+    pub(crate) fn provider_for(
+        &self,
+        asked: Option<&spark_proto::methods::ProviderSettings>,
+    ) -> Result<ProviderChoice, RpcError> {
+        let mut choice = self.default_provider();
+        if let Some(asked) = asked {
+            if let Some(url) = &asked.url {
+                choice.url = url.clone();
+            }
+            if let Some(model) = &asked.model {
+                choice.model = model.clone();
+            }
+            if let Some(key) = &asked.api_key {
+                choice.api_key = Some(Arc::from(key.as_str()));
+            }
+        }
+        choice.check()?;
+        Ok(choice)
+    }
+
+    /// Every conversation in `workdir`, whatever its provider settings.
+    fn conversations_in(&self, workdir: &Path) -> Vec<Arc<Conversation>> {
+        self.convs
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|((w, _), _)| w == workdir)
+                    .map(|(_, c)| c.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn conversation(
+        &self,
+        workdir: &Path,
+        provider: &ProviderChoice,
+    ) -> Result<Arc<Conversation>, RpcError> {
         let mut convs = self
             .convs
             .lock()
             .map_err(|_| internal("conversation table poisoned"))?;
-        if let Some(c) = convs.get(workdir) {
+        let default = self.default_provider();
+        close_idle(&mut convs, &default, Instant::now());
+        let key = (workdir.to_owned(), provider.clone());
+        if let Some(c) = convs.get(&key) {
+            if let Ok(mut t) = c.last_used.lock() {
+                *t = Instant::now();
+            }
             return Ok(c.clone());
         }
-        let mut config =
-            SessionConfig::new(self.url.clone(), self.api_key.clone(), self.model.clone());
+        let mut config = SessionConfig::new(
+            provider.url.clone(),
+            provider.api_key.clone(),
+            provider.model.clone(),
+        );
         config.instructions = INSTRUCTIONS.to_owned();
         config.prompt_cache_key = Some(format!("spark:{}", workdir.display()));
         let (events, repo) = (self.events.clone(), workdir.display().to_string());
@@ -193,7 +332,7 @@ impl Asks {
             });
         }));
         let session = crate::provider::spawn(config, &self.tracker, self.shutdown.clone()).map_err(|e| {
-            RpcError::new(ErrorCode::Provider, format!("bad provider URL {}: {e}", self.url))
+            RpcError::new(ErrorCode::Provider, format!("bad provider URL {}: {e}", provider.url))
                 .with_hint("set SPARK_PROVIDER_URL to a ws://, wss://, http:// or https:// Responses endpoint")
         })?;
         let conv = Arc::new(Conversation {
@@ -201,33 +340,30 @@ impl Asks {
             state: tokio::sync::Mutex::new(ConvState::default()),
             current: Mutex::new(None),
             created: Instant::now(),
+            last_used: Mutex::new(Instant::now()),
         });
-        convs.insert(workdir.to_owned(), conv.clone());
+        convs.insert(key, conv.clone());
         Ok(conv)
     }
 
     /// Stop the ask in flight in `workdir`, if any (the `cancel` method). True if there was one.
     pub(crate) fn cancel(&self, workdir: &Path) -> bool {
-        let conv = self.convs.lock().ok().and_then(|m| m.get(workdir).cloned());
-        let Some(conv) = conv else {
-            return false;
-        };
-        let current = conv.current.lock().ok().and_then(|mut c| c.take());
-        match current {
-            Some((_, token)) => {
+        let mut any = false;
+        for conv in self.conversations_in(workdir) {
+            let current = conv.current.lock().ok().and_then(|mut c| c.take());
+            if let Some((_, token)) = current {
                 token.cancel();
-                true
+                any = true;
             }
-            None => false,
         }
+        any
     }
 
     /// Files changed outside the conversation (undo, stash, `edit/apply`): the model's view of
     /// them is stale, so the next ask shows them whole instead of as a diff against it, and the
     /// compare-and-swap base becomes their content at apply time.
     pub(crate) async fn forget(&self, workdir: &Path, paths: &[String]) {
-        let conv = self.convs.lock().ok().and_then(|m| m.get(workdir).cloned());
-        if let Some(conv) = conv {
+        for conv in self.conversations_in(workdir) {
             let mut state = conv.state.lock().await;
             for p in paths {
                 state.seen.remove(p);
@@ -236,13 +372,17 @@ impl Asks {
     }
 
     pub(crate) async fn status(&self) -> Vec<ConvStatus> {
-        let convs: Vec<(PathBuf, Arc<Conversation>)> = self
+        let convs: Vec<(PathBuf, ProviderChoice, Arc<Conversation>)> = self
             .convs
             .lock()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|((w, p), v)| (w.clone(), p.clone(), v.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         let mut out = Vec::new();
-        for (repo, conv) in convs {
+        for (repo, provider, conv) in convs {
             let s = conv.session.status().await.ok();
             out.push(ConvStatus {
                 repo,
@@ -253,6 +393,8 @@ impl Asks {
                     .unwrap_or_else(|| conv.created.elapsed())
                     .as_millis() as u64,
                 rtt_ms: s.and_then(|s| s.last_rtt).map(|d| d.as_secs_f64() * 1e3),
+                provider: provider.url,
+                model: provider.model,
             });
         }
         out
@@ -272,7 +414,16 @@ impl Asks {
         Fut: std::future::Future<Output = ()>,
     {
         let started = Instant::now();
-        let conv = self.conversation(repo.workdir())?;
+        let provider = self.provider_for(params.provider.as_ref())?;
+        let conv = self.conversation(repo.workdir(), &provider)?;
+        // Steering holds across provider settings too: one ask at a time per repository.
+        for other in self.conversations_in(repo.workdir()) {
+            if !Arc::ptr_eq(&other, &conv)
+                && let Some((_, token)) = other.current.lock().ok().and_then(|mut c| c.take())
+            {
+                token.cancel();
+            }
+        }
         // A repository is watched from its first ask on.
         self.watchers.ensure_watched(repo.workdir());
         // Steering: a newer ask in this repository replaces the one in flight.
@@ -536,6 +687,25 @@ impl Asks {
     }
 }
 
+/// Close the sessions for other settings than the daemon's own that no ask used for
+/// [`OTHER_SETTINGS_IDLE`] and that have none in flight: dropping the last handle ends the
+/// session and its connection.
+fn close_idle(
+    convs: &mut HashMap<(PathBuf, ProviderChoice), Arc<Conversation>>,
+    default: &ProviderChoice,
+    now: Instant,
+) {
+    convs.retain(|(_, provider), conv| {
+        let idle = conv
+            .last_used
+            .lock()
+            .map(|t| now.saturating_duration_since(*t) >= OTHER_SETTINGS_IDLE)
+            .unwrap_or(false);
+        let busy = conv.current.lock().map(|c| c.is_some()).unwrap_or(true);
+        provider == default || busy || !idle
+    });
+}
+
 /// Drop the oldest turns (each from a user message to the next) until the history fits. The
 /// model then no longer holds those files when resent unchained, so what it "saw" is forgotten
 /// too and the next ask shows focus files whole again.
@@ -757,5 +927,78 @@ mod tests {
             state.seen.is_empty(),
             "forgotten files are shown whole next time"
         );
+    }
+
+    fn choice(url: &str) -> ProviderChoice {
+        ProviderChoice {
+            url: url.to_owned(),
+            model: "m".to_owned(),
+            api_key: Some(Arc::from("k")),
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_sessions_for_other_settings_close_and_the_daemon_s_own_and_busy_ones_stay() {
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let conv = |url: &str| {
+            let session = crate::provider::spawn(
+                SessionConfig::new(url, None, "m"),
+                &tracker,
+                shutdown.clone(),
+            )
+            .expect("session");
+            Arc::new(Conversation {
+                session,
+                state: tokio::sync::Mutex::new(ConvState::default()),
+                current: Mutex::new(None),
+                created: Instant::now(),
+                last_used: Mutex::new(Instant::now()),
+            })
+        };
+        let own = choice("ws://127.0.0.1:1/v1/responses");
+        let (idle, busy, fresh) = (
+            choice("ws://127.0.0.1:2/v1/responses"),
+            choice("ws://127.0.0.1:3/v1/responses"),
+            choice("ws://127.0.0.1:4/v1/responses"),
+        );
+        let mut convs = HashMap::new();
+        for c in [&own, &idle, &busy, &fresh] {
+            convs.insert((PathBuf::from("/r"), c.clone()), conv(&c.url));
+        }
+        let later = Instant::now() + OTHER_SETTINGS_IDLE;
+        *convs[&(PathBuf::from("/r"), fresh.clone())]
+            .last_used
+            .lock()
+            .expect("lock") = later;
+        *convs[&(PathBuf::from("/r"), busy.clone())]
+            .current
+            .lock()
+            .expect("lock") = Some((1, CancellationToken::new()));
+        let session_of_idle = convs[&(PathBuf::from("/r"), idle.clone())].session.clone();
+
+        close_idle(&mut convs, &own, later);
+        let mut left: Vec<&str> = convs.keys().map(|(_, p)| p.url.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [&own.url, &busy.url, &fresh.url].map(String::as_str),
+            "only the idle session for other settings went"
+        );
+        // Once its last handle is gone the session stops, and with it its connection.
+        drop(convs);
+        shutdown.cancel();
+        drop(session_of_idle);
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[test]
+    fn provider_choices_never_print_their_key() {
+        let c = ProviderChoice {
+            api_key: Some(Arc::from("sk-never-shown")),
+            ..choice("ws://127.0.0.1:1/v1/responses")
+        };
+        assert!(!format!("{c:?}").contains("sk-never-shown"));
     }
 }

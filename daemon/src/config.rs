@@ -209,7 +209,29 @@ fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
     })
 }
 
-fn validate_provider_url(url: &str) -> Result<(), ConfigError> {
+/// Whether `url`'s host is this machine (`localhost`, `127.0.0.0/8`, `::1`): a local model
+/// server, which needs no API key. Anything else does.
+pub fn is_loopback_url(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        // `[::1]:8080`: the brackets delimit an IPv6 address.
+        Some(v6) => v6.split_once(']').map_or(v6, |(h, _)| h),
+        None => host_port.split_once(':').map_or(host_port, |(h, _)| h),
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Check a provider URL's scheme (from any source: config, environment, an `ask`'s settings).
+pub(crate) fn validate_provider_url(url: &str) -> Result<(), ConfigError> {
     let scheme = url.split_once("://").map(|(s, _)| s);
     match scheme {
         Some("ws" | "wss" | "http" | "https") => Ok(()),
@@ -288,6 +310,32 @@ mod tests {
         )
         .expect("resolve");
         assert_eq!(c.api_key.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn loopback_hosts_are_recognised_and_nothing_else_is() {
+        for url in [
+            "ws://127.0.0.1:8080/v1/responses",
+            "http://localhost/v1/responses",
+            "ws://LOCALHOST.:1/x",
+            "http://127.8.9.10/v1",
+            "ws://[::1]:9000/v1/responses",
+            "http://user:pw@127.0.0.1:1/v1",
+            "ws://model.localhost/v1",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            DEFAULT_PROVIDER_URL,
+            "wss://127.0.0.1.example.com/v1",
+            "http://10.0.0.1/v1",
+            "ws://[::2]:1/v1",
+            "http://localhost@api.example.com/v1",
+            "ws://localhostx/v1",
+            "not a url",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
     }
 
     #[test]

@@ -206,6 +206,12 @@ pub struct SessionStatus {
     pub age_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
+    /// The provider URL this session talks to (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The model it asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// The context cache.
@@ -295,11 +301,49 @@ pub struct LogEntry {
     pub id: String,
     /// Unix ms when it was applied.
     pub at: u64,
-    /// `applied`, `undone` or `stashed`.
-    pub state: String,
+    pub state: EditState,
     pub source: String,
     pub message: String,
     pub files: Vec<String>,
+}
+
+/// Where an edit stands, as `edit/log` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EditState {
+    /// Its changes are in the worktree (or were changed further since).
+    Applied,
+    /// Reverted by `edit/undo`.
+    Undone,
+    /// Moved onto `git stash` by `edit/stash`.
+    Stashed,
+    /// Recorded as applied, but every file it touched is back to its content before the edit,
+    /// undone outside spark (`git checkout -- file`, an editor's undo).
+    RevertedOutside,
+}
+
+impl EditState {
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EditState::Applied => "applied",
+            EditState::Undone => "undone",
+            EditState::Stashed => "stashed",
+            EditState::RevertedOutside => "reverted_outside",
+        }
+    }
+}
+
+impl std::fmt::Display for EditState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for EditState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 /// Result of [`EditLog`].
@@ -338,6 +382,41 @@ pub struct AskParams {
     /// Start a fresh conversation instead of continuing this repository's.
     #[serde(default)]
     pub new_conversation: bool,
+    /// The asking shell's provider settings; each one set wins over the daemon's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderSettings>,
+}
+
+/// Provider settings sent with an `ask` (from the client's `SPARK_PROVIDER_URL`, `SPARK_MODEL`,
+/// `SPARK_API_KEY`/`OPENAI_API_KEY`). The key travels only over the owner-only socket; the
+/// daemon keeps it in memory for the session and never logs or writes it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+}
+
+impl ProviderSettings {
+    /// Whether nothing is set (then the client sends no settings at all).
+    pub fn is_empty(&self) -> bool {
+        self.url.is_none() && self.model.is_none() && self.api_key.is_none()
+    }
+}
+
+impl std::fmt::Debug for ProviderSettings {
+    // Hand-written so the key never reaches a log line, whoever prints the params.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderSettings")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// A focused file, or a range of its lines (1-based, inclusive).
@@ -472,6 +551,42 @@ mod tests {
         let v = serde_json::to_value(&p).expect("ser");
         assert_eq!(v, json!({"request":3,"type":"text","delta":"hi"}));
         assert_eq!(serde_json::from_value::<AskProgress>(v).expect("de"), p);
+    }
+
+    #[test]
+    fn provider_settings_are_optional_and_the_key_is_not_debug_printed() {
+        let p: AskParams =
+            serde_json::from_value(json!({"cwd":"/r","prompt":"x"})).expect("no settings");
+        assert_eq!(p.provider, None);
+        let p: AskParams = serde_json::from_value(json!({
+            "cwd":"/r","prompt":"x",
+            "provider":{"url":"ws://127.0.0.1:9/v1/responses","api_key":"sk-very-secret"}
+        }))
+        .expect("settings");
+        let s = p.provider.as_ref().expect("provider");
+        assert_eq!(s.model, None);
+        assert_eq!(s.api_key.as_deref(), Some("sk-very-secret"));
+        assert!(!format!("{p:?}").contains("sk-very-secret"), "{p:?}");
+        assert!(
+            serde_json::from_value::<AskParams>(
+                json!({"cwd":"/r","prompt":"x","provider":{"key":"k"}})
+            )
+            .is_err(),
+            "a misspelt setting is refused, not ignored"
+        );
+    }
+
+    #[test]
+    fn edit_states_have_snake_case_wire_names() {
+        for (s, name) in [
+            (EditState::Applied, "applied"),
+            (EditState::Undone, "undone"),
+            (EditState::Stashed, "stashed"),
+            (EditState::RevertedOutside, "reverted_outside"),
+        ] {
+            assert_eq!(serde_json::to_value(s).expect("ser"), json!(name));
+            assert_eq!(s, name);
+        }
     }
 
     #[test]

@@ -342,6 +342,8 @@ pub struct Settings {
     /// At most this many WebSocket connections open at once; more upgrades get 429.
     pub max_connections: Option<usize>,
     pub in_flight: InFlightPolicy,
+    /// Serve requests without an `Authorization` header, as a local model server does.
+    pub keyless: bool,
 }
 
 impl Default for Settings {
@@ -352,6 +354,7 @@ impl Default for Settings {
             refuse_websocket: false,
             max_connections: None,
             in_flight: InFlightPolicy::Reject,
+            keyless: false,
         }
     }
 }
@@ -414,6 +417,12 @@ impl Script {
 
     pub fn in_flight(mut self, policy: InFlightPolicy) -> Script {
         self.settings.in_flight = policy;
+        self
+    }
+
+    /// Need no API key, like a local model server.
+    pub fn keyless(mut self) -> Script {
+        self.settings.keyless = true;
         self
     }
 }
@@ -1746,7 +1755,9 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, connection
             let _ = write_error(&mut stream, &error, "", true).await;
             return;
         }
-        if let Err(error) = check_auth(&head.headers) {
+        if let Err(error) = check_auth(&head.headers)
+            && !shared.settings().keyless
+        {
             shared.record_head(connection, &head, 401);
             let _ = write_error(&mut stream, &error, "", true).await;
             return;

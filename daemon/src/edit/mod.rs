@@ -835,6 +835,56 @@ pub(crate) fn log(
         .collect()
 }
 
+/// Whether an edit the ledger calls applied was reverted outside spark (`git checkout -- file`,
+/// an editor's undo): every file it touched holds its pre-edit content again, and none its
+/// post-edit one. A file changed further since counts as applied, which it still is in part.
+/// Cheap enough for every `log` line: the edit's blob ids come from its two trees, and each
+/// worktree file is hashed once, never diffed.
+pub(crate) fn reverted_outside(ctx: &RepoCtx<'_>, edit: &ledger::Entry) -> Result<bool, EditError> {
+    let oid = Oid::from_str(&edit.edit).map_err(|e| EditError::git("read ledger id", e))?;
+    let w = ctx
+        .repo
+        .find_commit(oid)
+        .map_err(|e| EditError::git("read edit", e))?;
+    let b = w
+        .parent(0)
+        .map_err(|e| EditError::git("read edit base", e))?;
+    let (after, before) = (
+        w.tree().map_err(|e| EditError::git("read edit tree", e))?,
+        b.tree()
+            .map_err(|e| EditError::git("read edit base tree", e))?,
+    );
+    let blob = |tree: &git2::Tree<'_>, path: &str| {
+        tree.get_path(Path::new(path))
+            .ok()
+            .filter(|e| e.kind() == Some(git2::ObjectType::Blob))
+            .map(|e| e.id())
+    };
+    if edit.files.is_empty() {
+        return Ok(false);
+    }
+    for path in &edit.files {
+        let abs = ctx.workdir.join(path);
+        let now = match std::fs::symlink_metadata(&abs) {
+            Ok(m) if m.is_file() => {
+                let bytes = std::fs::read(&abs).map_err(|e| EditError::io("read", &abs, e))?;
+                Some(
+                    Oid::hash_object(git2::ObjectType::Blob, &bytes)
+                        .map_err(|e| EditError::git("hash worktree file", e))?,
+                )
+            }
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(EditError::io("stat", &abs, e)),
+        };
+        let (was, became) = (blob(&before, path), blob(&after, path));
+        if now == became || now != was {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Finish or undo what a previous daemon left half-done in `repo`. Returns what it did.
 pub(crate) fn recover(
     ctx: &RepoCtx<'_>,

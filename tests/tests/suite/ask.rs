@@ -30,6 +30,7 @@ fn params(repo: &TestRepo, prompt: &str, focus: &[&str]) -> AskParams {
             .collect(),
         dry_run: false,
         new_conversation: false,
+        provider: None,
     }
 }
 

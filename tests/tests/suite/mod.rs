@@ -1,8 +1,10 @@
 mod ask;
 mod crash;
+mod daily;
 mod edits;
 mod hostile;
 mod lifecycle;
 mod protocol;
 mod shapes;
+mod ssh;
 mod watch;
