@@ -974,13 +974,23 @@ fn strip_bom(b: &[u8]) -> &[u8] {
 }
 
 /// 3-way merge of file contents: `base` is what both sides started from.
+///
+/// A UTF-8 byte order mark is merged as a flag, not as part of the first line: glued to it, a
+/// change of the first line would look like a change touching the BOM's line too, and a disjoint
+/// change next to it would conflict.
 fn merge3(base: &[u8], ours: &[u8], theirs: &[u8], path: &str) -> Result<Vec<u8>, EditError> {
+    let has_bom = |b: &[u8]| b.starts_with(b"\xEF\xBB\xBF");
+    let bom = if has_bom(ours) == has_bom(base) {
+        has_bom(theirs)
+    } else {
+        has_bom(ours)
+    };
     let mut a = git2::MergeFileInput::new();
-    a.content(base);
+    a.content(strip_bom(base));
     let mut o = git2::MergeFileInput::new();
-    o.content(ours);
+    o.content(strip_bom(ours));
     let mut t = git2::MergeFileInput::new();
-    t.content(theirs);
+    t.content(strip_bom(theirs));
     let result =
         git2::merge_file(&a, &o, &t, None).map_err(|e| EditError::git("merge file contents", e))?;
     if !result.is_automergeable() {
@@ -988,7 +998,12 @@ fn merge3(base: &[u8], ours: &[u8], theirs: &[u8], path: &str) -> Result<Vec<u8>
             path: path.to_owned(),
         });
     }
-    Ok(result.content().to_vec())
+    let mut merged = Vec::with_capacity(result.content().len() + 3);
+    if bom {
+        merged.extend_from_slice(b"\xEF\xBB\xBF");
+    }
+    merged.extend_from_slice(result.content());
+    Ok(merged)
 }
 
 /// Per-file summaries and the unified diff of the writes (as `git diff` shows them), from one
@@ -1131,5 +1146,56 @@ mod take_back_tests {
         // The update that created the ref: the ref goes.
         take_back_ref(&repo, name, first, None).expect("take back");
         assert!(repo.find_reference(name).is_err());
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+
+    const BOM: &str = "\u{feff}";
+
+    /// `git2::merge_file` does not initialise libgit2 itself; in the daemon a repository was
+    /// always opened first.
+    fn merge3(
+        base: &[u8],
+        ours: &[u8],
+        theirs: &[u8],
+        path: &str,
+    ) -> Result<Vec<u8>, super::EditError> {
+        drop(git2::Config::new());
+        super::merge3(base, ours, theirs, path)
+    }
+
+    #[test]
+    fn a_first_line_change_next_to_a_disjoint_one_merges_in_a_file_with_a_bom() {
+        let base = format!("{BOM}l0\nl1\nl2\n");
+        let ours = format!("{BOM}l1\nl2\n");
+        let theirs = format!("{BOM}l0\nl1\nX\nl2\n");
+        let merged = merge3(base.as_bytes(), ours.as_bytes(), theirs.as_bytes(), "f")
+            .expect("disjoint changes merge");
+        assert_eq!(
+            String::from_utf8_lossy(&merged),
+            format!("{BOM}l1\nX\nl2\n")
+        );
+    }
+
+    #[test]
+    fn a_deleted_first_line_next_to_a_disjoint_insertion_merges_as_git_merge_file_does() {
+        let merged = merge3(b"l0\nl1\nl2\n", b"l1\nl2\n", b"l0\nl1\nX\nl2\n", "f")
+            .expect("git merge-file merges these");
+        assert_eq!(merged, b"l1\nX\nl2\n");
+    }
+
+    #[test]
+    fn the_bom_follows_the_side_that_changed_it() {
+        let base = format!("{BOM}a\nb\n");
+        let dropped = "a\nb\n";
+        let edited = format!("{BOM}a\nB\n");
+        let merged =
+            merge3(base.as_bytes(), dropped.as_bytes(), edited.as_bytes(), "f").expect("merges");
+        assert_eq!(merged, b"a\nB\n");
+        let merged =
+            merge3(base.as_bytes(), edited.as_bytes(), dropped.as_bytes(), "f").expect("merges");
+        assert_eq!(merged, b"a\nB\n");
     }
 }
