@@ -8,6 +8,7 @@
 //! line ending. Unchanged lines inside a chunk (context) keep their original bytes too, even
 //! when they were matched loosely.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use super::patch::Chunk;
@@ -81,6 +82,39 @@ pub(crate) enum MatchError {
         second_line: usize,
         lines: Vec<String>,
     },
+    #[error(
+        "chunk {chunk}: without their leading and trailing blank lines, these lines match at \
+         line {first_line} and at line {second_line}; refusing to guess (add context to tell \
+         them apart):{}",
+        quote_lines(.lines)
+    )]
+    AmbiguousTrimmed {
+        chunk: usize,
+        first_line: usize,
+        second_line: usize,
+        lines: Vec<String>,
+    },
+    #[error(
+        "chunk {chunk}: these lines are at line {found_line}, above line {cursor_line} where the \
+         previous chunk ended; chunks must follow file order:{}",
+        quote_lines(.lines)
+    )]
+    OutOfOrder {
+        chunk: usize,
+        found_line: usize,
+        cursor_line: usize,
+        lines: Vec<String>,
+    },
+    #[error(
+        "chunk {chunk}: these lines match at line {line} only with another indentation, and not \
+         by one consistent amount; refusing to guess how to indent the replacement:{}",
+        quote_lines(.lines)
+    )]
+    Indentation {
+        chunk: usize,
+        line: usize,
+        lines: Vec<String>,
+    },
 }
 
 impl MatchError {
@@ -91,7 +125,10 @@ impl MatchError {
             MatchError::HeaderNotFound { .. } | MatchError::ContextNotFound { .. } => {
                 "context_not_found"
             }
-            MatchError::Ambiguous { .. } => "ambiguous_match",
+            // Still context the file lacks where the patch needs it; the text says where it is.
+            MatchError::OutOfOrder { .. } => "context_not_found",
+            MatchError::Ambiguous { .. } | MatchError::AmbiguousTrimmed { .. } => "ambiguous_match",
+            MatchError::Indentation { .. } => "ambiguous_indentation",
         }
     }
 }
@@ -176,30 +213,44 @@ fn split_lines(text: &str) -> Vec<Line> {
     lines
 }
 
-/// A chunk resolved to a place in the file: `old.len()` lines from `start` become `new`.
+/// A chunk resolved to a place in the file: `old.len()` lines from `start` become `new`. Both
+/// are re-indented copies when the chunk only matched with another indentation.
 #[derive(Debug)]
 struct Edit<'c> {
     start: usize,
-    old: &'c [String],
-    new: &'c [String],
+    old: Cow<'c, [String]>,
+    new: Cow<'c, [String]>,
 }
 
 /// One line of the result: an original line (its bytes) or a line from the patch.
 #[derive(Debug, Clone, Copy)]
-enum Piece<'c> {
+enum Piece<'e> {
     Kept(usize),
-    New(&'c str),
+    New(&'e str),
 }
 
 #[derive(Debug)]
 enum Seek {
-    Found(usize),
+    Found {
+        at: usize,
+        pass: Pass,
+    },
     NotFound,
     Ambiguous {
         pass: Pass,
         first: usize,
         second: usize,
     },
+}
+
+/// How the file's indentation differs from a chunk's, the same on every non-blank line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Shift {
+    Same,
+    /// The file has this much more leading whitespace than the chunk.
+    Add(String),
+    /// The chunk has this much more leading whitespace than the file.
+    Remove(String),
 }
 
 fn locate<'c>(lines: &[&str], chunks: &'c [Chunk]) -> Result<Vec<Edit<'c>>, MatchError> {
@@ -220,7 +271,7 @@ fn locate<'c>(lines: &[&str], chunks: &'c [Chunk]) -> Result<Vec<Edit<'c>>, Matc
         // The `@@` line narrows the search: the chunk's lines are sought below it.
         if let Some(header) = &chunk.context {
             match seek(lines, std::slice::from_ref(header), cursor, false) {
-                Seek::Found(at) => from = at + 1,
+                Seek::Found { at, .. } => from = at + 1,
                 Seek::NotFound => {
                     return Err(MatchError::HeaderNotFound {
                         chunk: number,
@@ -236,6 +287,23 @@ fn locate<'c>(lines: &[&str], chunks: &'c [Chunk]) -> Result<Vec<Edit<'c>>, Matc
                 }
             }
         }
+        if chunk.old_lines.is_empty() {
+            // A pure insertion goes after the header line when there is one, else at the end.
+            // Appending at the end does not move the cursor: later chunks are still sought
+            // where they were, as in Codex (the edits are put in file order below).
+            let (start, next) = if chunk.context.is_some() && !chunk.end_of_file {
+                (from, from)
+            } else {
+                (lines.len(), cursor)
+            };
+            edits.push(Edit {
+                start,
+                old: Cow::Borrowed(&chunk.old_lines[..]),
+                new: Cow::Borrowed(&chunk.new_lines[..]),
+            });
+            cursor = next;
+            continue;
+        }
         let (mut old, mut new) = (chunk.old_lines.as_slice(), chunk.new_lines.as_slice());
         let mut found = seek(lines, old, from, chunk.end_of_file);
         // A blank line closing a chunk is often just the model's separator (Codex retries too).
@@ -246,36 +314,156 @@ fn locate<'c>(lines: &[&str], chunks: &'c [Chunk]) -> Result<Vec<Edit<'c>>, Matc
             }
             found = seek(lines, old, from, chunk.end_of_file);
         }
-        let start = if old.is_empty() {
-            // A pure insertion goes after the header line when there is one, else at the end.
-            if chunk.context.is_some() && !chunk.end_of_file {
-                from
-            } else {
-                lines.len()
-            }
-        } else {
-            match found {
-                Seek::Found(at) => at,
-                Seek::NotFound => {
-                    let lines = chunk.old_lines.clone();
-                    return Err(MatchError::ContextNotFound {
+        // Blank lines opening or closing the lines (whitespace only, too) are a model habit as
+        // well; without them the rest must then match in exactly one place.
+        if matches!(found, Seek::NotFound)
+            && let Some((lead, trail)) = stray_blanks(&chunk.old_lines)
+        {
+            old = &chunk.old_lines[lead..chunk.old_lines.len() - trail];
+            new = strip_blanks(&chunk.new_lines, lead, trail);
+            found = match seek_unique(lines, old, from) {
+                Seek::Ambiguous { first, second, .. } => {
+                    return Err(MatchError::AmbiguousTrimmed {
                         chunk: number,
-                        lines,
+                        first_line: first + 1,
+                        second_line: second + 1,
+                        lines: chunk.old_lines.clone(),
                     });
                 }
-                Seek::Ambiguous {
-                    pass,
-                    first,
-                    second,
-                } => {
-                    return Err(ambiguous(pass, first, second, &chunk.old_lines));
+                other => other,
+            };
+        }
+        let (start, pass) = match found {
+            Seek::Found { at, pass } => (at, pass),
+            Seek::NotFound => {
+                let lines_wanted = chunk.old_lines.clone();
+                // Only claim "not found" when it is true: lines that are in the file, above
+                // the previous chunk, are reported as out of order instead.
+                if let Seek::Found { at, .. } = seek(lines, old, 0, false)
+                    && at < from
+                {
+                    return Err(MatchError::OutOfOrder {
+                        chunk: number,
+                        found_line: at + 1,
+                        cursor_line: from,
+                        lines: lines_wanted,
+                    });
+                }
+                return Err(MatchError::ContextNotFound {
+                    chunk: number,
+                    lines: lines_wanted,
+                });
+            }
+            Seek::Ambiguous {
+                pass,
+                first,
+                second,
+            } => {
+                return Err(ambiguous(pass, first, second, &chunk.old_lines));
+            }
+        };
+        let (old, new) = match pass {
+            // These passes compare leading whitespace: the chunk's indentation is the file's.
+            Pass::Exact | Pass::TrimEnd => (Cow::Borrowed(old), Cow::Borrowed(new)),
+            Pass::Trim | Pass::Unicode => {
+                let window = &lines[start..start + old.len()];
+                let reindented = indent_shift(window, old)
+                    .and_then(|shift| Some((reindent(old, &shift)?, reindent(new, &shift)?)));
+                match reindented {
+                    Some((old, new)) => (Cow::Owned(old), Cow::Owned(new)),
+                    None => {
+                        return Err(MatchError::Indentation {
+                            chunk: number,
+                            line: start + 1,
+                            lines: chunk.old_lines.clone(),
+                        });
+                    }
                 }
             }
         };
-        edits.push(Edit { start, old, new });
         cursor = start + old.len();
+        edits.push(Edit { start, old, new });
     }
+    // Stable: edits at one place keep the patch's order.
+    edits.sort_by_key(|edit| edit.start);
     Ok(edits)
+}
+
+fn is_blank(line: &str) -> bool {
+    line.trim().is_empty()
+}
+
+/// How many blank lines open and close `old`, when there are some and something else remains.
+fn stray_blanks(old: &[String]) -> Option<(usize, usize)> {
+    let lead = old.iter().take_while(|line| is_blank(line)).count();
+    if lead == old.len() {
+        return None;
+    }
+    let trail = old.iter().rev().take_while(|line| is_blank(line)).count();
+    (lead + trail > 0).then_some((lead, trail))
+}
+
+/// `new` without up to `lead` opening and `trail` closing blank lines: the same stray lines
+/// when the model put them on both sides, nothing when only the old side had them.
+fn strip_blanks(new: &[String], lead: usize, trail: usize) -> &[String] {
+    let lead = new
+        .iter()
+        .take(lead)
+        .take_while(|line| is_blank(line))
+        .count();
+    let rest = &new[lead..];
+    let trail = rest
+        .iter()
+        .rev()
+        .take(trail)
+        .take_while(|line| is_blank(line))
+        .count();
+    &rest[..rest.len() - trail]
+}
+
+fn leading_whitespace(line: &str) -> &str {
+    &line[..line.len() - line.trim_start().len()]
+}
+
+/// The one indentation difference between the matched file lines and the chunk's lines, or
+/// `None` when non-blank lines differ by different amounts (or by tabs against spaces).
+fn indent_shift(window: &[&str], pattern: &[String]) -> Option<Shift> {
+    let mut shift: Option<Shift> = None;
+    for (line, want) in window.iter().zip(pattern) {
+        if line.trim().is_empty() || want.trim().is_empty() {
+            continue;
+        }
+        let (have, wanted) = (leading_whitespace(line), leading_whitespace(want));
+        let this = if let Some(extra) = have.strip_suffix(wanted) {
+            if extra.is_empty() {
+                Shift::Same
+            } else {
+                Shift::Add(extra.to_owned())
+            }
+        } else {
+            Shift::Remove(wanted.strip_suffix(have)?.to_owned())
+        };
+        match &shift {
+            None => shift = Some(this),
+            Some(known) if *known == this => {}
+            Some(_) => return None,
+        }
+    }
+    Some(shift.unwrap_or(Shift::Same))
+}
+
+/// `lines` moved by `shift`; blank lines stay as written. `None` when a line has less
+/// indentation than the shift removes.
+fn reindent(lines: &[String], shift: &Shift) -> Option<Vec<String>> {
+    lines
+        .iter()
+        .map(|line| match shift {
+            _ if line.trim().is_empty() => Some(line.clone()),
+            Shift::Same => Some(line.clone()),
+            Shift::Add(extra) => Some(format!("{extra}{line}")),
+            Shift::Remove(extra) => line.strip_prefix(extra.as_str()).map(str::to_owned),
+        })
+        .collect()
 }
 
 /// Finds `pattern` in `lines` at or after `from`, pass by pass. A loose pass must match in one
@@ -283,7 +471,10 @@ fn locate<'c>(lines: &[&str], chunks: &'c [Chunk]) -> Result<Vec<Edit<'c>>, Matc
 /// tried at the very end first.
 fn seek(lines: &[&str], pattern: &[String], from: usize, end_of_file: bool) -> Seek {
     if pattern.is_empty() {
-        return Seek::Found(from.min(lines.len()));
+        return Seek::Found {
+            at: from.min(lines.len()),
+            pass: Pass::Exact,
+        };
     }
     let Some(last) = lines.len().checked_sub(pattern.len()) else {
         return Seek::NotFound;
@@ -296,7 +487,7 @@ fn seek(lines: &[&str], pattern: &[String], from: usize, end_of_file: bool) -> S
     if end_of_file {
         for pass in PASSES {
             if matches_at(lines, pattern, last, pass, &mut normalised) {
-                return Seek::Found(last);
+                return Seek::Found { at: last, pass };
             }
         }
     }
@@ -316,7 +507,33 @@ fn seek(lines: &[&str], pattern: &[String], from: usize, end_of_file: bool) -> S
                 second,
             };
         }
-        return Seek::Found(first);
+        return Seek::Found { at: first, pass };
+    }
+    Seek::NotFound
+}
+
+/// Like [`seek`], but the strictest pass that matches must match in one place only, exact
+/// included: for lines the patch did not give as written.
+fn seek_unique(lines: &[&str], pattern: &[String], from: usize) -> Seek {
+    if pattern.is_empty() || lines.len() < pattern.len() || from > lines.len() - pattern.len() {
+        return Seek::NotFound;
+    }
+    let last = lines.len() - pattern.len();
+    let mut normalised: Option<Vec<String>> = None;
+    for pass in PASSES {
+        let mut places =
+            (from..=last).filter(|&at| matches_at(lines, pattern, at, pass, &mut normalised));
+        let Some(first) = places.next() else {
+            continue;
+        };
+        return match places.next() {
+            Some(second) => Seek::Ambiguous {
+                pass,
+                first,
+                second,
+            },
+            None => Seek::Found { at: first, pass },
+        };
     }
     Seek::NotFound
 }
@@ -371,8 +588,8 @@ fn normalise(line: &str) -> impl Iterator<Item = char> + '_ {
 
 /// Turns an edit into pieces: lines the chunk keeps (equal in old and new) map back to the
 /// file's own bytes, so only the lines that really change are rewritten.
-fn diff_into<'c>(edit: &Edit<'c>, pieces: &mut Vec<Piece<'c>>) {
-    let (old, new) = (edit.old, edit.new);
+fn diff_into<'e>(edit: &'e Edit<'_>, pieces: &mut Vec<Piece<'e>>) {
+    let (old, new) = (&edit.old[..], &edit.new[..]);
     let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
     let suffix = old[prefix..]
         .iter()
@@ -623,12 +840,13 @@ mod tests {
             ),
             "keep  \nnew\nz\n"
         );
+        // Leading whitespace ignored: the replacement takes the same indentation offset.
         assert_eq!(
             apply(
                 "    if x:\n        y\n",
-                &[chunk(&["if x:", "y"], &["if x:", "z"])]
+                &[chunk(&["if x:", "    y"], &["if x:", "    z"])]
             ),
-            "    if x:\nz\n"
+            "    if x:\n        z\n"
         );
         assert_eq!(
             apply(
@@ -669,7 +887,7 @@ mod tests {
                 "  x\na\n  x\n",
                 &[chunk(&["a"], &["a"]), chunk(&["x"], &["X"])]
             ),
-            "  x\na\nX\n"
+            "  x\na\n  X\n"
         );
         let error = refuse(
             "  f()\n  f()\nbody\n",
@@ -706,7 +924,139 @@ mod tests {
         assert_eq!(error.code(), "context_not_found");
         assert_eq!(
             error.to_string(),
-            "chunk 2: could not find these lines:\n  fn a() {"
+            "chunk 2: these lines are at line 1, above line 4 where the previous chunk ended; \
+             chunks must follow file order:\n  fn a() {"
+        );
+    }
+
+    #[test]
+    fn a_match_that_lost_its_indentation_reindents_the_replacement() {
+        let original =
+            "class A:\n    def f(self):\n        return 1\n\n    def g(self):\n        pass\n";
+        // The whole body dropped 4 spaces: the replacement gets them back, line by line.
+        let chunks = [chunk(
+            &["def f(self):", "    return 1"],
+            &[
+                "def f(self):",
+                "    if self.x:",
+                "        return 2",
+                "    return 1",
+            ],
+        )];
+        assert_eq!(
+            apply(original, &chunks),
+            "class A:\n    def f(self):\n        if self.x:\n            return 2\n        return 1\n\n    def g(self):\n        pass\n"
+        );
+        // Tabs: the offset is whatever whitespace the file has more, here one tab.
+        assert_eq!(
+            apply(
+                "a:\n\t\tb\n\t\tc\n",
+                &[chunk(&["\tb", "\tc"], &["\tb", "\t\td"])]
+            ),
+            "a:\n\t\tb\n\t\t\td\n"
+        );
+        // More indentation than the file has: the same amount comes off the replacement.
+        assert_eq!(
+            apply(
+                "x\ny\n",
+                &[chunk(&["    x", "    y"], &["    x", "    z", "    y"])]
+            ),
+            "x\nz\ny\n"
+        );
+        // Blank lines inside the chunk carry no indentation and stay as written.
+        assert_eq!(
+            apply("  a\n\n  b\n", &[chunk(&["a", "", "b"], &["a", "", "c"])]),
+            "  a\n\n  c\n"
+        );
+    }
+
+    #[test]
+    fn an_indentation_offset_that_is_not_one_amount_is_refused() {
+        // 4 spaces missing on one line, 8 on the other: no single offset, so no guess.
+        let error = refuse(
+            "    if x:\n        y\n",
+            &[chunk(&["if x:", "y"], &["if x:", "z"])],
+        );
+        assert_eq!(error.code(), "ambiguous_indentation");
+        assert_eq!(
+            error.to_string(),
+            "chunk 1: these lines match at line 1 only with another indentation, and not by one \
+             consistent amount; refusing to guess how to indent the replacement:\n  if x:\n  y"
+        );
+        // Spaces in the chunk where the file has a tab.
+        let error = refuse("\tx\n", &[chunk(&["    x"], &["    y"])]);
+        assert_eq!(error.code(), "ambiguous_indentation");
+        // A replacement line indented less than the offset the chunk removes.
+        let error = refuse("x\n", &[chunk(&["    x"], &["  y"])]);
+        assert_eq!(error.code(), "ambiguous_indentation");
+    }
+
+    #[test]
+    fn a_pure_addition_does_not_move_the_cursor() {
+        // Chunk 1 appends; chunk 2 is still found where it was, above the appended lines.
+        let chunks = [chunk(&[], &["tail"]), chunk(&["b"], &["B"])];
+        assert_eq!(apply("a\nb\nc\n", &chunks), "a\nB\nc\ntail\n");
+        let chunks = [
+            chunk(&["a"], &["A"]),
+            chunk(&[], &["t1", "t2"]),
+            chunk(&["c"], &["C"]),
+            chunk(&[], &["t3"]),
+        ];
+        assert_eq!(apply("a\nb\nc\n", &chunks), "A\nb\nC\nt1\nt2\nt3\n");
+        // The last line changed and lines appended after it, in either order.
+        let chunks = [chunk(&[], &["t"]), chunk(&["c"], &["C"])];
+        assert_eq!(apply("a\nb\nc", &chunks), "a\nb\nC\nt");
+    }
+
+    #[test]
+    fn errors_never_call_present_lines_missing() {
+        let original = "a\nb\nc\n";
+        let error = refuse(original, &[chunk(&["c"], &["C"]), chunk(&["a"], &["A"])]);
+        assert!(matches!(
+            error,
+            MatchError::OutOfOrder {
+                chunk: 2,
+                found_line: 1,
+                ..
+            }
+        ));
+        assert!(!error.to_string().contains("could not find"), "{error}");
+        // Truly absent lines are still reported as not found.
+        let error = refuse(original, &[chunk(&["c"], &["C"]), chunk(&["zz"], &["A"])]);
+        assert!(error.to_string().contains("could not find these lines"));
+    }
+
+    #[test]
+    fn stray_blank_lines_around_the_lines_are_tolerated_when_the_rest_is_unique() {
+        let original = "fn a() {\n    one();\n}\nfn b() {\n    two();\n}\n";
+        // A blank first line on both sides (the model's separator).
+        assert_eq!(
+            apply(original, &[chunk(&["", "fn b() {"], &["", "fn c() {"])]),
+            "fn a() {\n    one();\n}\nfn c() {\n    two();\n}\n"
+        );
+        // Blank lines opening and closing, the old side only, whitespace-only too.
+        assert_eq!(
+            apply(
+                original,
+                &[chunk(&["  ", "    one();", "", ""], &["    1();"])]
+            ),
+            "fn a() {\n    1();\n}\nfn b() {\n    two();\n}\n"
+        );
+        // The rest matching twice (even exactly) is refused with both places.
+        let error = refuse("x\ny\nx\n", &[chunk(&["", "x"], &["", "X"])]);
+        assert_eq!(error.code(), "ambiguous_match");
+        assert!(matches!(
+            error,
+            MatchError::AmbiguousTrimmed {
+                first_line: 1,
+                second_line: 3,
+                ..
+            }
+        ));
+        // A blank line that is really there is matched as given.
+        assert_eq!(
+            apply("x\n\ny\n\nx\n", &[chunk(&["", "x"], &["", "X"])]),
+            "x\n\ny\n\nX\n"
         );
     }
 
@@ -818,6 +1168,8 @@ mod tests {
     #[test]
     fn bytes_outside_the_changed_lines_never_change() {
         let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+        // A second stream for the dedent choice keeps the cases `rng` draws as they were.
+        let mut shape = Rng(0x9E37_79B9_7F4A_7C15);
         for round in 0..500 {
             let count = 1 + rng.below(40);
             let mut lines: Vec<(String, &str)> = (0..count)
@@ -850,18 +1202,33 @@ mod tests {
                 }
                 let len = 1 + rng.below(3).min(count - start - 1);
                 let after = rng.below(3).min(count - start - len);
-                let loose = |text: &str, rng: &mut Rng| match rng.below(4) {
-                    0 => text.trim_end().to_owned(),
-                    1 => text.trim().to_owned(),
-                    _ => text.to_owned(),
+                // Sometimes the whole chunk is written without the window's common indentation
+                // (as models do): the added lines must then land with that indentation.
+                let window = at..start + len + after;
+                let dedent = if shape.below(4) == 0 {
+                    window
+                        .clone()
+                        .map(|i| lines[i].0.len() - lines[i].0.trim_start().len())
+                        .min()
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
+                let loose = |text: &str, rng: &mut Rng| {
+                    let text = &text[dedent..];
+                    match rng.below(4) {
+                        0 | 1 => text.trim_end().to_owned(),
+                        _ => text.to_owned(),
+                    }
                 };
                 let context_before: Vec<String> =
                     (at..start).map(|i| loose(&lines[i].0, &mut rng)).collect();
                 let context_after: Vec<String> = (start + len..start + len + after)
                     .map(|i| loose(&lines[i].0, &mut rng))
                     .collect();
-                let removed: Vec<String> =
-                    (start..start + len).map(|i| lines[i].0.clone()).collect();
+                let removed: Vec<String> = (start..start + len)
+                    .map(|i| lines[i].0[dedent..].to_owned())
+                    .collect();
                 let added: Vec<String> = (0..rng.below(4))
                     .map(|k| format!("new {round}.{start}.{k}"))
                     .collect();
@@ -870,6 +1237,9 @@ mod tests {
                     new_lines: [&context_before[..], &added, &context_after].concat(),
                     ..Chunk::default()
                 });
+                let indent = " ".repeat(dedent);
+                let added: Vec<String> =
+                    added.iter().map(|line| format!("{indent}{line}")).collect();
                 changed.push((start, len, added));
                 at = start + len + after + rng.below(4);
             }

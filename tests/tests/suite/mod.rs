@@ -1,6 +1,7 @@
 mod ask;
 mod crash;
 mod edits;
+mod fidelity;
 mod hostile;
 mod lifecycle;
 mod protocol;

@@ -1,0 +1,224 @@
+//! Edit fidelity through `edit/apply`: patches written the way models really write them
+//! (lost indentation, padded markers, stray blank lines, an Add File that rewrites a file) land
+//! the bytes the strict patch would land, or are refused with nothing written.
+
+use spark_proto::ErrorCode;
+use spark_proto::methods::{ApplyParams, EditApply, EditParams, EditResult, EditUndo};
+use spark_tests::{InProcess, TestRepo, snapshot};
+use sparkctl::{Client, ClientError};
+
+fn apply(c: &mut Client, repo: &TestRepo, patch: &str) -> Result<EditResult, ClientError> {
+    c.call::<EditApply>(&ApplyParams {
+        cwd: repo.cwd(),
+        patch: patch.to_owned(),
+        dry_run: false,
+        source: Some("test".into()),
+        message: Some("fidelity".into()),
+    })
+}
+
+/// The refusal's code, kind and hint.
+fn refusal(e: ClientError) -> (ErrorCode, String, String, String) {
+    match e {
+        ClientError::Rpc(r) => (
+            r.error_code().expect("known code"),
+            r.kind().unwrap_or("").to_owned(),
+            r.message.clone(),
+            r.hint().unwrap_or("").to_owned(),
+        ),
+        other => panic!("expected an RPC error, got {other}"),
+    }
+}
+
+const PY: &str = "class Greeter:\n    def greet(self, name):\n        if not name:\n            return None\n        return f\"hi {name}\"\n\n    def bye(self):\n        return \"bye\"\n";
+
+#[test]
+fn search_replace_without_indentation_lands_at_the_file_indentation() {
+    let repo = TestRepo::with_files(&[("app/greet.py", PY.as_bytes())]);
+    let d = InProcess::start();
+    let mut c = d.client();
+    // The model dropped the 8 spaces of the method body, in SEARCH and REPLACE alike.
+    let patch = "app/greet.py\n```python\n<<<<<<< SEARCH\nif not name:\n    return None\n=======\nif not name:\n    raise ValueError(\"name\")\n=======\n";
+    let patch = patch.replace("=======\n", "").replace(
+        "    return None\nif not name:",
+        "    return None\n=======\nif not name:",
+    ) + ">>>>>>> REPLACE\n```\n";
+    let r = apply(&mut c, &repo, &patch).expect("lands");
+    assert!(r.edit.is_some());
+    assert_eq!(
+        String::from_utf8(repo.read("app/greet.py")).expect("utf-8"),
+        PY.replace(
+            "            return None\n",
+            "            raise ValueError(\"name\")\n"
+        )
+    );
+    // The file still parses as the same structure: every body line kept its 8 or 12 spaces.
+    assert!(
+        repo.git(&["diff", "HEAD", "--", "app/greet.py"])
+            .contains("-            return None\n+            raise ValueError(\"name\")\n")
+    );
+}
+
+#[test]
+fn an_inconsistent_indentation_offset_is_refused_and_nothing_is_written() {
+    let repo = TestRepo::with_files(&[("app/greet.py", PY.as_bytes())]);
+    let before = snapshot(repo.path());
+    let d = InProcess::start();
+    let mut c = d.client();
+    // One line lost 8 spaces, the next 12: no single offset to give the replacement.
+    let patch = "app/greet.py\n<<<<<<< SEARCH\nif not name:\nreturn None\n=======\nif not name:\nreturn 0\n>>>>>>> REPLACE\n";
+    let (code, kind, message, hint) = refusal(apply(&mut c, &repo, patch).expect_err("refused"));
+    assert_eq!(
+        (code, kind.as_str()),
+        (ErrorCode::PatchMismatch, "ambiguous_indentation")
+    );
+    assert!(message.contains("at line 3"), "{message}");
+    assert!(hint.contains("indentation"), "{hint}");
+    assert_eq!(snapshot(repo.path()), before);
+}
+
+const LIB: &str = "fn one() {\n    1\n}\n\nfn two() {\n    2\n}\n";
+
+#[test]
+fn padded_markers_land_exactly_what_the_clean_patch_lands() {
+    let clean = "*** Begin Patch\n*** Add File: src/new.rs\n+pub fn new() {}\n*** Update File: src/lib.rs\n@@ fn two() {\n-    2\n+    22\n*** End Patch\n";
+    let padded = "  *** Begin Patch\n  *** Add File: src/new.rs\n+pub fn new() {}\n\t*** Update File: src/lib.rs\n@@ fn two() {   \n-    2\n+    22\n *** End Patch  \n";
+    let mut landed = Vec::new();
+    for patch in [clean, padded] {
+        let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
+        let d = InProcess::start();
+        let mut c = d.client();
+        apply(&mut c, &repo, patch).expect("lands");
+        landed.push((repo.read("src/lib.rs"), repo.read("src/new.rs")));
+    }
+    assert_eq!(landed[0], landed[1]);
+    assert_eq!(landed[1].0, LIB.replace("    2\n", "    22\n").as_bytes());
+
+    // Right after a chunk line, ` *** Add File:` reads as a context line (as in Codex): the
+    // chunk then does not match and nothing is written, rather than a guess.
+    let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
+    let before = snapshot(repo.path());
+    let d = InProcess::start();
+    let mut c = d.client();
+    let ambiguous = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two() {\n-    2\n+    22\n *** Add File: src/new.rs\n+pub fn new() {}\n*** End Patch\n";
+    let (code, ..) = refusal(apply(&mut c, &repo, ambiguous).expect_err("refused"));
+    assert_eq!(code, ErrorCode::PatchMismatch);
+    assert_eq!(snapshot(repo.path()), before);
+}
+
+#[test]
+fn a_pure_addition_before_other_chunks_lands_them_all() {
+    let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
+    let d = InProcess::start();
+    let mut c = d.client();
+    let patch = "*** Begin Patch\n*** Update File: src/lib.rs\n@@\n+\n+fn three() {\n+    3\n+}\n@@ fn one() {\n-    1\n+    11\n@@ fn two() {\n-    2\n+    22\n*** End Patch\n";
+    apply(&mut c, &repo, patch).expect("lands");
+    assert_eq!(
+        String::from_utf8(repo.read("src/lib.rs")).expect("utf-8"),
+        "fn one() {\n    11\n}\n\nfn two() {\n    22\n}\n\nfn three() {\n    3\n}\n"
+    );
+}
+
+#[test]
+fn chunks_out_of_order_are_reported_as_such_not_as_missing() {
+    let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
+    let before = snapshot(repo.path());
+    let d = InProcess::start();
+    let mut c = d.client();
+    let patch = "*** Begin Patch\n*** Update File: src/lib.rs\n@@\n-    2\n+    22\n@@\n-    1\n+    11\n*** End Patch\n";
+    let (_, kind, message, _) = refusal(apply(&mut c, &repo, patch).expect_err("refused"));
+    assert_eq!(kind, "context_not_found");
+    assert!(
+        !message.contains("could not find") && message.contains("at line 2"),
+        "{message}"
+    );
+    assert_eq!(snapshot(repo.path()), before);
+}
+
+#[test]
+fn search_text_with_stray_blank_lines_lands_when_the_rest_is_unique() {
+    let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
+    let d = InProcess::start();
+    let mut c = d.client();
+    let patch = "src/lib.rs\n<<<<<<< SEARCH\n\nfn two() {\n    2\n\n=======\n\nfn two() {\n    2 + 0\n\n>>>>>>> REPLACE\n";
+    apply(&mut c, &repo, patch).expect("lands");
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    2\n", "    2 + 0\n").as_bytes()
+    );
+
+    // Without its blank lines the SEARCH matches twice: refused, with both line numbers.
+    let before = snapshot(repo.path());
+    let patch = "src/lib.rs\n<<<<<<< SEARCH\n\n}\n=======\n\n};\n>>>>>>> REPLACE\n";
+    let (code, kind, message, _) = refusal(apply(&mut c, &repo, patch).expect_err("refused"));
+    assert_eq!(
+        (code, kind.as_str()),
+        (ErrorCode::PatchMismatch, "ambiguous_match")
+    );
+    assert!(message.contains("line 3 and at line 7"), "{message}");
+    assert_eq!(snapshot(repo.path()), before);
+}
+
+const REWRITE: &str =
+    "*** Begin Patch\n*** Add File: src/lib.rs\n+fn one() {\n+    1\n+}\n*** End Patch\n";
+
+#[test]
+fn add_file_over_a_committed_unmodified_file_rewrites_it_and_undo_restores_it() {
+    let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
+    let d = InProcess::start();
+    let mut c = d.client();
+    let r = apply(&mut c, &repo, REWRITE).expect("lands");
+    let id = r.edit.expect("recorded");
+    assert_eq!(repo.read("src/lib.rs"), b"fn one() {\n    1\n}\n");
+    assert_eq!(
+        r.files
+            .iter()
+            .map(|f| (f.path.as_str(), f.change.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("src/lib.rs", "modified")]
+    );
+    // Recorded as a stash-shaped commit git can show; the diff is the rewrite.
+    let shown = repo.git(&["stash", "show", "-p", &id]);
+    assert!(shown.contains("-fn two() {\n-    2\n-}\n"), "{shown}");
+    repo.git(&["fsck", "--strict"]);
+    c.call::<EditUndo>(&EditParams {
+        cwd: repo.cwd(),
+        id: None,
+    })
+    .expect("undo");
+    assert_eq!(repo.read("src/lib.rs"), LIB.as_bytes());
+    assert_eq!(repo.git(&["status", "--porcelain"]), "");
+}
+
+#[test]
+fn add_file_over_modified_or_untracked_files_is_refused_with_the_reason() {
+    let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
+    repo.write("src/lib.rs", b"fn mine() {}\n");
+    repo.write("notes.txt", b"my notes\n");
+    let before = snapshot(repo.path());
+    let d = InProcess::start();
+    let mut c = d.client();
+
+    let (code, kind, message, hint) = refusal(apply(&mut c, &repo, REWRITE).expect_err("refused"));
+    assert_eq!(
+        (code, kind.as_str()),
+        (ErrorCode::EditRejected, "path_already_exists")
+    );
+    assert!(message.contains("has changes since HEAD"), "{message}");
+    assert!(hint.contains("uncommitted changes"), "{hint}");
+
+    let patch = "*** Begin Patch\n*** Add File: notes.txt\n+theirs\n*** End Patch\n";
+    let (code, kind, message, hint) = refusal(apply(&mut c, &repo, patch).expect_err("refused"));
+    assert_eq!(
+        (code, kind.as_str()),
+        (ErrorCode::EditRejected, "path_already_exists")
+    );
+    assert!(message.contains("is not committed"), "{message}");
+    assert!(hint.contains("committed and unmodified"), "{hint}");
+
+    // A move onto an existing file stays refused, committed or not.
+    let patch = "*** Begin Patch\n*** Update File: src/lib.rs\n*** Move to: notes.txt\n@@\n-fn mine() {}\n+fn theirs() {}\n*** End Patch\n";
+    let (_, kind, ..) = refusal(apply(&mut c, &repo, patch).expect_err("refused"));
+    assert_eq!(kind, "path_already_exists");
+    assert_eq!(snapshot(repo.path()), before);
+}
