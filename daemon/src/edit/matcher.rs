@@ -317,20 +317,12 @@ fn locate<'c>(lines: &[&str], chunks: &'c [Chunk]) -> Result<Vec<Edit<'c>>, Matc
         // Blank lines opening or closing the lines (whitespace only, too) are a model habit as
         // well; without them the rest must then match in exactly one place.
         if matches!(found, Seek::NotFound)
-            && let Some((lead, trail)) = stray_blanks(&chunk.old_lines)
+            && let Some(stripped) = strip_stray_blanks(lines, chunk, from, number)?
         {
-            old = &chunk.old_lines[lead..chunk.old_lines.len() - trail];
-            new = strip_blanks(&chunk.new_lines, lead, trail);
-            found = match seek_unique(lines, old, from) {
-                Seek::Ambiguous { first, second, .. } => {
-                    return Err(MatchError::AmbiguousTrimmed {
-                        chunk: number,
-                        first_line: first + 1,
-                        second_line: second + 1,
-                        lines: chunk.old_lines.clone(),
-                    });
-                }
-                other => other,
+            (old, new) = (stripped.old, stripped.new);
+            found = Seek::Found {
+                at: stripped.at,
+                pass: stripped.pass,
             };
         }
         let (start, pass) = match found {
@@ -393,32 +385,99 @@ fn is_blank(line: &str) -> bool {
     line.trim().is_empty()
 }
 
-/// How many blank lines open and close `old`, when there are some and something else remains.
-fn stray_blanks(old: &[String]) -> Option<(usize, usize)> {
-    let lead = old.iter().take_while(|line| is_blank(line)).count();
-    if lead == old.len() {
-        return None;
-    }
-    let trail = old.iter().rev().take_while(|line| is_blank(line)).count();
-    (lead + trail > 0).then_some((lead, trail))
+/// A chunk read without some blank lines that open or close it.
+#[derive(Debug)]
+struct Stripped<'c> {
+    old: &'c [String],
+    new: &'c [String],
+    at: usize,
+    pass: Pass,
 }
 
-/// `new` without up to `lead` opening and `trail` closing blank lines: the same stray lines
-/// when the model put them on both sides, nothing when only the old side had them.
-fn strip_blanks(new: &[String], lead: usize, trail: usize) -> &[String] {
-    let lead = new
-        .iter()
-        .take(lead)
-        .take_while(|line| is_blank(line))
-        .count();
-    let rest = &new[lead..];
-    let trail = rest
-        .iter()
-        .rev()
-        .take(trail)
-        .take_while(|line| is_blank(line))
-        .count();
-    &rest[..rest.len() - trail]
+/// Reads `chunk` without stray blank lines at its ends: first as pairs (a blank line on both
+/// sides is context, so dropping it changes nothing the chunk writes), fewest first; then the
+/// old side's alone. A reading counts only when the rest matches in exactly one place and the
+/// dropped lines are not blank lines of the file next to it, so a blank line the chunk really
+/// deletes is never read away. Two readings of the same size that both match are refused.
+fn strip_stray_blanks<'c>(
+    lines: &[&str],
+    chunk: &'c Chunk,
+    from: usize,
+    number: usize,
+) -> Result<Option<Stripped<'c>>, MatchError> {
+    let (old, new) = (&chunk.old_lines[..], &chunk.new_lines[..]);
+    let old_lead = old.iter().take_while(|line| is_blank(line)).count();
+    if old_lead == old.len() {
+        return Ok(None);
+    }
+    let old_trail = old.iter().rev().take_while(|line| is_blank(line)).count();
+    let new_lead = new.iter().take_while(|line| is_blank(line)).count();
+    let new_trail = new.iter().rev().take_while(|line| is_blank(line)).count();
+    // (old lead, old trail, new lead, new trail) dropped, grouped by how many lines in all.
+    let mut readings: Vec<Vec<(usize, usize, usize, usize)>> = Vec::new();
+    let paired = |a: usize, b: usize| a <= new_lead && b <= new_trail && a + b <= new.len();
+    for size in 1..=old_lead + old_trail {
+        let group: Vec<_> = (0..=size.min(old_lead))
+            .map(|a| (a, size - a))
+            .filter(|&(a, b)| b <= old_trail && paired(a, b))
+            .map(|(a, b)| (a, b, a, b))
+            .collect();
+        readings.push(group);
+    }
+    // The old side's blank lines alone, with as many of the new side's as pair with them.
+    let (a, b) = (new_lead.min(old_lead), new_trail.min(old_trail));
+    let (a, b) = if a + b <= new.len() { (a, b) } else { (a, 0) };
+    readings.push(vec![(old_lead, old_trail, a, b)]);
+
+    let mut tried = Vec::new();
+    for group in readings {
+        let mut hits = Vec::new();
+        for reading in group {
+            if tried.contains(&reading) {
+                continue;
+            }
+            tried.push(reading);
+            let (old_lead, old_trail, new_lead, new_trail) = reading;
+            let rest = &old[old_lead..old.len() - old_trail];
+            match seek_unique(lines, rest, from) {
+                Seek::Found { at, pass } => {
+                    let end = at + rest.len();
+                    let blank_before = old_lead > 0 && at > 0 && is_blank(lines[at - 1]);
+                    let blank_after = old_trail > 0 && end < lines.len() && is_blank(lines[end]);
+                    if !blank_before && !blank_after {
+                        hits.push(Stripped {
+                            old: rest,
+                            new: &new[new_lead..new.len() - new_trail],
+                            at,
+                            pass,
+                        });
+                    }
+                }
+                Seek::Ambiguous { first, second, .. } => {
+                    return Err(MatchError::AmbiguousTrimmed {
+                        chunk: number,
+                        first_line: first + 1,
+                        second_line: second + 1,
+                        lines: chunk.old_lines.clone(),
+                    });
+                }
+                Seek::NotFound => {}
+            }
+        }
+        match hits.len() {
+            0 => continue,
+            1 => return Ok(hits.pop()),
+            _ => {
+                return Err(MatchError::AmbiguousTrimmed {
+                    chunk: number,
+                    first_line: hits[0].at + 1,
+                    second_line: hits[1].at + 1,
+                    lines: chunk.old_lines.clone(),
+                });
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn leading_whitespace(line: &str) -> &str {
@@ -1053,6 +1112,15 @@ mod tests {
                 ..
             }
         ));
+        // Found by the property test: stray blank lines on both sides around a chunk that
+        // deletes a real blank line. The deletion must survive the reading.
+        assert_eq!(
+            apply("a\n\nx\nb\n", &[chunk(&["", "", "x", ""], &["", ""])]),
+            "a\nb\n"
+        );
+        // Dropping a blank line the file has next to the match would lose a deletion: refused.
+        let error = refuse("a\n\nx\nb\n", &[chunk(&["", "", "", "x"], &["y"])]);
+        assert_eq!(error.code(), "context_not_found");
         // A blank line that is really there is matched as given.
         assert_eq!(
             apply("x\n\ny\n\nx\n", &[chunk(&["", "x"], &["", "X"])]),
