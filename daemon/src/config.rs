@@ -18,6 +18,9 @@ pub const DEFAULT_MODEL: &str = "gpt-5.3-codex-spark";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open connections beyond this are refused: protects the daemon from a runaway client loop.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// One more model call when an `ask`'s patch does not apply: most wrong patches are a
+/// misremembered line, which one round with the real lines fixes.
+pub const DEFAULT_REPAIR_ATTEMPTS: u32 = 1;
 
 /// `config.toml` as written by the user. Unknown keys are an error so typos are not silent.
 #[derive(Debug, Default, Deserialize)]
@@ -34,6 +37,9 @@ pub struct ConfigFile {
     /// fsync edited files, journals and the ledger (default true). Off trades crash safety
     /// for speed; only benchmarks should turn it off.
     pub fsync: Option<bool>,
+    /// Corrected patches an `ask` may request when the model's patch does not apply (default
+    /// 1; 0 turns repair off).
+    pub repair_attempts: Option<u32>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -58,6 +64,7 @@ pub struct Config {
     pub max_connections: usize,
     pub log: String,
     pub fsync: bool,
+    pub repair_attempts: u32,
     /// Test hook: abort at this named point of an edit (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
     /// The version this daemon reports to clients: its own, except that debug builds honour
@@ -78,6 +85,7 @@ impl fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("log", &self.log)
             .field("fsync", &self.fsync)
+            .field("repair_attempts", &self.repair_attempts)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
             .finish()
@@ -168,6 +176,7 @@ impl Config {
                 .or(file.log)
                 .unwrap_or_else(|| "info".to_owned()),
             fsync: file.fsync.unwrap_or(true),
+            repair_attempts: file.repair_attempts.unwrap_or(DEFAULT_REPAIR_ATTEMPTS),
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
             } else {

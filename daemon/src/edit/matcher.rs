@@ -739,6 +739,141 @@ fn render(text: &str, lines: &[Line], pieces: &[Piece<'_>], out: &mut Vec<u8>) {
     }
 }
 
+/// Lines shown around each place in a repair hint.
+const HINT_CONTEXT: usize = 2;
+/// Most file lines shown in a repair hint, so the repair request stays small.
+const HINT_MAX_LINES: usize = 40;
+/// Most line comparisons spent looking for the closest lines (file lines × chunk lines).
+const HINT_MAX_COMPARISONS: usize = 1 << 19;
+
+/// Where in `original` a failed chunk most likely meant, as numbered lines (`  12 | text`), for
+/// asking the model to correct its patch: the closest lines for a chunk not found, both places
+/// for an ambiguous one. `None` when there is nothing useful to show.
+pub(crate) fn repair_hint(original: &[u8], error: &MatchError) -> Option<String> {
+    let body = original.strip_prefix(UTF8_BOM).unwrap_or(original);
+    let text = std::str::from_utf8(body).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    // (0-based first line, line count) of each place to show.
+    let places: Vec<(usize, usize)> = match error {
+        MatchError::Binary { .. } => return None,
+        MatchError::HeaderNotFound { header, .. } => {
+            vec![(closest(&lines, std::slice::from_ref(header))?, 1)]
+        }
+        MatchError::ContextNotFound { lines: wanted, .. } => {
+            vec![(closest(&lines, wanted)?, wanted.len())]
+        }
+        MatchError::OutOfOrder {
+            found_line,
+            lines: wanted,
+            ..
+        } => vec![(found_line - 1, wanted.len())],
+        MatchError::Indentation {
+            line,
+            lines: wanted,
+            ..
+        } => vec![(line - 1, wanted.len())],
+        MatchError::Ambiguous {
+            first_line,
+            second_line,
+            lines: wanted,
+            ..
+        }
+        | MatchError::AmbiguousTrimmed {
+            first_line,
+            second_line,
+            lines: wanted,
+            ..
+        } => vec![
+            (first_line - 1, wanted.len()),
+            (second_line - 1, wanted.len()),
+        ],
+    };
+    let mut shown = String::new();
+    let mut count = 0;
+    for (start, len) in places {
+        let from = start.saturating_sub(HINT_CONTEXT);
+        let to = (start + len.max(1) + HINT_CONTEXT).min(lines.len());
+        if from >= to {
+            continue;
+        }
+        if !shown.is_empty() {
+            shown.push_str("  ...\n");
+        }
+        for (number, line) in lines.iter().enumerate().take(to).skip(from) {
+            if count == HINT_MAX_LINES {
+                shown.push_str("  ...\n");
+                return Some(shown);
+            }
+            shown.push_str(&format!("{:>5} | {line}\n", number + 1));
+            count += 1;
+        }
+    }
+    (!shown.is_empty()).then_some(shown)
+}
+
+/// The first line of the window of `lines` most like `wanted` (compared line by line, ignoring
+/// surrounding whitespace), or `None` when nothing resembles it at all.
+fn closest(lines: &[&str], wanted: &[String]) -> Option<usize> {
+    let wanted: Vec<&str> = wanted
+        .iter()
+        .map(|line| line.trim())
+        .filter(|line| !line.is_empty())
+        .collect();
+    if wanted.is_empty() || lines.is_empty() {
+        return None;
+    }
+    // Large files: compare by the first non-blank line only.
+    let wanted = if lines.len().saturating_mul(wanted.len()) > HINT_MAX_COMPARISONS {
+        &wanted[..1]
+    } else {
+        &wanted[..]
+    };
+    let trimmed: Vec<&str> = lines.iter().map(|line| line.trim()).collect();
+    let mut best: Option<(f64, usize)> = None;
+    for at in 0..trimmed.len() {
+        let score: f64 = wanted
+            .iter()
+            .zip(&trimmed[at..])
+            .map(|(want, have)| similarity(want, have))
+            .sum();
+        if best.is_none_or(|(top, _)| score > top) {
+            best = Some((score, at));
+        }
+    }
+    best.filter(|(score, _)| *score >= 0.5).map(|(_, at)| at)
+}
+
+/// Dice coefficient of the character bigrams of `a` and `b`: 1.0 for equal lines, near 0.0
+/// for unrelated ones.
+fn similarity(a: &str, b: &str) -> f64 {
+    if a == b {
+        return 1.0;
+    }
+    let bigrams = |s: &str| -> Vec<(char, char)> {
+        let chars: Vec<char> = s.chars().collect();
+        let mut pairs: Vec<(char, char)> = chars.windows(2).map(|w| (w[0], w[1])).collect();
+        pairs.sort_unstable();
+        pairs
+    };
+    let (x, y) = (bigrams(a), bigrams(b));
+    if x.is_empty() || y.is_empty() {
+        return 0.0;
+    }
+    let (mut i, mut j, mut common) = (0, 0, 0);
+    while i < x.len() && j < y.len() {
+        match x[i].cmp(&y[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                common += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    2.0 * common as f64 / (x.len() + y.len()) as f64
+}
+
 /// The first lines of `lines`, indented and shortened, for an error message.
 fn quote_lines(lines: &[String]) -> String {
     let mut quoted = String::new();
@@ -1126,6 +1261,31 @@ mod tests {
             apply("x\n\ny\n\nx\n", &[chunk(&["", "x"], &["", "X"])]),
             "x\n\ny\n\nX\n"
         );
+    }
+
+    #[test]
+    fn repair_hints_show_the_closest_lines_with_their_numbers() {
+        let original = "fn one() {\n    1\n}\n\nfn two() {\n    let total = 2;\n    total\n}\n";
+        // The model misremembered a line: the hint points at the real one, numbered.
+        let error = refuse(
+            original,
+            &[chunk(&["    let total = 3;", "    total"], &["    4"])],
+        );
+        let hint = repair_hint(original.as_bytes(), &error).expect("a hint");
+        assert_eq!(
+            hint,
+            "    4 | \n    5 | fn two() {\n    6 |     let total = 2;\n    7 |     total\n    8 | }\n"
+        );
+        // An ambiguous match shows both places.
+        let error = refuse("x \ny\nx\t\n", &[chunk(&["x"], &["X"])]);
+        let hint = repair_hint(b"x \ny\nx\t\n", &error).expect("a hint");
+        assert!(
+            hint.contains("    1 | x \n") && hint.contains("    3 | x\t\n"),
+            "{hint}"
+        );
+        // Nothing alike: no hint rather than a misleading one.
+        let error = refuse(original, &[chunk(&["zzzz qqqq"], &[])]);
+        assert_eq!(repair_hint(original.as_bytes(), &error), None);
     }
 
     #[test]

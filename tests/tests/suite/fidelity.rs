@@ -222,3 +222,262 @@ fn add_file_over_modified_or_untracked_files_is_refused_with_the_reason() {
     assert_eq!(kind, "path_already_exists");
     assert_eq!(snapshot(repo.path()), before);
 }
+
+// ---- Repair round trip: a patch that does not apply is corrected on the same session ----
+
+mod repair {
+    use serde_json::Value;
+    use spark_proto::ErrorCode;
+    use spark_proto::methods::{Ask, AskEvent, AskParams, AskProgress, AskResult, Focus};
+    use spark_tests::fake_provider::{Script, Turn};
+    use spark_tests::{Home, InProcess, Provider, TestRepo, snapshot};
+    use sparkctl::{Client, ClientError};
+
+    const LIB: &str = "fn one() {\n    1\n}\n\nfn two() {\n    let total = 2;\n    total\n}\n\nfn three() {\n    3\n}\n";
+    /// Misremembers `let total = 2;` as `= 20`: not found.
+    const WRONG: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two() {\n-    let total = 20;\n+    let total = 22;\n*** End Patch\n";
+    const WRONG_AGAIN: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two() {\n-    let total = 21;\n+    let total = 22;\n*** End Patch\n";
+    const RIGHT: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two() {\n-    let total = 2;\n+    let total = 22;\n*** End Patch\n";
+
+    fn repo() -> TestRepo {
+        TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())])
+    }
+
+    fn params(repo: &TestRepo) -> AskParams {
+        AskParams {
+            cwd: repo.cwd(),
+            prompt: "make two bigger".into(),
+            focus: vec![Focus {
+                path: "src/lib.rs".into(),
+                start_line: None,
+                end_line: None,
+            }],
+            dry_run: false,
+            new_conversation: false,
+        }
+    }
+
+    fn ask(c: &mut Client, p: &AskParams) -> (Result<AskResult, ClientError>, Vec<AskProgress>) {
+        let mut progress = Vec::new();
+        let r = c.call_with::<Ask>(p, |n| {
+            progress.push(serde_json::from_value(n.params.expect("params")).expect("shape"));
+        });
+        (r, progress)
+    }
+
+    fn repairs(progress: &[AskProgress]) -> Vec<(u32, String)> {
+        progress
+            .iter()
+            .filter_map(|p| match &p.event {
+                AskEvent::Repair { attempt, reason } => Some((*attempt, reason.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Requests that asked for a response (the prewarm left out).
+    fn turns(p: &Provider) -> Vec<spark_tests::fake_provider::Recorded> {
+        p.fake
+            .requests()
+            .into_iter()
+            .filter(|r| !r.is_prewarm())
+            .collect()
+    }
+
+    #[test]
+    fn a_wrong_patch_is_repaired_on_the_same_session_and_lands() {
+        let p = Provider::start(Script::new().turns([
+            Turn::apply_patch(WRONG),
+            Turn::apply_patch(RIGHT),
+            Turn::text("unused"),
+        ]));
+        let d = p.daemon(true);
+        let repo = repo();
+        let mut c = d.client();
+        let (r, progress) = ask(&mut c, &params(&repo));
+        let r = r.expect("repaired");
+        assert!(r.edit.is_some());
+        assert_eq!(
+            repo.read("src/lib.rs"),
+            LIB.replace("= 2;", "= 22;").as_bytes()
+        );
+        // The user saw the repair, with the reason.
+        let seen = repairs(&progress);
+        assert_eq!(seen.len(), 1, "{progress:?}");
+        assert_eq!(seen[0].0, 1);
+        assert!(
+            seen[0].1.contains("could not find these lines"),
+            "{}",
+            seen[0].1
+        );
+
+        // Exactly one more model call, chained on the first response.
+        let turns = turns(&p);
+        assert_eq!(turns.len(), 2);
+        assert_eq!(p.fake.remaining_turns(), 1);
+        let repair = &turns[1];
+        assert_eq!(repair.previous_response_id(), turns[0].response_id());
+        let input = repair.input();
+        assert_eq!(input.len(), 2, "{input:?}");
+        assert_eq!(input[0]["type"], "custom_tool_call_output");
+        assert!(
+            input[0]["output"].as_str().is_some_and(
+                |o| o.starts_with("Patch rejected: patch does not apply to src/lib.rs")
+            ),
+            "{}",
+            input[0]
+        );
+        let request = message_text(&input[1]);
+        // The closest lines, numbered as in the file.
+        assert!(
+            request.contains("    6 |     let total = 2;\n    7 |     total\n"),
+            "{request}"
+        );
+        // Small: no file resent; the lines far from the failed chunk stay out.
+        assert!(
+            !request.contains("fn three()") && !request.contains("fn one()"),
+            "{request}"
+        );
+        let input_bytes = |r: &spark_tests::fake_provider::Recorded| {
+            serde_json::to_string(r.input()).expect("json").len()
+        };
+        assert!(
+            turns[0].raw.contains("fn three()"),
+            "the first turn showed the file"
+        );
+        assert!(input_bytes(repair) < 700, "{}", repair.raw);
+
+        // The corrected call is answered on the next turn like any applied patch.
+        ask(&mut c, &params(&repo)).0.expect("next ask");
+        let next = turns_after(&p, 2);
+        assert_eq!(next.input()[0]["type"], "custom_tool_call_output");
+        assert!(
+            next.input()[0]["output"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("Applied as edit")),
+            "{}",
+            next.input()[0]
+        );
+    }
+
+    fn turns_after(p: &Provider, n: usize) -> spark_tests::fake_provider::Recorded {
+        turns(p).into_iter().nth(n).expect("a later turn")
+    }
+
+    fn message_text(item: &Value) -> String {
+        match &item["content"] {
+            Value::String(s) => s.clone(),
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .collect::<Vec<_>>()
+                .concat(),
+            other => panic!("no message content: {other}"),
+        }
+    }
+
+    #[test]
+    fn two_wrong_patches_are_refused_with_both_reasons_and_nothing_written() {
+        let p = Provider::start(Script::new().turns([
+            Turn::apply_patch(WRONG),
+            Turn::apply_patch(WRONG_AGAIN),
+            Turn::text("unused"),
+        ]));
+        let d = p.daemon(true);
+        let repo = repo();
+        let before = snapshot(repo.path());
+        let mut c = d.client();
+        let (r, progress) = ask(&mut c, &params(&repo));
+        let ClientError::Rpc(e) = r.expect_err("both wrong") else {
+            panic!("an RPC error")
+        };
+        assert_eq!(
+            (e.error_code(), e.kind()),
+            (Some(ErrorCode::PatchMismatch), Some("context_not_found"))
+        );
+        assert!(
+            e.message.contains("let total = 20;")
+                && e.message
+                    .contains("its corrected patch did not apply either")
+                && e.message.contains("let total = 21;")
+                && e.message.ends_with("nothing was written"),
+            "{}",
+            e.message
+        );
+        assert_eq!(repairs(&progress).len(), 1);
+        assert_eq!(snapshot(repo.path()), before);
+        // The limit holds: no third call.
+        assert_eq!(turns(&p).len(), 2);
+        assert_eq!(p.fake.remaining_turns(), 1);
+    }
+
+    #[test]
+    fn repair_can_be_turned_off_in_the_configuration() {
+        let p = Provider::start(
+            Script::new().turns([Turn::apply_patch(WRONG), Turn::apply_patch(RIGHT)]),
+        );
+        let home = Home::new();
+        std::fs::write(home.path().join("config.toml"), "repair_attempts = 0\n").expect("config");
+        let mut config = home.config();
+        assert_eq!(config.repair_attempts, 0);
+        config.provider_url = p.fake.ws_url();
+        config.api_key = Some("sk-test-not-a-real-key".into());
+        let d = InProcess::start_with(home, config);
+        let repo = repo();
+        let mut c = d.client();
+        let (r, progress) = ask(&mut c, &params(&repo));
+        let ClientError::Rpc(e) = r.expect_err("not repaired") else {
+            panic!("an RPC error")
+        };
+        assert_eq!(e.kind(), Some("context_not_found"));
+        assert!(repairs(&progress).is_empty());
+        assert_eq!(turns(&p).len(), 1);
+    }
+
+    #[test]
+    fn sparkctl_shows_the_repair_and_both_reasons_when_it_fails() {
+        let p = Provider::start(Script::new().turns([
+            Turn::apply_patch(WRONG),
+            Turn::apply_patch(RIGHT),
+            Turn::apply_patch(WRONG),
+            Turn::apply_patch(WRONG_AGAIN),
+        ]));
+        let repo = repo();
+        let ctl = spark_tests::Ctl::new();
+        let run = || {
+            ctl.command("sparkctl")
+                .current_dir(repo.path())
+                .env("SPARK_PROVIDER_URL", p.fake.ws_url())
+                .env("SPARK_API_KEY", "sk-test")
+                .args(["ask", "-f", "src/lib.rs", "make two bigger"])
+                .output()
+                .expect("run sparkctl")
+        };
+        let out = run();
+        let err = spark_tests::stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(
+            err.contains("patch did not apply (patch does not apply to src/lib.rs: chunk 1: could not find these lines:); asking the model to correct it (repair 1)"),
+            "{err}"
+        );
+        assert_eq!(
+            repo.read("src/lib.rs"),
+            LIB.replace("= 2;", "= 22;").as_bytes()
+        );
+
+        let before = snapshot(repo.path());
+        let out = run();
+        let err = spark_tests::stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("asking the model to correct it (repair 1)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("its corrected patch did not apply either") && err.contains("hint:"),
+            "{err}"
+        );
+        assert_eq!(snapshot(repo.path()), before);
+        assert!(ctl.run(["stop"]).status.success());
+    }
+}
