@@ -55,6 +55,9 @@ pub(crate) struct Asks {
     events: tokio::sync::broadcast::Sender<spark_proto::events::Event>,
     /// Corrected patches one ask may request when a patch does not apply.
     repair_attempts: u32,
+    /// Read-only tool calls, and bytes of their output, one ask answers.
+    tool_calls: u32,
+    tool_bytes: usize,
 }
 
 /// Clears a conversation's `current` when its ask ends, unless a newer ask replaced it.
@@ -121,6 +124,8 @@ impl Asks {
             watchers,
             events,
             repair_attempts: config.repair_attempts,
+            tool_calls: config.tool_calls_per_ask,
+            tool_bytes: config.tool_bytes_per_ask,
         }
     }
 
@@ -164,11 +169,7 @@ impl Asks {
         let item = InputItem::developer_text(outline);
         state.history.push(item.clone());
         conv.session
-            .prewarm(
-                INSTRUCTIONS.to_owned(),
-                vec![Tool::apply_patch()],
-                vec![item],
-            )
+            .prewarm(INSTRUCTIONS.to_owned(), Tool::offered(), vec![item])
             .await
             .map_err(session_error)?;
         state.warmed = true;
@@ -187,6 +188,7 @@ impl Asks {
         let mut config =
             SessionConfig::new(self.url.clone(), self.api_key.clone(), self.model.clone());
         config.instructions = INSTRUCTIONS.to_owned();
+        config.tools = Tool::offered();
         config.prompt_cache_key = Some(format!("spark:{}", workdir.display()));
         let (events, repo) = (self.events.clone(), workdir.display().to_string());
         config.on_state = Some(Arc::new(move |state| {
@@ -406,6 +408,17 @@ impl Asks {
         state
             .history
             .extend(done.output.iter().filter_map(OutputItem::to_input));
+        // The model asked to read more before answering: answer from memory, then go on.
+        let done = if reads(&done.output).is_empty() {
+            done
+        } else {
+            let at = AskAt {
+                conv: &conv,
+                repo: &repo,
+                cancel: &cancel,
+            };
+            self.answer_reads(at, &mut state, done, &emit).await?
+        };
         // What the model saw is this patch's compare-and-swap base, whatever trimming forgets.
         let bases = state.seen.clone();
         trim_history(&mut state);
@@ -490,7 +503,7 @@ impl Asks {
         timings.apply_ms = Some(ms(apply_started.elapsed()));
         let (applied, call, answer) = match applied {
             Err(e) if repairable(&e) && self.repair_attempts > 0 => {
-                let repair = Repair {
+                let repair = AskAt {
                     conv: &conv,
                     repo: &repo,
                     cancel: &cancel,
@@ -552,8 +565,8 @@ impl Asks {
     }
 }
 
-/// What a repair round needs of its ask.
-struct Repair<'a> {
+/// What a follow-up turn (a repair, answered reads) needs of its ask.
+struct AskAt<'a> {
     conv: &'a Conversation,
     repo: &'a RepoHandle,
     cancel: &'a CancellationToken,
@@ -581,7 +594,7 @@ impl Asks {
     /// When every round fails, nothing is written and the error gives every reason.
     async fn repair<F, Fut>(
         &self,
-        at: Repair<'_>,
+        at: AskAt<'_>,
         state: &mut ConvState,
         mut req: edit::ApplyRequest,
         mut call: Call,
@@ -613,7 +626,7 @@ impl Asks {
             let reason_shown = !matches!(call, Call::None);
             let request = repair_request(&error, hint, reason_shown);
             let done = self
-                .repair_turn(at.conv, state, request, at.cancel, emit)
+                .follow_up_turn(at.conv, state, Some(request), at.cancel, emit)
                 .await?;
             let Some((next_call, patch)) = find_patch(&done.output) else {
                 reasons.push("the model answered without a patch".to_owned());
@@ -696,14 +709,13 @@ impl Asks {
         Some((path.clone(), hint))
     }
 
-    /// One more turn on the warm session: `request` after the tool output that says why the
-    /// patch was refused. Streams text and patch like the first turn and records the turn in
-    /// the history.
-    async fn repair_turn<F, Fut>(
+    /// One more turn on the warm session: the pending tool outputs, then `request` if any.
+    /// Streams text and patch like the first turn and records the turn in the history.
+    async fn follow_up_turn<F, Fut>(
         &self,
         conv: &Conversation,
         state: &mut ConvState,
-        request: String,
+        request: Option<String>,
         cancel: &CancellationToken,
         emit: &F,
     ) -> Result<Box<crate::provider::session::TurnDone>, RpcError>
@@ -711,13 +723,13 @@ impl Asks {
         F: Fn(AskEvent) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let user = InputItem::user_text(request);
+        let user = request.map(InputItem::user_text);
         let mut full_context = state.history.clone();
-        full_context.push(user.clone());
+        full_context.extend(user.clone());
         let mut events = conv
             .session
             .turn(TurnRequest {
-                new_input: vec![user.clone()],
+                new_input: user.iter().cloned().collect(),
                 full_context,
                 tool_choice: None,
             })
@@ -748,11 +760,109 @@ impl Asks {
                 ) => {}
             }
         };
-        state.history.push(user);
+        state.history.extend(user);
         state
             .history
             .extend(done.output.iter().filter_map(OutputItem::to_input));
         trim_history(state);
+        Ok(done)
+    }
+}
+
+/// The read-only tool calls of a response: (call id, name, arguments).
+fn reads(output: &[OutputItem]) -> Vec<(String, String, String)> {
+    output
+        .iter()
+        .filter_map(|item| match item {
+            OutputItem::FunctionCall {
+                call_id,
+                name,
+                arguments,
+                ..
+            } if Tool::is_read_only(name) => {
+                Some((call_id.clone(), name.clone(), arguments.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+impl Asks {
+    /// Answer the model's read-only tool calls from the repository (through the same guard as
+    /// every byte that leaves; refusals are audited) and continue the turn, until it answers
+    /// without reading, or the ask's budget of calls and bytes is spent: calls beyond it are
+    /// answered with a refusal, and the model then answers with what it has.
+    async fn answer_reads<F, Fut>(
+        &self,
+        at: AskAt<'_>,
+        state: &mut ConvState,
+        mut done: Box<crate::provider::session::TurnDone>,
+        emit: &F,
+    ) -> Result<Box<crate::provider::session::TurnDone>, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (mut calls_left, mut bytes_left) = (self.tool_calls, self.tool_bytes);
+        // One round more than calls: the round that tells the model the budget is spent.
+        for _ in 0..=self.tool_calls {
+            let calls = reads(&done.output);
+            if calls.is_empty() || find_patch(&done.output).is_some() {
+                return Ok(done);
+            }
+            for (call_id, name, arguments) in calls {
+                let answer = if calls_left == 0 || bytes_left == 0 {
+                    context::ReadAnswer {
+                        output: format!(
+                            "Refused: this request's budget of {} tool calls and {} bytes is \
+                             spent. Answer with what you have.",
+                            self.tool_calls, self.tool_bytes
+                        ),
+                        ..context::ReadAnswer::default()
+                    }
+                } else {
+                    calls_left -= 1;
+                    let watchers = self.watchers.clone();
+                    let limit = bytes_left;
+                    let (tool, args) = (name.clone(), arguments.clone());
+                    at.repo
+                        .run(move |ctx| context::answer_read(ctx, &watchers, &tool, &args, limit))
+                        .await?
+                };
+                bytes_left = bytes_left.saturating_sub(answer.output.len());
+                match &answer.refused {
+                    Some((path, why)) => info!(
+                        target: "audit",
+                        repo = %at.repo.workdir().display(),
+                        tool = %name,
+                        path = %path,
+                        reason = %why,
+                        "tool read refused; nothing of it was sent"
+                    ),
+                    None => info!(
+                        target: "audit",
+                        repo = %at.repo.workdir().display(),
+                        tool = %name,
+                        files = ?answer.audit,
+                        bytes = answer.output.len(),
+                        "tool output sent to the provider"
+                    ),
+                }
+                if let Some((path, bytes)) = answer.seen {
+                    state.seen.insert(path, bytes);
+                }
+                answer_tool(
+                    &at.conv.session,
+                    &mut state.history,
+                    &Call::Function(call_id),
+                    &answer.output,
+                )
+                .await;
+            }
+            done = self
+                .follow_up_turn(at.conv, state, None, at.cancel, emit)
+                .await?;
+        }
         Ok(done)
     }
 }

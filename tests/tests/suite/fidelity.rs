@@ -481,3 +481,255 @@ mod repair {
         assert!(ctl.run(["stop"]).status.success());
     }
 }
+
+// ---- Read-only tools: the model reads what the context did not carry ----
+
+mod reads {
+    use serde_json::Value;
+    use spark_proto::methods::{Ask, AskParams, AskResult, Focus};
+    use spark_tests::fake_provider::{Script, Turn};
+    use spark_tests::{Home, InProcess, Provider, TestRepo};
+    use sparkctl::{Client, ClientError};
+
+    const LIB: &str = "pub mod util;\n\nfn main() {\n    util::greet();\n}\n";
+    const UTIL: &str = "pub fn greet() {\n    println!(\"hello\");\n}\n";
+    const PATCH_UTIL: &str = "*** Begin Patch\n*** Update File: src/util.rs\n@@ pub fn greet() {\n-    println!(\"hello\");\n+    println!(\"hello, world\");\n*** End Patch\n";
+
+    fn params(repo: &TestRepo, focus: &[&str]) -> AskParams {
+        AskParams {
+            cwd: repo.cwd(),
+            prompt: "greet the world".into(),
+            focus: focus
+                .iter()
+                .map(|p| Focus {
+                    path: (*p).into(),
+                    start_line: None,
+                    end_line: None,
+                })
+                .collect(),
+            dry_run: false,
+            new_conversation: false,
+        }
+    }
+
+    fn ask(c: &mut Client, p: &AskParams) -> Result<AskResult, ClientError> {
+        c.call_with::<Ask>(p, |_| {})
+    }
+
+    fn turns(p: &Provider) -> Vec<spark_tests::fake_provider::Recorded> {
+        p.fake
+            .requests()
+            .into_iter()
+            .filter(|r| !r.is_prewarm())
+            .collect()
+    }
+
+    fn read(name: &str, arguments: Value) -> Turn {
+        Turn::function_call(name, arguments.to_string())
+    }
+
+    #[test]
+    fn the_model_reads_a_file_it_was_not_shown_then_patches_it() {
+        let p = Provider::start(Script::new().turns([
+            read("read_file", serde_json::json!({"path": "src/util.rs"})),
+            Turn::apply_patch(PATCH_UTIL),
+        ]));
+        let d = p.daemon(true);
+        let repo = TestRepo::with_files(&[
+            ("src/main.rs", LIB.as_bytes()),
+            ("src/util.rs", UTIL.as_bytes()),
+        ]);
+        let mut c = d.client();
+        let r = ask(&mut c, &params(&repo, &["src/main.rs"])).expect("lands");
+        assert!(r.edit.is_some());
+        assert_eq!(
+            repo.read("src/util.rs"),
+            UTIL.replace("hello", "hello, world").as_bytes()
+        );
+
+        let turns = turns(&p);
+        assert_eq!(turns.len(), 2, "one round trip for the read");
+        // The tools are offered on every request.
+        for t in &turns {
+            let names: Vec<&str> = t.json["tools"]
+                .as_array()
+                .expect("tools")
+                .iter()
+                .filter_map(|t| t["name"].as_str())
+                .collect();
+            assert_eq!(names, ["apply_patch", "read_file", "search", "list_dir"]);
+        }
+        assert!(
+            !turns[0].raw.contains("println!"),
+            "util.rs was not in the first turn"
+        );
+        // The second turn carries only the tool output, chained on the first response.
+        assert_eq!(turns[1].previous_response_id(), turns[0].response_id());
+        let input = turns[1].input();
+        assert_eq!(input.len(), 1, "{input:?}");
+        assert_eq!(input[0]["type"], "function_call_output");
+        assert_eq!(
+            input[0]["output"].as_str().expect("output"),
+            format!("`src/util.rs`:\n```\n{UTIL}```\n")
+        );
+    }
+
+    #[test]
+    fn line_ranges_search_and_listing_answer_from_the_repository() {
+        let p = Provider::start(Script::new().turns([
+            read(
+                "read_file",
+                serde_json::json!({"path": "src/util.rs", "start_line": 2, "end_line": 2}),
+            ),
+            read("search", serde_json::json!({"pattern": "greet"})),
+            read(
+                "search",
+                serde_json::json!({"pattern": "^pub (mod|fn)", "regex": true, "path": "src"}),
+            ),
+            read("list_dir", serde_json::json!({})),
+            Turn::text("done"),
+        ]));
+        let d = p.daemon(true);
+        let repo = TestRepo::with_files(&[
+            ("src/main.rs", LIB.as_bytes()),
+            ("src/util.rs", UTIL.as_bytes()),
+            (".gitignore", b"target/\n"),
+        ]);
+        repo.write("target/greet.txt", b"greet from an ignored file\n");
+        let mut c = d.client();
+        let r = ask(&mut c, &params(&repo, &[])).expect("answers");
+        assert_eq!(r.answer, "done");
+        let outputs: Vec<String> = turns(&p)[1..]
+            .iter()
+            .map(|t| t.input()[0]["output"].as_str().expect("output").to_owned())
+            .collect();
+        assert_eq!(
+            outputs[0],
+            "`src/util.rs` lines 2-2 of 3:\n    2 |     println!(\"hello\");\n"
+        );
+        assert_eq!(
+            outputs[1],
+            "src/main.rs:4:     util::greet();\nsrc/util.rs:1: pub fn greet() {\n"
+        );
+        assert_eq!(
+            outputs[2],
+            "src/main.rs:1: pub mod util;\nsrc/util.rs:1: pub fn greet() {\n"
+        );
+        assert_eq!(outputs[3], ".gitignore\nsrc/\n");
+    }
+
+    #[test]
+    fn reads_of_secret_ignored_or_outside_files_are_refused_and_audited() {
+        let p = Provider::start(Script::new().turns([
+            read("read_file", serde_json::json!({"path": ".env"})),
+            read("read_file", serde_json::json!({"path": "build/out.txt"})),
+            read("read_file", serde_json::json!({"path": "../outside.txt"})),
+            read("read_file", serde_json::json!({"path": "assets/logo.bin"})),
+            read("search", serde_json::json!({"pattern": "canary"})),
+            read("list_dir", serde_json::json!({"path": "build"})),
+            Turn::text("done"),
+        ]));
+        let repo = TestRepo::with_files(&[
+            ("src/main.rs", b"// canary-public\n"),
+            (".gitignore", b"build/\n"),
+            (".env", b"API_TOKEN=canary-env-7f3a\n"),
+            ("assets/logo.bin", b"\x89PNG\0canary-binary\n"),
+        ]);
+        repo.write("build/out.txt", b"canary-ignored-55d1\n");
+        let ctl = spark_tests::Ctl::new();
+        let out = ctl
+            .command("sparkctl")
+            .current_dir(repo.path())
+            .env("SPARK_PROVIDER_URL", p.fake.ws_url())
+            .env("SPARK_API_KEY", "sk-test")
+            .args(["ask", "look around"])
+            .output()
+            .expect("run sparkctl");
+        assert_eq!(out.status.code(), Some(0), "{}", spark_tests::stderr(&out));
+        assert_eq!(spark_tests::stdout(&out), "done\n");
+        assert!(ctl.run(["stop"]).status.success());
+
+        let turns = turns(&p);
+        let outputs: Vec<String> = turns[1..]
+            .iter()
+            .map(|t| t.input()[0]["output"].as_str().expect("output").to_owned())
+            .collect();
+        for (n, why) in [
+            (0, "deny-list of secret files"),
+            (1, "git ignores it"),
+            (2, "escapes the worktree"),
+            (3, "is not text"),
+            (5, "git ignores build"),
+        ] {
+            assert!(
+                outputs[n].starts_with("Refused: ") && outputs[n].contains(why),
+                "call {n}: {}",
+                outputs[n]
+            );
+        }
+        // The search finds the public line only: no secret, ignored or binary file is quoted.
+        assert_eq!(outputs[4], "src/main.rs:1: // canary-public\n");
+        for t in p.fake.requests() {
+            for canary in ["canary-env-7f3a", "canary-ignored-55d1", "canary-binary"] {
+                assert!(!t.raw.contains(canary), "{canary} reached the provider");
+            }
+        }
+        // Audited: each refusal is a line in the daemon's log, with the path and the reason.
+        let log = std::fs::read_to_string(ctl.home.layout().log_file).expect("log");
+        for path in [
+            ".env",
+            "build/out.txt",
+            "../outside.txt",
+            "assets/logo.bin",
+            "build",
+        ] {
+            assert!(
+                log.lines().any(
+                    |l| l.contains("tool read refused") && l.contains(&format!("path={path} "))
+                ),
+                "{path} not audited:\n{log}"
+            );
+        }
+        assert!(!log.contains("canary-env-7f3a") && !log.contains("canary-ignored-55d1"));
+        assert!(log.contains("tool output sent to the provider"), "{log}");
+    }
+
+    #[test]
+    fn the_tool_budget_per_ask_holds() {
+        let p = Provider::start(Script::new().turns([
+            read("read_file", serde_json::json!({"path": "src/util.rs"})),
+            read("read_file", serde_json::json!({"path": "src/main.rs"})),
+            Turn::text("with what I have"),
+            Turn::text("unused"),
+        ]));
+        let home = Home::new();
+        std::fs::write(home.path().join("config.toml"), "tool_calls_per_ask = 1\n")
+            .expect("config");
+        let mut config = home.config();
+        config.provider_url = p.fake.ws_url();
+        config.api_key = Some("sk-test-not-a-real-key".into());
+        let d = InProcess::start_with(home, config);
+        let repo = TestRepo::with_files(&[
+            ("src/main.rs", LIB.as_bytes()),
+            ("src/util.rs", UTIL.as_bytes()),
+        ]);
+        let mut c = d.client();
+        let r = ask(&mut c, &params(&repo, &[])).expect("answers");
+        assert_eq!(r.answer, "with what I have");
+        let turns = turns(&p);
+        assert_eq!(turns.len(), 3);
+        let second = turns[2].input()[0]["output"]
+            .as_str()
+            .expect("output")
+            .to_owned();
+        assert!(
+            second.starts_with("Refused: this request's budget of 1 tool calls"),
+            "{second}"
+        );
+        assert!(
+            !turns[2].raw.contains("util::greet"),
+            "the refused file was not sent"
+        );
+        assert_eq!(p.fake.remaining_turns(), 1);
+    }
+}
