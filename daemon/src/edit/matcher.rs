@@ -71,8 +71,9 @@ pub(crate) enum MatchError {
     #[error("chunk {chunk}: could not find these lines:{}", quote_lines(.lines))]
     ContextNotFound { chunk: usize, lines: Vec<String> },
     #[error(
-        "chunk {chunk}: these lines match only {pass}, at line {first_line} and at line \
-         {second_line}; refusing to guess (add context to tell them apart):{}",
+        "chunk {chunk}: these lines match {}at line {first_line} and at line {second_line}; \
+         refusing to guess (add context to tell them apart):{}",
+        matched(*.pass),
         quote_lines(.lines)
     )]
     Ambiguous {
@@ -130,6 +131,14 @@ impl MatchError {
             MatchError::Ambiguous { .. } | MatchError::AmbiguousTrimmed { .. } => "ambiguous_match",
             MatchError::Indentation { .. } => "ambiguous_indentation",
         }
+    }
+}
+
+/// How an ambiguous chunk matched, as it reads before "at line …".
+fn matched(pass: Pass) -> String {
+    match pass {
+        Pass::Exact => "exactly ".to_owned(),
+        loose => format!("only {loose}, "),
     }
 }
 
@@ -313,6 +322,13 @@ fn locate<'c>(lines: &[&str], chunks: &'c [Chunk]) -> Result<Vec<Edit<'c>>, Matc
                 new = &new[..new.len() - 1];
             }
             found = seek(lines, old, from, chunk.end_of_file);
+            // The blank lines left may be stray too: they alone must not pick the place.
+            if let Seek::Found { at, .. } = found
+                && chunk.context.is_none()
+                && let Some(error) = blank_chosen(lines, old, at, from, number, chunk)
+            {
+                return Err(error);
+            }
         }
         // Blank lines opening or closing the lines (whitespace only, too) are a model habit as
         // well; without them the rest must then match in exactly one place.
@@ -324,6 +340,23 @@ fn locate<'c>(lines: &[&str], chunks: &'c [Chunk]) -> Result<Vec<Edit<'c>>, Matc
                 at: stripped.at,
                 pass: stripped.pass,
             };
+        }
+        // Without an `@@` line to say which, an exact match in several places is a guess,
+        // unless the chunks that follow with the same lines take the later places in order.
+        if let Seek::Found {
+            at,
+            pass: Pass::Exact,
+        } = found
+            && chunk.context.is_none()
+            && !(chunk.end_of_file && at + old.len() == lines.len())
+        {
+            let same = 1 + chunks[index + 1..]
+                .iter()
+                .take_while(|later| later.context.is_none() && later.old_lines == chunk.old_lines)
+                .count();
+            if let Some(extra) = exact_places(lines, old, at).nth(same) {
+                return Err(ambiguous(Pass::Exact, at, extra, &chunk.old_lines));
+            }
         }
         let (start, pass) = match found {
             Seek::Found { at, pass } => (at, pass),
@@ -385,6 +418,31 @@ fn is_blank(line: &str) -> bool {
     line.trim().is_empty()
 }
 
+/// When `old` (found at `at`) has blank lines at its ends and the rest is in several places,
+/// the blank lines alone chose this one: an ambiguity when they may be stray.
+fn blank_chosen(
+    lines: &[&str],
+    old: &[String],
+    at: usize,
+    from: usize,
+    number: usize,
+    chunk: &Chunk,
+) -> Option<MatchError> {
+    let lead = old.iter().take_while(|line| is_blank(line)).count();
+    let trail = old.iter().rev().take_while(|line| is_blank(line)).count();
+    if lead + trail == 0 || lead >= old.len() {
+        return None;
+    }
+    let core = &old[lead..old.len() - trail];
+    let mut places = exact_places(lines, core, from).filter(|&place| place != at + lead);
+    places.next().map(|other| MatchError::AmbiguousTrimmed {
+        chunk: number,
+        first_line: (at + lead).min(other) + 1,
+        second_line: (at + lead).max(other) + 1,
+        lines: chunk.old_lines.clone(),
+    })
+}
+
 /// A chunk read without some blank lines that open or close it.
 #[derive(Debug)]
 struct Stripped<'c> {
@@ -441,6 +499,12 @@ fn strip_stray_blanks<'c>(
             let rest = &old[old_lead..old.len() - old_trail];
             match seek_unique(lines, rest, from) {
                 Seek::Found { at, pass } => {
+                    // Blank lines this reading keeps must not be what picked the place.
+                    if chunk.context.is_none()
+                        && let Some(error) = blank_chosen(lines, rest, at, from, number, chunk)
+                    {
+                        return Err(error);
+                    }
                     let end = at + rest.len();
                     let blank_before = old_lead > 0 && at > 0 && is_blank(lines[at - 1]);
                     let blank_after = old_trail > 0 && end < lines.len() && is_blank(lines[end]);
@@ -511,23 +575,28 @@ fn indent_shift(window: &[&str], pattern: &[String]) -> Option<Shift> {
     Some(shift.unwrap_or(Shift::Same))
 }
 
-/// `lines` moved by `shift`; blank lines stay as written. `None` when a line has less
-/// indentation than the shift removes.
+/// `lines` moved by `shift`; empty lines stay empty, and whitespace-only lines move too (a
+/// dedented snippet dedents them alike). `None` when a line with text has less indentation
+/// than the shift removes.
 fn reindent(lines: &[String], shift: &Shift) -> Option<Vec<String>> {
     lines
         .iter()
         .map(|line| match shift {
-            _ if line.trim().is_empty() => Some(line.clone()),
+            _ if line.is_empty() => Some(String::new()),
             Shift::Same => Some(line.clone()),
             Shift::Add(extra) => Some(format!("{extra}{line}")),
-            Shift::Remove(extra) => line.strip_prefix(extra.as_str()).map(str::to_owned),
+            Shift::Remove(extra) => match line.strip_prefix(extra.as_str()) {
+                Some(rest) => Some(rest.to_owned()),
+                None if line.trim().is_empty() => Some(line.clone()),
+                None => None,
+            },
         })
         .collect()
 }
 
 /// Finds `pattern` in `lines` at or after `from`, pass by pass. A loose pass must match in one
-/// place only; an exact match takes the first occurrence, as Codex does. An end-of-file chunk is
-/// tried at the very end first.
+/// place only; an exact match takes the first occurrence, as Codex does (the caller refuses it
+/// when that is a guess). An end-of-file chunk is tried at the very end first.
 fn seek(lines: &[&str], pattern: &[String], from: usize, end_of_file: bool) -> Seek {
     if pattern.is_empty() {
         return Seek::Found {
@@ -569,6 +638,19 @@ fn seek(lines: &[&str], pattern: &[String], from: usize, end_of_file: bool) -> S
         return Seek::Found { at: first, pass };
     }
     Seek::NotFound
+}
+
+/// Every place at or after `from` where `pattern` matches exactly, in order.
+fn exact_places<'a>(
+    lines: &'a [&str],
+    pattern: &'a [String],
+    from: usize,
+) -> impl Iterator<Item = usize> + 'a {
+    let last = lines.len().saturating_sub(pattern.len());
+    let mut none = None;
+    (from..=last)
+        .filter(move |&at| at + pattern.len() <= lines.len())
+        .filter(move |&at| matches_at(lines, pattern, at, Pass::Exact, &mut none))
 }
 
 /// Like [`seek`], but the strictest pass that matches must match in one place only, exact
@@ -1016,10 +1098,17 @@ mod tests {
             apply(original, &[at_end(&["x", "}"], &["y", "}"])]),
             "x\n}\nmid\ny\n}\n"
         );
-        assert_eq!(
-            apply(original, &[chunk(&["x", "}"], &["y", "}"])]),
-            "y\n}\nmid\nx\n}\n"
-        );
+        // Without the anchor the same lines are in two places: refused, not guessed.
+        let error = refuse(original, &[chunk(&["x", "}"], &["y", "}"])]);
+        assert!(matches!(
+            error,
+            MatchError::Ambiguous {
+                pass: Pass::Exact,
+                first_line: 1,
+                second_line: 4,
+                ..
+            }
+        ));
         // Not at the end: falls back to an ordinary search.
         assert_eq!(apply("a\nb\nc\n", &[at_end(&["a"], &["A"])]), "A\nb\nc\n");
     }
@@ -1054,7 +1143,23 @@ mod tests {
 
     #[test]
     fn exact_duplicates_take_the_first_but_loose_duplicates_are_refused() {
-        assert_eq!(apply("x\ny\nx\n", &[chunk(&["x"], &["X"])]), "X\ny\nx\n");
+        // Exact duplicates without an `@@` line are a guess too: refused with both places
+        // (found by the real-history benchmark, where taking the first misapplied 1% of
+        // commits). An `@@` line, or chunks with the same lines in order, tell them apart.
+        let error = refuse("x\ny\nx\n", &[chunk(&["x"], &["X"])]);
+        assert_eq!(
+            error.to_string(),
+            "chunk 1: these lines match exactly at line 1 and at line 3; refusing to guess (add \
+             context to tell them apart):\n  x"
+        );
+        assert_eq!(
+            apply("x\ny\nx\n", &[with_context("y", &["x"], &["X"])]),
+            "x\ny\nX\n"
+        );
+        assert_eq!(
+            apply("x\ny\nx\n", &[chunk(&["x"], &["X"]), chunk(&["x"], &["Z"])]),
+            "X\ny\nZ\n"
+        );
         let error = refuse("x \ny\nx\t\n", &[chunk(&["x"], &["X"])]);
         assert_eq!(error.code(), "ambiguous_match");
         assert!(matches!(
@@ -1256,6 +1361,25 @@ mod tests {
         // Dropping a blank line the file has next to the match would lose a deletion: refused.
         let error = refuse("a\n\nx\nb\n", &[chunk(&["", "", "", "x"], &["y"])]);
         assert_eq!(error.code(), "context_not_found");
+        // Found by the real-history benchmark: after dropping the stray blank line above,
+        // the one below picked the first `}` block, though the chunk meant the last one.
+        // Its lines are in two places, so it is refused.
+        let original = "x\n\t})\n}\n\ny\n\t})\n}\n";
+        let error = refuse(
+            original,
+            &[chunk(&["", "\t})", "}", ""], &["", "\t})", "}", "z", ""])],
+        );
+        assert!(
+            matches!(
+                error,
+                MatchError::AmbiguousTrimmed {
+                    first_line: 2,
+                    second_line: 6,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
         // A blank line that is really there is matched as given.
         assert_eq!(
             apply("x\n\ny\n\nx\n", &[chunk(&["", "x"], &["", "X"])]),
