@@ -9,6 +9,7 @@
 //! - [`record`]: stash-shaped commits under `refs/spark/`.
 //! - [`ledger`]: the append-only history of edits and their states.
 
+pub(crate) mod corpus;
 pub(crate) mod journal;
 pub(crate) mod ledger;
 pub(crate) mod matcher;
