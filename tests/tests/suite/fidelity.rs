@@ -732,4 +732,45 @@ mod reads {
         );
         assert_eq!(p.fake.remaining_turns(), 1);
     }
+
+    #[test]
+    fn tool_output_is_cut_at_the_byte_budget_and_later_calls_are_refused() {
+        let p = Provider::start(Script::new().turns([
+            read("read_file", serde_json::json!({"path": "src/util.rs"})),
+            read("read_file", serde_json::json!({"path": "src/main.rs"})),
+            Turn::text("ok"),
+        ]));
+        let home = Home::new();
+        std::fs::write(home.path().join("config.toml"), "tool_bytes_per_ask = 40\n")
+            .expect("config");
+        let mut config = home.config();
+        config.provider_url = p.fake.ws_url();
+        config.api_key = Some("sk-test-not-a-real-key".into());
+        let d = InProcess::start_with(home, config);
+        let repo = TestRepo::with_files(&[
+            ("src/main.rs", LIB.as_bytes()),
+            ("src/util.rs", UTIL.as_bytes()),
+        ]);
+        let mut c = d.client();
+        ask(&mut c, &params(&repo, &[])).expect("answers");
+        let turns = turns(&p);
+        let first = turns[1].input()[0]["output"]
+            .as_str()
+            .expect("output")
+            .to_owned();
+        assert!(
+            first.starts_with(&format!("`src/util.rs`:\n```\n{}", &UTIL[..20]))
+                && first.ends_with("[cut: this request's budget for tool output is spent]\n")
+                && !first.contains("println!(\"hello\");\n}"),
+            "{first}"
+        );
+        let second = turns[2].input()[0]["output"]
+            .as_str()
+            .expect("output")
+            .to_owned();
+        assert!(
+            second.starts_with("Refused: this request's budget"),
+            "{second}"
+        );
+    }
 }
