@@ -727,6 +727,13 @@ impl AskView {
                 eprint!("\r{} tokens · {tokens_per_s:.0} tok/s ", output_tokens);
                 self.progress_shown = true;
             }
+            AskEvent::Repair { attempt, reason } => {
+                self.finish_stream();
+                let first = reason.lines().next().unwrap_or_default();
+                eprintln!(
+                    "patch did not apply ({first}); asking the model to correct it (repair {attempt})"
+                );
+            }
             AskEvent::Tokens { .. } | AskEvent::PatchFile { .. } => {}
         }
     }

@@ -103,6 +103,11 @@ pub(crate) struct Asks {
     convs: Mutex<HashMap<(PathBuf, ProviderChoice), Arc<Conversation>>>,
     watchers: Watchers,
     events: tokio::sync::broadcast::Sender<spark_proto::events::Event>,
+    /// Corrected patches one ask may request when a patch does not apply.
+    repair_attempts: u32,
+    /// Read-only tool calls, and bytes of their output, one ask answers.
+    tool_calls: u32,
+    tool_bytes: usize,
 }
 
 /// Clears a conversation's `current` when its ask ends, unless a newer ask replaced it.
@@ -172,6 +177,9 @@ impl Asks {
             convs: Mutex::new(HashMap::new()),
             watchers,
             events,
+            repair_attempts: config.repair_attempts,
+            tool_calls: config.tool_calls_per_ask,
+            tool_bytes: config.tool_bytes_per_ask,
         }
     }
 
@@ -244,11 +252,7 @@ impl Asks {
         let item = InputItem::developer_text(outline);
         state.history.push(item.clone());
         conv.session
-            .prewarm(
-                INSTRUCTIONS.to_owned(),
-                vec![Tool::apply_patch()],
-                vec![item],
-            )
+            .prewarm(INSTRUCTIONS.to_owned(), Tool::offered(), vec![item])
             .await
             .map_err(session_error)?;
         state.warmed = true;
@@ -323,6 +327,7 @@ impl Asks {
             provider.model.clone(),
         );
         config.instructions = INSTRUCTIONS.to_owned();
+        config.tools = Tool::offered();
         config.prompt_cache_key = Some(format!("spark:{}", workdir.display()));
         let (events, repo) = (self.events.clone(), workdir.display().to_string());
         config.on_state = Some(Arc::new(move |state| {
@@ -554,6 +559,17 @@ impl Asks {
         state
             .history
             .extend(done.output.iter().filter_map(OutputItem::to_input));
+        // The model asked to read more before answering: answer from memory, then go on.
+        let done = if reads(&done.output).is_empty() {
+            done
+        } else {
+            let at = AskAt {
+                conv: &conv,
+                repo: &repo,
+                cancel: &cancel,
+            };
+            self.answer_reads(at, &mut state, done, &emit).await?
+        };
         // What the model saw is this patch's compare-and-swap base, whatever trimming forgets.
         let bases = state.seen.clone();
         trim_history(&mut state);
@@ -634,8 +650,21 @@ impl Asks {
             message: params.prompt.clone(),
             bases,
         };
-        let applied = repo.run(move |ctx| edit::apply(ctx, &req)).await?;
+        let (applied, req) = repo.run(move |ctx| (edit::apply(ctx, &req), req)).await?;
         timings.apply_ms = Some(ms(apply_started.elapsed()));
+        let (applied, call, answer) = match applied {
+            Err(e) if repairable(&e) && self.repair_attempts > 0 => {
+                let repair = AskAt {
+                    conv: &conv,
+                    repo: &repo,
+                    cancel: &cancel,
+                };
+                let repaired = self.repair(repair, &mut state, req, call, e, &emit).await?;
+                let answer = [answer, repaired.answer].concat();
+                (Ok(repaired.outcome), repaired.call, answer)
+            }
+            other => (other, call, answer),
+        };
         match applied {
             Ok(outcome) => {
                 let output = match (&outcome.edit, params.dry_run) {
@@ -704,6 +733,349 @@ fn close_idle(
         let busy = conv.current.lock().map(|c| c.is_some()).unwrap_or(true);
         provider == default || busy || !idle
     });
+}
+
+/// What a follow-up turn (a repair, answered reads) needs of its ask.
+struct AskAt<'a> {
+    conv: &'a Conversation,
+    repo: &'a RepoHandle,
+    cancel: &'a CancellationToken,
+}
+
+/// A corrected patch that landed.
+struct Repaired {
+    outcome: edit::Outcome,
+    /// The tool call the corrected patch came in, answered like any other.
+    call: Call,
+    answer: String,
+}
+
+/// Failures the model can fix by rewriting its patch: lines it misremembered, or lines that
+/// match in more than one place. A refused path or a conflict with the user's typing are not
+/// the patch's wording, so they are reported at once.
+fn repairable(e: &edit::EditError) -> bool {
+    matches!(e, edit::EditError::Match { source, .. } if source.code() != "binary_content")
+}
+
+impl Asks {
+    /// The patch did not apply: tell the model why on the same session, with the lines of the
+    /// file closest to what it looked for (numbered), and apply its corrected patch, up to the
+    /// configured number of times. Each round resends no file: the model saw them already.
+    /// When every round fails, nothing is written and the error gives every reason.
+    async fn repair<F, Fut>(
+        &self,
+        at: AskAt<'_>,
+        state: &mut ConvState,
+        mut req: edit::ApplyRequest,
+        mut call: Call,
+        mut error: edit::EditError,
+        emit: &F,
+    ) -> Result<Repaired, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut reasons = vec![error.to_string()];
+        for attempt in 1..=self.repair_attempts {
+            let reason = error.to_string();
+            emit(AskEvent::Repair {
+                attempt,
+                reason: reason.clone(),
+            })
+            .await;
+            let hint = self.closest_lines(at.repo, &req.bases, &error).await;
+            answer_tool(
+                &at.conv.session,
+                &mut state.history,
+                &call,
+                &format!("Patch rejected: {reason}"),
+            )
+            .await;
+            info!(repo = %at.repo.workdir().display(), attempt, "asking the model to repair its patch");
+            // The reason is in the tool output already, unless the patch came in message text.
+            let reason_shown = !matches!(call, Call::None);
+            let request = repair_request(&error, hint, reason_shown);
+            let done = self
+                .follow_up_turn(at.conv, state, Some(request), at.cancel, emit)
+                .await?;
+            let Some((next_call, patch)) = find_patch(&done.output) else {
+                reasons.push("the model answered without a patch".to_owned());
+                return Err(repair_failed(error.to_rpc(), &reasons));
+            };
+            if let Some(why) = &done.incomplete_reason {
+                answer_tool(
+                    &at.conv.session,
+                    &mut state.history,
+                    &next_call,
+                    "Not applied: the response was incomplete.",
+                )
+                .await;
+                reasons.push(format!("the corrected response was incomplete ({why})"));
+                return Err(repair_failed(error.to_rpc(), &reasons));
+            }
+            if at.cancel.is_cancelled() {
+                answer_tool(
+                    &at.conv.session,
+                    &mut state.history,
+                    &next_call,
+                    "Not applied: the user cancelled the request.",
+                )
+                .await;
+                return Err(cancelled());
+            }
+            req.patch = patch;
+            let (applied, back) = at
+                .repo
+                .run(move |ctx| (edit::apply(ctx, &req), req))
+                .await?;
+            req = back;
+            call = next_call;
+            match applied {
+                Ok(outcome) => {
+                    return Ok(Repaired {
+                        outcome,
+                        call,
+                        answer: done.text(),
+                    });
+                }
+                Err(e) => {
+                    reasons.push(e.to_string());
+                    if !repairable(&e) || attempt == self.repair_attempts {
+                        answer_tool(
+                            &at.conv.session,
+                            &mut state.history,
+                            &call,
+                            &format!("Patch rejected: {e}"),
+                        )
+                        .await;
+                        return Err(repair_failed(e.to_rpc(), &reasons));
+                    }
+                    error = e;
+                }
+            }
+        }
+        Err(repair_failed(error.to_rpc(), &reasons))
+    }
+
+    /// The numbered lines of the failed file closest to what the patch looked for, from the
+    /// content the patch was matched against.
+    async fn closest_lines(
+        &self,
+        repo: &RepoHandle,
+        bases: &HashMap<String, Vec<u8>>,
+        error: &edit::EditError,
+    ) -> Option<(String, String)> {
+        let edit::EditError::Match { path, source } = error else {
+            return None;
+        };
+        let bytes = match bases.get(path) {
+            Some(bytes) => bytes.clone(),
+            None => {
+                let abs = repo.workdir().join(path);
+                tokio::fs::read(abs).await.ok()?
+            }
+        };
+        let hint = edit::matcher::repair_hint(&bytes, source)?;
+        Some((path.clone(), hint))
+    }
+
+    /// One more turn on the warm session: the pending tool outputs, then `request` if any.
+    /// Streams text and patch like the first turn and records the turn in the history.
+    async fn follow_up_turn<F, Fut>(
+        &self,
+        conv: &Conversation,
+        state: &mut ConvState,
+        request: Option<String>,
+        cancel: &CancellationToken,
+        emit: &F,
+    ) -> Result<Box<crate::provider::session::TurnDone>, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let user = request.map(InputItem::user_text);
+        let mut full_context = state.history.clone();
+        full_context.extend(user.clone());
+        let mut events = conv
+            .session
+            .turn(TurnRequest {
+                new_input: user.iter().cloned().collect(),
+                full_context,
+                tool_choice: None,
+            })
+            .await
+            .map_err(session_error)?;
+        let done = loop {
+            let event = tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    let _ = conv.session.cancel().await;
+                    return Err(cancelled());
+                }
+                e = events.recv() => e,
+            };
+            match event {
+                None => return Err(internal("the provider session ended during the request")),
+                Some(TurnEvent::TextDelta { delta, .. }) => emit(AskEvent::Text { delta }).await,
+                Some(TurnEvent::ToolInputDelta { delta, .. }) => {
+                    emit(AskEvent::Patch { delta }).await;
+                }
+                Some(TurnEvent::Done(done)) => break done,
+                Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),
+                Some(
+                    TurnEvent::Started { .. }
+                    | TurnEvent::ItemAdded(_)
+                    | TurnEvent::ItemDone(_)
+                    | TurnEvent::FunctionArgumentsDelta { .. },
+                ) => {}
+            }
+        };
+        state.history.extend(user);
+        state
+            .history
+            .extend(done.output.iter().filter_map(OutputItem::to_input));
+        trim_history(state);
+        Ok(done)
+    }
+}
+
+/// The read-only tool calls of a response: (call id, name, arguments).
+fn reads(output: &[OutputItem]) -> Vec<(String, String, String)> {
+    output
+        .iter()
+        .filter_map(|item| match item {
+            OutputItem::FunctionCall {
+                call_id,
+                name,
+                arguments,
+                ..
+            } if Tool::is_read_only(name) => {
+                Some((call_id.clone(), name.clone(), arguments.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+impl Asks {
+    /// Answer the model's read-only tool calls from the repository (through the same guard as
+    /// every byte that leaves; refusals are audited) and continue the turn, until it answers
+    /// without reading, or the ask's budget of calls and bytes is spent: calls beyond it are
+    /// answered with a refusal, and the model then answers with what it has.
+    async fn answer_reads<F, Fut>(
+        &self,
+        at: AskAt<'_>,
+        state: &mut ConvState,
+        mut done: Box<crate::provider::session::TurnDone>,
+        emit: &F,
+    ) -> Result<Box<crate::provider::session::TurnDone>, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (mut calls_left, mut bytes_left) = (self.tool_calls, self.tool_bytes);
+        // One round more than calls: the round that tells the model the budget is spent.
+        for _ in 0..=self.tool_calls {
+            let calls = reads(&done.output);
+            if calls.is_empty() || find_patch(&done.output).is_some() {
+                return Ok(done);
+            }
+            for (call_id, name, arguments) in calls {
+                let answer = if calls_left == 0 || bytes_left == 0 {
+                    context::ReadAnswer {
+                        output: format!(
+                            "Refused: this request's budget of {} tool calls and {} bytes is \
+                             spent. Answer with what you have.",
+                            self.tool_calls, self.tool_bytes
+                        ),
+                        ..context::ReadAnswer::default()
+                    }
+                } else {
+                    calls_left -= 1;
+                    let watchers = self.watchers.clone();
+                    let limit = bytes_left;
+                    let (tool, args) = (name.clone(), arguments.clone());
+                    at.repo
+                        .run(move |ctx| context::answer_read(ctx, &watchers, &tool, &args, limit))
+                        .await?
+                };
+                bytes_left = bytes_left.saturating_sub(answer.output.len());
+                match &answer.refused {
+                    Some((path, why)) => info!(
+                        target: "audit",
+                        repo = %at.repo.workdir().display(),
+                        tool = %name,
+                        path = %path,
+                        reason = %why,
+                        "tool read refused; nothing of it was sent"
+                    ),
+                    None => info!(
+                        target: "audit",
+                        repo = %at.repo.workdir().display(),
+                        tool = %name,
+                        files = ?answer.audit,
+                        bytes = answer.output.len(),
+                        "tool output sent to the provider"
+                    ),
+                }
+                if let Some((path, bytes)) = answer.seen {
+                    state.seen.insert(path, bytes);
+                }
+                answer_tool(
+                    &at.conv.session,
+                    &mut state.history,
+                    &Call::Function(call_id),
+                    &answer.output,
+                )
+                .await;
+            }
+            done = self
+                .follow_up_turn(at.conv, state, None, at.cancel, emit)
+                .await?;
+        }
+        Ok(done)
+    }
+}
+
+/// The request for a corrected patch: why the patch was refused is in the tool output before
+/// it; this adds where the lines really are, and nothing the model has seen already.
+fn repair_request(
+    error: &edit::EditError,
+    closest: Option<(String, String)>,
+    reason_shown: bool,
+) -> String {
+    let mut text = if reason_shown {
+        "Your patch was rejected (see the tool output); nothing was written.\n".to_owned()
+    } else {
+        format!("Your patch did not apply, and nothing was written: {error}\n")
+    };
+    if let Some((path, lines)) = closest {
+        text.push_str(&format!(
+            "\nThe closest lines in {path} as it is now (line numbers on the left):\n{lines}"
+        ));
+    }
+    text.push_str(
+        "\nSend one corrected patch with the apply_patch tool, against the file as it is now, \
+         copying context lines exactly.",
+    );
+    text
+}
+
+/// Every round failed: the last error's code, kind, path and hint, with every reason.
+fn repair_failed(mut last: RpcError, reasons: &[String]) -> RpcError {
+    let mut message = String::from("the model's patch did not apply");
+    for (n, reason) in reasons.iter().enumerate() {
+        let lead = if n == 0 {
+            ": "
+        } else {
+            "; its corrected patch did not apply either: "
+        };
+        message.push_str(lead);
+        message.push_str(reason);
+    }
+    message.push_str("; nothing was written");
+    last.message = message;
+    last
 }
 
 /// Drop the oldest turns (each from a user message to the next) until the history fits. The

@@ -18,6 +18,14 @@ pub const DEFAULT_MODEL: &str = "gpt-5.3-codex-spark";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open connections beyond this are refused: protects the daemon from a runaway client loop.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// One more model call when an `ask`'s patch does not apply: most wrong patches are a
+/// misremembered line, which one round with the real lines fixes.
+pub const DEFAULT_REPAIR_ATTEMPTS: u32 = 1;
+/// Read-only tool calls (read a file, search, list a directory) one `ask` answers: each costs
+/// a round trip, and a model that needs more than this should be given focus files.
+pub const DEFAULT_TOOL_CALLS_PER_ASK: u32 = 8;
+/// Bytes of tool output one `ask` sends at most: a few whole files.
+pub const DEFAULT_TOOL_BYTES_PER_ASK: usize = 128 * 1024;
 
 /// `config.toml` as written by the user. Unknown keys are an error so typos are not silent.
 #[derive(Debug, Default, Deserialize)]
@@ -34,6 +42,13 @@ pub struct ConfigFile {
     /// fsync edited files, journals and the ledger (default true). Off trades crash safety
     /// for speed; only benchmarks should turn it off.
     pub fsync: Option<bool>,
+    /// Corrected patches an `ask` may request when the model's patch does not apply (default
+    /// 1; 0 turns repair off).
+    pub repair_attempts: Option<u32>,
+    /// Read-only tool calls one `ask` answers (default 8; 0 answers none).
+    pub tool_calls_per_ask: Option<u32>,
+    /// Bytes of read-only tool output one `ask` sends at most (default 131072).
+    pub tool_bytes_per_ask: Option<usize>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -58,6 +73,9 @@ pub struct Config {
     pub max_connections: usize,
     pub log: String,
     pub fsync: bool,
+    pub repair_attempts: u32,
+    pub tool_calls_per_ask: u32,
+    pub tool_bytes_per_ask: usize,
     /// Test hook: abort at this named point of an edit, or fail there with an error when named
     /// `fail_<point>` (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
@@ -79,6 +97,9 @@ impl fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("log", &self.log)
             .field("fsync", &self.fsync)
+            .field("repair_attempts", &self.repair_attempts)
+            .field("tool_calls_per_ask", &self.tool_calls_per_ask)
+            .field("tool_bytes_per_ask", &self.tool_bytes_per_ask)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
             .finish()
@@ -169,6 +190,13 @@ impl Config {
                 .or(file.log)
                 .unwrap_or_else(|| "info".to_owned()),
             fsync: file.fsync.unwrap_or(true),
+            repair_attempts: file.repair_attempts.unwrap_or(DEFAULT_REPAIR_ATTEMPTS),
+            tool_calls_per_ask: file
+                .tool_calls_per_ask
+                .unwrap_or(DEFAULT_TOOL_CALLS_PER_ASK),
+            tool_bytes_per_ask: file
+                .tool_bytes_per_ask
+                .unwrap_or(DEFAULT_TOOL_BYTES_PER_ASK),
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
             } else {

@@ -99,6 +99,9 @@ impl Daemon {
 /// Entry points for the benchmarks in `bench/`; not a stable API.
 #[doc(hidden)]
 pub mod bench {
+    /// The real-history corpus of the fidelity benchmark, and the engine's apply for it.
+    pub use crate::edit::corpus::{CorpusCase, Skipped, apply_text, cases as corpus_cases};
+
     /// Parse an apply_patch (or SEARCH/REPLACE) text; the number of file operations.
     pub fn parse_patch(text: &str) -> Result<usize, String> {
         crate::edit::patch::parse_any(text)

@@ -454,6 +454,9 @@ pub enum AskEvent {
         output_tokens: u64,
         tokens_per_s: f64,
     },
+    /// The model's patch did not apply (`reason`); the daemon asked it for a corrected one,
+    /// `attempt` of the configured limit.
+    Repair { attempt: u32, reason: String },
 }
 
 /// Result of [`Ask`] (also the last line of `sparkctl ask --json`).

@@ -9,6 +9,7 @@
 //! - [`record`]: stash-shaped commits under `refs/spark/`.
 //! - [`ledger`]: the append-only history of edits and their states.
 
+pub(crate) mod corpus;
 pub(crate) mod journal;
 pub(crate) mod ledger;
 pub(crate) mod matcher;
@@ -28,7 +29,7 @@ use spark_proto::RpcError;
 
 use journal::{Durability, Failpoint, Operation, Write1};
 use ledger::EventKind;
-use paths::{Intent, PathError, RelPath};
+use paths::{Intent, PathError, PathErrorKind, RelPath};
 use record::{EditMeta, FileChange, FileState, RecordError};
 
 /// Why an edit operation was refused or failed. Nothing on disk changed in any case.
@@ -51,6 +52,10 @@ pub(crate) enum EditError {
     Changed { path: String },
     #[error("refusing to edit {path}: it is a binary file")]
     Binary { path: String },
+    #[error("refusing to add {path}: it already exists and is not committed")]
+    AddOverUntracked { path: String },
+    #[error("refusing to add {path}: it already exists and has changes since HEAD")]
+    AddOverModified { path: String },
     #[error("{path} appears twice in one edit")]
     Duplicate { path: String },
     #[error("{0}")]
@@ -139,6 +144,8 @@ impl EditError {
                 Some(path.clone()),
                 Some(if source.code() == "ambiguous_match" {
                     "the lines match loosely in more than one place; add context lines so they match one place"
+                } else if source.code() == "ambiguous_indentation" {
+                    "write the patch's lines with the file's own indentation"
                 } else {
                     "the file does not contain the patch's context lines; regenerate the patch against the current file"
                 }),
@@ -160,6 +167,22 @@ impl EditError {
                 "binary_target".into(),
                 Some(path.clone()),
                 None,
+            ),
+            EditError::AddOverUntracked { path } => (
+                ErrorCode::EditRejected,
+                "path_already_exists".into(),
+                Some(path.clone()),
+                Some(
+                    "'*** Add File' replaces a file only when it is committed and unmodified (so the edit can be undone); use '*** Update File', or commit the file first",
+                ),
+            ),
+            EditError::AddOverModified { path } => (
+                ErrorCode::EditRejected,
+                "path_already_exists".into(),
+                Some(path.clone()),
+                Some(
+                    "replacing it would discard your uncommitted changes; use '*** Update File', or commit or stash them first",
+                ),
             ),
             EditError::Duplicate { path } => (
                 ErrorCode::EditRejected,
@@ -303,14 +326,22 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
     for op in &parsed.ops {
         match op {
             patch::FileOp::Add { path, lines } => {
-                let (_, rel) = resolve(&mut targets, &req.cwd_prefix, path, Intent::Create)?;
+                let bytes = matcher::render_new_file(lines);
+                let (rel, before) =
+                    match resolve(&mut targets, &req.cwd_prefix, path, Intent::Create) {
+                        Ok((_, rel)) => (rel, None),
+                        Err(EditError::Path(e)) if e.kind() == PathErrorKind::AlreadyExists => {
+                            let (rel, current) =
+                                add_over_existing(ctx, &mut targets, &req.cwd_prefix, path)?;
+                            (rel, Some(current))
+                        }
+                        Err(e) => return Err(e),
+                    };
+                let mode = before.as_ref().map_or(0o100644, |b: &FileState| b.mode);
                 writes.push(Write1 {
                     path: rel.as_str().to_owned(),
-                    before: None,
-                    after: Some(FileState {
-                        bytes: matcher::render_new_file(lines),
-                        mode: 0o100644,
-                    }),
+                    before,
+                    after: Some(FileState { bytes, mode }),
                 });
             }
             patch::FileOp::Delete { path } => {
@@ -950,6 +981,47 @@ fn resolve(
     let rel = paths::validate_rel_path(&joined)?;
     let real = targets.check_real(&rel, intent)?;
     Ok((rel, real))
+}
+
+/// `*** Add File` naming a file that exists: models trained on apply_patch rewrite whole files
+/// that way. Allowed only when the file is committed and unmodified since HEAD, so the edit
+/// can be undone and no uncommitted work is lost; the file's own checks (symlink, binary, …)
+/// apply as for an update.
+fn add_over_existing(
+    ctx: &RepoCtx<'_>,
+    targets: &mut paths::Targets<'_>,
+    cwd_prefix: &str,
+    raw: &str,
+) -> Result<(RelPath, FileState), EditError> {
+    let (_, rel) = resolve(targets, cwd_prefix, raw, Intent::Modify)?;
+    let current = read_text(ctx, &rel)?;
+    let path = rel.as_str().to_owned();
+    let committed = match ctx.repo.head() {
+        Ok(head) => {
+            let tree = head
+                .peel_to_tree()
+                .map_err(|e| EditError::git("read HEAD", e))?;
+            match tree.get_path(&rel.to_path()) {
+                Ok(entry) if entry.kind() == Some(git2::ObjectType::Blob) => {
+                    let blob = ctx
+                        .repo
+                        .find_blob(entry.id())
+                        .map_err(|e| EditError::git("read a blob of HEAD", e))?;
+                    Some(blob.content() == current.bytes.as_slice())
+                }
+                Ok(_) => None,
+                Err(e) if e.code() == git2::ErrorCode::NotFound => None,
+                Err(e) => return Err(EditError::git("read HEAD", e)),
+            }
+        }
+        Err(e) if e.code() == git2::ErrorCode::UnbornBranch => None,
+        Err(e) => return Err(EditError::git("read HEAD", e)),
+    };
+    match committed {
+        Some(true) => Ok((rel, current)),
+        Some(false) => Err(EditError::AddOverModified { path }),
+        None => Err(EditError::AddOverUntracked { path }),
+    }
 }
 
 fn read_text(ctx: &RepoCtx<'_>, rel: &RelPath) -> Result<FileState, EditError> {
