@@ -750,11 +750,16 @@ struct Repaired {
     answer: String,
 }
 
-/// Failures the model can fix by rewriting its patch: lines it misremembered, or lines that
-/// match in more than one place. A refused path or a conflict with the user's typing are not
-/// the patch's wording, so they are reported at once.
+/// Failures the model can fix by rewriting its patch: lines it misremembered, lines that match
+/// in more than one place, or a patch gone stale because the user changed the same lines while
+/// the model wrote it (the model is shown what they changed and writes on top of it). A refused
+/// path or a binary file is not the patch's wording, so it is reported at once.
 fn repairable(e: &edit::EditError) -> bool {
-    matches!(e, edit::EditError::Match { source, .. } if source.code() != "binary_content")
+    match e {
+        edit::EditError::Match { source, .. } => source.code() != "binary_content",
+        edit::EditError::Conflict { .. } => true,
+        _ => false,
+    }
 }
 
 impl Asks {
@@ -783,7 +788,13 @@ impl Asks {
                 reason: reason.clone(),
             })
             .await;
-            let hint = self.closest_lines(at.repo, &req.bases, &error).await;
+            let hint = match &error {
+                edit::EditError::Conflict { path } => {
+                    self.users_changes(at.repo, &mut req.bases, state, path)
+                        .await
+                }
+                _ => self.closest_lines(at.repo, &req.bases, &error).await,
+            };
             answer_tool(
                 &at.conv.session,
                 &mut state.history,
@@ -864,7 +875,7 @@ impl Asks {
         repo: &RepoHandle,
         bases: &HashMap<String, Vec<u8>>,
         error: &edit::EditError,
-    ) -> Option<(String, String)> {
+    ) -> Option<String> {
         let edit::EditError::Match { path, source } = error else {
             return None;
         };
@@ -876,7 +887,31 @@ impl Asks {
             }
         };
         let hint = edit::matcher::repair_hint(&bytes, source)?;
-        Some((path.clone(), hint))
+        Some(format!(
+            "\nThe closest lines in {path} as it is now (line numbers on the left):\n{hint}"
+        ))
+    }
+
+    /// The patch went stale: the user changed `path` in the same lines while the model wrote.
+    /// The model is shown what they changed, as a diff against the content it saw (not the whole
+    /// file again), and that content becomes what it saw and the base of its corrected patch, so
+    /// the user's typing is kept.
+    async fn users_changes(
+        &self,
+        repo: &RepoHandle,
+        bases: &mut HashMap<String, Vec<u8>>,
+        state: &mut ConvState,
+        path: &str,
+    ) -> Option<String> {
+        let saw = bases.get(path)?;
+        let now = tokio::fs::read(repo.workdir().join(path)).await.ok()?;
+        let diff = crate::context::diff(saw, &now);
+        bases.insert(path.to_owned(), now.clone());
+        state.seen.insert(path.to_owned(), now);
+        Some(format!(
+            "\nWhile you wrote it, the user changed {path} in the same lines. What they changed, \
+             as a diff against the file you saw:\n{diff}\nKeep their changes."
+        ))
     }
 
     /// One more turn on the warm session: the pending tool outputs, then `request` if any.
@@ -1039,20 +1074,14 @@ impl Asks {
 
 /// The request for a corrected patch: why the patch was refused is in the tool output before
 /// it; this adds where the lines really are, and nothing the model has seen already.
-fn repair_request(
-    error: &edit::EditError,
-    closest: Option<(String, String)>,
-    reason_shown: bool,
-) -> String {
+fn repair_request(error: &edit::EditError, shown: Option<String>, reason_shown: bool) -> String {
     let mut text = if reason_shown {
         "Your patch was rejected (see the tool output); nothing was written.\n".to_owned()
     } else {
         format!("Your patch did not apply, and nothing was written: {error}\n")
     };
-    if let Some((path, lines)) = closest {
-        text.push_str(&format!(
-            "\nThe closest lines in {path} as it is now (line numbers on the left):\n{lines}"
-        ));
+    if let Some(shown) = shown {
+        text.push_str(&shown);
     }
     text.push_str(
         "\nSend one corrected patch with the apply_patch tool, against the file as it is now, \

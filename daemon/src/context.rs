@@ -308,7 +308,7 @@ fn outline(ctx: &RepoCtx<'_>) -> String {
     text
 }
 
-fn diff(old: &[u8], new: &[u8]) -> String {
+pub(crate) fn diff(old: &[u8], new: &[u8]) -> String {
     git2::Patch::from_buffers(old, None, new, None, None)
         .and_then(|mut p| p.to_buf())
         .map(|b| {

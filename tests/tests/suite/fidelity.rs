@@ -361,6 +361,48 @@ mod repair {
         );
     }
 
+    #[test]
+    fn a_patch_gone_stale_under_the_users_typing_is_repaired_on_top_of_it() {
+        let gate = spark_tests::fake_provider::Gate::new();
+        // Against the file as the user left it: their comment stays.
+        const ON_TOP: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two() {\n-    let total = 2; // mine\n+    let total = 22; // mine\n*** End Patch\n";
+        let p = Provider::start(Script::new().turns([
+            Turn::apply_patch(RIGHT).with_gate(gate.clone()),
+            Turn::apply_patch(ON_TOP),
+            Turn::text("unused"),
+        ]));
+        let d = p.daemon(true);
+        let repo = repo();
+        let mut c = d.client();
+        let prm = params(&repo);
+        let t = std::thread::spawn(move || ask(&mut c, &prm));
+        // The prewarm and the turn have arrived; the user types on the very line meanwhile.
+        p.wait_for_requests(2);
+        let typed = LIB.replace("let total = 2;", "let total = 2; // mine");
+        repo.write("src/lib.rs", typed.as_bytes());
+        gate.open();
+        let (r, progress) = t.join().expect("thread");
+        r.expect("repaired on top of the user's typing");
+        assert_eq!(
+            repo.read("src/lib.rs"),
+            LIB.replace("let total = 2;", "let total = 22; // mine")
+                .as_bytes()
+        );
+        let seen = repairs(&progress);
+        assert_eq!(seen.len(), 1, "{progress:?}");
+        assert!(seen[0].1.contains("changes overlap"), "{}", seen[0].1);
+
+        // The repair request shows what the user changed, as a diff, not the file again.
+        let turns = turns(&p);
+        assert_eq!(turns.len(), 2);
+        let request = message_text(&turns[1].input()[1]);
+        assert!(
+            request.contains("-    let total = 2;\n+    let total = 2; // mine\n"),
+            "{request}"
+        );
+        assert!(!request.contains("fn three()"), "{request}");
+    }
+
     fn turns_after(p: &Provider, n: usize) -> spark_tests::fake_provider::Recorded {
         turns(p).into_iter().nth(n).expect("a later turn")
     }
