@@ -46,6 +46,42 @@ impl Transform {
         }
     }
 
+    /// Whether this transform erases part of the change itself: a line that only gains or
+    /// loses trailing whitespace, or a whitespace-only line, is no change at all once the
+    /// transform adds trailing whitespace to the removed lines or strips the shared
+    /// indentation. Then the sloppy patch says something other than the commit (its two sides
+    /// have more lines in common than the clean patch's), and reading it as written is right;
+    /// such cases are counted apart, not in the rates.
+    fn erases_the_change(self, hunks: &[Hunk]) -> bool {
+        if !matches!(
+            self,
+            Transform::TrailingWhitespace | Transform::DroppedIndentation
+        ) {
+            return false;
+        }
+        let sides = |hunk: &Hunk| -> (Vec<String>, Vec<String>) {
+            let old = hunk
+                .iter()
+                .filter(|(s, _)| *s != '+')
+                .map(|(_, l)| l.clone())
+                .collect();
+            let new = hunk
+                .iter()
+                .filter(|(s, _)| *s != '-')
+                .map(|(_, l)| l.clone())
+                .collect();
+            (old, new)
+        };
+        hunks
+            .iter()
+            .zip(self.apply(hunks).iter())
+            .any(|(clean, sloppy)| {
+                let (a, b) = sides(clean);
+                let (c, d) = sides(sloppy);
+                common_lines(&c, &d) > common_lines(&a, &b)
+            })
+    }
+
     /// The hunks as a sloppy model would write them. Added lines are never touched: a model
     /// that writes other added lines writes another edit, not a sloppy one.
     fn apply(self, hunks: &[Hunk]) -> Vec<Hunk> {
@@ -54,11 +90,16 @@ impl Transform {
             .map(|hunk| match self {
                 Transform::Clean | Transform::PaddedMarkers => hunk.clone(),
                 Transform::DroppedIndentation => {
+                    // The leading whitespace every non-blank line starts with (tabs and spaces
+                    // are not interchangeable: "\t\t" and "    " share nothing).
                     let common = hunk
                         .iter()
                         .filter(|(_, l)| !l.trim().is_empty())
                         .map(|(_, l)| &l[..l.len() - l.trim_start().len()])
-                        .min_by_key(|indent| indent.len())
+                        .reduce(|a, b| {
+                            let n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+                            &a[..n]
+                        })
                         .unwrap_or("")
                         .to_owned();
                     hunk.iter()
@@ -88,6 +129,20 @@ impl Transform {
             })
             .collect()
     }
+}
+
+/// The length of the longest common subsequence of lines (hunks are small).
+fn common_lines(a: &[String], b: &[String]) -> usize {
+    let mut row = vec![0usize; b.len() + 1];
+    for x in a {
+        let mut diag = 0;
+        for (j, y) in b.iter().enumerate() {
+            let up = row[j + 1];
+            row[j + 1] = if x == y { diag + 1 } else { up.max(row[j]) };
+            diag = up;
+        }
+    }
+    row[b.len()]
 }
 
 fn curl(line: &str) -> String {
@@ -160,6 +215,8 @@ struct Tally {
     exact: usize,
     misapplied: usize,
     refused: usize,
+    /// Cases whose change the transform erased (not counted in the rates).
+    erased: usize,
 }
 
 impl Tally {
@@ -243,8 +300,8 @@ fn main() {
     let mut rows = Vec::new();
     let mut examples: Vec<String> = Vec::new();
     println!(
-        "\n{:<22} {:<16} {:>6} {:>8} {:>11} {:>9}",
-        "transform", "format", "files", "exact", "misapplied", "refused"
+        "\n{:<22} {:<16} {:>6} {:>8} {:>11} {:>9} {:>7}",
+        "transform", "format", "files", "exact", "misapplied", "refused", "erased"
     );
     for how in TRANSFORMS {
         for (format, render) in [
@@ -256,6 +313,10 @@ fn main() {
         ] {
             let mut tally = Tally::default();
             for (repo, case) in &corpus {
+                if how.erases_the_change(&case.hunks) {
+                    tally.erased += 1;
+                    continue;
+                }
                 let hunks = how.apply(&case.hunks);
                 let text = render(&case.path, &hunks, how == Transform::PaddedMarkers);
                 match apply_text(&case.old, &text) {
@@ -278,17 +339,19 @@ fn main() {
                 }
             }
             println!(
-                "{:<22} {:<16} {:>6} {:>7.2}% {:>10.2}% {:>8.2}%",
+                "{:<22} {:<16} {:>6} {:>7.2}% {:>10.2}% {:>8.2}% {:>7}",
                 how.name(),
                 format,
                 tally.total(),
                 tally.pct(tally.exact),
                 tally.pct(tally.misapplied),
-                tally.pct(tally.refused)
+                tally.pct(tally.refused),
+                tally.erased
             );
             rows.push(serde_json::json!({
                 "transform": how.name(), "format": format, "files": tally.total(),
                 "exact": tally.exact, "misapplied": tally.misapplied, "refused": tally.refused,
+                "erased": tally.erased,
             }));
         }
     }
