@@ -348,9 +348,12 @@ fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoH
             .unwrap_or_default()
     );
     let thread_workdir = workdir.clone();
+    let edits = Arc::new(AtomicU64::new(0));
+    let thread_edits = edits.clone();
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
+            let mut packed_at = 0;
             // Exits when every handle is gone (daemon shutdown).
             while let Some(job) = rx.blocking_recv() {
                 let ctx = RepoCtx {
@@ -359,6 +362,15 @@ fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoH
                     env: &env,
                 };
                 job(&ctx);
+                // Records are packed now and then, when no request waits behind it.
+                let edits = thread_edits.load(Ordering::Relaxed);
+                if edits - packed_at >= crate::edit::pack::PACK_EVERY_EDITS && rx.is_empty() {
+                    packed_at = edits;
+                    match crate::edit::pack::pack_records(&repo) {
+                        Ok(p) => tracing::info!(repo = %thread_workdir.display(), objects = p.objects, "packed the edit records"),
+                        Err(e) => tracing::warn!(repo = %thread_workdir.display(), error = %e, "packing the edit records failed"),
+                    }
+                }
             }
         })
         .map_err(|e| {
@@ -370,7 +382,7 @@ fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoH
     Ok(RepoHandle {
         tx,
         workdir: Arc::new(workdir),
-        edits: Arc::new(AtomicU64::new(0)),
+        edits,
     })
 }
 

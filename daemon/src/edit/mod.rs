@@ -13,6 +13,7 @@ pub(crate) mod corpus;
 pub(crate) mod journal;
 pub(crate) mod ledger;
 pub(crate) mod matcher;
+pub(crate) mod pack;
 pub(crate) mod patch;
 pub(crate) mod paths;
 pub(crate) mod record;
