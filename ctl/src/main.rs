@@ -1120,6 +1120,21 @@ fn render_status(s: &StatusResult) -> String {
             out += &format!(" ({model})");
         }
         out.push('\n');
+        if x.failures > 0 {
+            out += &format!(
+                "          {} failed attempts in a row{}",
+                x.failures,
+                x.last_error
+                    .as_deref()
+                    .map(|e| format!(", last: {e}"))
+                    .unwrap_or_default()
+            );
+            match (x.paused, x.next_attempt_in_ms) {
+                (_, Some(ms)) => out += &format!("; next attempt in {}\n", human_duration(ms)),
+                (true, None) => out += "; reconnects paused until the next ask or watch\n",
+                (false, None) => out.push('\n'),
+            }
+        }
     }
     match &s.cache {
         Some(c) => match &c.unavailable {

@@ -108,6 +108,9 @@ pub(crate) struct Asks {
     /// Read-only tool calls, and bytes of their output, one ask answers.
     tool_calls: u32,
     tool_bytes: usize,
+    /// One reconnect policy per provider URL, shared by its sessions of every repository, so a
+    /// failing provider sees a few attempts a minute however many repositories are watched.
+    backoffs: Mutex<HashMap<String, Arc<crate::provider::backoff::Backoff>>>,
 }
 
 /// Clears a conversation's `current` when its ask ends, unless a newer ask replaced it.
@@ -158,6 +161,12 @@ pub(crate) struct ConvStatus {
     pub(crate) rtt_ms: Option<f64>,
     pub(crate) provider: String,
     pub(crate) model: String,
+    /// The provider's failed connection attempts in a row.
+    pub(crate) failures: u32,
+    /// Background reconnects have stopped until the next request.
+    pub(crate) paused: bool,
+    pub(crate) last_error: Option<String>,
+    pub(crate) next_attempt_in_ms: Option<u64>,
 }
 
 impl Asks {
@@ -180,6 +189,7 @@ impl Asks {
             repair_attempts: config.repair_attempts,
             tool_calls: config.tool_calls_per_ask,
             tool_bytes: config.tool_bytes_per_ask,
+            backoffs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -328,6 +338,7 @@ impl Asks {
         );
         config.instructions = INSTRUCTIONS.to_owned();
         config.tools = Tool::offered();
+        config.backoff = Some(self.backoff_for(&provider.url, &config));
         config.prompt_cache_key = Some(format!("spark:{}", workdir.display()));
         let (events, repo) = (self.events.clone(), workdir.display().to_string());
         config.on_state = Some(Arc::new(move |state| {
@@ -376,6 +387,27 @@ impl Asks {
         }
     }
 
+    /// The provider's shared reconnect policy, made on first use.
+    fn backoff_for(
+        &self,
+        url: &str,
+        config: &SessionConfig,
+    ) -> Arc<crate::provider::backoff::Backoff> {
+        let mut map = self
+            .backoffs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(url.to_owned())
+            .or_insert_with(|| {
+                Arc::new(crate::provider::backoff::Backoff::new(
+                    config.backoff_base,
+                    config.backoff_cap,
+                    config.max_background_attempts,
+                ))
+            })
+            .clone()
+    }
+
     pub(crate) async fn status(&self) -> Vec<ConvStatus> {
         let convs: Vec<(PathBuf, ProviderChoice, Arc<Conversation>)> = self
             .convs
@@ -397,9 +429,20 @@ impl Asks {
                     .and_then(|s| s.age)
                     .unwrap_or_else(|| conv.created.elapsed())
                     .as_millis() as u64,
-                rtt_ms: s.and_then(|s| s.last_rtt).map(|d| d.as_secs_f64() * 1e3),
+                rtt_ms: s
+                    .as_ref()
+                    .and_then(|s| s.last_rtt)
+                    .map(|d| d.as_secs_f64() * 1e3),
                 provider: provider.url,
                 model: provider.model,
+                failures: s.as_ref().map_or(0, |s| s.backoff.failures),
+                paused: s.as_ref().is_some_and(|s| s.backoff.paused),
+                last_error: s.as_ref().and_then(|s| s.last_error.clone()),
+                next_attempt_in_ms: s.as_ref().and_then(|s| {
+                    s.retry_in
+                        .or(s.backoff.next_attempt_in)
+                        .map(|d| d.as_millis() as u64)
+                }),
             });
         }
         out

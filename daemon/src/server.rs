@@ -630,6 +630,10 @@ impl Connection {
                     rtt_ms: c.rtt_ms,
                     provider: Some(c.provider),
                     model: Some(c.model),
+                    failures: c.failures,
+                    paused: c.paused,
+                    last_error: c.last_error,
+                    next_attempt_in_ms: c.next_attempt_in_ms,
                 })
                 .collect(),
             cache: Some(cache_status(self.shared.watchers.cache_status())),

@@ -212,6 +212,25 @@ pub struct SessionStatus {
     /// The model it asks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Failed connection attempts to this provider in a row (shared by its sessions); 0 when
+    /// it works.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures: u32,
+    /// Background reconnects have stopped after failures in a row; the next `ask` or `watch`
+    /// tries again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Why the last attempt or connection failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When this session looks at connecting again, or when the provider's next attempt is
+    /// allowed, in milliseconds from now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_in_ms: Option<u64>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The context cache.

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::backoff::{Backoff, BackoffStatus, Permit};
 use super::transport::{
     ConnectTimeouts, Connection, Endpoint, Incoming, TransportError, TransportKind,
 };
@@ -54,8 +55,11 @@ pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(250);
 pub(crate) const DEFAULT_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Background reconnects give up after this many failures in a row (until the next request),
-/// so a wrong URL or key does not retry forever.
-pub(crate) const DEFAULT_MAX_BACKGROUND_ATTEMPTS: u32 = 8;
+/// so a wrong URL, a wrong key or a gateway that drops every connection is not retried forever.
+pub(crate) const DEFAULT_MAX_BACKGROUND_ATTEMPTS: u32 = 3;
+/// A request waits this long at most for its provider's next allowed attempt; past that it
+/// fails at once, saying when the next attempt is due.
+const MAX_REQUEST_WAIT: Duration = Duration::from_secs(2);
 /// Commands queued per session before callers wait.
 const COMMAND_CAPACITY: usize = 64;
 /// Sends of one turn at most: the first, an unchained resend, a resend after reconnecting.
@@ -117,6 +121,9 @@ pub(crate) struct SessionConfig {
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_cap: Duration,
     pub(crate) max_background_attempts: u32,
+    /// The reconnect policy shared with every other session of the same provider; `None`: a
+    /// policy of this session's own, from the three fields above.
+    pub(crate) backoff: Option<Arc<Backoff>>,
     pub(crate) on_state: Option<StateHook>,
 }
 
@@ -141,6 +148,7 @@ impl SessionConfig {
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_cap: DEFAULT_BACKOFF_CAP,
             max_background_attempts: DEFAULT_MAX_BACKGROUND_ATTEMPTS,
+            backoff: None,
             on_state: None,
         }
     }
@@ -333,6 +341,11 @@ pub(crate) struct SessionStatus {
     /// The WebSocket upgrade was refused and the session uses HTTP + SSE.
     pub(crate) fell_back: bool,
     pub(crate) last_error: Option<String>,
+    /// The provider's reconnect policy: failures in a row, when the next attempt is due.
+    pub(crate) backoff: BackoffStatus,
+    /// This session will look at connecting again in this long (a background reconnect, or
+    /// a request waiting for the policy); `None`: it waits for a request.
+    pub(crate) retry_in: Option<Duration>,
 }
 
 /// Reconnect delay: uniformly random in `[0, min(cap, base·2^attempt)]` ("full jitter"), so
@@ -476,7 +489,15 @@ pub(crate) fn spawn(
 ) -> Result<SessionHandle, TransportError> {
     let endpoint = Endpoint::parse(&config.url)?;
     let (commands_tx, commands) = mpsc::channel(COMMAND_CAPACITY);
+    let backoff = config.backoff.clone().unwrap_or_else(|| {
+        Arc::new(Backoff::new(
+            config.backoff_base,
+            config.backoff_cap,
+            config.max_background_attempts,
+        ))
+    });
     let session = Session {
+        backoff,
         instructions: config.instructions.clone(),
         tools: config.tools.clone(),
         config,
@@ -491,7 +512,6 @@ pub(crate) fn spawn(
         ever_connected: false,
         reconnects: 0,
         rewarm_on_connect: false,
-        backoff_attempt: 0,
         retry_at: None,
         queue: VecDeque::new(),
         inflight: None,
@@ -547,6 +567,16 @@ enum Work {
     Prewarm(PrewarmJob),
 }
 
+impl Work {
+    /// Someone waits for this work: a turn, or an explicit prewarm (not a background re-prewarm).
+    fn has_caller(&self) -> bool {
+        match self {
+            Work::Turn(_) => true,
+            Work::Prewarm(job) => job.reply.is_some(),
+        }
+    }
+}
+
 /// The request on the wire and what came back so far.
 #[derive(Debug)]
 struct InFlight {
@@ -580,6 +610,8 @@ struct Live {
     ping: Option<(u64, Instant)>,
     /// A ping is unanswered: no frame by then means the connection is dead.
     pong_deadline: Option<Instant>,
+    /// A response completed on this connection: losing it later is not a failed attempt.
+    answered: bool,
 }
 
 #[derive(Debug)]
@@ -654,7 +686,10 @@ struct Session {
     reconnects: u32,
     /// Re-prewarm once the next connection is up.
     rewarm_on_connect: bool,
-    backoff_attempt: u32,
+    /// The provider's reconnect policy, shared with its other sessions.
+    backoff: Arc<Backoff>,
+    /// When to look at connecting again (a background reconnect, or a request waiting for
+    /// the policy's next allowed attempt).
     retry_at: Option<Instant>,
 
     queue: VecDeque<Work>,
@@ -802,6 +837,10 @@ impl Session {
             reconnects: self.reconnects,
             fell_back: self.fell_back,
             last_error: self.last_error.clone(),
+            backoff: self.backoff.status(Instant::now()),
+            retry_in: self
+                .retry_at
+                .map(|t| t.saturating_duration_since(Instant::now())),
         }
     }
 
@@ -899,18 +938,68 @@ impl Session {
         outputs
     }
 
+    /// Close the connection on purpose (cancel, rotation): neither a success nor a failure of
+    /// the provider, but it ends the attempt other sessions may be waiting on.
     fn drop_live(&mut self) {
         if let Some(live) = self.live.take() {
+            if !live.answered {
+                self.backoff.released();
+            }
             live.conn.close();
         }
         self.chain = None;
     }
 
+    /// Open a connection, when the provider's reconnect policy allows it now. Otherwise a
+    /// request waits for the next allowed attempt if that is near, or fails at once saying when
+    /// it is due; background work waits, or stops when the policy pauses it.
     fn start_connect(&mut self) {
         if self.connecting.is_some() || self.live.is_some() {
             return;
         }
         self.retry_at = None;
+        let now = Instant::now();
+        let background = !self.queue.iter().any(Work::has_caller);
+        match self.backoff.permit(now, background) {
+            Permit::Go => {}
+            Permit::At(at)
+                if background || at.saturating_duration_since(now) <= MAX_REQUEST_WAIT =>
+            {
+                self.retry_at = Some(at);
+                return;
+            }
+            Permit::At(at) => {
+                let status = self.backoff.status(now);
+                let message = format!(
+                    "the provider failed {} connection attempts in a row (last: {}); the next \
+                     attempt is due in {:.1} s",
+                    status.failures,
+                    status.last_error.as_deref().unwrap_or("unknown error"),
+                    at.saturating_duration_since(now).as_secs_f64()
+                );
+                for work in self.queue.drain(..) {
+                    fail_work(work, TurnFailure::Transport(message.clone()));
+                }
+                if self.warm.is_some() {
+                    self.rewarm_on_connect = true;
+                    self.start_connect();
+                }
+                return;
+            }
+            Permit::Paused => {
+                info!(
+                    url = self.endpoint.url(),
+                    "provider failing; background reconnects paused until the next request"
+                );
+                for work in self.queue.drain(..) {
+                    fail_work(
+                        work,
+                        TurnFailure::Transport("background reconnects paused".into()),
+                    );
+                }
+                return;
+            }
+        }
         let timeouts = ConnectTimeouts {
             connect: self.config.connect_timeout,
         };
@@ -921,22 +1010,9 @@ impl Session {
         )));
     }
 
+    /// Reconnect in the background, when the provider's policy allows (see [`Backoff`]).
     fn schedule_reconnect(&mut self) {
-        if self.backoff_attempt >= self.config.max_background_attempts {
-            warn!(
-                attempts = self.backoff_attempt,
-                "provider unreachable; reconnecting on the next request"
-            );
-            return;
-        }
-        let delay = backoff_delay(
-            self.backoff_attempt,
-            self.config.backoff_base,
-            self.config.backoff_cap,
-            random_unit(),
-        );
-        self.backoff_attempt += 1;
-        self.retry_at = Some(Instant::now() + delay);
+        self.start_connect();
     }
 
     async fn on_connected(&mut self, result: Result<Connection, TransportError>) {
@@ -948,10 +1024,10 @@ impl Session {
                     self.reconnects += 1;
                 }
                 self.ever_connected = true;
-                self.backoff_attempt = 0;
-                self.last_error = None;
-                let now = Instant::now();
                 let ws = conn.kind() == TransportKind::WebSocket;
+                // Not a success yet: only a completed response resets the policy.
+                self.backoff.opened(ws);
+                let now = Instant::now();
                 self.live = Some(Live {
                     conn,
                     epoch: self.epoch,
@@ -959,6 +1035,7 @@ impl Session {
                     last_rx: now,
                     ping: None,
                     pong_deadline: None,
+                    answered: false,
                 });
                 self.report(if ws {
                     SessionState::ConnectedWebSocket
@@ -979,6 +1056,8 @@ impl Session {
                     self.endpoint = fallback;
                     self.fell_back = true;
                     self.report(SessionState::FellBackToHttp);
+                    // The provider answered (it refused the upgrade): not a failed attempt.
+                    self.backoff.released();
                     self.start_connect();
                 }
                 None => self.connect_failed(e),
@@ -998,6 +1077,7 @@ impl Session {
         warn!(error = %e, url = self.endpoint.url(), "provider connect failed");
         self.report(SessionState::ConnectFailed);
         let message = e.to_string();
+        self.backoff.failed(Instant::now(), &message, random_unit());
         self.last_error = Some(message.clone());
         // Waiting callers learn it now instead of waiting through the backoff.
         for work in self.queue.drain(..) {
@@ -1140,6 +1220,11 @@ impl Session {
         self.report(SessionState::Lost);
         self.last_error = Some(reason.clone());
         if let Some(live) = self.live.take() {
+            // Dropped before any response on it completed: the attempt failed (a gateway that
+            // accepts the upgrade and closes unanswered must not be reconnected to at once).
+            if !live.answered {
+                self.backoff.failed(Instant::now(), &reason, random_unit());
+            }
             live.conn.close();
         }
         self.chain = None;
@@ -1407,6 +1492,11 @@ impl Session {
         let Some(f) = self.inflight.take() else {
             return;
         };
+        self.backoff.succeeded();
+        self.last_error = None;
+        if let Some(live) = self.live.as_mut() {
+            live.answered = true;
+        }
         let ResponseBody {
             id, usage, output, ..
         } = response;
