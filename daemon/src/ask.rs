@@ -438,11 +438,10 @@ impl Asks {
                 failures: s.as_ref().map_or(0, |s| s.backoff.failures),
                 paused: s.as_ref().is_some_and(|s| s.backoff.paused),
                 last_error: s.as_ref().and_then(|s| s.last_error.clone()),
-                next_attempt_in_ms: s.as_ref().and_then(|s| {
-                    s.retry_in
-                        .or(s.backoff.next_attempt_in)
-                        .map(|d| d.as_millis() as u64)
-                }),
+                next_attempt_in_ms: s
+                    .as_ref()
+                    .and_then(|s| s.retry_in)
+                    .map(|d| d.as_millis() as u64),
             });
         }
         out

@@ -223,8 +223,8 @@ pub struct SessionStatus {
     /// Why the last attempt or connection failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// When this session looks at connecting again, or when the provider's next attempt is
-    /// allowed, in milliseconds from now.
+    /// When this session tries to connect again, in milliseconds from now; absent when it
+    /// waits for a request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_in_ms: Option<u64>,
 }

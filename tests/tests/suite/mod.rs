@@ -8,4 +8,5 @@ mod lifecycle;
 mod protocol;
 mod shapes;
 mod ssh;
+mod storm;
 mod watch;
