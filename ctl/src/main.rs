@@ -26,7 +26,9 @@ use sparkctl::{Client, ClientError};
     after_help = "Exit status: 0 success, 1 request refused (bad input, conflict), 2 daemon or internal failure, 130 interrupted.\nFiles: SPARK_HOME (or XDG dirs) hold config.toml, state and the daemon log; SPARK_SOCKET overrides the socket path."
 )]
 struct Cli {
-    /// Machine-readable output: one JSON object on stdout.
+    /// Machine-readable output on stdout: one JSON object (an error is {"error": {...}}). For
+    /// `ask`, NDJSON: one progress object per line while it streams (the `ask/progress`
+    /// params: {"request", "event": {"type": "text"|"patch"|…}}), then the result object last.
     #[arg(long, global = true)]
     json: bool,
     /// Socket path of the daemon (default: from SPARK_SOCKET, SPARK_HOME or XDG_RUNTIME_DIR).

@@ -339,7 +339,7 @@ impl Asks {
         config.instructions = INSTRUCTIONS.to_owned();
         config.tools = Tool::offered();
         config.backoff = Some(self.backoff_for(&provider.url, &config));
-        config.prompt_cache_key = Some(format!("spark:{}", workdir.display()));
+        config.prompt_cache_key = Some(prompt_cache_key(workdir, provider));
         let (events, repo) = (self.events.clone(), workdir.display().to_string());
         config.on_state = Some(Arc::new(move |state| {
             let _ = events.send(spark_proto::events::Event::SessionState {
@@ -790,6 +790,27 @@ struct Repaired {
     /// The tool call the corrected patch came in, answered like any other.
     call: Call,
     answer: String,
+}
+
+/// The `prompt_cache_key` of a conversation: the same for every ask in one repository with one
+/// provider and model (so unchained resends hit the provider's prompt cache), and opaque: a
+/// local path never leaves the machine. 128 bits of two keyed SipHash runs; a change of the
+/// hash between releases costs one cache miss.
+fn prompt_cache_key(workdir: &std::path::Path, provider: &ProviderChoice) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let half = |salt: &str| {
+        let mut h = std::hash::DefaultHasher::new();
+        salt.hash(&mut h);
+        workdir.hash(&mut h);
+        provider.url.hash(&mut h);
+        provider.model.hash(&mut h);
+        h.finish()
+    };
+    format!(
+        "spark-{:016x}{:016x}",
+        half("spark cache key a"),
+        half("spark cache key b")
+    )
 }
 
 /// Failures the model can fix by rewriting its patch: lines it misremembered, lines that match

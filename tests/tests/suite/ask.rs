@@ -844,3 +844,41 @@ fn a_one_line_change_to_a_large_focused_file_is_sent_as_a_small_diff() {
         input_bytes(second)
     );
 }
+
+#[test]
+fn the_prompt_cache_key_is_stable_per_repository_and_never_the_local_path() {
+    let p = Provider::start(Script::new().default_turn(Turn::text("ok")));
+    let d = p.daemon(true);
+    let (one, two) = (repo(), repo());
+    let mut c = d.client();
+    for r in [&one, &one, &two] {
+        ask(&mut c, &params(r, "hello", &["src/lib.rs"]))
+            .0
+            .expect("ask");
+    }
+    let keys: Vec<String> = p
+        .fake
+        .requests()
+        .iter()
+        .map(|r| {
+            r.json["prompt_cache_key"]
+                .as_str()
+                .expect("a key")
+                .to_owned()
+        })
+        .collect();
+    let workdirs = [one.path().to_string_lossy(), two.path().to_string_lossy()];
+    for (key, request) in keys.iter().zip(p.fake.requests()) {
+        assert!(key.starts_with("spark-") && key.len() == 38, "{key}");
+        for w in &workdirs {
+            assert!(
+                !request.raw.contains(w.as_ref()),
+                "the local path left: {key}"
+            );
+        }
+    }
+    // One repository keeps its key (prewarm and both asks); another repository has its own.
+    let first: Vec<&String> = keys.iter().filter(|k| **k == keys[0]).collect();
+    assert!(first.len() >= 3, "{keys:?}");
+    assert!(keys.iter().any(|k| *k != keys[0]), "{keys:?}");
+}
