@@ -1121,6 +1121,9 @@ fn render_status(s: &StatusResult) -> String {
         if let Some(model) = &x.model {
             out += &format!(" ({model})");
         }
+        if x.fell_back_to_http {
+            out += ", HTTP + SSE (WebSocket mode failed here; retried later)";
+        }
         out.push('\n');
         if x.failures > 0 {
             out += &format!(

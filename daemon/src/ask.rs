@@ -161,6 +161,8 @@ pub(crate) struct ConvStatus {
     pub(crate) rtt_ms: Option<f64>,
     pub(crate) provider: String,
     pub(crate) model: String,
+    /// WebSocket mode failed with this provider: the session uses HTTP + SSE for a while.
+    pub(crate) fell_back: bool,
     /// The provider's failed connection attempts in a row.
     pub(crate) failures: u32,
     /// Background reconnects have stopped until the next request.
@@ -435,6 +437,7 @@ impl Asks {
                     .map(|d| d.as_secs_f64() * 1e3),
                 provider: provider.url,
                 model: provider.model,
+                fell_back: s.as_ref().is_some_and(|s| s.fell_back),
                 failures: s.as_ref().map_or(0, |s| s.backoff.failures),
                 paused: s.as_ref().is_some_and(|s| s.backoff.paused),
                 last_error: s.as_ref().and_then(|s| s.last_error.clone()),

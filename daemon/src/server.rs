@@ -630,6 +630,7 @@ impl Connection {
                     rtt_ms: c.rtt_ms,
                     provider: Some(c.provider),
                     model: Some(c.model),
+                    fell_back_to_http: c.fell_back,
                     failures: c.failures,
                     paused: c.paused,
                     last_error: c.last_error,

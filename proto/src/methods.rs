@@ -212,6 +212,10 @@ pub struct SessionStatus {
     /// The model it asks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// WebSocket mode failed with this provider (a refused upgrade, or a socket closed before
+    /// its first event): the session uses HTTP + SSE, and tries WebSocket mode again later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fell_back_to_http: bool,
     /// Failed connection attempts to this provider in a row (shared by its sessions); 0 when
     /// it works.
     #[serde(default, skip_serializing_if = "is_zero")]

@@ -22,6 +22,9 @@ use super::session::backoff_delay;
 /// Longer than any connection attempt takes (TCP, TLS and upgrade time out after 10 s).
 const PROBE_LIMIT: Duration = Duration::from_secs(15);
 
+/// After falling back to HTTP + SSE, WebSocket mode is tried again this much later.
+pub(crate) const WEBSOCKET_RETRY: Duration = Duration::from_secs(10 * 60);
+
 /// What the policy allows a connection attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Permit {
@@ -55,6 +58,9 @@ struct State {
     /// most, should the session making it stop before it ends).
     probing_until: Option<Instant>,
     last_error: Option<String>,
+    /// WebSocket mode failed here (a refused upgrade, or a socket dropped before its first
+    /// event): sessions use HTTP + SSE until then, and try WebSocket mode again after.
+    http_until: Option<Instant>,
 }
 
 /// The shared policy of one provider.
@@ -138,9 +144,20 @@ impl Backoff {
         self.with(|s| {
             *s = State {
                 proven: true,
+                http_until: s.http_until,
                 ..State::default()
             }
         });
+    }
+
+    /// WebSocket mode does not work with this provider now: HTTP + SSE for a while.
+    pub(crate) fn fall_back(&self, now: Instant) {
+        self.with(|s| s.http_until = Some(now + WEBSOCKET_RETRY));
+    }
+
+    /// Whether sessions should use HTTP + SSE instead of WebSocket mode at `now`.
+    pub(crate) fn prefers_http(&self, now: Instant) -> bool {
+        self.with(|s| s.http_until.is_some_and(|t| t > now))
     }
 
     pub(crate) fn status(&self, now: Instant) -> BackoffStatus {
@@ -229,6 +246,17 @@ mod tests {
         let status = b.status(now);
         assert!(status.paused && status.failures == 3);
         assert_eq!(status.last_error.as_deref(), Some("refused"));
+    }
+
+    #[test]
+    fn a_fallback_to_http_lasts_a_while_and_then_websocket_mode_is_tried_again() {
+        let b = policy();
+        let now = Instant::now();
+        assert!(!b.prefers_http(now));
+        b.fall_back(now);
+        b.succeeded();
+        assert!(b.prefers_http(now + Duration::from_secs(60)));
+        assert!(!b.prefers_http(now + WEBSOCKET_RETRY));
     }
 
     #[test]

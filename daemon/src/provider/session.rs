@@ -501,6 +501,7 @@ pub(crate) fn spawn(
         instructions: config.instructions.clone(),
         tools: config.tools.clone(),
         config,
+        configured: endpoint.clone(),
         endpoint,
         fell_back: false,
         commands,
@@ -612,6 +613,8 @@ struct Live {
     pong_deadline: Option<Instant>,
     /// A response completed on this connection: losing it later is not a failed attempt.
     answered: bool,
+    /// An event arrived on this connection: it is more than an upgrade that goes nowhere.
+    heard: bool,
 }
 
 #[derive(Debug)]
@@ -673,6 +676,8 @@ struct Session {
     config: SessionConfig,
     /// Current endpoint: the configured one, or its HTTP fallback.
     endpoint: Endpoint,
+    /// The endpoint the session was configured with.
+    configured: Endpoint,
     fell_back: bool,
     commands: mpsc::Receiver<Command>,
     handles_gone: bool,
@@ -959,6 +964,7 @@ impl Session {
         }
         self.retry_at = None;
         let now = Instant::now();
+        self.choose_transport(now);
         let background = !self.queue.iter().any(Work::has_caller);
         match self.backoff.permit(now, background) {
             Permit::Go => {}
@@ -1010,6 +1016,33 @@ impl Session {
         )));
     }
 
+    /// WebSocket mode or HTTP + SSE for the next connection: HTTP while the provider's policy
+    /// says WebSocket mode failed there lately, WebSocket mode again once that has expired.
+    fn choose_transport(&mut self, now: Instant) {
+        if self.configured.kind() != TransportKind::WebSocket {
+            return;
+        }
+        match (self.backoff.prefers_http(now), self.fell_back) {
+            (true, false) => {
+                if let Some(fallback) = self.configured.http_fallback() {
+                    info!(
+                        url = fallback.url(),
+                        "WebSocket mode failed with this provider lately; using HTTP + SSE"
+                    );
+                    self.endpoint = fallback;
+                    self.fell_back = true;
+                    self.report(SessionState::FellBackToHttp);
+                }
+            }
+            (false, true) => {
+                info!(url = self.configured.url(), "trying WebSocket mode again");
+                self.endpoint = self.configured.clone();
+                self.fell_back = false;
+            }
+            _ => {}
+        }
+    }
+
     /// Reconnect in the background, when the provider's policy allows (see [`Backoff`]).
     fn schedule_reconnect(&mut self) {
         self.start_connect();
@@ -1036,6 +1069,7 @@ impl Session {
                     ping: None,
                     pong_deadline: None,
                     answered: false,
+                    heard: false,
                 });
                 self.report(if ws {
                     SessionState::ConnectedWebSocket
@@ -1058,6 +1092,7 @@ impl Session {
                     self.report(SessionState::FellBackToHttp);
                     // The provider answered (it refused the upgrade): not a failed attempt.
                     self.backoff.released();
+                    self.backoff.fall_back(Instant::now());
                     self.start_connect();
                 }
                 None => self.connect_failed(e),
@@ -1191,6 +1226,9 @@ impl Session {
         if let Some(live) = self.live.as_mut() {
             live.last_rx = Instant::now();
             live.pong_deadline = None;
+            if matches!(incoming, Incoming::Event(_)) {
+                live.heard = true;
+            }
         }
         match incoming {
             Incoming::Event(event) => self.on_event(event),
@@ -1219,10 +1257,20 @@ impl Session {
         warn!(%reason, "provider connection lost");
         self.report(SessionState::Lost);
         self.last_error = Some(reason.clone());
+        let mut falls_back = false;
         if let Some(live) = self.live.take() {
-            // Dropped before any response on it completed: the attempt failed (a gateway that
-            // accepts the upgrade and closes unanswered must not be reconnected to at once).
-            if !live.answered {
+            let ws = live.conn.kind() == TransportKind::WebSocket;
+            if ws && !live.heard && self.configured.http_fallback().is_some() {
+                // A WebSocket that opened and closed before its first event: treated like a
+                // refused upgrade. The request is retried over HTTP + SSE, and the provider's
+                // sessions use it for a while.
+                warn!(%reason, "WebSocket mode failed after the upgrade; falling back to HTTP + SSE");
+                self.backoff.released();
+                self.backoff.fall_back(Instant::now());
+                falls_back = true;
+            } else if !live.answered {
+                // Dropped before any response on it completed: the attempt failed (a gateway
+                // that accepts connections and drops them must not be reconnected to at once).
                 self.backoff.failed(Instant::now(), &reason, random_unit());
             }
             live.conn.close();
@@ -1233,6 +1281,10 @@ impl Session {
                 Work::Turn(mut job) if !f.forwarded && job.attempts < MAX_ATTEMPTS => {
                     job.force_unchained = true;
                     self.queue.push_front(Work::Turn(job));
+                }
+                // An explicit prewarm is answered over HTTP (which has none): not failed.
+                work @ Work::Prewarm(_) if falls_back && work.has_caller() => {
+                    self.queue.push_front(work);
                 }
                 work => fail_work(work, TurnFailure::Transport(reason)),
             }
@@ -1256,6 +1308,10 @@ impl Session {
                 self.report(SessionState::Rotating);
                 self.drop_live();
                 self.rewarm_on_connect = true;
+            }
+            if self.fell_back && self.live.is_some() && !self.backoff.prefers_http(Instant::now()) {
+                // The fallback has run its time: the next connection tries WebSocket mode.
+                self.drop_live();
             }
             if self.live.is_none() {
                 self.start_connect();

@@ -716,8 +716,11 @@ async fn unreachable_provider_fails_fast_and_shutdown_stops_the_task() {
 
 #[tokio::test]
 async fn a_provider_that_drops_every_connection_unanswered_is_not_stormed() {
-    // A gateway that accepts the upgrade, reads the request and closes without answering.
-    let script: Script = Arc::new(|_conn, _n, _body| vec![Action::Close]);
+    // A gateway that accepts the upgrade, starts a response and drops the connection before
+    // it completes. (One that closes before any event is a WebSocket failure: the session
+    // falls back to HTTP + SSE; see the `storm` and `gateway` suites.)
+    let script: Script =
+        Arc::new(|_conn, _n, _body| vec![Action::Send(created("resp_x")), Action::Close]);
     let mut server = FakeWs::start(script).await;
     // One policy for the provider, shared by five sessions (five watched repositories); short
     // delays keep the test fast, the shape is the daemon's.
