@@ -537,6 +537,10 @@ impl Asks {
         let mut parser = StreamingParser::new();
         // The whole tool input streamed (some providers send it only in the final item).
         let mut streamed = String::new();
+        // `apply_patch` bridged to a function tool by a gateway: its arguments stream as JSON,
+        // decoded for the same preview (by item id; read-only tools stream there too).
+        let mut bridged: HashMap<String, crate::provider::arguments::ArgumentStream> =
+            HashMap::new();
         let mut deltas = 0u64;
         let mut first_delta: Option<Instant> = None;
         let done = loop {
@@ -571,9 +575,29 @@ impl Asks {
                     streamed.push_str(&delta);
                     emit(AskEvent::Patch { delta }).await;
                 }
-                Some(TurnEvent::FunctionArgumentsDelta { .. }) => {
+                Some(TurnEvent::FunctionArgumentsDelta { item_id, delta }) => {
                     first_delta.get_or_insert_with(Instant::now);
                     deltas += 1;
+                    if let Some(args) = bridged.get_mut(&item_id) {
+                        let delta = args.push(&delta);
+                        if !delta.is_empty() {
+                            for e in parser.push(&delta) {
+                                if let StreamEvent::FileStarted { path, kind } = e {
+                                    emit(AskEvent::PatchFile {
+                                        path,
+                                        op: format!("{kind:?}").to_lowercase(),
+                                    })
+                                    .await;
+                                }
+                            }
+                            emit(AskEvent::Patch { delta }).await;
+                        }
+                    }
+                }
+                Some(TurnEvent::ItemAdded(OutputItem::FunctionCall { id, name, .. }))
+                    if name == crate::provider::wire::APPLY_PATCH_TOOL =>
+                {
+                    bridged.insert(id, Default::default());
                 }
                 Some(TurnEvent::Done(done)) => break done,
                 Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),

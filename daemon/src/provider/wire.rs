@@ -38,8 +38,10 @@ eof_line: "*** End of File" LF
 /// Name of the edit tool; the ask pipeline matches tool calls on it.
 pub(crate) const APPLY_PATCH_TOOL: &str = "apply_patch";
 
-const APPLY_PATCH_DESCRIPTION: &str = "Use the `apply_patch` tool to edit files. This is a \
-FREEFORM tool, so do not wrap the patch in JSON.";
+/// True for the freeform tool and for a gateway's function-tool bridge of it alike.
+const APPLY_PATCH_DESCRIPTION: &str = "Use the `apply_patch` tool to edit files. Its input is \
+the patch text itself, from `*** Begin Patch` to `*** End Patch`; where the tool takes JSON \
+arguments, the patch is the string value of `input`.";
 
 /// Who speaks in an input message.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

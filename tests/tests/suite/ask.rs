@@ -882,3 +882,37 @@ fn the_prompt_cache_key_is_stable_per_repository_and_never_the_local_path() {
     assert!(first.len() >= 3, "{keys:?}");
     assert!(keys.iter().any(|k| *k != keys[0]), "{keys:?}");
 }
+
+#[test]
+fn a_patch_bridged_to_a_function_tool_streams_into_the_preview_and_lands() {
+    // A gateway without freeform tools sends the patch as JSON arguments, a few characters a
+    // delta, escapes cut anywhere.
+    let p = Provider::start(
+        Script::new().turns([Turn::function_apply_patch(PATCH_ONE).with_delta_chars(3)]),
+    );
+    let d = p.daemon(true);
+    let repo = repo();
+    let mut c = d.client();
+    let (r, progress) = ask(&mut c, &params(&repo, "one", &["src/lib.rs"]));
+    assert!(r.expect("lands").edit.is_some());
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    1\n", "    100\n").as_bytes()
+    );
+    let preview: String = progress
+        .iter()
+        .filter_map(|p| match &p.event {
+            AskEvent::Patch { delta } => Some(delta.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        preview, PATCH_ONE,
+        "the preview shows the patch text, not its JSON"
+    );
+    assert!(
+        progress
+            .iter()
+            .any(|p| matches!(&p.event, AskEvent::PatchFile { path, .. } if path == "src/lib.rs"))
+    );
+}
