@@ -819,6 +819,26 @@ struct Repaired {
     answer: String,
 }
 
+/// The patch in a function call's JSON arguments: the `input` string (spark's own function
+/// variant), else the object's only string value (a gateway's bridge names it as it likes, e.g.
+/// LiteLLM's `content`), else a bare JSON string, else the text as it came.
+fn patch_argument(arguments: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(arguments) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(serde_json::Value::Object(map)) => {
+            if let Some(s) = map.get("input").and_then(|v| v.as_str()) {
+                return s.to_owned();
+            }
+            let mut strings = map.values().filter_map(|v| v.as_str());
+            match (strings.next(), strings.next()) {
+                (Some(only), None) => only.to_owned(),
+                _ => arguments.to_owned(),
+            }
+        }
+        _ => arguments.to_owned(),
+    }
+}
+
 /// The `prompt_cache_key` of a conversation: the same for every ask in one repository with one
 /// provider and model (so unchained resends hit the provider's prompt cache), and opaque: a
 /// local path never leaves the machine. 128 bits of two keyed SipHash runs; a change of the
@@ -1266,11 +1286,7 @@ fn find_patch(output: &[OutputItem]) -> Option<(Call, String)> {
                 arguments,
                 ..
             } if name == "apply_patch" => {
-                let input = serde_json::from_str::<serde_json::Value>(arguments)
-                    .ok()
-                    .and_then(|v| v.get("input").and_then(|i| i.as_str()).map(str::to_owned))
-                    .unwrap_or_else(|| arguments.clone());
-                return Some((Call::Function(call_id.clone()), input));
+                return Some((Call::Function(call_id.clone()), patch_argument(arguments)));
             }
             _ => {}
         }

@@ -41,7 +41,7 @@ pub(crate) const APPLY_PATCH_TOOL: &str = "apply_patch";
 /// True for the freeform tool and for a gateway's function-tool bridge of it alike.
 const APPLY_PATCH_DESCRIPTION: &str = "Use the `apply_patch` tool to edit files. Its input is \
 the patch text itself, from `*** Begin Patch` to `*** End Patch`; where the tool takes JSON \
-arguments, the patch is the string value of `input`.";
+arguments, the patch is its one string argument.";
 
 /// Who speaks in an input message.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

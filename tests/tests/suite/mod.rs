@@ -3,6 +3,7 @@ mod crash;
 mod daily;
 mod edits;
 mod fidelity;
+mod gateway;
 mod hostile;
 mod lifecycle;
 mod protocol;
