@@ -1197,3 +1197,42 @@ fn write_stdout(bytes: &[u8]) -> Result<(), Failure> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(sessions: serde_json::Value) -> StatusResult {
+        serde_json::from_value(serde_json::json!({
+            "version": "0.1.0", "protocol_version": 1, "pid": 7, "started_at": 0,
+            "uptime_ms": 1000, "socket": "<socket>", "log_file": "<log>", "connections": 1,
+            "repos": [], "sessions": sessions,
+        }))
+        .expect("a status")
+    }
+
+    #[test]
+    fn status_says_why_a_provider_fails_and_what_happens_next() {
+        let text = render_status(&status(serde_json::json!([
+            {"repo": "<repo>", "connected": false, "age_ms": 5000,
+             "provider": "wss://gateway.example/v1/responses", "model": "m",
+             "fell_back_to_http": true, "failures": 4,
+             "last_error": "closed by the provider (1011: internal error)",
+             "next_attempt_in_ms": 12000},
+            {"repo": "<other>", "connected": false, "age_ms": 5000, "failures": 3,
+             "paused": true, "last_error": "connection refused"},
+        ])));
+        assert!(
+            text.contains("HTTP + SSE (WebSocket mode failed here; retried later)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("4 failed attempts in a row, last: closed by the provider (1011: internal error); next attempt in 12s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("3 failed attempts in a row, last: connection refused; reconnects paused until the next ask or watch"),
+            "{text}"
+        );
+    }
+}
