@@ -9,7 +9,7 @@
 //! - [`output`]: colour and pager choices, as git makes them.
 //! - [`service`]: the daemon as a systemd user unit or a launchd agent.
 //! - [`settings`]: the asking shell's provider settings, sent with each `ask`.
-//! - [`ClientError`]: every failure, with the exit code (SPEC §2) and a hint for the user.
+//! - [`ClientError`]: every failure, with the exit code (0/1/2/130, as the README says) and a hint for the user.
 
 pub mod autostart;
 mod client;

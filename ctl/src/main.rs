@@ -1,5 +1,5 @@
 //! The `sparkctl` binary: parse the command line, reach the daemon (starting it when needed),
-//! print the answer for people or as JSON, and exit 0/1/2 as SPEC §2 says.
+//! print the answer for people or as JSON, and exit 0/1/2/130 as the README says.
 
 use std::io::Write;
 use std::path::PathBuf;

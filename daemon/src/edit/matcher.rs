@@ -1,4 +1,4 @@
-//! Applying an update's chunks to a file's bytes (SPEC §6, steps 1 and 4). Chunks are found
+//! Applying an update's chunks to a file's bytes (ARCHITECTURE.md, "Data flow: `edit/apply`"). Chunks are found
 //! with Codex's passes — exact, ignoring trailing whitespace, trimmed, Unicode punctuation
 //! normalised — in file order from a cursor, and a chunk that matches nowhere, or only loosely
 //! in more than one place, is refused rather than guessed.
@@ -160,7 +160,7 @@ pub(crate) fn apply_update(original: &[u8], chunks: &[Chunk]) -> Result<Vec<u8>,
         0
     };
     let body = &original[bom..];
-    // NUL is valid UTF-8, but git calls such files binary too, and so do we (SPEC §6 step 2).
+    // NUL is valid UTF-8, but git calls such files binary too, and so do we (docs/protocol.md, `binary_target`).
     if let Some(offset) = body.iter().position(|&byte| byte == 0) {
         return Err(MatchError::Binary {
             offset: bom + offset,

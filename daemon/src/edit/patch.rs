@@ -1,4 +1,4 @@
-//! Parsing of the edits a model sends back (SPEC §6, step 1): the Codex `apply_patch` format,
+//! Parsing of the edits a model sends back (docs/protocol.md, "Patch formats"): the Codex `apply_patch` format,
 //! which Codex models are trained to emit, and aider's SEARCH/REPLACE blocks as a second format.
 //! Both become one [`Patch`]. Finding chunks in a file is `matcher`'s job and path validation
 //! belongs to the path module, so paths come back exactly as written.
@@ -159,7 +159,7 @@ pub(crate) fn parse_patch(text: &str) -> Result<Patch, ParseError> {
 }
 
 /// Parses either format. A Codex patch may also sit inside prose or a Markdown fence (patches in
-/// plain message text, SPEC §4): then it is parsed from its `*** Begin Patch` line and whatever
+/// plain message text, docs/protocol.md "Patch formats"): then it is parsed from its `*** Begin Patch` line and whatever
 /// follows `*** End Patch` is ignored.
 pub(crate) fn parse_any(text: &str) -> Result<Patch, ParseError> {
     let first = text.lines().map(str::trim).find(|line| !line.is_empty());

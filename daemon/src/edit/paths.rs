@@ -14,7 +14,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// Files spark never reads, sends or writes (SPEC §5), matched case-insensitively. A pattern is
+/// Files spark never reads, sends or writes (ARCHITECTURE.md, "Invariants"), matched case-insensitively. A pattern is
 /// a basename (`.npmrc`), a basename with one leading or trailing `*` (`*.pem`, `id_rsa*`), or a
 /// directory name ending in `/` that matches any component of the path (`.ssh/`).
 pub(crate) const SECRET_PATTERNS: &[&str] = &[
