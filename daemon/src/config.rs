@@ -16,6 +16,8 @@ pub const DEFAULT_PROVIDER_URL: &str = "wss://api.openai.com/v1/responses";
 pub const DEFAULT_MODEL: &str = "gpt-5.3-codex-spark";
 /// How long in-flight work may take to finish once shutdown starts.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A drafted commit message is worth waiting for only this long: a commit must not feel slow.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open connections beyond this are refused: protects the daemon from a runaway client loop.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
@@ -34,6 +36,9 @@ pub struct ConfigFile {
     /// fsync edited files, journals and the ledger (default true). Off trades crash safety
     /// for speed; only benchmarks should turn it off.
     pub fsync: Option<bool>,
+    /// Hard cap on the `prepare-commit-msg` hook's draft (default 5000); `sparkctl` reads the
+    /// same key and gives up at this wall-clock deadline, so a commit is never held longer.
+    pub hook_timeout_ms: Option<u64>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -58,6 +63,8 @@ pub struct Config {
     pub max_connections: usize,
     pub log: String,
     pub fsync: bool,
+    /// The draft turn's cap (`hook_timeout_ms`).
+    pub hook_timeout: Duration,
     /// Test hook: abort at this named point of an edit, or fail there with an error when named
     /// `fail_<point>` (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
@@ -79,6 +86,7 @@ impl fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("log", &self.log)
             .field("fsync", &self.fsync)
+            .field("hook_timeout", &self.hook_timeout)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
             .finish()
@@ -169,6 +177,10 @@ impl Config {
                 .or(file.log)
                 .unwrap_or_else(|| "info".to_owned()),
             fsync: file.fsync.unwrap_or(true),
+            hook_timeout: file
+                .hook_timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_HOOK_TIMEOUT),
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
             } else {

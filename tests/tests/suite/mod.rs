@@ -2,6 +2,7 @@ mod ask;
 mod crash;
 mod daily;
 mod edits;
+mod hooks;
 mod hostile;
 mod lifecycle;
 mod protocol;

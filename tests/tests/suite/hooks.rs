@@ -1,0 +1,305 @@
+//! Git hooks with the real git CLI: `sparkctl hooks install | uninstall | status`, the drafted
+//! commit message over the daemon (and its guards), chaining and byte-for-byte restore of the
+//! hooks that were there, `core.hooksPath`, and hooks that stay harmless when spark is absent.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use spark_tests::fake_provider::{Script, Turn};
+use spark_tests::{Home, Provider, TestRepo, bin, hermetic_git, snapshot, stderr, stdout};
+
+const DRAFT: &str = "Greet the whole world\n\nThe greeting now names everyone it is meant for.";
+
+/// A directory holding only a `sparkctl` link, to put first on PATH as an installed one would be.
+struct PathDir {
+    dir: tempfile::TempDir,
+}
+
+impl PathDir {
+    fn with_sparkctl() -> PathDir {
+        let dir = tempfile::Builder::new()
+            .prefix("bin")
+            .tempdir_in("/tmp")
+            .expect("temp bin dir");
+        std::os::unix::fs::symlink(bin("sparkctl"), dir.path().join("sparkctl"))
+            .expect("link sparkctl");
+        PathDir { dir }
+    }
+
+    fn path_var(&self) -> String {
+        format!("{}:/usr/local/bin:/usr/bin:/bin", self.dir.path().display())
+    }
+}
+
+/// `git` in `repo` as a user runs it: hermetic config, spark's home, the given PATH.
+fn git(repo: &Path, home: &Path, path_var: &str) -> Command {
+    let mut cmd = hermetic_git(repo);
+    for var in [
+        "SPARK_SOCKET",
+        "SPARK_PROVIDER_URL",
+        "SPARK_MODEL",
+        "SPARK_API_KEY",
+        "OPENAI_API_KEY",
+        "GIT_EDITOR",
+        "EDITOR",
+        "VISUAL",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("SPARK_HOME", home)
+        .env("HOME", home)
+        .env("PATH", path_var);
+    cmd
+}
+
+/// `sparkctl args…` run in `dir`.
+fn sparkctl(dir: &Path, home: &Path, args: &[&str]) -> Output {
+    let out = Command::new(bin("sparkctl"))
+        .current_dir(dir)
+        .env("SPARK_HOME", home)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .args(args)
+        .output()
+        .expect("run sparkctl");
+    assert!(out.status.success(), "sparkctl {args:?}: {}", stderr(&out));
+    out
+}
+
+fn head_message(repo: &TestRepo) -> String {
+    repo.git(&["log", "-1", "--format=%B"]).trim().to_owned()
+}
+
+fn stage_change_and_secret(repo: &TestRepo) {
+    repo.write("hello.txt", b"hello, world\n");
+    repo.write(".env", b"API_TOKEN=hunter2-very-secret\n");
+    repo.git(&["add", "-f", "hello.txt", ".env"]);
+}
+
+fn hooks_dir(repo: &TestRepo) -> PathBuf {
+    repo.path().join(".git/hooks")
+}
+
+#[test]
+fn a_commit_written_from_scratch_gets_the_drafted_message_without_secrets() {
+    let provider = Provider::start(Script::new().turn(Turn::text(DRAFT)));
+    let daemon = provider.daemon(true);
+    let bin_dir = PathDir::with_sparkctl();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    sparkctl(repo.path(), daemon.home.path(), &["hooks", "install"]);
+    stage_change_and_secret(&repo);
+
+    let out = git(repo.path(), daemon.home.path(), &bin_dir.path_var())
+        .env("GIT_EDITOR", "true")
+        .args(["commit", "-q"])
+        .output()
+        .expect("git commit");
+    assert!(out.status.success(), "commit failed: {}", stderr(&out));
+    assert_eq!(head_message(&repo), DRAFT);
+
+    let requests = provider.wait_for_requests(1);
+    let sent: String = requests.iter().map(|r| r.raw.as_str()).collect();
+    assert!(
+        sent.contains("+hello, world"),
+        "the staged diff is sent: {sent}"
+    );
+    assert!(sent.contains("-hello"), "{sent}");
+    assert!(
+        !sent.contains("hunter2"),
+        "a staged secret never leaves: {sent}"
+    );
+    assert!(!sent.contains("API_TOKEN"), "{sent}");
+    // Its own conversation: no outline or apply_patch tool of the ask conversation.
+    assert!(!sent.contains("apply_patch"), "{sent}");
+}
+
+#[test]
+fn a_message_given_with_dash_m_is_left_alone_and_nothing_is_sent() {
+    let provider = Provider::start(Script::new().default_turn(Turn::text(DRAFT)));
+    let daemon = provider.daemon(true);
+    let bin_dir = PathDir::with_sparkctl();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    sparkctl(repo.path(), daemon.home.path(), &["hooks", "install"]);
+    stage_change_and_secret(&repo);
+
+    let out = git(repo.path(), daemon.home.path(), &bin_dir.path_var())
+        .args(["commit", "-q", "-m", "my own words"])
+        .output()
+        .expect("git commit");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(head_message(&repo), "my own words");
+    assert_eq!(stderr(&out), "", "a hook with nothing to do says nothing");
+    // The hook has returned: had it asked, the request would be recorded already.
+    assert!(provider.fake.requests().is_empty());
+}
+
+#[test]
+fn an_unreachable_provider_leaves_the_message_as_git_made_it_within_the_cap() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let home = Home::new();
+    std::fs::write(home.path().join("config.toml"), "hook_timeout_ms = 1500\n").expect("config");
+    let mut config = home.config();
+    config.provider_url = format!("ws://127.0.0.1:{port}/v1/responses");
+    config.fsync = false;
+    assert_eq!(config.hook_timeout, Duration::from_millis(1500));
+    let daemon = spark_tests::InProcess::start_with(home, config);
+    let bin_dir = PathDir::with_sparkctl();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    sparkctl(repo.path(), daemon.home.path(), &["hooks", "install"]);
+    stage_change_and_secret(&repo);
+
+    let started = Instant::now();
+    let out = git(repo.path(), daemon.home.path(), &bin_dir.path_var())
+        .env("GIT_EDITOR", "echo typed by hand >>")
+        .args(["commit", "-q"])
+        .output()
+        .expect("git commit");
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(head_message(&repo), "typed by hand");
+    assert!(
+        took < Duration::from_millis(1500 + 2000),
+        "the cap holds: {took:?}"
+    );
+    let err = stderr(&out);
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with("spark: no drafted commit message"))
+            .count(),
+        1,
+        "one line says why: {err}"
+    );
+}
+
+#[test]
+fn an_existing_hook_is_chained_and_restored_byte_for_byte_with_its_mode() {
+    let home = Home::new();
+    let bin_dir = PathDir::with_sparkctl();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    let hook = hooks_dir(&repo).join("prepare-commit-msg");
+    std::fs::write(
+        &hook,
+        b"#!/bin/sh\necho \"team hook ran for $2\" >&2\nexit 3\n",
+    )
+    .expect("write hook");
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let before = snapshot(&hooks_dir(&repo));
+
+    sparkctl(repo.path(), home.path(), &["hooks", "install"]);
+    let installed = snapshot(&hooks_dir(&repo));
+    assert_ne!(installed, before);
+    sparkctl(repo.path(), home.path(), &["hooks", "install"]);
+    assert_eq!(
+        snapshot(&hooks_dir(&repo)),
+        installed,
+        "installing twice changes nothing"
+    );
+    let status = stdout(&sparkctl(repo.path(), home.path(), &["hooks", "status"]));
+    assert!(status.contains("prepare-commit-msg"), "{status}");
+    assert!(status.contains("after the hook that was there"), "{status}");
+    assert!(
+        status.contains(&hooks_dir(&repo).display().to_string()),
+        "{status}"
+    );
+
+    // The old hook still runs first, with its output, and its failure still fails the commit.
+    repo.write("hello.txt", b"hello again\n");
+    repo.git(&["add", "hello.txt"]);
+    let out = git(repo.path(), home.path(), &bin_dir.path_var())
+        .args(["commit", "-q", "-m", "blocked"])
+        .output()
+        .expect("git commit");
+    assert!(
+        !out.status.success(),
+        "the chained hook's failure fails the commit"
+    );
+    assert!(
+        stderr(&out).contains("team hook ran for message"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(head_message(&repo), "initial");
+
+    sparkctl(repo.path(), home.path(), &["hooks", "uninstall"]);
+    assert_eq!(
+        snapshot(&hooks_dir(&repo)),
+        before,
+        "restored byte for byte, with its mode"
+    );
+}
+
+#[test]
+fn a_core_hooks_path_setup_is_chained_and_restored() {
+    let home = Home::new();
+    let bin_dir = PathDir::with_sparkctl();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    repo.git(&["config", "core.hooksPath", ".husky"]);
+    let husky = repo.path().join(".husky");
+    std::fs::create_dir(&husky).expect("mkdir .husky");
+    std::fs::write(
+        husky.join("post-checkout"),
+        b"#!/bin/sh\necho \"$3\" > checkout-seen\n",
+    )
+    .expect("write hook");
+    std::fs::set_permissions(
+        husky.join("post-checkout"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    let before = snapshot(&husky);
+
+    sparkctl(repo.path(), home.path(), &["hooks", "install"]);
+    assert!(
+        !hooks_dir(&repo).join("post-checkout").exists(),
+        "nothing goes where git does not look"
+    );
+    assert!(husky.join("prepare-commit-msg").exists());
+
+    // No daemon runs: the chained hook works and spark's part stays silent.
+    let out = git(repo.path(), home.path(), &bin_dir.path_var())
+        .args(["checkout", "-q", "-b", "topic"])
+        .output()
+        .expect("git checkout");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(repo.read("checkout-seen"), b"1\n");
+    assert_eq!(stderr(&out), "");
+
+    sparkctl(repo.path(), home.path(), &["hooks", "uninstall"]);
+    assert_eq!(snapshot(&husky), before);
+}
+
+#[test]
+fn hooks_are_harmless_when_sparkctl_is_missing() {
+    let home = Home::new();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    sparkctl(repo.path(), home.path(), &["hooks", "install"]);
+    stage_change_and_secret(&repo);
+    let no_spark = "/usr/local/bin:/usr/bin:/bin";
+
+    let out = git(repo.path(), home.path(), no_spark)
+        .env("GIT_EDITOR", "echo typed by hand >>")
+        .args(["commit", "-q"])
+        .output()
+        .expect("git commit");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    assert_eq!(head_message(&repo), "typed by hand");
+    let out = git(repo.path(), home.path(), no_spark)
+        .args(["checkout", "-q", "-b", "topic"])
+        .output()
+        .expect("git checkout");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    assert!(
+        !home.layout().socket.exists(),
+        "a hook never starts a daemon"
+    );
+}
