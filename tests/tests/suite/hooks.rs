@@ -303,3 +303,112 @@ fn hooks_are_harmless_when_sparkctl_is_missing() {
         "a hook never starts a daemon"
     );
 }
+
+/// A stand-in daemon on the socket: answers `initialize`, records every other request, answers
+/// it with `result`.
+fn fake_daemon(
+    home: &Home,
+    result: serde_json::Value,
+) -> std::sync::mpsc::Receiver<serde_json::Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let socket = home.layout().socket;
+    let dir = socket.parent().expect("socket dir");
+    std::fs::create_dir_all(dir).expect("socket dir");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut writer = conn.try_clone().expect("clone");
+            for line in BufReader::new(conn).lines() {
+                let Ok(line) = line else { break };
+                let req: serde_json::Value = serde_json::from_str(&line).expect("json request");
+                let answer = if req["method"] == "initialize" {
+                    serde_json::json!({"protocol_version": spark_proto::PROTOCOL_VERSION,
+                        "daemon_version": sparkctl::VERSION, "pid": std::process::id()})
+                } else {
+                    if tx.send(req.clone()).is_err() {
+                        return;
+                    }
+                    result.clone()
+                };
+                let reply =
+                    serde_json::json!({"jsonrpc": "2.0", "id": req["id"], "result": answer});
+                if writeln!(writer, "{reply}").is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn checkout_merge_and_rebase_tell_a_running_daemon_to_refresh() {
+    let home = Home::new();
+    let bin_dir = PathDir::with_sparkctl();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    sparkctl(repo.path(), home.path(), &["hooks", "install"]);
+    let requests = fake_daemon(
+        &home,
+        serde_json::json!({"repo": repo.cwd(), "was_watched": true}),
+    );
+    let repo_dir = std::fs::canonicalize(repo.path()).expect("canonical");
+    let expect_refresh = |what: &str| {
+        let req = requests
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{what} sent no refresh"));
+        assert_eq!(req["method"], "refresh", "{what}: {req}");
+        let dir = PathBuf::from(req["params"]["dir"].as_str().expect("dir"));
+        assert_eq!(std::fs::canonicalize(dir).expect("dir"), repo_dir, "{what}");
+    };
+
+    let run = |args: &[&str]| {
+        let out = git(repo.path(), home.path(), &bin_dir.path_var())
+            .args(args)
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "git {args:?}");
+    };
+    run(&["checkout", "-q", "-b", "topic"]);
+    expect_refresh("checkout");
+    repo.write("hello.txt", b"hello, topic\n");
+    run(&["commit", "-q", "-am", "topic"]);
+    run(&["checkout", "-q", "main"]);
+    expect_refresh("checkout back");
+    run(&["merge", "-q", "--ff-only", "topic"]);
+    expect_refresh("merge");
+    run(&["commit", "-q", "--amend", "-m", "topic, amended"]);
+    expect_refresh("amend (post-rewrite)");
+    assert!(
+        requests.try_recv().is_err(),
+        "`-m` commits ask for no draft, and each hook refreshes once"
+    );
+}
+
+#[test]
+fn a_linked_worktree_installs_into_the_shared_hooks() {
+    let home = Home::new();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    let linked = tempfile::Builder::new()
+        .prefix("wt")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+    let linked_path = linked.path().join("linked");
+    repo.git(&[
+        "worktree",
+        "add",
+        "-q",
+        linked_path.to_str().expect("utf-8"),
+        "-b",
+        "side",
+    ]);
+    sparkctl(&linked_path, home.path(), &["hooks", "install"]);
+    let wrapper = std::fs::read_to_string(hooks_dir(&repo).join("post-checkout")).expect("hook");
+    assert!(wrapper.contains("sparkctl hook post-checkout"), "{wrapper}");
+    let status = stdout(&sparkctl(repo.path(), home.path(), &["hooks", "status"]));
+    assert!(status.contains("post-checkout"), "{status}");
+    assert!(!status.contains("not installed"), "{status}");
+}
