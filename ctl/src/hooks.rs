@@ -114,17 +114,23 @@ pub fn hooks_dir(dir: &Path) -> Result<PathBuf, HooksError> {
 }
 
 /// The wrapper script for `name`. POSIX sh; exits 0 whatever spark does, so only the chained
-/// hook can fail the git command.
+/// hook can fail the git command. Refresh hooks run spark's part in the background, detached
+/// from git's output, so `git checkout` pays only for a shell start.
 pub fn wrapper(name: &str) -> String {
+    let call = if name == "prepare-commit-msg" {
+        format!("sparkctl hook {name} \"$@\" </dev/null || true")
+    } else {
+        format!("sparkctl hook {name} \"$@\" </dev/null >/dev/null 2>&1 &")
+    };
     format!(
         "#!/bin/sh\n\
          {MARKER}; `sparkctl hooks uninstall` restores what was here.\n\
-         chained=\"$(dirname \"$0\")/{name}{CHAINED_SUFFIX}\"\n\
+         chained=\"${{0%/*}}/{name}{CHAINED_SUFFIX}\"\n\
          if [ -x \"$chained\" ]; then\n\
          \t\"$chained\" \"$@\" || exit $?\n\
          fi\n\
          command -v sparkctl >/dev/null 2>&1 || exit 0\n\
-         sparkctl hook {name} \"$@\" </dev/null || true\n\
+         {call}\n\
          exit 0\n"
     )
 }
@@ -327,9 +333,12 @@ mod tests {
     fn the_wrapper_names_its_hook_and_always_exits_zero_itself() {
         let w = wrapper("post-merge");
         assert!(w.starts_with("#!/bin/sh\n"));
-        assert!(w.contains("sparkctl hook post-merge \"$@\""));
+        assert!(w.contains("sparkctl hook post-merge \"$@\" </dev/null >/dev/null 2>&1 &"));
         assert!(w.contains("post-merge.spark-chained"));
         assert!(w.ends_with("exit 0\n"));
         assert!(w.contains(MARKER));
+        // The draft is written before git opens the editor: it cannot run in the background.
+        let w = wrapper("prepare-commit-msg");
+        assert!(w.contains("sparkctl hook prepare-commit-msg \"$@\" </dev/null || true\n"));
     }
 }
