@@ -199,3 +199,70 @@ fn staged_diff(ctx: &RepoCtx<'_>) -> Result<Staged, DraftError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::edit::EditEnv;
+    use crate::edit::journal::{Durability, Failpoint};
+
+    fn staged(dir: &Path) -> Staged {
+        let repo = git2::Repository::open(dir).expect("open");
+        let env = EditEnv {
+            journal_dir: dir.join(".git/spark-journal"),
+            durability: Durability { fsync: false },
+            failpoint: Failpoint(None),
+        };
+        let ctx = RepoCtx {
+            repo: &repo,
+            workdir: dir,
+            env: &env,
+        };
+        staged_diff(&ctx).expect("staged diff")
+    }
+
+    fn add(repo: &git2::Repository, path: &str, bytes: &[u8]) {
+        let dir = repo.workdir().expect("workdir");
+        std::fs::write(dir.join(path), bytes).expect("write");
+        let mut index = repo.index().expect("index");
+        index.add_path(Path::new(path)).expect("add");
+        index.write().expect("write index");
+    }
+
+    #[test]
+    fn only_staged_text_that_may_leave_is_in_the_diff() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let repo = git2::Repository::init(dir).expect("init");
+        std::fs::write(dir.join(".gitignore"), "build/\n*.log\n").expect("write");
+        add(&repo, "kept.txt", b"kept line\n");
+        add(&repo, ".env", b"TOKEN=hunter2\n");
+        add(&repo, "id_rsa", b"-----BEGIN KEY-----\n");
+        add(&repo, "image.bin", b"\x00\x01\x02binary");
+        add(&repo, "forced.log", b"ignored but added with -f\n");
+        add(&repo, "big.txt", &vec![b'x'; MAX_FILE_BYTES + 1]);
+        std::fs::write(dir.join("unstaged.txt"), "not staged\n").expect("write");
+
+        let s = staged(dir);
+        assert_eq!(s.files, vec!["kept.txt".to_owned()]);
+        let mut omitted = s.omitted.clone();
+        omitted.sort();
+        assert_eq!(
+            omitted,
+            [".env", "big.txt", "forced.log", "id_rsa", "image.bin"]
+        );
+        assert!(s.diff.contains("+kept line"), "{}", s.diff);
+        for secret in ["hunter2", "BEGIN KEY", "unstaged", "ignored but"] {
+            assert!(!s.diff.contains(secret), "{secret} leaked: {}", s.diff);
+        }
+    }
+
+    #[test]
+    fn nothing_staged_is_an_empty_diff() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        git2::Repository::init(tmp.path()).expect("init");
+        std::fs::write(tmp.path().join("a.txt"), "a\n").expect("write");
+        let s = staged(tmp.path());
+        assert!(s.files.is_empty() && s.omitted.is_empty() && s.diff.is_empty());
+    }
+}
