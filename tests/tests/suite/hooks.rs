@@ -412,3 +412,69 @@ fn a_linked_worktree_installs_into_the_shared_hooks() {
     assert!(status.contains("post-checkout"), "{status}");
     assert!(!status.contains("not installed"), "{status}");
 }
+
+#[test]
+fn a_template_gets_the_draft_above_it_and_an_amend_is_left_alone() {
+    let provider = Provider::start(Script::new().turn(Turn::text(DRAFT)));
+    let daemon = provider.daemon(true);
+    let bin_dir = PathDir::with_sparkctl();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    sparkctl(repo.path(), daemon.home.path(), &["hooks", "install"]);
+    repo.write(".git/msg-template", b"\n# Ticket: \n");
+    stage_change_and_secret(&repo);
+
+    // The editor keeps the file as the hook left it.
+    let out = git(repo.path(), daemon.home.path(), &bin_dir.path_var())
+        .env(
+            "GIT_EDITOR",
+            "cp \"$PWD/.git/COMMIT_EDITMSG\" \"$PWD/.git/seen-by-editor\"; true",
+        )
+        .args(["commit", "-q", "-t", ".git/msg-template"])
+        .output()
+        .expect("git commit");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen = String::from_utf8(repo.read(".git/seen-by-editor")).expect("utf-8");
+    assert!(
+        seen.starts_with(&format!("{DRAFT}\n\n# Ticket: \n")),
+        "{seen}"
+    );
+    assert_eq!(head_message(&repo), DRAFT);
+    assert_eq!(provider.wait_for_requests(1).len(), 1);
+
+    let out = git(repo.path(), daemon.home.path(), &bin_dir.path_var())
+        .env("GIT_EDITOR", "true")
+        .args(["commit", "-q", "--amend"])
+        .output()
+        .expect("git commit --amend");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(head_message(&repo), DRAFT, "the amended message is kept");
+    assert_eq!(
+        provider.fake.requests().len(),
+        1,
+        "an amend asks for no draft"
+    );
+}
+
+#[test]
+fn install_outside_a_repository_is_refused_with_a_hint_and_writes_nothing() {
+    let home = Home::new();
+    let dir = tempfile::Builder::new()
+        .prefix("norepo")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+    let before = snapshot(dir.path());
+    let out = Command::new(bin("sparkctl"))
+        .current_dir(dir.path())
+        .env("SPARK_HOME", home.path())
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CEILING_DIRECTORIES", "/tmp")
+        .args(["hooks", "install"])
+        .output()
+        .expect("run sparkctl");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("is not in a git repository"), "{err}");
+    assert!(err.contains("\nhint: "), "{err}");
+    assert_eq!(snapshot(dir.path()), before);
+}
