@@ -605,6 +605,17 @@ mod tests {
     }
 
     #[test]
+    fn draft_params_take_only_cwd_and_provider() {
+        let p: DraftParams = serde_json::from_value(json!({"cwd":"/r"})).expect("de");
+        assert_eq!(p.provider, None);
+        assert!(serde_json::from_value::<DraftParams>(json!({"cwd":"/r","diff":"x"})).is_err());
+        let r: DraftResult =
+            serde_json::from_value(json!({"message":"m","files":["a"]})).expect("de");
+        assert!(r.omitted.is_empty());
+        assert_eq!(CommitDraft::NAME, "commit/draft");
+    }
+
+    #[test]
     fn edit_states_have_snake_case_wire_names() {
         for (s, name) in [
             (EditState::Applied, "applied"),

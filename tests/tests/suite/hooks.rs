@@ -478,3 +478,31 @@ fn install_outside_a_repository_is_refused_with_a_hint_and_writes_nothing() {
     assert!(err.contains("\nhint: "), "{err}");
     assert_eq!(snapshot(dir.path()), before);
 }
+
+#[test]
+fn without_an_api_key_the_commit_goes_ahead_with_one_line_saying_why() {
+    let home = Home::new();
+    let mut config = home.config();
+    config.provider_url = "wss://provider.invalid/v1/responses".into();
+    config.api_key = None;
+    config.fsync = false;
+    let daemon = spark_tests::InProcess::start_with(home, config);
+    let bin_dir = PathDir::with_sparkctl();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    sparkctl(repo.path(), daemon.home.path(), &["hooks", "install"]);
+    stage_change_and_secret(&repo);
+
+    let out = git(repo.path(), daemon.home.path(), &bin_dir.path_var())
+        .env("GIT_EDITOR", "echo typed by hand >>")
+        .args(["commit", "-q"])
+        .output()
+        .expect("git commit");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(head_message(&repo), "typed by hand");
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("spark: no drafted commit message: no API key"),
+        "{err}"
+    );
+}
