@@ -133,6 +133,22 @@ enum Command {
         #[command(subcommand)]
         action: ServiceAction,
     },
+    /// Install, remove or list spark's git hooks in the repository of DIR (default: the current
+    /// directory): a drafted commit message, and a rescan after checkout, merge or rebase.
+    /// Hooks already there are kept and run first.
+    Hooks {
+        #[command(subcommand)]
+        action: HooksAction,
+    },
+    /// What the installed git hooks run; never fails the git command.
+    #[command(hide = true)]
+    Hook {
+        /// The hook's name, e.g. `prepare-commit-msg`.
+        name: String,
+        /// The arguments git gave the hook.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Print a shell completion script, e.g. `sparkctl completions bash > ~/.local/share/bash-completion/completions/sparkctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -149,6 +165,25 @@ enum ServiceAction {
     Uninstall,
     /// Show whether the service is installed, current and running.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum HooksAction {
+    /// Install the hooks (installing twice changes nothing).
+    Install {
+        /// A directory inside the repository.
+        dir: Option<PathBuf>,
+    },
+    /// Remove them, restoring the hooks that were there before.
+    Uninstall {
+        /// A directory inside the repository.
+        dir: Option<PathBuf>,
+    },
+    /// Show which hooks are installed, and where.
+    Status {
+        /// A directory inside the repository.
+        dir: Option<PathBuf>,
+    },
 }
 
 /// A failure ready to be shown: the message, a hint, and the exit code.
@@ -356,6 +391,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Service { action } => run_service(action, &layout, cli.json),
+        Command::Hooks { action } => run_hooks(action, cli.json),
+        Command::Hook { name, args } => {
+            sparkctl::hooks::run_hook(&name, &args, &layout);
+            Ok(())
+        }
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sparkctl", &mut out);
@@ -424,6 +464,45 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// `sparkctl hooks install | uninstall | status [DIR]`.
+fn run_hooks(action: HooksAction, json: bool) -> Result<(), Failure> {
+    use sparkctl::hooks::{self, HookState};
+    let fail = |e: hooks::HooksError| Failure {
+        hint: Some(e.hint().to_owned()),
+        message: e.to_string(),
+        code: 1,
+        kind: Some("hooks".into()),
+    };
+    let (dir, verb) = match &action {
+        HooksAction::Install { dir } => (dir, "installed"),
+        HooksAction::Uninstall { dir } => (dir, "uninstalled"),
+        HooksAction::Status { dir } => (dir, "status"),
+    };
+    let hooks_dir =
+        hooks::hooks_dir(std::path::Path::new(&dir_param(dir.clone())?)).map_err(fail)?;
+    let list = match action {
+        HooksAction::Install { .. } => hooks::install(&hooks_dir).map_err(fail)?,
+        HooksAction::Uninstall { .. } => hooks::uninstall(&hooks_dir).map_err(fail)?,
+        HooksAction::Status { .. } => hooks::status(&hooks_dir),
+    };
+    if json {
+        return print_json(
+            &serde_json::json!({"hooks_dir": hooks_dir.display().to_string(), "hooks": list}),
+        );
+    }
+    let mut text = format!("{verb}: git hooks in {}", hooks_dir.display());
+    for h in &list {
+        let state = match h.state {
+            HookState::Absent => "not installed",
+            HookState::Installed => "spark",
+            HookState::Chained => "spark, after the hook that was there",
+            HookState::Foreign => "another hook (spark not installed)",
+        };
+        text += &format!("\n  {:<20} {state}", h.name);
+    }
+    print_line(&text)
 }
 
 /// `sparkctl service install | uninstall | status`.

@@ -70,6 +70,11 @@ impl std::fmt::Debug for ProviderChoice {
 }
 
 impl ProviderChoice {
+    /// The key to connect with (for sessions opened outside a conversation, e.g. drafts).
+    pub(crate) fn api_key(&self) -> Option<Arc<str>> {
+        self.api_key.clone()
+    }
+
     /// Refuse settings that cannot work before anything connects: a bad URL, or no key for a
     /// provider that needs one (any that is not on this machine).
     fn check(&self) -> Result<(), RpcError> {

@@ -16,6 +16,8 @@ pub const DEFAULT_PROVIDER_URL: &str = "wss://api.openai.com/v1/responses";
 pub const DEFAULT_MODEL: &str = "gpt-5.3-codex-spark";
 /// How long in-flight work may take to finish once shutdown starts.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A drafted commit message is worth waiting for only this long: a commit must not feel slow.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open connections beyond this are refused: protects the daemon from a runaway client loop.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 /// One more model call when an `ask`'s patch does not apply: most wrong patches are a
@@ -49,6 +51,9 @@ pub struct ConfigFile {
     pub tool_calls_per_ask: Option<u32>,
     /// Bytes of read-only tool output one `ask` sends at most (default 131072).
     pub tool_bytes_per_ask: Option<usize>,
+    /// Hard cap on the `prepare-commit-msg` hook's draft (default 5000); `sparkctl` reads the
+    /// same key and gives up at this wall-clock deadline, so a commit is never held longer.
+    pub hook_timeout_ms: Option<u64>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -76,6 +81,8 @@ pub struct Config {
     pub repair_attempts: u32,
     pub tool_calls_per_ask: u32,
     pub tool_bytes_per_ask: usize,
+    /// The draft turn's cap (`hook_timeout_ms`).
+    pub hook_timeout: Duration,
     /// Test hook: abort at this named point of an edit, or fail there with an error when named
     /// `fail_<point>` (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
@@ -100,6 +107,7 @@ impl fmt::Debug for Config {
             .field("repair_attempts", &self.repair_attempts)
             .field("tool_calls_per_ask", &self.tool_calls_per_ask)
             .field("tool_bytes_per_ask", &self.tool_bytes_per_ask)
+            .field("hook_timeout", &self.hook_timeout)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
             .finish()
@@ -197,6 +205,10 @@ impl Config {
             tool_bytes_per_ask: file
                 .tool_bytes_per_ask
                 .unwrap_or(DEFAULT_TOOL_BYTES_PER_ASK),
+            hook_timeout: file
+                .hook_timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_HOOK_TIMEOUT),
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
             } else {

@@ -10,6 +10,7 @@
 //! - `provider`: warm Responses-API sessions (WebSocket mode, HTTP + SSE fallback).
 //! - `context`: what the model sees, and the guard on every byte that leaves the machine.
 //! - `ask`: one model call per edit, streamed, applied through the edit engine.
+//! - `draft`: a commit message drafted from the staged diff, for the `prepare-commit-msg` hook.
 //! - `watch`: one watcher per repository keeping its outline and file contents current.
 //! - `cache`: the sled context cache (disposable: rebuilt whenever it is unreadable).
 
@@ -21,6 +22,7 @@ mod ask;
 mod cache;
 mod codec;
 mod context;
+mod draft;
 mod edit;
 mod provider;
 mod repo;

@@ -412,6 +412,10 @@ impl Connection {
                 let p = parse_params::<methods::EditShow>(params)?;
                 to_value(self.edit_show(p).await?)
             }
+            methods::CommitDraft::NAME => {
+                let p = parse_params::<methods::CommitDraft>(params)?;
+                to_value(crate::draft::draft(&self.shared, p).await?)
+            }
             other => Err(RpcError::new(
                 ErrorCode::MethodNotFound,
                 format!("unknown method `{other}`"),

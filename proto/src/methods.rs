@@ -86,6 +86,34 @@ method!(
     /// anything, or with its edit if the edit had already landed.
     Cancel, "cancel", CancelParams, CancelResult
 );
+method!(
+    /// `commit/draft` → [`DraftResult`]: a commit message drafted from the staged diff (the
+    /// `prepare-commit-msg` hook asks for it), in a one-off conversation of its own.
+    CommitDraft, "commit/draft", DraftParams, DraftResult
+);
+
+/// Params of [`CommitDraft`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DraftParams {
+    /// Absolute directory inside the repository whose staged changes are described.
+    pub cwd: String,
+    /// The committing shell's provider settings, as with `ask`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderSettings>,
+}
+
+/// Result of [`CommitDraft`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DraftResult {
+    /// The drafted message, without git's comment lines.
+    pub message: String,
+    /// Staged paths whose diff was shown to the model.
+    pub files: Vec<String>,
+    /// Staged paths left out (deny-listed, ignored, binary or oversized).
+    #[serde(default)]
+    pub omitted: Vec<String>,
+}
 
 /// Params of [`Cancel`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -600,6 +628,17 @@ mod tests {
             .is_err(),
             "a misspelt setting is refused, not ignored"
         );
+    }
+
+    #[test]
+    fn draft_params_take_only_cwd_and_provider() {
+        let p: DraftParams = serde_json::from_value(json!({"cwd":"/r"})).expect("de");
+        assert_eq!(p.provider, None);
+        assert!(serde_json::from_value::<DraftParams>(json!({"cwd":"/r","diff":"x"})).is_err());
+        let r: DraftResult =
+            serde_json::from_value(json!({"message":"m","files":["a"]})).expect("de");
+        assert!(r.omitted.is_empty());
+        assert_eq!(CommitDraft::NAME, "commit/draft");
     }
 
     #[test]

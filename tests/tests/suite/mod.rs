@@ -4,6 +4,7 @@ mod daily;
 mod edits;
 mod fidelity;
 mod gateway;
+mod hooks;
 mod hostile;
 mod lifecycle;
 mod protocol;
