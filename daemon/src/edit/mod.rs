@@ -693,6 +693,11 @@ pub(crate) fn revert(
     {
         return Err(EditError::NotApplied { id: short, state });
     }
+    let untracked = if stash {
+        record::untracked_paths(ctx.repo, oid)?
+    } else {
+        Vec::new()
+    };
     let mut writes = Vec::new();
     for change in changes {
         let rel = paths::validate_rel_path(&change.path)?;
@@ -703,6 +708,15 @@ pub(crate) fn revert(
             path: change.path.clone(),
         };
         let target = match (&change.before, &change.after, &current) {
+            // `git stash pop` restores untracked files from the stash's third parent and
+            // refuses to overwrite them, so a stash takes them out of the worktree as
+            // `git stash -u` does; only the edit's own content can go there.
+            (_, after, cur) if untracked.contains(&change.path) => {
+                if cur.as_ref().map(|c| &c.bytes) != after.as_ref().map(|a| &a.bytes) {
+                    return Err(conflict());
+                }
+                None
+            }
             (_, _, cur)
                 if cur.as_ref().map(|c| &c.bytes) == change.after.as_ref().map(|a| &a.bytes) =>
             {
@@ -907,6 +921,7 @@ pub(crate) fn reverted_outside(ctx: &RepoCtx<'_>, edit: &ledger::Entry) -> Resul
     if edit.files.is_empty() {
         return Ok(false);
     }
+    let untracked = record::untracked_trees(ctx.repo, oid)?;
     for path in &edit.files {
         let abs = ctx.workdir.join(path);
         let now = match std::fs::symlink_metadata(&abs) {
@@ -921,7 +936,12 @@ pub(crate) fn reverted_outside(ctx: &RepoCtx<'_>, edit: &ledger::Entry) -> Resul
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(EditError::io("stat", &abs, e)),
         };
-        let (was, became) = (blob(&before, path), blob(&after, path));
+        let (was, became) = match (blob(&before, path), blob(&after, path), &untracked) {
+            (None, None, Some((ub, ua))) => {
+                (ub.as_ref().and_then(|t| blob(t, path)), blob(ua, path))
+            }
+            (was, became, _) => (was, became),
+        };
         if now == became || now != was {
             return Ok(false);
         }

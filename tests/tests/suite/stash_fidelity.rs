@@ -151,3 +151,60 @@ fn an_edit_is_undone_only_in_its_own_worktree_and_a_revert_that_changes_nothing_
     git(main.path(), &["fsck", "--strict"]);
     assert!(ctl.run(["stop"]).status.success());
 }
+
+#[test]
+fn an_edit_to_an_untracked_file_is_stashed_as_git_stash_u_does_and_pops_back() {
+    let repo = TestRepo::with_files(&[("a.txt", b"a\n")]);
+    repo.write("notes.txt", b"one\n");
+    // The same change made by hand and stashed by git itself, for comparison.
+    let twin = TestRepo::with_files(&[("a.txt", b"a\n")]);
+    twin.write("a.txt", b"A\n");
+    twin.write("notes.txt", b"two\n");
+    twin.git(&["stash", "push", "-q", "-u"]);
+    let ctl = Ctl::new();
+
+    let patch = "*** Begin Patch\n*** Update File: a.txt\n-a\n+A\n*** Update File: notes.txt\n-one\n+two\n*** End Patch\n";
+    let id = apply(&ctl, repo.path(), patch);
+    assert_eq!(repo.read("notes.txt"), b"two\n");
+    let p = repo.path();
+    // W holds the tracked change, its third parent the untracked file: the trees git makes.
+    for rev in ["{}^{tree}", "{}^3^{tree}", "{}^1^{tree}", "{}^2^{tree}"] {
+        let ours = git(p, &["rev-parse", &rev.replace("{}", &id)]);
+        let theirs = git(twin.path(), &["rev-parse", &rev.replace("{}", "stash@{0}")]);
+        assert_eq!(ours, theirs, "{rev}");
+    }
+    let shown = git(p, &["stash", "show", "-p", &id]);
+    assert_eq!(
+        shown,
+        git(twin.path(), &["stash", "show", "-p", "stash@{0}"]),
+        "git stash show -p prints the tracked change only, as for git's own stash"
+    );
+
+    let out = sparkctl(&ctl, p, &["stash"], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(repo.read("a.txt"), b"a\n");
+    assert!(
+        !repo.exists("notes.txt"),
+        "like `git stash -u`, the untracked file goes onto the stash"
+    );
+    assert_eq!(stash_list(p).len(), 1);
+    assert_eq!(log(&ctl, p), [(id.clone(), "stashed".to_owned())]);
+
+    git(p, &["stash", "pop", "-q"]);
+    assert_eq!(repo.read("a.txt"), b"A\n");
+    assert_eq!(repo.read("notes.txt"), b"two\n");
+    assert_eq!(
+        git(p, &["status", "--porcelain"]),
+        " M a.txt\n?? notes.txt\n",
+        "the file is untracked again, as after popping git's own stash"
+    );
+    assert!(stash_list(p).is_empty());
+
+    // The record still knows the untracked file's content before the edit: undo puts it back.
+    let out = sparkctl(&ctl, p, &["undo", &id], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(repo.read("a.txt"), b"a\n");
+    assert_eq!(repo.read("notes.txt"), b"one\n");
+    git(p, &["fsck", "--strict"]);
+    assert!(ctl.run(["stop"]).status.success());
+}
