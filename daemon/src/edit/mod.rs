@@ -98,6 +98,10 @@ pub(crate) enum EditError {
         "refusing to edit {path}: it is a Git LFS pointer (.gitattributes says filter=lfs), not the file's content"
     )]
     LfsPointer { path: String },
+    #[error(
+        "refusing to edit {path}: .gitattributes routes it through the filter {filter:?}, a program spark does not run, so it cannot record what git would store"
+    )]
+    ExternalFilter { path: String, filter: String },
     #[error("recording failed, so the change was taken back and nothing changed: {source}")]
     NotRecorded { source: Box<EditError> },
     #[error(
@@ -249,6 +253,12 @@ impl EditError {
                 "lfs_pointer".into(),
                 Some(path.clone()),
                 Some("fetch the real content first (`git lfs pull`), or edit the file yourself"),
+            ),
+            EditError::ExternalFilter { path, .. } => (
+                ErrorCode::EditRejected,
+                "external_filter".into(),
+                Some(path.clone()),
+                Some("edit the file yourself, or remove the filter attribute for it"),
             ),
             EditError::NotRecorded { .. } => (
                 ErrorCode::Internal,
@@ -415,6 +425,14 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         }
     }
     writes.retain(|w| w.before != w.after);
+    for w in &writes {
+        if let Some(filter) = record::external_filter(ctx.repo, &w.path)? {
+            return Err(EditError::ExternalFilter {
+                path: w.path.clone(),
+                filter,
+            });
+        }
+    }
     let (files, diff) = summarize(&writes)?;
     if req.dry_run || writes.is_empty() {
         return Ok(Outcome {

@@ -8,8 +8,9 @@
 //! `git stash -u` stores them, so `git stash pop` restores them; U's own parent holds their
 //! pre-edit state. Recording only ever writes objects and refs under `refs/spark/` (plus `refs/stash`
 //! when asked): HEAD, the branch, the user's index and the worktree are never touched, and no
-//! hook or filter runs, because the edit has already landed on disk and the user's own git state
-//! belongs to the user. Every W is pinned under `refs/spark/pins/<hex>` so that neither gc nor
+//! hook or filter program runs, because the edit has already landed on disk and the user's own git state
+//! belongs to the user. Blobs get git's built-in conversions (line endings, `ident`) so they are
+//! what git itself would store. Every W is pinned under `refs/spark/pins/<hex>` so that neither gc nor
 //! reflog expiry can ever drop a recorded edit.
 
 use std::path::Path;
@@ -172,7 +173,7 @@ pub(crate) fn record_edit(
     let sig = signature(repo, meta.time_ms)?;
     let summary = summary_line(&meta.message);
     let b = match (&head, &head_tree) {
-        (Some(head), Some(tree)) if tree_holds(tree, changes)? => head.clone(),
+        (Some(head), Some(tree)) if tree_holds(repo, tree, changes)? => head.clone(),
         _ => {
             let b_tree = match &head_tree {
                 Some(tree) => updated_tree(repo, tree, before)?,
@@ -639,7 +640,7 @@ fn tree_from_scratch<'r, 'a>(
     let mut files = Vec::new();
     for (path, state) in states {
         if let Some(state) = state {
-            let blob = store_blob(repo, &state.bytes)?;
+            let blob = store_clean_blob(repo, path, &state.bytes)?;
             files.push((path, path, blob, file_mode(path, state.mode)?));
         }
     }
@@ -696,7 +697,7 @@ fn updated_tree<'r, 'a>(
     for (path, state) in states {
         match state {
             Some(state) => {
-                let blob = store_blob(repo, &state.bytes)?;
+                let blob = store_clean_blob(repo, path, &state.bytes)?;
                 update.upsert(path, blob, file_mode(path, state.mode)?);
             }
             None => {
@@ -714,7 +715,11 @@ fn updated_tree<'r, 'a>(
 
 /// Whether `tree` already holds every change's before state (content and mode; absent where the
 /// file did not exist), so HEAD can serve as the base commit.
-fn tree_holds(tree: &Tree<'_>, changes: &[FileChange]) -> Result<bool, RecordError> {
+fn tree_holds(
+    repo: &Repository,
+    tree: &Tree<'_>,
+    changes: &[FileChange],
+) -> Result<bool, RecordError> {
     for c in changes {
         let entry = match tree.get_path(Path::new(&c.path)) {
             Ok(entry) => Some(entry),
@@ -730,8 +735,7 @@ fn tree_holds(tree: &Tree<'_>, changes: &[FileChange]) -> Result<bool, RecordErr
             (None, None) => true,
             (Some(state), Some(entry)) => {
                 entry.filemode() == i32::from(file_mode(&c.path, state.mode)?)
-                    && entry.id()
-                        == Oid::hash_object(ObjectType::Blob, &state.bytes).during("hash a blob")?
+                    && entry.id() == clean_blob_id(repo, &c.path, &state.bytes)?
             }
             _ => false,
         };
@@ -740,6 +744,155 @@ fn tree_holds(tree: &Tree<'_>, changes: &[FileChange]) -> Result<bool, RecordErr
         }
     }
     Ok(true)
+}
+
+/// What git stores for worktree content `bytes` at `path`: the content after the repository's
+/// built-in conversions (`text`/`eol`/`crlf` attributes, `core.autocrlf`, `ident`), which
+/// libgit2 applies when the blob is written with the path as a hint. External filter programs
+/// never run here (a file routed through one is refused before the edit, see
+/// [`external_filter`]).
+fn store_clean_blob(repo: &Repository, path: &str, bytes: &[u8]) -> Result<Oid, RecordError> {
+    if line_endings(repo, path)? == LineEndings::AsIs && !has_ident(repo, path)? {
+        return store_blob(repo, bytes);
+    }
+    let mut writer = repo
+        .blob_writer(Some(Path::new(path)))
+        .during("start a filtered blob")?;
+    std::io::Write::write_all(&mut writer, bytes).map_err(|e| RecordError::Git {
+        op: "write a filtered blob",
+        source: git2::Error::from_str(&e.to_string()),
+    })?;
+    writer.commit().during("write a filtered blob")
+}
+
+/// The id of what [`store_clean_blob`] would store, writing only when a conversion applies.
+fn clean_blob_id(repo: &Repository, path: &str, bytes: &[u8]) -> Result<Oid, RecordError> {
+    if line_endings(repo, path)? == LineEndings::AsIs && !has_ident(repo, path)? {
+        return Oid::hash_object(ObjectType::Blob, bytes).during("hash a blob");
+    }
+    store_clean_blob(repo, path, bytes)
+}
+
+fn has_ident(repo: &Repository, path: &str) -> Result<bool, RecordError> {
+    let v = repo
+        .get_attr(Path::new(path), "ident", git2::AttrCheckFlags::default())
+        .during("read .gitattributes")?;
+    Ok(git2::AttrValue::from_string(v) == git2::AttrValue::True)
+}
+
+/// How a file's line endings differ between its blob and the worktree, by git's rules
+/// (`gitattributes(5)`, "End-of-line conversion").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LineEndings {
+    /// No conversion, or only CRLF to LF on the way in (`eol=lf`, `core.autocrlf=input`): the
+    /// blob reads back as is.
+    AsIs,
+    /// `text` with CRLF in the worktree: every LF of the blob is CRLF in the worktree.
+    Crlf,
+    /// `text=auto` (or `core.autocrlf=true`) with CRLF in the worktree: as `Crlf`, unless the
+    /// blob holds a CR or NUL already (git leaves such files alone).
+    AutoCrlf,
+}
+
+pub(crate) fn line_endings(repo: &Repository, path: &str) -> Result<LineEndings, RecordError> {
+    use git2::AttrValue;
+    let attr = |name: &str| -> Result<AttrValue<'static>, RecordError> {
+        let v = repo
+            .get_attr(Path::new(path), name, git2::AttrCheckFlags::default())
+            .during("read .gitattributes")?;
+        Ok(match AttrValue::from_string(v) {
+            AttrValue::True => AttrValue::True,
+            AttrValue::False => AttrValue::False,
+            AttrValue::String("auto") => AttrValue::String("auto"),
+            AttrValue::String("crlf") => AttrValue::String("crlf"),
+            AttrValue::String("lf") => AttrValue::String("lf"),
+            AttrValue::String("input") => AttrValue::String("input"),
+            _ => AttrValue::Unspecified,
+        })
+    };
+    let config = repo.config().during("read the configuration")?;
+    let autocrlf = config
+        .get_string("core.autocrlf")
+        .map(|v| v.to_ascii_lowercase())
+        .unwrap_or_default();
+    let autocrlf = match autocrlf.as_str() {
+        "true" | "yes" | "on" | "1" => "true",
+        "input" => "input",
+        _ => "false",
+    };
+    let core_eol = config
+        .get_string("core.eol")
+        .map(|v| v.to_ascii_lowercase())
+        .unwrap_or_default();
+    // With `text` set and no `eol`, the worktree gets core.autocrlf's or core.eol's ending.
+    let text_eol_crlf = match autocrlf {
+        "true" => true,
+        "input" => false,
+        _ => core_eol == "crlf",
+    };
+    let mut text = attr("text")?;
+    if text == AttrValue::Unspecified {
+        // The legacy `crlf` attribute: `crlf` is `text`, `-crlf` is `-text`, `crlf=input` is
+        // `eol=lf`.
+        text = attr("crlf")?;
+    }
+    let eol = attr("eol")?;
+    Ok(match (text, eol) {
+        (AttrValue::False, _) => LineEndings::AsIs,
+        (AttrValue::String("input"), _) => LineEndings::AsIs,
+        (AttrValue::String("auto"), AttrValue::String("crlf")) => LineEndings::AutoCrlf,
+        (AttrValue::String("auto"), AttrValue::String("lf")) => LineEndings::AsIs,
+        (AttrValue::String("auto"), _) if text_eol_crlf => LineEndings::AutoCrlf,
+        (AttrValue::String("auto"), _) => LineEndings::AsIs,
+        (_, AttrValue::String("crlf")) => LineEndings::Crlf,
+        (_, AttrValue::String("lf")) => LineEndings::AsIs,
+        (AttrValue::True, _) if text_eol_crlf => LineEndings::Crlf,
+        (AttrValue::True, _) => LineEndings::AsIs,
+        _ if autocrlf == "true" => LineEndings::AutoCrlf,
+        _ => LineEndings::AsIs,
+    })
+}
+
+/// A blob's content as git checks it out, for the line-ending conversion `rule`.
+fn smudge(rule: LineEndings, blob: &[u8]) -> Vec<u8> {
+    let convert = match rule {
+        LineEndings::AsIs => false,
+        LineEndings::Crlf => true,
+        LineEndings::AutoCrlf => !blob.iter().any(|&b| b == b'\r' || b == 0),
+    };
+    if !convert {
+        return blob.to_vec();
+    }
+    let mut out = Vec::with_capacity(blob.len() + blob.len() / 16);
+    let mut prev = 0u8;
+    for &b in blob {
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        prev = b;
+    }
+    out
+}
+
+/// The external filter driver (`filter=<name>` with `filter.<name>.clean` or `.process`
+/// configured) that git would run on `path`, other than Git LFS (whose pointers are refused on
+/// their own). spark never runs filter programs, so it cannot record what git would store.
+pub(crate) fn external_filter(
+    repo: &Repository,
+    path: &str,
+) -> Result<Option<String>, RecordError> {
+    let name = repo
+        .get_attr(Path::new(path), "filter", git2::AttrCheckFlags::default())
+        .during("read .gitattributes")?;
+    let Some(name) = name.filter(|n| *n != "lfs") else {
+        return Ok(None);
+    };
+    let config = repo.config().during("read the configuration")?;
+    let configured = ["clean", "process"]
+        .iter()
+        .any(|key| config.get_string(&format!("filter.{name}.{key}")).is_ok());
+    Ok(configured.then(|| name.to_owned()))
 }
 
 /// Store `bytes` as a blob unless the object database has it already: an existing object is
@@ -820,7 +973,7 @@ fn file_state(
     }
     let blob = repo.find_blob(entry.id()).during("read a blob")?;
     Ok(Some(FileState {
-        bytes: blob.content().to_vec(),
+        bytes: smudge(line_endings(repo, path)?, blob.content()),
         mode,
     }))
 }

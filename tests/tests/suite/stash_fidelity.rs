@@ -49,11 +49,11 @@ fn update(path: &str, old: &str, new: &str) -> String {
 
 /// `sparkctl --json args…` in `cwd` that must be refused (exit 1) with nothing changed under
 /// `repo` (`.git` included); returns the error's `kind` and the stderr text.
-fn refused(ctl: &Ctl, repo: &Path, cwd: &Path, args: &[&str]) -> (String, String) {
+fn refused(ctl: &Ctl, repo: &Path, cwd: &Path, args: &[&str], stdin: &str) -> (String, String) {
     let before = snapshot(repo);
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
-    let out = sparkctl(ctl, cwd, &all, "");
+    let out = sparkctl(ctl, cwd, &all, stdin);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
     assert_eq!(snapshot(repo), before, "{args:?}: nothing changed");
@@ -112,7 +112,7 @@ fn an_edit_is_undone_only_in_its_own_worktree_and_a_revert_that_changes_nothing_
     main.write("a.txt", b"edited\n");
 
     for what in ["undo", "stash"] {
-        let (kind, err) = refused(&ctl, main.path(), main.path(), &[what, &id]);
+        let (kind, err) = refused(&ctl, main.path(), main.path(), &[what, &id], "");
         assert_eq!(kind, "other_worktree", "{what}");
         assert!(
             err.contains(&format!("belongs to the worktree {}", wt.display())),
@@ -141,7 +141,7 @@ fn an_edit_is_undone_only_in_its_own_worktree_and_a_revert_that_changes_nothing_
     let own = apply(&ctl, main.path(), &update("a.txt", "same", "mine"));
     main.git(&["checkout", "--", "a.txt"]);
     for args in [vec!["undo"], vec!["stash"], vec!["undo", own.as_str()]] {
-        let (kind, err) = refused(&ctl, main.path(), main.path(), &args);
+        let (kind, err) = refused(&ctl, main.path(), main.path(), &args, "");
         assert_eq!(kind, "nothing_changes", "{args:?}");
         assert!(err.contains("would change nothing"), "{err}");
     }
@@ -206,5 +206,86 @@ fn an_edit_to_an_untracked_file_is_stashed_as_git_stash_u_does_and_pops_back() {
     assert_eq!(repo.read("a.txt"), b"a\n");
     assert_eq!(repo.read("notes.txt"), b"one\n");
     git(p, &["fsck", "--strict"]);
+    assert!(ctl.run(["stop"]).status.success());
+}
+
+/// A repository with `a.txt` committed under line-ending conversion set up by `setup` (run
+/// before the commit); the worktree holds `x\r\ny\r\n`, the blob `x\ny\n`.
+type Setup<'a> = &'a dyn Fn(&TestRepo);
+
+fn crlf_repo(setup: Setup<'_>) -> TestRepo {
+    let repo = TestRepo::empty();
+    setup(&repo);
+    repo.write("a.txt", b"x\r\ny\r\n");
+    repo.git(&["add", "-A"]);
+    repo.git(&["commit", "-q", "-m", "initial"]);
+    assert_eq!(repo.git(&["show", "HEAD:a.txt"]), "x\ny\n");
+    assert_eq!(repo.git(&["status", "--porcelain"]), "");
+    repo
+}
+
+#[test]
+fn files_under_line_ending_conversion_are_recorded_as_git_stores_them_and_pop_cleanly() {
+    let eol_attr = |r: &TestRepo| r.write(".gitattributes", b"*.txt text eol=crlf\n");
+    let autocrlf = |r: &TestRepo| {
+        r.git(&["config", "core.autocrlf", "true"]);
+    };
+    let setups: [(&str, Setup<'_>); 2] =
+        [("eol=crlf", &eol_attr), ("core.autocrlf=true", &autocrlf)];
+    let ctl = Ctl::new();
+    for (what, setup) in setups {
+        let repo = crlf_repo(setup);
+        let p = repo.path();
+        let twin = crlf_repo(setup);
+        twin.write("a.txt", b"X\r\ny\r\n");
+        twin.git(&["stash", "push", "-q"]);
+
+        let id = apply(&ctl, p, &update("a.txt", "x", "X"));
+        assert_eq!(repo.read("a.txt"), b"X\r\ny\r\n", "{what}");
+        for rev in ["{}^{tree}", "{}^1^{tree}", "{}^2^{tree}"] {
+            let ours = git(p, &["rev-parse", &rev.replace("{}", &id)]);
+            let theirs = git(twin.path(), &["rev-parse", &rev.replace("{}", "stash@{0}")]);
+            assert_eq!(ours, theirs, "{what}: {rev} is what git stash makes");
+        }
+        assert_eq!(
+            git(p, &["rev-parse", &format!("{id}^1")]),
+            git(p, &["rev-parse", "HEAD"]),
+            "{what}: the record's base is HEAD itself"
+        );
+        assert_eq!(git(p, &["show", &format!("{id}:a.txt")]), "X\ny\n");
+
+        let out = sparkctl(&ctl, p, &["stash"], "");
+        assert!(out.status.success(), "{what}: {}", stderr(&out));
+        assert_eq!(repo.read("a.txt"), b"x\r\ny\r\n", "{what}");
+        assert_eq!(git(p, &["status", "--porcelain"]), "", "{what}");
+        assert_eq!(stash_list(p).len(), 1);
+        git(p, &["stash", "pop", "-q"]);
+        assert_eq!(repo.read("a.txt"), b"X\r\ny\r\n", "{what}: popped cleanly");
+        assert!(stash_list(p).is_empty());
+
+        // The record reads back as worktree bytes: undo restores them exactly.
+        let out = sparkctl(&ctl, p, &["undo", &id], "");
+        assert!(out.status.success(), "{what}: {}", stderr(&out));
+        assert_eq!(repo.read("a.txt"), b"x\r\ny\r\n", "{what}");
+        assert_eq!(git(p, &["status", "--porcelain"]), "", "{what}");
+        git(p, &["fsck", "--strict"]);
+    }
+
+    // A file routed through an external filter program is refused: spark never runs one.
+    let repo = TestRepo::with_files(&[
+        (".gitattributes", b"*.dat filter=rot\n"),
+        ("f.dat", b"abc\n"),
+    ]);
+    repo.git(&["config", "filter.rot.clean", "tr a-z n-za-m"]);
+    let (kind, err) = refused(
+        &ctl,
+        repo.path(),
+        repo.path(),
+        &["apply", "-"],
+        &update("f.dat", "abc", "abd"),
+    );
+    assert_eq!(kind, "external_filter");
+    assert!(err.contains("filter \"rot\""), "{err}");
+    assert_eq!(repo.read("f.dat"), b"abc\n");
     assert!(ctl.run(["stop"]).status.success());
 }
