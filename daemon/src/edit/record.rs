@@ -406,7 +406,11 @@ fn patch_between(
         .during("diff the edit")?;
     // With no options libgit2 follows `diff.renames` (default: detect renames), as git does.
     diff.find_similar(None).during("detect renames")?;
-    diff.print(DiffFormat::Patch, |_, _, line| {
+    diff.print(DiffFormat::Patch, |delta, _, line| {
+        if line.origin() == 'F' {
+            file_header(&delta, line.content(), out);
+            return true;
+        }
         // libgit2 hands over the origin of content lines separately from their text.
         match line.origin() {
             '+' => out.push(b'+'),
@@ -419,6 +423,28 @@ fn patch_between(
     })
     .during("format the edit as a patch")?;
     Ok(())
+}
+
+/// A file's header lines as git prints them: git ends the `---`/`+++` line of a path that holds
+/// a space with a tab (so `patch` can tell where the name ends), libgit2 does not.
+fn file_header(delta: &git2::DiffDelta<'_>, header: &[u8], out: &mut Vec<u8>) {
+    let spaced = |file: git2::DiffFile<'_>| file.path_bytes().is_some_and(|p| p.contains(&b' '));
+    let (old_spaced, new_spaced) = (spaced(delta.old_file()), spaced(delta.new_file()));
+    for line in header.split_inclusive(|&b| b == b'\n') {
+        let tab = match line {
+            l if l.starts_with(b"--- /dev/null") || l.starts_with(b"+++ /dev/null") => false,
+            l if l.starts_with(b"--- ") => old_spaced,
+            l if l.starts_with(b"+++ ") => new_spaced,
+            _ => false,
+        };
+        match line.strip_suffix(b"\n") {
+            Some(text) if tab => {
+                out.extend_from_slice(text);
+                out.extend_from_slice(b"\t\n");
+            }
+            _ => out.extend_from_slice(line),
+        }
+    }
 }
 
 /// The length git abbreviates the `index` line's blob ids to: `core.abbrev`, or by default one

@@ -289,3 +289,20 @@ fn files_under_line_ending_conversion_are_recorded_as_git_stores_them_and_pop_cl
     assert_eq!(repo.read("f.dat"), b"abc\n");
     assert!(ctl.run(["stop"]).status.success());
 }
+
+#[test]
+fn show_is_byte_identical_to_git_stash_show_for_paths_with_spaces() {
+    let repo = TestRepo::with_files(&[("my file.txt", b"a\n"), ("gone x.txt", b"g\n")]);
+    let ctl = Ctl::new();
+    let patch = "*** Begin Patch\n*** Update File: my file.txt\n-a\n+b\n*** Delete File: gone x.txt\n*** Add File: new f.txt\n+n\n*** End Patch\n";
+    let id = apply(&ctl, repo.path(), patch);
+    let out = sparkctl(&ctl, repo.path(), &["show", &id], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let git_shown = git(repo.path(), &["stash", "show", "-p", &id]);
+    assert!(git_shown.contains("--- a/my file.txt\t\n+++ b/my file.txt\t\n"));
+    assert!(git_shown.contains("--- a/gone x.txt\t\n+++ /dev/null\n"));
+    assert!(git_shown.contains("--- /dev/null\n+++ b/new f.txt\t\n"));
+    assert_eq!(stdout(&out), git_shown);
+    git(repo.path(), &["fsck", "--strict"]);
+    assert!(ctl.run(["stop"]).status.success());
+}
