@@ -134,7 +134,9 @@ pub(crate) fn record_edit(
     // would be overwritten").
     // On an unborn branch git has no stash at all (`git stash` needs the initial commit), so
     // there every file stays in W, where `git stash show -p` shows it.
-    let index = repo.index().during("read the index")?;
+    let mut index = repo.index().during("read the index")?;
+    // The repository's index object is cached; the user may have staged files since.
+    index.read(false).during("read the index")?;
     let mut tracked = Vec::with_capacity(changes.len());
     let mut untracked = Vec::new();
     for c in changes {
