@@ -65,6 +65,16 @@ pub(crate) enum EditError {
     NothingToRevert { what: &'static str },
     #[error("edit {id} is already {state}")]
     NotApplied { id: String, state: &'static str },
+    #[error("edit {id} belongs to the worktree {worktree}, not this one; nothing was written")]
+    OtherWorktree {
+        id: String,
+        what: &'static str,
+        worktree: String,
+    },
+    #[error(
+        "{what} of edit {id} would change nothing: its files already hold their pre-edit content; nothing was written"
+    )]
+    NothingChanges { id: String, what: &'static str },
     #[error(
         "cannot undo {path}: it changed since edit {id} in the same lines, or was removed; nothing was written"
     )]
@@ -94,6 +104,10 @@ pub(crate) enum EditError {
         "refusing to edit {path}: it is a Git LFS pointer (.gitattributes says filter=lfs), not the file's content"
     )]
     LfsPointer { path: String },
+    #[error(
+        "refusing to edit {path}: .gitattributes routes it through the filter {filter:?}, a program spark does not run, so it cannot record what git would store"
+    )]
+    ExternalFilter { path: String, filter: String },
     #[error("recording failed, so the change was taken back and nothing changed: {source}")]
     NotRecorded { source: Box<EditError> },
     #[error(
@@ -120,6 +134,12 @@ impl EditError {
 
     /// The wire error: a stable code, a fine-grained `kind`, the path and a hint.
     pub(crate) fn to_rpc(&self) -> RpcError {
+        let other_worktree_hint = match self {
+            EditError::OtherWorktree { id, what, worktree } => Some(format!(
+                "run `sparkctl {what} {id}` in {worktree}, where the edit was made"
+            )),
+            _ => None,
+        };
         let (code, kind, path, hint): (ErrorCode, String, Option<String>, Option<&str>) = match self
         {
             EditError::Parse(e) => (
@@ -221,6 +241,20 @@ impl EditError {
                 None,
                 Some("`git stash apply <id>` re-applies an undone edit"),
             ),
+            EditError::OtherWorktree { .. } => (
+                ErrorCode::EditRejected,
+                "other_worktree".into(),
+                None,
+                other_worktree_hint.as_deref(),
+            ),
+            EditError::NothingChanges { .. } => (
+                ErrorCode::EditRejected,
+                "nothing_changes".into(),
+                None,
+                Some(
+                    "the edit was already reverted (`sparkctl log` shows it); `git stash show -p <id>` shows what it changed",
+                ),
+            ),
             EditError::RevertConflict { path, .. } => (
                 ErrorCode::Conflict,
                 "revert_conflict".into(),
@@ -243,6 +277,12 @@ impl EditError {
                 "lfs_pointer".into(),
                 Some(path.clone()),
                 Some("fetch the real content first (`git lfs pull`), or edit the file yourself"),
+            ),
+            EditError::ExternalFilter { path, .. } => (
+                ErrorCode::EditRejected,
+                "external_filter".into(),
+                Some(path.clone()),
+                Some("edit the file yourself, or remove the filter attribute for it"),
             ),
             EditError::NotRecorded { .. } => (
                 ErrorCode::Internal,
@@ -417,6 +457,14 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         }
     }
     writes.retain(|w| w.before != w.after);
+    for w in &writes {
+        if let Some(filter) = record::external_filter(ctx.repo, &w.path)? {
+            return Err(EditError::ExternalFilter {
+                path: w.path.clone(),
+                filter,
+            });
+        }
+    }
     let (files, diff) = summarize(&writes)?;
     if req.dry_run || writes.is_empty() {
         return Ok(Outcome {
@@ -671,6 +719,17 @@ pub(crate) fn revert(
     let short = record::edit_short_id(ctx.repo, oid)?;
     let hex = oid.to_string();
     let summary = summaries.iter().find(|s| s.applied.edit == hex);
+    // Worktrees share `refs/spark/`, so an id resolves everywhere; reverting another worktree's
+    // edit here would change this worktree's files and leave both ledgers wrong.
+    if summary.is_none()
+        && let Some(worktree) = ledger::other_owner(ctx.repo.commondir(), ctx.repo.path(), &hex)?
+    {
+        return Err(EditError::OtherWorktree {
+            id: short,
+            what,
+            worktree: worktree.display().to_string(),
+        });
+    }
     let changes = record::edit_changes(ctx.repo, oid)?;
     // An undone or stashed edit may have been brought back with `git stash apply`/`pop`: then
     // the worktree, not the ledger, says it is applied.
@@ -684,6 +743,11 @@ pub(crate) fn revert(
     {
         return Err(EditError::NotApplied { id: short, state });
     }
+    let untracked = if stash {
+        record::untracked_paths(ctx.repo, oid)?
+    } else {
+        Vec::new()
+    };
     let mut writes = Vec::new();
     for change in changes {
         let rel = paths::validate_rel_path(&change.path)?;
@@ -694,6 +758,15 @@ pub(crate) fn revert(
             path: change.path.clone(),
         };
         let target = match (&change.before, &change.after, &current) {
+            // `git stash pop` restores untracked files from the stash's third parent and
+            // refuses to overwrite them, so a stash takes them out of the worktree as
+            // `git stash -u` does; only the edit's own content can go there.
+            (_, after, cur) if untracked.contains(&change.path) => {
+                if cur.as_ref().map(|c| &c.bytes) != after.as_ref().map(|a| &a.bytes) {
+                    return Err(conflict());
+                }
+                None
+            }
             (_, _, cur)
                 if cur.as_ref().map(|c| &c.bytes) == change.after.as_ref().map(|a| &a.bytes) =>
             {
@@ -716,6 +789,9 @@ pub(crate) fn revert(
         });
     }
     writes.retain(|w| w.before != w.after);
+    if writes.is_empty() {
+        return Err(EditError::NothingChanges { id: short, what });
+    }
     let (files, diff) = summarize(&writes)?;
     if stash {
         refuse_stale_locks(ctx, &["refs/stash"])?;
@@ -895,6 +971,7 @@ pub(crate) fn reverted_outside(ctx: &RepoCtx<'_>, edit: &ledger::Entry) -> Resul
     if edit.files.is_empty() {
         return Ok(false);
     }
+    let untracked = record::untracked_trees(ctx.repo, oid)?;
     for path in &edit.files {
         let abs = ctx.workdir.join(path);
         let now = match std::fs::symlink_metadata(&abs) {
@@ -909,7 +986,12 @@ pub(crate) fn reverted_outside(ctx: &RepoCtx<'_>, edit: &ledger::Entry) -> Resul
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(EditError::io("stat", &abs, e)),
         };
-        let (was, became) = (blob(&before, path), blob(&after, path));
+        let (was, became) = match (blob(&before, path), blob(&after, path), &untracked) {
+            (None, None, Some((ub, ua))) => {
+                (ub.as_ref().and_then(|t| blob(t, path)), blob(ua, path))
+            }
+            (was, became, _) => (was, became),
+        };
         if now == became || now != was {
             return Ok(false);
         }

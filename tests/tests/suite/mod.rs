@@ -10,5 +10,6 @@ mod lifecycle;
 mod protocol;
 mod shapes;
 mod ssh;
+mod stash_fidelity;
 mod storm;
 mod watch;
