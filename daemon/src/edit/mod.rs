@@ -770,7 +770,16 @@ pub(crate) fn revert(
             (_, _, cur)
                 if cur.as_ref().map(|c| &c.bytes) == change.after.as_ref().map(|a| &a.bytes) =>
             {
-                change.before.clone()
+                change.before.clone().map(|mut before| {
+                    // The edit left the mode alone (always so under `core.fileMode=false`,
+                    // where the record holds git's mode, not the file's): so does its undo.
+                    if let (Some(after), Some(cur)) = (&change.after, cur)
+                        && after.mode == before.mode
+                    {
+                        before.mode = cur.mode;
+                    }
+                    before
+                })
             }
             (Some(before), Some(after), Some(cur)) => {
                 let bytes = merge3(&after.bytes, &cur.bytes, &before.bytes, &change.path)
@@ -818,6 +827,7 @@ pub(crate) fn revert(
     )
     .map_err(|e| take_back(&pending, e))?;
     journal::finish(&pending, &ctx.env.failpoint);
+    remove_emptied_dirs(ctx, &writes);
     Ok(Outcome {
         edit: Some(short),
         files,
@@ -827,6 +837,24 @@ pub(crate) fn revert(
             .map(|w| (w.path, w.after.map(|a| a.bytes)))
             .collect(),
     })
+}
+
+/// A revert that removed files leaves no empty directories behind them (git removes the
+/// directories it empties too): each one, up to the worktree's top, goes if it is empty now.
+/// Best effort: the files are already right, and a directory that is not empty stays.
+fn remove_emptied_dirs(ctx: &RepoCtx<'_>, writes: &[Write1]) {
+    for w in writes
+        .iter()
+        .filter(|w| w.before.is_some() && w.after.is_none())
+    {
+        let mut dir = Path::new(&w.path).parent();
+        while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+            if std::fs::remove_dir(ctx.workdir.join(d)).is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
 }
 
 /// Whether every file of an edit holds its after state in the worktree.

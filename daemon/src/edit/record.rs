@@ -137,6 +137,13 @@ pub(crate) fn record_edit(
     let mut index = repo.index().during("read the index")?;
     // The repository's index object is cached; the user may have staged files since.
     index.read(false).during("read the index")?;
+    let kept;
+    let changes = if file_mode_ignored(repo) {
+        kept = with_git_modes(changes, &index, head_tree.as_ref())?;
+        &kept[..]
+    } else {
+        changes
+    };
     let mut tracked = Vec::with_capacity(changes.len());
     let mut untracked = Vec::new();
     for c in changes {
@@ -618,6 +625,55 @@ fn validate(changes: &[FileChange]) -> Result<(), RecordError> {
         }
     }
     Ok(())
+}
+
+/// `core.fileMode=false`: git ignores the worktree's executable bit (filesystems that do not
+/// keep it, or a team's choice).
+fn file_mode_ignored(repo: &Repository) -> bool {
+    repo.config()
+        .and_then(|c| c.get_bool("core.filemode"))
+        .is_ok_and(|on| !on)
+}
+
+/// The changes with the modes git would record when it ignores the executable bit: the mode the
+/// index has for the path, else HEAD's, else 100644 for a new file.
+fn with_git_modes(
+    changes: &[FileChange],
+    index: &git2::Index,
+    head_tree: Option<&Tree<'_>>,
+) -> Result<Vec<FileChange>, RecordError> {
+    changes
+        .iter()
+        .map(|c| {
+            let known = match index.get_path(Path::new(&c.path), 0) {
+                Some(entry) => Some(entry.mode),
+                None => match head_tree.map(|t| t.get_path(Path::new(&c.path))) {
+                    Some(Ok(entry)) => u32::try_from(entry.filemode()).ok(),
+                    Some(Err(e)) if e.code() != ErrorCode::NotFound => {
+                        return Err(RecordError::Git {
+                            op: "look up a path in HEAD",
+                            source: e,
+                        });
+                    }
+                    _ => None,
+                },
+            };
+            let mode = known
+                .filter(|m| matches!(*m, MODE_FILE | MODE_EXECUTABLE))
+                .unwrap_or(MODE_FILE);
+            let keep = |s: &Option<FileState>| {
+                s.as_ref().map(|s| FileState {
+                    bytes: s.bytes.clone(),
+                    mode,
+                })
+            };
+            Ok(FileChange {
+                path: c.path.clone(),
+                before: keep(&c.before),
+                after: keep(&c.after),
+            })
+        })
+        .collect()
 }
 
 fn file_mode(path: &str, mode: u32) -> Result<FileMode, RecordError> {
@@ -1529,6 +1585,36 @@ mod tests {
         t.set_worktree(&changes, false);
         t.git(&["stash", "apply", &t.short(edit)]);
         t.assert_worktree(&changes, true);
+        t.assert_fsck_clean();
+    }
+
+    #[test]
+    fn with_core_file_mode_off_the_record_keeps_the_mode_git_has() {
+        let t = TestRepo::new();
+        t.write("tool.sh", b"echo hi\n", MODE_FILE);
+        t.commit_all("base");
+        // Executable in git, not on this (say, FAT) filesystem, which git is told to ignore.
+        t.git(&["update-index", "--chmod=+x", "tool.sh"]);
+        t.git(&["commit", "-qm", "make it executable"]);
+        t.git(&["config", "core.fileMode", "false"]);
+        let changes = vec![
+            change("tool.sh", file(b"echo hi\n"), file(b"echo bye\n")),
+            change("new.sh", None, exec(b"echo new\n")),
+        ];
+        let edit = record(&t, &changes, "edit under fileMode=false");
+        assert!(
+            t.git(&["ls-tree", &edit.to_string(), "tool.sh"])
+                .starts_with("100755 blob "),
+            "the index's mode is kept"
+        );
+        assert!(
+            t.git(&["ls-tree", &edit.to_string(), "new.sh"])
+                .starts_with("100644 blob "),
+            "a new file is recorded as git adds it"
+        );
+        let shown = t.git(&["stash", "show", "-p", &t.short(edit)]);
+        assert!(!shown.contains("old mode"), "no mode change: {shown}");
+        assert_eq!(shown, edit_patch(&t.repo, edit).unwrap());
         t.assert_fsck_clean();
     }
 

@@ -306,3 +306,61 @@ fn show_is_byte_identical_to_git_stash_show_for_paths_with_spaces() {
     git(repo.path(), &["fsck", "--strict"]);
     assert!(ctl.run(["stop"]).status.success());
 }
+
+#[test]
+fn with_core_file_mode_off_records_keep_git_s_mode_and_undo_keeps_the_file_s() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let repo = TestRepo::with_files(&[("tool.sh", b"echo hi\n")]);
+    let dir = repo.path();
+    // Executable in git, not on disk, and git told to ignore the executable bit.
+    git(dir, &["update-index", "--chmod=+x", "tool.sh"]);
+    git(dir, &["commit", "-qm", "make it executable"]);
+    git(dir, &["config", "core.fileMode", "false"]);
+    let mode = || {
+        std::fs::metadata(dir.join("tool.sh"))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let before = mode();
+    let ctl = Ctl::new();
+    let id = apply(&ctl, dir, &update("tool.sh", "echo hi", "echo bye"));
+    assert!(
+        git(dir, &["ls-tree", &id, "tool.sh"]).starts_with("100755 blob "),
+        "the record keeps the mode git has"
+    );
+    let shown = git(dir, &["stash", "show", "-p", &id]);
+    assert!(!shown.contains("old mode"), "no mode change: {shown}");
+    let out = sparkctl(&ctl, dir, &["undo"], "");
+    assert!(out.status.success(), "undo: {}", stderr(&out));
+    assert_eq!(repo.read("tool.sh"), b"echo hi\n");
+    assert_eq!(mode(), before, "undo leaves the file's own mode");
+    assert_eq!(git(dir, &["status", "--porcelain"]), "");
+    git(dir, &["fsck", "--strict"]);
+}
+
+#[test]
+fn undo_removes_the_directories_the_edit_created_once_they_are_empty() {
+    let repo = TestRepo::with_files(&[("src/lib.rs", b"pub fn a() {}\n"), ("keep/x.txt", b"x\n")]);
+    let dir = repo.path();
+    let ctl = Ctl::new();
+    apply(
+        &ctl,
+        dir,
+        "*** Begin Patch\n*** Add File: src/deep/er/new.rs\n+pub fn b() {}\n*** Add File: keep/y.txt\n+y\n*** End Patch\n",
+    );
+    assert!(dir.join("src/deep/er/new.rs").is_file());
+    let out = sparkctl(&ctl, dir, &["undo"], "");
+    assert!(out.status.success(), "undo: {}", stderr(&out));
+    assert!(
+        !dir.join("src/deep").exists(),
+        "the directories the edit made are gone"
+    );
+    assert!(
+        dir.join("src/lib.rs").is_file(),
+        "a directory that still holds files stays"
+    );
+    assert!(dir.join("keep/x.txt").is_file() && !dir.join("keep/y.txt").exists());
+    assert_eq!(git(dir, &["status", "--porcelain"]), "");
+}
