@@ -364,3 +364,20 @@ fn undo_removes_the_directories_the_edit_created_once_they_are_empty() {
     assert!(dir.join("keep/x.txt").is_file() && !dir.join("keep/y.txt").exists());
     assert_eq!(git(dir, &["status", "--porcelain"]), "");
 }
+
+#[test]
+fn show_of_a_move_is_byte_identical_to_git_stash_show_with_its_similarity_index() {
+    let repo = TestRepo::with_files(&[("old name.txt", b"a\nb\nc\nd\ne\nf\n")]);
+    let dir = repo.path();
+    let ctl = Ctl::new();
+    let id = apply(
+        &ctl,
+        dir,
+        "*** Begin Patch\n*** Update File: old name.txt\n*** Move to: new name.txt\n@@\n-c\n+C\n*** End Patch\n",
+    );
+    let out = sparkctl(&ctl, dir, &["show", &id], "");
+    assert!(out.status.success(), "show: {}", stderr(&out));
+    let git_shows = git(dir, &["stash", "show", "-p", &id]);
+    assert!(git_shows.contains("similarity index 83%\n"), "{git_shows}");
+    assert_eq!(stdout(&out), git_shows);
+}
