@@ -568,17 +568,8 @@ impl Asks {
                 Some(TurnEvent::ToolInputDelta { delta, .. }) => {
                     first_delta.get_or_insert_with(Instant::now);
                     deltas += 1;
-                    for e in parser.push(&delta) {
-                        if let StreamEvent::FileStarted { path, kind } = e {
-                            emit(AskEvent::PatchFile {
-                                path,
-                                op: format!("{kind:?}").to_lowercase(),
-                            })
-                            .await;
-                        }
-                    }
                     streamed.push_str(&delta);
-                    emit(AskEvent::Patch { delta }).await;
+                    preview_patch(&mut parser, delta, &emit).await;
                 }
                 Some(TurnEvent::FunctionArgumentsDelta { item_id, delta }) => {
                     first_delta.get_or_insert_with(Instant::now);
@@ -586,16 +577,7 @@ impl Asks {
                     if let Some(args) = bridged.get_mut(&item_id) {
                         let delta = args.push(&delta);
                         if !delta.is_empty() {
-                            for e in parser.push(&delta) {
-                                if let StreamEvent::FileStarted { path, kind } = e {
-                                    emit(AskEvent::PatchFile {
-                                        path,
-                                        op: format!("{kind:?}").to_lowercase(),
-                                    })
-                                    .await;
-                                }
-                            }
-                            emit(AskEvent::Patch { delta }).await;
+                            preview_patch(&mut parser, delta, &emit).await;
                         }
                     }
                 }
@@ -822,6 +804,24 @@ struct Repaired {
     /// The tool call the corrected patch came in, answered like any other.
     call: Call,
     answer: String,
+}
+
+/// Streams one piece of the patch to the client: the files it starts, then the text.
+async fn preview_patch<F, Fut>(parser: &mut StreamingParser, delta: String, emit: &F)
+where
+    F: Fn(AskEvent) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for e in parser.push(&delta) {
+        if let StreamEvent::FileStarted { path, kind } = e {
+            emit(AskEvent::PatchFile {
+                path,
+                op: format!("{kind:?}").to_lowercase(),
+            })
+            .await;
+        }
+    }
+    emit(AskEvent::Patch { delta }).await;
 }
 
 /// The patch in a function call's JSON arguments: the `input` string (spark's own function
