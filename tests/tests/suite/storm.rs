@@ -198,3 +198,19 @@ fn a_websocket_closed_before_its_first_event_falls_back_to_http_and_the_ask_land
     assert_eq!(last.previous_response_id(), None);
     assert!(last.raw.contains("make one bigger"), "{}", last.raw);
 }
+
+#[test]
+fn ask_help_says_json_prints_progress_lines_then_the_result_line() {
+    let ctl = spark_tests::Ctl::new();
+    let out = ctl.run(["ask", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = spark_tests::stdout(&out)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("For `ask`, NDJSON: one progress object per line while it streams")
+            && help.contains("then the result object last"),
+        "{help}"
+    );
+}
