@@ -868,7 +868,7 @@ impl AskView {
 
 /// The answer of `unwatch` or `refresh`: JSON, or one line saying what happened.
 fn print_watch_change(
-    r: &spark_proto::methods::UnwatchResult,
+    r: &spark_proto::methods::WatchChange,
     json: bool,
     done: &str,
     not_watched: &str,

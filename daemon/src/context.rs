@@ -15,10 +15,8 @@ use spark_proto::{ErrorCode, RpcError};
 
 use crate::edit::paths::{self, Intent};
 use crate::edit::{RepoCtx, journal};
-use crate::watch::Watchers;
+use crate::watch::{MAX_FILE_BYTES, Watchers};
 
-/// Largest file sent to the model whole; bigger focus files are refused with a clear error.
-pub(crate) const MAX_FILE_BYTES: usize = 256 * 1024;
 /// The outline lists at most this many paths (the model can ask for more through tools).
 const OUTLINE_MAX_PATHS: usize = 2000;
 /// Recently changed files named when the user focuses none.

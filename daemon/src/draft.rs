@@ -13,11 +13,11 @@ use spark_proto::methods::{DraftParams, DraftResult};
 use spark_proto::{ErrorCode, RpcError};
 use tracing::info;
 
-use crate::context::MAX_FILE_BYTES;
 use crate::edit::RepoCtx;
 use crate::edit::paths;
 use crate::provider::{InputItem, SessionConfig, TurnEvent, TurnFailure, TurnRequest};
 use crate::server::Shared;
+use crate::watch::MAX_FILE_BYTES;
 
 /// What the model is told for a draft.
 const DRAFT_INSTRUCTIONS: &str = "You write git commit messages. Given a staged diff, answer with only the commit message: \

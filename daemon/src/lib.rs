@@ -3,7 +3,7 @@
 //!
 //! - [`config`]: defaults < `config.toml` < environment < flags → a validated [`Config`].
 //! - [`instance`]: the private socket directory, the single-instance lock, stale sockets.
-//! - [`server`]: the accept loop, one task per connection, request dispatch, events, shutdown.
+//! - `server`: the accept loop, one task per connection, request dispatch, events, shutdown.
 //! - `codec`: NDJSON line framing on tokio with a maximum line length.
 //! - `edit`: the edit engine (parse, check, apply all-or-nothing, record, undo, stash).
 //! - `repo`: one actor thread per repository owning its `git2::Repository`.
@@ -12,14 +12,16 @@
 //! - `ask`: one model call per edit, streamed, applied through the edit engine.
 //! - `draft`: a commit message drafted from the staged diff, for the `prepare-commit-msg` hook.
 //! - `watch`: one watcher per repository keeping its outline and file contents current.
+//! - `clock`: wall-clock milliseconds for the ledger, the watcher and `status`.
 //! - `cache`: the sled context cache (disposable: rebuilt whenever it is unreadable).
 
 pub mod config;
 pub mod instance;
-pub mod server;
+mod server;
 
 mod ask;
 mod cache;
+mod clock;
 mod codec;
 mod context;
 mod draft;
@@ -82,7 +84,7 @@ impl Daemon {
                 source,
             })?;
         // Interrupted edits are settled before any client can see the worktree through us.
-        repo::recover_all(&server::edit_env(&config));
+        repo::recover_all(&edit::EditEnv::from_config(&config));
         Ok(Daemon { config, instance })
     }
 

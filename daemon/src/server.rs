@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use interprocess::local_socket::tokio::Stream;
@@ -32,7 +32,6 @@ use tracing::{debug, info, warn};
 
 use crate::codec::LineDecoder;
 use crate::config::Config;
-use crate::edit::journal::{Durability, Failpoint};
 use crate::edit::{self, EditEnv};
 use crate::instance::Instance;
 use crate::repo::Repos;
@@ -60,17 +59,6 @@ pub(crate) struct Shared {
     pub(crate) watchers: crate::watch::Watchers,
 }
 
-/// The edit engine's settings, from the daemon's configuration.
-pub(crate) fn edit_env(config: &Config) -> EditEnv {
-    EditEnv {
-        journal_dir: config.layout.state_dir.join("journal"),
-        durability: Durability {
-            fsync: config.fsync,
-        },
-        failpoint: Failpoint(config.failpoint.clone()),
-    }
-}
-
 pub(crate) async fn serve(config: Config, instance: Instance, shutdown: CancellationToken) {
     let (events, _) = broadcast::channel(EVENT_CAPACITY);
     let tracker = TaskTracker::new();
@@ -94,13 +82,13 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
     asks.spawn_idle_sweeper();
     let shared = Arc::new(Shared {
         started: Instant::now(),
-        started_at_ms: unix_ms(),
+        started_at_ms: crate::clock::unix_ms(),
         events,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         connections: watch::Sender::new(0),
         next_conn: AtomicU64::new(1),
-        repos: Repos::new(edit_env(&config)),
+        repos: Repos::new(EditEnv::from_config(&config)),
         asks,
         watchers,
         config,
@@ -366,7 +354,7 @@ impl Connection {
                     .unwatch(repo.workdir())
                     .await
                     .map_err(|e| e.to_rpc())?;
-                to_value(methods::UnwatchResult {
+                to_value(methods::WatchChange {
                     repo: repo.workdir().display().to_string(),
                     was_watched,
                 })
@@ -375,7 +363,7 @@ impl Connection {
                 let p = parse_params::<methods::Refresh>(params)?;
                 let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
                 let was_watched = self.shared.watchers.refresh(repo.workdir());
-                to_value(methods::UnwatchResult {
+                to_value(methods::WatchChange {
                     repo: repo.workdir().display().to_string(),
                     was_watched,
                 })
@@ -812,11 +800,4 @@ fn parse_params<M: Method>(params: Option<Value>) -> Result<M::Params, RpcError>
 fn to_value<T: Serialize>(v: T) -> Result<Value, RpcError> {
     serde_json::to_value(v)
         .map_err(|e| RpcError::new(ErrorCode::Internal, format!("cannot encode result: {e}")))
-}
-
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

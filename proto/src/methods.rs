@@ -68,13 +68,13 @@ method!(
     Watch, "watch", WatchParams, WatchResult
 );
 method!(
-    /// `unwatch` → [`UnwatchResult`]: stop watching a repository.
-    Unwatch, "unwatch", WatchParams, UnwatchResult
+    /// `unwatch` → [`WatchChange`]: stop watching a repository.
+    Unwatch, "unwatch", WatchParams, WatchChange
 );
 method!(
-    /// `refresh` → [`UnwatchResult`]: rescan a watched repository now (git hooks call it after
+    /// `refresh` → [`WatchChange`]: rescan a watched repository now (git hooks call it after
     /// a checkout, merge or rebase); `was_watched` tells whether it was watched.
-    Refresh, "refresh", WatchParams, UnwatchResult
+    Refresh, "refresh", WatchParams, WatchChange
 );
 method!(
     /// `ask` → [`AskResult`]: ask the model for an edit; streams `ask/progress` notifications.
@@ -218,9 +218,9 @@ pub struct WatchResult {
     pub repo: RepoStatus,
 }
 
-/// Result of [`Unwatch`].
+/// Result of [`Unwatch`] and [`Refresh`]: the repository, and whether it was watched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UnwatchResult {
+pub struct WatchChange {
     pub repo: String,
     /// False if it was not watched.
     pub was_watched: bool,

@@ -318,6 +318,19 @@ pub(crate) struct EditEnv {
     pub(crate) failpoint: Failpoint,
 }
 
+impl EditEnv {
+    /// The engine's settings from the daemon's configuration.
+    pub(crate) fn from_config(config: &crate::Config) -> Self {
+        Self {
+            journal_dir: config.layout.state_dir.join("journal"),
+            durability: Durability {
+                fsync: config.fsync,
+            },
+            failpoint: Failpoint(config.failpoint.clone()),
+        }
+    }
+}
+
 /// One repository as the engine sees it.
 pub(crate) struct RepoCtx<'a> {
     pub(crate) repo: &'a Repository,
@@ -465,7 +478,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             });
         }
     }
-    let (files, diff) = summarize(&writes)?;
+    let (files, diff) = summarize(&writes, record::git_abbrev_len(ctx.repo))?;
     if req.dry_run || writes.is_empty() {
         return Ok(Outcome {
             edit: None,
@@ -801,7 +814,7 @@ pub(crate) fn revert(
     if writes.is_empty() {
         return Err(EditError::NothingChanges { id: short, what });
     }
-    let (files, diff) = summarize(&writes)?;
+    let (files, diff) = summarize(&writes, record::git_abbrev_len(ctx.repo))?;
     if stash {
         refuse_stale_locks(ctx, &["refs/stash"])?;
     }
@@ -1189,9 +1202,9 @@ fn merge3(base: &[u8], ours: &[u8], theirs: &[u8], path: &str) -> Result<Vec<u8>
     Ok(merged)
 }
 
-/// Per-file summaries and the unified diff of the writes (as `git diff` shows them), from one
-/// diff per file.
-fn summarize(writes: &[Write1]) -> Result<(Vec<FileSummary>, String), EditError> {
+/// Per-file summaries and the unified diff of the writes (as `git diff` shows them, blob ids
+/// abbreviated to `abbrev` digits like `show`'s), from one diff per file.
+fn summarize(writes: &[Write1], abbrev: u16) -> Result<(Vec<FileSummary>, String), EditError> {
     let mut files = Vec::with_capacity(writes.len());
     let mut diff = Vec::new();
     for w in writes {
@@ -1202,7 +1215,7 @@ fn summarize(writes: &[Write1]) -> Result<(Vec<FileSummary>, String), EditError>
                 .map_err(|e| EditError::git("diff", e))?;
         let (_, added, removed) = p.line_stats().map_err(|e| EditError::git("diff", e))?;
         let text = p.to_buf().map_err(|e| EditError::git("diff", e))?;
-        diff.extend_from_slice(&git_header(w)?);
+        diff.extend_from_slice(&git_header(w, usize::from(abbrev))?);
         // libgit2 diffs two buffers as a modification; keep its hunks, not its header.
         if let Some(at) = find_hunks(&text) {
             diff.extend_from_slice(&text[at..]);
@@ -1224,12 +1237,14 @@ fn summarize(writes: &[Write1]) -> Result<(Vec<FileSummary>, String), EditError>
 
 /// The header `git diff` prints for one file of an edit: `new file mode`/`deleted file mode`,
 /// `old mode`/`new mode`, abbreviated blob ids, and `/dev/null` sides.
-fn git_header(w: &Write1) -> Result<Vec<u8>, EditError> {
-    const NONE: &str = "0000000";
+fn git_header(w: &Write1, abbrev_len: usize) -> Result<Vec<u8>, EditError> {
+    let none = "0".repeat(abbrev_len);
     let abbrev = |s: &FileState| -> Result<String, EditError> {
         let oid = git2::Oid::hash_object(git2::ObjectType::Blob, &s.bytes)
             .map_err(|e| EditError::git("hash", e))?;
-        Ok(oid.to_string()[..7].to_owned())
+        let mut hex = oid.to_string();
+        hex.truncate(abbrev_len);
+        Ok(hex)
     };
     let path = &w.path;
     let mut h = format!("diff --git a/{path} b/{path}\n");
@@ -1237,7 +1252,7 @@ fn git_header(w: &Write1) -> Result<Vec<u8>, EditError> {
     match (&w.before, &w.after) {
         (None, Some(after)) => {
             h += &format!(
-                "new file mode {:o}\nindex {NONE}..{}\n",
+                "new file mode {:o}\nindex {none}..{}\n",
                 after.mode,
                 abbrev(after)?
             );
@@ -1247,7 +1262,7 @@ fn git_header(w: &Write1) -> Result<Vec<u8>, EditError> {
         }
         (Some(before), None) => {
             h += &format!(
-                "deleted file mode {:o}\nindex {}..{NONE}\n",
+                "deleted file mode {:o}\nindex {}..{none}\n",
                 before.mode,
                 abbrev(before)?
             );
@@ -1285,7 +1300,7 @@ fn content(s: &Option<FileState>) -> &[u8] {
 }
 
 fn now_ms() -> u64 {
-    crate::server::unix_ms()
+    crate::clock::unix_ms()
 }
 
 #[cfg(test)]

@@ -459,7 +459,7 @@ fn file_header(delta: &git2::DiffDelta<'_>, header: &[u8], out: &mut Vec<u8>) {
 /// The length git abbreviates the `index` line's blob ids to: `core.abbrev`, or by default one
 /// that grows with the number of packed objects (git's `find_unique_abbrev` heuristic), where
 /// libgit2 would always print 7 digits.
-fn git_abbrev_len(repo: &Repository) -> u16 {
+pub(crate) fn git_abbrev_len(repo: &Repository) -> u16 {
     let configured = repo
         .config()
         .and_then(|config| config.get_string("core.abbrev"));

@@ -74,6 +74,10 @@ const PARALLEL_READ_MIN: usize = 256;
 /// budget (`index::OUTLINE_MAX_BYTES`) has room for file names only, and symbols for 10k files
 /// would cost several MB per repository for nothing.
 const SYMBOLS_MAX_FILES: usize = 1500;
+
+/// Largest file kept in the index and sent to the model whole; bigger files are listed by name
+/// only, and a bigger focus file is refused with a clear error.
+pub(crate) const MAX_FILE_BYTES: usize = 256 * 1024;
 /// A repository's metadata snapshot is written to sled at most this often while it changes
 /// (and at once after the first index, and when watching stops).
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);

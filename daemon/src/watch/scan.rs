@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
+use super::MAX_FILE_BYTES;
 use crate::cache::{BlobId, FileMeta, Kind, NAMES, Names, Stat};
-use crate::context::MAX_FILE_BYTES;
 use crate::edit::paths;
 
 /// At most this many symbols per file in the outline: enough to recognise a file.

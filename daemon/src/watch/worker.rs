@@ -2,11 +2,11 @@
 //! queue ([`Sink`]), and the task that turns events into batches and batches into an updated
 //! view, cache and `FilesChanged` events ([`run_repo`]).
 
+use crate::clock::unix_ms;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use spark_proto::events::Event;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
@@ -305,13 +305,6 @@ pub(super) async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at).await;
     }
-}
-
-pub(super) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// A change to apply to the view and the cache.
