@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::Value;
 use spark_proto::events::{EVENT_METHOD, Event};
 use spark_proto::frame::{Frame, encode};
-use spark_proto::methods::{self, Empty, InitializeResult, Method, StatusResult};
+use spark_proto::methods::{self, ClientRequest, Empty, InitializeResult, Method, StatusResult};
 use spark_proto::{
     ErrorCode, Id, MAX_LINE_BYTES, Notification, PROTOCOL_VERSION, Request, Response, RpcError,
 };
@@ -273,143 +273,143 @@ impl Connection {
                 return self.send(&Response::err(id, err)).await;
             }
         };
-        if req.method == methods::Ask::NAME && self.initialized {
-            self.spawn_ask(req.id, req.params);
-            return true;
-        }
-        let response = match self.dispatch(&req.method, req.params).await {
-            Ok(result) => Response::ok(req.id, result),
-            Err(err) => Response::err(req.id, err),
+        let answer = match self.gate(&req.method) {
+            Ok(()) => match ClientRequest::parse(&req.method, req.params) {
+                Ok(request) => self.dispatch(&req.id, request).await,
+                Err(err) => Some(Err(err)),
+            },
+            Err(err) => Some(Err(err)),
         };
-        self.send(&response).await
+        match answer {
+            Some(Ok(result)) => self.send(&Response::ok(req.id, result)).await,
+            Some(Err(err)) => self.send(&Response::err(req.id, err)).await,
+            // Answered later by its own task.
+            None => true,
+        }
     }
 
-    async fn dispatch(&mut self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-        if method == methods::Initialize::NAME {
-            let p = parse_params::<methods::Initialize>(params)?;
-            if p.protocol_version != PROTOCOL_VERSION {
-                return Err(RpcError::new(
-                    ErrorCode::VersionMismatch,
-                    format!(
-                        "protocol version mismatch: client {} {} speaks {}, sparkd {} speaks {}",
-                        p.client.name,
-                        p.client.version,
-                        p.protocol_version,
-                        crate::VERSION,
-                        PROTOCOL_VERSION
-                    ),
-                )
-                .with_hint("restart the daemon with `sparkctl stop`, or upgrade the client"));
-            }
-            debug!(conn = self.id, client = %p.client.name, version = %p.client.version, "initialized");
-            self.initialized = true;
-            return to_value(InitializeResult {
-                protocol_version: PROTOCOL_VERSION,
-                daemon_version: self.shared.config.reported_version.clone(),
-                pid: std::process::id(),
-            });
+    /// Every request but `initialize` waits for the handshake.
+    fn gate(&self, method: &str) -> Result<(), RpcError> {
+        if self.initialized || method == methods::Initialize::NAME {
+            return Ok(());
         }
-        if !self.initialized {
-            return Err(RpcError::new(
-                ErrorCode::NotInitialized,
-                format!("`{method}` before `initialize`: the first request must be `initialize`"),
-            )
-            .with_hint("see docs/protocol.md, \"Handshake\""));
-        }
-        match method {
-            methods::Status::NAME => {
-                parse_params::<methods::Status>(params)?;
-                to_value(self.status().await)
+        Err(RpcError::new(
+            ErrorCode::NotInitialized,
+            format!("`{method}` before `initialize`: the first request must be `initialize`"),
+        )
+        .with_hint("see docs/protocol.md, \"Handshake\""))
+    }
+
+    /// Answers a request, or returns `None` for an `ask`, which its own task answers.
+    async fn dispatch(
+        &mut self,
+        id: &Id,
+        request: ClientRequest,
+    ) -> Option<Result<Value, RpcError>> {
+        let answer = match request {
+            ClientRequest::Initialize(p) => self.initialize(p),
+            ClientRequest::Ask(p) => {
+                self.spawn_ask(id.clone(), p);
+                return None;
             }
-            methods::Shutdown::NAME => {
-                parse_params::<methods::Shutdown>(params)?;
+            ClientRequest::Status(Empty {}) => to_value(self.status().await),
+            ClientRequest::Shutdown(Empty {}) => {
                 info!(conn = self.id, "shutdown requested");
                 self.shared.shutdown.cancel();
                 to_value(Empty {})
             }
-            methods::Subscribe::NAME => {
-                parse_params::<methods::Subscribe>(params)?;
-                if !self.subscribed {
-                    self.subscribed = true;
-                    let rx = self.shared.events.subscribe();
-                    self.shared.tracker.spawn(forward_events(
-                        rx,
-                        self.out.clone(),
-                        self.closed.clone(),
-                        self.shared.shutdown.clone(),
-                    ));
-                }
+            ClientRequest::Subscribe(Empty {}) => {
+                self.subscribe();
                 to_value(Empty {})
             }
-            methods::Watch::NAME => {
-                let p = parse_params::<methods::Watch>(params)?;
-                to_value(self.watch(p).await?)
-            }
-            methods::Unwatch::NAME => {
-                let p = parse_params::<methods::Unwatch>(params)?;
-                let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
-                let was_watched = self
-                    .shared
-                    .watchers
-                    .unwatch(repo.workdir())
-                    .await
-                    .map_err(|e| e.to_rpc())?;
-                to_value(methods::WatchChange {
-                    repo: repo.workdir().display().to_string(),
-                    was_watched,
-                })
-            }
-            methods::Refresh::NAME => {
-                let p = parse_params::<methods::Refresh>(params)?;
-                let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
-                let was_watched = self.shared.watchers.refresh(repo.workdir());
-                to_value(methods::WatchChange {
-                    repo: repo.workdir().display().to_string(),
-                    was_watched,
-                })
-            }
-            methods::Cancel::NAME => {
-                let p = parse_params::<methods::Cancel>(params)?;
-                let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
-                let cancelled = self.shared.asks.cancel(repo.workdir());
-                if cancelled {
-                    info!(conn = self.id, repo = %repo.workdir().display(), "ask cancelled by request");
-                }
-                to_value(methods::CancelResult {
-                    repo: repo.workdir().display().to_string(),
-                    cancelled,
-                })
-            }
-            methods::EditApply::NAME => {
-                let p = parse_params::<methods::EditApply>(params)?;
-                to_value(self.edit_apply(p).await?)
-            }
-            methods::EditUndo::NAME => {
-                let p = parse_params::<methods::EditUndo>(params)?;
-                to_value(self.edit_revert(p, false).await?)
-            }
-            methods::EditStash::NAME => {
-                let p = parse_params::<methods::EditStash>(params)?;
-                to_value(self.edit_revert(p, true).await?)
-            }
-            methods::EditLog::NAME => {
-                let p = parse_params::<methods::EditLog>(params)?;
-                to_value(self.edit_log(p).await?)
-            }
-            methods::EditShow::NAME => {
-                let p = parse_params::<methods::EditShow>(params)?;
-                to_value(self.edit_show(p).await?)
-            }
-            methods::CommitDraft::NAME => {
-                let p = parse_params::<methods::CommitDraft>(params)?;
-                to_value(crate::draft::draft(&self.shared, p).await?)
-            }
-            other => Err(RpcError::new(
-                ErrorCode::MethodNotFound,
-                format!("unknown method `{other}`"),
+            ClientRequest::Watch(p) => self.watch(p).await.and_then(to_value),
+            ClientRequest::Unwatch(p) => self.unwatch(p).await.and_then(to_value),
+            ClientRequest::Refresh(p) => self.refresh(p).await.and_then(to_value),
+            ClientRequest::Cancel(p) => self.cancel(p).await.and_then(to_value),
+            ClientRequest::EditApply(p) => self.edit_apply(p).await.and_then(to_value),
+            ClientRequest::EditUndo(p) => self.edit_revert(p, false).await.and_then(to_value),
+            ClientRequest::EditStash(p) => self.edit_revert(p, true).await.and_then(to_value),
+            ClientRequest::EditLog(p) => self.edit_log(p).await.and_then(to_value),
+            ClientRequest::EditShow(p) => self.edit_show(p).await.and_then(to_value),
+            ClientRequest::CommitDraft(p) => crate::draft::draft(&self.shared, p)
+                .await
+                .and_then(to_value),
+        };
+        Some(answer)
+    }
+
+    fn initialize(&mut self, p: methods::InitializeParams) -> Result<Value, RpcError> {
+        if p.protocol_version != PROTOCOL_VERSION {
+            return Err(RpcError::new(
+                ErrorCode::VersionMismatch,
+                format!(
+                    "protocol version mismatch: client {} {} speaks {}, sparkd {} speaks {}",
+                    p.client.name,
+                    p.client.version,
+                    p.protocol_version,
+                    crate::VERSION,
+                    PROTOCOL_VERSION
+                ),
             )
-            .with_hint("see docs/protocol.md for the methods of this protocol version")),
+            .with_hint("restart the daemon with `sparkctl stop`, or upgrade the client"));
         }
+        debug!(conn = self.id, client = %p.client.name, version = %p.client.version, "initialized");
+        self.initialized = true;
+        to_value(InitializeResult {
+            protocol_version: PROTOCOL_VERSION,
+            daemon_version: self.shared.config.reported_version.clone(),
+            pid: std::process::id(),
+        })
+    }
+
+    /// From now on this connection also receives `event` notifications.
+    fn subscribe(&mut self) {
+        if self.subscribed {
+            return;
+        }
+        self.subscribed = true;
+        let rx = self.shared.events.subscribe();
+        self.shared.tracker.spawn(forward_events(
+            rx,
+            self.out.clone(),
+            self.closed.clone(),
+            self.shared.shutdown.clone(),
+        ));
+    }
+
+    async fn unwatch(&self, p: methods::WatchParams) -> Result<methods::WatchChange, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
+        let was_watched = self
+            .shared
+            .watchers
+            .unwatch(repo.workdir())
+            .await
+            .map_err(|e| e.to_rpc())?;
+        Ok(methods::WatchChange {
+            repo: repo.workdir().display().to_string(),
+            was_watched,
+        })
+    }
+
+    async fn refresh(&self, p: methods::WatchParams) -> Result<methods::WatchChange, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
+        let was_watched = self.shared.watchers.refresh(repo.workdir());
+        Ok(methods::WatchChange {
+            repo: repo.workdir().display().to_string(),
+            was_watched,
+        })
+    }
+
+    async fn cancel(&self, p: methods::CancelParams) -> Result<methods::CancelResult, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let cancelled = self.shared.asks.cancel(repo.workdir());
+        if cancelled {
+            info!(conn = self.id, repo = %repo.workdir().display(), "ask cancelled by request");
+        }
+        Ok(methods::CancelResult {
+            repo: repo.workdir().display().to_string(),
+            cancelled,
+        })
     }
 
     async fn watch(&self, p: methods::WatchParams) -> Result<methods::WatchResult, RpcError> {
@@ -535,13 +535,12 @@ impl Connection {
 
     /// `ask` runs as its own task so this connection keeps reading: a closed connection (Ctrl-C
     /// in the client) cancels it, and its progress streams as `ask/progress` notifications.
-    fn spawn_ask(&self, id: Id, params: Option<Value>) {
+    fn spawn_ask(&self, id: Id, p: methods::AskParams) {
         let shared = self.shared.clone();
         let out = self.out.clone();
         let cancel = self.closed.child_token();
         self.shared.tracker.spawn(async move {
             let result = async {
-                let p = parse_params::<methods::Ask>(params)?;
                 let (repo, prefix) = shared.repos.for_cwd(&p.cwd).await?;
                 let emit = |event: methods::AskEvent| {
                     let progress = methods::AskProgress {
@@ -778,23 +777,6 @@ async fn forward_events(
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
-}
-
-fn parse_params<M: Method>(params: Option<Value>) -> Result<M::Params, RpcError> {
-    let params = params.unwrap_or_else(|| Value::Object(Default::default()));
-    if !params.is_object() {
-        // serde would read a struct from an array; spark's methods take named params only.
-        return Err(RpcError::new(
-            ErrorCode::InvalidParams,
-            format!("params of `{}` must be an object (named params)", M::NAME),
-        ));
-    }
-    serde_json::from_value::<M::Params>(params).map_err(|e| {
-        RpcError::new(
-            ErrorCode::InvalidParams,
-            format!("invalid params for `{}`: {e}", M::NAME),
-        )
-    })
 }
 
 fn to_value<T: Serialize>(v: T) -> Result<Value, RpcError> {

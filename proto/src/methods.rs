@@ -4,6 +4,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::{ErrorCode, RpcError};
+
 /// A JSON-RPC method of the local socket.
 pub trait Method {
     /// The wire name, e.g. `"status"`.
@@ -12,85 +14,107 @@ pub trait Method {
     type Result: Serialize + DeserializeOwned;
 }
 
-macro_rules! method {
-    ($(#[$doc:meta])* $ty:ident, $name:literal, $params:ty, $result:ty) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy)]
-        pub enum $ty {}
-        impl Method for $ty {
-            const NAME: &'static str = $name;
-            type Params = $params;
-            type Result = $result;
+macro_rules! methods {
+    ($($(#[$doc:meta])* $ty:ident, $name:literal, $params:ty, $result:ty;)*) => {
+        $(
+            $(#[$doc])*
+            #[derive(Debug, Clone, Copy)]
+            pub enum $ty {}
+            impl Method for $ty {
+                const NAME: &'static str = $name;
+                type Params = $params;
+                type Result = $result;
+            }
+        )*
+
+        /// A request with its params parsed, one variant per method of the list above, so a
+        /// server's `match` on it is exhaustive: a method added to the list does not compile
+        /// until it has a handler.
+        #[derive(Debug, Clone)]
+        pub enum ClientRequest {
+            $($ty($params),)*
+        }
+
+        impl ClientRequest {
+            /// The names of every method, in the order of the list.
+            pub const NAMES: &'static [&'static str] = &[$($name),*];
+
+            /// Parses a request's params by its method name. Params must be an object (named
+            /// params) or absent (read as `{}`).
+            pub fn parse(method: &str, params: Option<serde_json::Value>) -> Result<Self, RpcError> {
+                match method {
+                    $($name => parse_params::<$ty>(params).map(ClientRequest::$ty),)*
+                    other => Err(RpcError::new(
+                        ErrorCode::MethodNotFound,
+                        format!("unknown method `{other}`"),
+                    )
+                    .with_hint("see docs/protocol.md for the methods of this protocol version")),
+                }
+            }
+
+            /// The request's wire name.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(ClientRequest::$ty(_) => $ty::NAME,)*
+                }
+            }
         }
     };
 }
 
-method!(
+fn parse_params<M: Method>(params: Option<serde_json::Value>) -> Result<M::Params, RpcError> {
+    let params = params.unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+    if !params.is_object() {
+        // serde would read a struct from an array; spark's methods take named params only.
+        return Err(RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("params of `{}` must be an object (named params)", M::NAME),
+        ));
+    }
+    serde_json::from_value::<M::Params>(params).map_err(|e| {
+        RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("invalid params for `{}`: {e}", M::NAME),
+        )
+    })
+}
+
+methods! {
     /// `initialize` → [`InitializeResult`]. Must be the first request on a connection.
-    Initialize, "initialize", InitializeParams, InitializeResult
-);
-method!(
+    Initialize, "initialize", InitializeParams, InitializeResult;
     /// `status` → [`StatusResult`]: the daemon, its repositories, sessions and cache.
-    Status, "status", Empty, StatusResult
-);
-method!(
+    Status, "status", Empty, StatusResult;
     /// `shutdown` → [`Empty`]: answered, then the daemon drains and exits.
-    Shutdown, "shutdown", Empty, Empty
-);
-method!(
+    Shutdown, "shutdown", Empty, Empty;
     /// `subscribe` → [`Empty`]: the connection then receives `event` notifications.
-    Subscribe, "subscribe", Empty, Empty
-);
-
-method!(
+    Subscribe, "subscribe", Empty, Empty;
     /// `edit/apply` → [`EditResult`]: apply a patch (apply_patch or SEARCH/REPLACE) and record it.
-    EditApply, "edit/apply", ApplyParams, EditResult
-);
-method!(
+    EditApply, "edit/apply", ApplyParams, EditResult;
     /// `edit/log` → [`LogResult`]: the repository's edits, newest first.
-    EditLog, "edit/log", LogParams, LogResult
-);
-method!(
+    EditLog, "edit/log", LogParams, LogResult;
     /// `edit/show` → [`ShowResult`]: one edit's diff.
-    EditShow, "edit/show", EditParams, ShowResult
-);
-method!(
+    EditShow, "edit/show", EditParams, ShowResult;
     /// `edit/undo` → [`EditResult`]: revert an edit in the worktree, keeping later changes.
-    EditUndo, "edit/undo", EditParams, EditResult
-);
-method!(
+    EditUndo, "edit/undo", EditParams, EditResult;
     /// `edit/stash` → [`EditResult`]: move an edit onto `git stash` (worktree reverted).
-    EditStash, "edit/stash", EditParams, EditResult
-);
-
-method!(
+    EditStash, "edit/stash", EditParams, EditResult;
     /// `watch` → [`WatchResult`]: keep a repository's context current (and its session warm).
-    Watch, "watch", WatchParams, WatchResult
-);
-method!(
+    Watch, "watch", WatchParams, WatchResult;
     /// `unwatch` → [`WatchChange`]: stop watching a repository.
-    Unwatch, "unwatch", WatchParams, WatchChange
-);
-method!(
+    Unwatch, "unwatch", WatchParams, WatchChange;
     /// `refresh` → [`WatchChange`]: rescan a watched repository now (git hooks call it after
     /// a checkout, merge or rebase); `was_watched` tells whether it was watched.
-    Refresh, "refresh", WatchParams, WatchChange
-);
-method!(
+    Refresh, "refresh", WatchParams, WatchChange;
     /// `ask` → [`AskResult`]: ask the model for an edit; streams `ask/progress` notifications.
-    Ask, "ask", AskParams, AskResult
-);
-method!(
+    Ask, "ask", AskParams, AskResult;
     /// `cancel` → [`CancelResult`]: stop the `ask` in flight in a repository, whichever
     /// connection sent it. That `ask` then answers `cancelled` if it stopped before applying
     /// anything, or with its edit if the edit had already landed.
-    Cancel, "cancel", CancelParams, CancelResult
-);
-method!(
+    Cancel, "cancel", CancelParams, CancelResult;
     /// `commit/draft` → [`DraftResult`]: a commit message drafted from the staged diff (the
     /// `prepare-commit-msg` hook asks for it), in a one-off conversation of its own.
-    CommitDraft, "commit/draft", DraftParams, DraftResult
-);
+    CommitDraft, "commit/draft", DraftParams, DraftResult;
+}
 
 /// Params of [`CommitDraft`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -547,6 +571,47 @@ pub struct AskTimings {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_listed_method_parses_to_its_own_variant() {
+        let mut seen = std::collections::HashSet::new();
+        for name in ClientRequest::NAMES {
+            assert!(seen.insert(name), "{name} listed twice");
+            // Wrong params are refused by that method's own parser, naming it.
+            let err = ClientRequest::parse(name, Some(json!([]))).expect_err("array params");
+            assert_eq!(err.code, ErrorCode::InvalidParams.code(), "{name}");
+            assert!(
+                err.message.contains(&format!("`{name}`")),
+                "{}",
+                err.message
+            );
+        }
+        let r = ClientRequest::parse("status", None).expect("absent params read as {}");
+        assert!(matches!(r, ClientRequest::Status(Empty {})));
+        assert_eq!(r.name(), Status::NAME);
+        let r = ClientRequest::parse("edit/show", Some(json!({"cwd": "/r", "id": "abc"})))
+            .expect("edit/show");
+        assert_eq!(r.name(), "edit/show");
+        let ClientRequest::EditShow(p) = r else {
+            panic!("edit/show parsed as {}", r.name());
+        };
+        assert_eq!(p.id.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn an_unknown_method_or_field_is_refused_with_its_name() {
+        let err = ClientRequest::parse("edit/frobnicate", None).expect_err("unknown");
+        assert_eq!(err.code, ErrorCode::MethodNotFound.code());
+        assert_eq!(err.message, "unknown method `edit/frobnicate`");
+        let err =
+            ClientRequest::parse("status", Some(json!({"verbose": true}))).expect_err("extra");
+        assert_eq!(err.code, ErrorCode::InvalidParams.code());
+        assert!(
+            err.message.starts_with("invalid params for `status`: "),
+            "{}",
+            err.message
+        );
+    }
 
     #[test]
     fn empty_params_accept_object_and_refuse_extra_fields() {
