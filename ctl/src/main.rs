@@ -10,8 +10,8 @@ use serde::Serialize;
 use spark_proto::layout::Layout;
 use spark_proto::methods::{
     ASK_PROGRESS, ApplyParams, Ask, AskEvent, AskParams, AskProgress, AskResult, EditApply,
-    EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty, Focus, LogParams,
-    Refresh, Status, StatusResult, Unwatch, Watch, WatchParams,
+    EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty, FileChange, Focus,
+    LogParams, Refresh, Status, StatusResult, Unwatch, Watch, WatchParams,
 };
 use sparkctl::autostart::{self, Started};
 use sparkctl::interrupt::CancelOnCtrlC;
@@ -1037,10 +1037,10 @@ fn render_edit(r: &EditResult, verb: &str, style: &Style) -> String {
     for f in &r.files {
         add += f.added;
         del += f.removed;
-        let mark = match f.change.as_str() {
-            "added" => style.paint(GREEN, "A"),
-            "deleted" => style.paint(RED, "D"),
-            _ => style.paint(YELLOW, "M"),
+        let mark = match f.change {
+            FileChange::Added => style.paint(GREEN, "A"),
+            FileChange::Deleted => style.paint(RED, "D"),
+            FileChange::Modified => style.paint(YELLOW, "M"),
         };
         let plus = style.paint(GREEN, &"+".repeat(f.added.min(30) as usize));
         let minus = style.paint(RED, &"-".repeat(f.removed.min(30) as usize));

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use spark_proto::methods::{AskEvent, AskParams, AskResult, AskTimings, FileChangeSummary};
+use spark_proto::methods::{AskEvent, AskParams, AskResult, AskTimings, PatchOp};
 use spark_proto::{ErrorCode, RpcError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,7 +22,7 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::context;
-use crate::edit::{self, patch::StreamEvent, patch::StreamingParser};
+use crate::edit::{self, patch::OpKind, patch::StreamEvent, patch::StreamingParser};
 use crate::provider::{
     InputItem, OutputItem, SessionConfig, SessionHandle, Tool, TurnEvent, TurnFailure, TurnRequest,
 };
@@ -743,16 +743,7 @@ impl Asks {
                 timings.total_ms = ms(started.elapsed());
                 Ok(AskResult {
                     edit: outcome.edit,
-                    files: outcome
-                        .files
-                        .into_iter()
-                        .map(|f| FileChangeSummary {
-                            path: f.path,
-                            change: f.change.to_owned(),
-                            added: f.added,
-                            removed: f.removed,
-                        })
-                        .collect(),
+                    files: outcome.files,
                     answer,
                     diff: outcome.diff,
                     timings,
@@ -816,7 +807,11 @@ where
         if let StreamEvent::FileStarted { path, kind } = e {
             emit(AskEvent::PatchFile {
                 path,
-                op: format!("{kind:?}").to_lowercase(),
+                op: match kind {
+                    OpKind::Add => PatchOp::Add,
+                    OpKind::Update => PatchOp::Update,
+                    OpKind::Delete => PatchOp::Delete,
+                },
             })
             .await;
         }

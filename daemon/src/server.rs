@@ -682,16 +682,7 @@ fn edit_result(
     methods::EditResult {
         edit: o.edit,
         repo: repo.workdir().display().to_string(),
-        files: o
-            .files
-            .into_iter()
-            .map(|f| methods::FileChangeSummary {
-                path: f.path,
-                change: f.change.to_owned(),
-                added: f.added,
-                removed: f.removed,
-            })
-            .collect(),
+        files: o.files,
         diff: o.diff,
         total_ms: started.elapsed().as_secs_f64() * 1000.0,
     }

@@ -329,10 +329,27 @@ pub struct ApplyParams {
 pub struct FileChangeSummary {
     /// Repository-relative, `/`-separated.
     pub path: String,
-    /// `added`, `modified` or `deleted`.
-    pub change: String,
+    pub change: FileChange,
     pub added: u32,
     pub removed: u32,
+}
+
+/// How an edit changed a file (`"added"`, `"modified"` or `"deleted"` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileChange {
+    Added,
+    Modified,
+    Deleted,
+}
+
+/// What a streaming patch does to a file (`"add"`, `"update"` or `"delete"` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchOp {
+    Add,
+    Update,
+    Delete,
 }
 
 /// Result of [`EditApply`], [`EditUndo`] and [`EditStash`].
@@ -523,7 +540,7 @@ pub enum AskEvent {
     /// Patch text as it streams (the apply_patch tool's input).
     Patch { delta: String },
     /// A file the streaming patch is about to touch.
-    PatchFile { path: String, op: String },
+    PatchFile { path: String, op: PatchOp },
     /// Output tokens so far.
     Tokens {
         output_tokens: u64,
@@ -596,6 +613,35 @@ mod tests {
             panic!("edit/show parsed as {}", r.name());
         };
         assert_eq!(p.id.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn change_kinds_and_patch_ops_keep_their_wire_names() {
+        let names = |v: Vec<serde_json::Value>| -> Vec<String> {
+            v.into_iter()
+                .map(|v| v.as_str().expect("a string").to_owned())
+                .collect()
+        };
+        let changes = [FileChange::Added, FileChange::Modified, FileChange::Deleted];
+        let ops = [PatchOp::Add, PatchOp::Update, PatchOp::Delete];
+        assert_eq!(
+            names(changes.iter().map(|c| json!(c)).collect()),
+            ["added", "modified", "deleted"]
+        );
+        assert_eq!(
+            names(ops.iter().map(|o| json!(o)).collect()),
+            ["add", "update", "delete"]
+        );
+        let event: AskEvent =
+            serde_json::from_value(json!({"type": "patch_file", "path": "a.rs", "op": "update"}))
+                .expect("patch_file");
+        assert_eq!(
+            event,
+            AskEvent::PatchFile {
+                path: "a.rs".into(),
+                op: PatchOp::Update
+            }
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use git2::{Oid, Repository};
 use spark_proto::ErrorCode;
 use spark_proto::RpcError;
+use spark_proto::methods::{self as wire, FileChangeSummary};
 
 use journal::{Durability, Failpoint, Operation, Write1};
 use ledger::EventKind;
@@ -352,21 +353,12 @@ pub(crate) struct ApplyRequest {
     pub(crate) bases: HashMap<String, Vec<u8>>,
 }
 
-/// A file touched by an edit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct FileSummary {
-    pub(crate) path: String,
-    pub(crate) change: &'static str,
-    pub(crate) added: u32,
-    pub(crate) removed: u32,
-}
-
 /// What an apply, undo or stash did.
 #[derive(Debug, Clone)]
 pub(crate) struct Outcome {
     /// Short id of the edit (None for a dry run or a no-op).
     pub(crate) edit: Option<String>,
-    pub(crate) files: Vec<FileSummary>,
+    pub(crate) files: Vec<FileChangeSummary>,
     pub(crate) diff: String,
     /// Each written file's new content (`None` = deleted).
     pub(crate) after: Vec<(String, Option<Vec<u8>>)>,
@@ -1204,7 +1196,10 @@ fn merge3(base: &[u8], ours: &[u8], theirs: &[u8], path: &str) -> Result<Vec<u8>
 
 /// Per-file summaries and the unified diff of the writes (as `git diff` shows them, blob ids
 /// abbreviated to `abbrev` digits like `show`'s), from one diff per file.
-fn summarize(writes: &[Write1], abbrev: u16) -> Result<(Vec<FileSummary>, String), EditError> {
+fn summarize(
+    writes: &[Write1],
+    abbrev: u16,
+) -> Result<(Vec<FileChangeSummary>, String), EditError> {
     let mut files = Vec::with_capacity(writes.len());
     let mut diff = Vec::new();
     for w in writes {
@@ -1221,11 +1216,11 @@ fn summarize(writes: &[Write1], abbrev: u16) -> Result<(Vec<FileSummary>, String
             diff.extend_from_slice(&text[at..]);
         }
         let change = match (&w.before, &w.after) {
-            (None, _) => "added",
-            (_, None) => "deleted",
-            _ => "modified",
+            (None, _) => wire::FileChange::Added,
+            (_, None) => wire::FileChange::Deleted,
+            _ => wire::FileChange::Modified,
         };
-        files.push(FileSummary {
+        files.push(FileChangeSummary {
             path: w.path.clone(),
             change,
             added: added as u32,
