@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use spark_proto::events::Event;
 use spark_proto::methods::{AskEvent, AskParams, AskResult, AskTimings, PatchOp};
 use spark_proto::{ErrorCode, RpcError};
 use tokio_util::sync::CancellationToken;
@@ -116,6 +117,15 @@ pub(crate) struct Asks {
     /// One reconnect policy per provider URL, shared by its sessions of every repository, so a
     /// failing provider sees a few attempts a minute however many repositories are watched.
     backoffs: Mutex<HashMap<String, Arc<crate::provider::backoff::Backoff>>>,
+}
+
+/// What an edit did to the worktree, for [`Asks::after_edit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Landed {
+    /// Applied (`ask`, `edit/apply`).
+    Applied,
+    /// Reverted (`edit/undo`, `edit/stash`).
+    Reverted,
 }
 
 /// Clears a conversation's `current` when its ask ends, unless a newer ask replaced it.
@@ -382,16 +392,55 @@ impl Asks {
         any
     }
 
-    /// Files changed outside the conversation (undo, stash, `edit/apply`): the model's view of
-    /// them is stale, so the next ask shows them whole instead of as a diff against it, and the
-    /// compare-and-swap base becomes their content at apply time.
-    pub(crate) async fn forget(&self, workdir: &Path, paths: &[String]) {
-        for conv in self.conversations_in(workdir) {
+    /// The bookkeeping every edit that lands, is undone or is stashed shares, whoever made it
+    /// (`edit/apply`, `ask`, `edit/undo`, `edit/stash`): the watcher takes the writes as the
+    /// daemon's own, an applied edit is counted, each conversation of the repository forgets
+    /// its view of the files (the next ask shows them whole, and the compare-and-swap base
+    /// becomes their content at apply time), and subscribers hear of it.
+    pub(crate) async fn after_edit(
+        &self,
+        repo: &RepoHandle,
+        outcome: &edit::Outcome,
+        landed: Landed,
+    ) {
+        self.after_edit_by(repo, outcome, landed, None).await;
+    }
+
+    /// [`Self::after_edit`] for an edit made by `asker`'s ask: the caller holds that
+    /// conversation's state and records there what the model now knows instead.
+    async fn after_edit_by(
+        &self,
+        repo: &RepoHandle,
+        outcome: &edit::Outcome,
+        landed: Landed,
+        asker: Option<&Conversation>,
+    ) {
+        self.watchers
+            .note_own_writes(repo.workdir(), &outcome.after);
+        let edit = match (landed, &outcome.edit) {
+            // A dry run, or a patch that changed nothing.
+            (Landed::Applied, None) => return,
+            (Landed::Applied, Some(id)) => {
+                repo.count_edit();
+                id.clone()
+            }
+            (Landed::Reverted, id) => id.clone().unwrap_or_default(),
+        };
+        let files: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
+        for conv in self.conversations_in(repo.workdir()) {
+            if asker.is_some_and(|a| std::ptr::eq(a, Arc::as_ptr(&conv))) {
+                continue;
+            }
             let mut state = conv.state.lock().await;
-            for p in paths {
+            for p in &files {
                 state.seen.remove(p);
             }
         }
+        let repo = repo.workdir().display().to_string();
+        let _ = self.events.send(match landed {
+            Landed::Applied => Event::EditApplied { repo, edit, files },
+            Landed::Reverted => Event::EditReverted { repo, edit, files },
+        });
     }
 
     /// The provider's shared reconnect policy, made on first use.
@@ -729,10 +778,9 @@ impl Asks {
                     (None, false) => "Nothing changed: the files already matched.".to_owned(),
                 };
                 answer_tool(&conv.session, &mut state.history, &call, &output).await;
-                self.watchers
-                    .note_own_writes(repo.workdir(), &outcome.after);
+                self.after_edit_by(&repo, &outcome, Landed::Applied, Some(&conv))
+                    .await;
                 if outcome.edit.is_some() {
-                    repo.count_edit();
                     for (path, after) in &outcome.after {
                         match after {
                             Some(bytes) => state.seen.insert(path.clone(), bytes.clone()),

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::ask::Landed;
 use crate::codec::LineDecoder;
 use crate::config::Config;
 use crate::edit::{self, EditEnv};
@@ -443,18 +444,9 @@ impl Connection {
             .await?
             .map_err(|e| e.to_rpc())?;
         self.shared
-            .watchers
-            .note_own_writes(repo.workdir(), &outcome.after);
-        if let Some(id) = &outcome.edit {
-            repo.count_edit();
-            let paths: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
-            self.shared.asks.forget(repo.workdir(), &paths).await;
-            let _ = self.shared.events.send(Event::EditApplied {
-                repo: repo.workdir().display().to_string(),
-                edit: id.clone(),
-                files: outcome.files.iter().map(|f| f.path.clone()).collect(),
-            });
-        }
+            .asks
+            .after_edit(&repo, &outcome, Landed::Applied)
+            .await;
         Ok(edit_result(&repo, outcome, started))
     }
 
@@ -470,15 +462,9 @@ impl Connection {
             .await?
             .map_err(|e| e.to_rpc())?;
         self.shared
-            .watchers
-            .note_own_writes(repo.workdir(), &outcome.after);
-        let paths: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
-        self.shared.asks.forget(repo.workdir(), &paths).await;
-        let _ = self.shared.events.send(Event::EditReverted {
-            repo: repo.workdir().display().to_string(),
-            edit: outcome.edit.clone().unwrap_or_default(),
-            files: outcome.files.iter().map(|f| f.path.clone()).collect(),
-        });
+            .asks
+            .after_edit(&repo, &outcome, Landed::Reverted)
+            .await;
         Ok(edit_result(&repo, outcome, started))
     }
 
@@ -556,17 +542,7 @@ impl Connection {
                         let _ = out.send(line).await;
                     }
                 };
-                let result = shared
-                    .asks
-                    .ask(repo.clone(), prefix, p, cancel, emit)
-                    .await?;
-                if let Some(edit) = &result.edit {
-                    let _ = shared.events.send(Event::EditApplied {
-                        repo: repo.workdir().display().to_string(),
-                        edit: edit.clone(),
-                        files: result.files.iter().map(|f| f.path.clone()).collect(),
-                    });
-                }
+                let result = shared.asks.ask(repo, prefix, p, cancel, emit).await?;
                 to_value(result)
             }
             .await;
