@@ -11,7 +11,7 @@ use spark_proto::layout::Layout;
 use spark_proto::methods::{
     ASK_PROGRESS, ApplyParams, Ask, AskEvent, AskParams, AskProgress, AskResult, EditApply,
     EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty, FileChange, Focus,
-    LogParams, Refresh, Status, StatusResult, Unwatch, Watch, WatchParams,
+    LogParams, Method, Refresh, Status, StatusResult, Unwatch, Watch, WatchParams,
 };
 use sparkctl::autostart::{self, Started};
 use sparkctl::interrupt::CancelOnCtrlC;
@@ -241,6 +241,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// What every subcommand shares: where the daemon is, and how to print.
+struct Ctx {
+    layout: Layout,
+    json: bool,
+    style: Style,
+}
+
+impl Ctx {
+    /// A client of the daemon, started if nobody answers (and said so on stderr).
+    fn connect(&self) -> Result<Client, Failure> {
+        let conn = autostart::connect(&self.layout, "sparkctl").map_err(|e| self.fail(e))?;
+        note_started(&conn.started, self.json);
+        Ok(conn.client)
+    }
+
+    fn fail(&self, e: ClientError) -> Failure {
+        Failure::from_client(e, &self.layout)
+    }
+
+    /// Prints `result` as JSON with `--json`, else as `human` renders it.
+    fn print<T: Serialize>(
+        &self,
+        result: &T,
+        human: impl FnOnce(&T) -> Result<(), Failure>,
+    ) -> Result<(), Failure> {
+        if self.json {
+            print_json(result)
+        } else {
+            human(result)
+        }
+    }
+}
+
+/// One function per subcommand, as the dispatch below shows.
 fn run(cli: Cli) -> Result<(), Failure> {
     let mut layout = Layout::from_env(|k| std::env::var_os(k), rustix::process::geteuid().as_raw())
         .map_err(|e| Failure {
@@ -252,13 +286,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
     if let Some(s) = cli.socket {
         layout.socket = std::path::absolute(&s).unwrap_or(s);
     }
-    let fail = |e: ClientError| Failure::from_client(e, &layout);
-    let style = Style::detect(cli.color);
-    let connect = || -> Result<Client, Failure> {
-        let conn = autostart::connect(&layout, "sparkctl")
-            .map_err(|e| Failure::from_client(e, &layout))?;
-        note_started(&conn.started, cli.json);
-        Ok(conn.client)
+    let ctx = Ctx {
+        layout,
+        json: cli.json,
+        style: Style::detect(cli.color),
     };
     match cli.command {
         Command::Ask {
@@ -266,134 +297,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
             focus,
             dry_run,
             new,
-        } => {
-            let focus = focus
-                .iter()
-                .map(|f| parse_focus(f))
-                .collect::<Result<Vec<_>, _>>()?;
-            let params = AskParams {
-                cwd: cwd()?,
-                prompt: prompt.join(" "),
-                focus,
-                dry_run,
-                new_conversation: new,
-                provider: sparkctl::settings::from_env(|k| std::env::var(k).ok()),
-            };
-            let mut client = connect()?;
-            let mut view = AskView::new(cli.json, style);
-            // Ctrl-C now cancels in the daemon, and we report what it did.
-            let mut ctrl_c = CancelOnCtrlC::install(layout.socket.clone(), params.cwd.clone());
-            let result = client
-                .call_with_sent::<Ask>(
-                    &params,
-                    || ctrl_c.as_mut().map_or((), CancelOnCtrlC::listen),
-                    |n| view.on_notification(n),
-                )
-                .map_err(fail);
-            view.finish_stream();
-            let interrupted = ctrl_c.as_ref().is_some_and(CancelOnCtrlC::interrupted);
-            drop(ctrl_c);
-            let result = result?;
-            if cli.json {
-                print_json(&result)?;
-            } else {
-                view.print_result(&result, dry_run)?;
-            }
-            if interrupted {
-                // The edit landed before the cancel reached it: say so, and how to take it back.
-                if let Some(id) = &result.edit {
-                    eprintln!(
-                        "sparkctl: interrupted, but the edit had already landed as {id}; `sparkctl undo {id}` reverts it"
-                    );
-                }
-                let _ = std::io::stdout().flush();
-                std::process::exit(sparkctl::interrupt::INTERRUPTED);
-            }
-            Ok(())
-        }
+        } => ask(&ctx, prompt, &focus, dry_run, new),
         Command::Apply {
             file,
             dry_run,
             message,
-        } => {
-            let patch = read_patch(file.as_deref())?;
-            let params = ApplyParams {
-                cwd: cwd()?,
-                patch,
-                dry_run,
-                source: Some("sparkctl apply".into()),
-                message,
-            };
-            let result = connect()?.call::<EditApply>(&params).map_err(fail)?;
-            if cli.json {
-                return print_json(&result);
-            }
-            if dry_run {
-                return write_stdout(style.diff(&result.diff).as_bytes());
-            }
-            print_line(&render_edit(&result, "applied", &style))
-        }
-        Command::Log { limit } => {
-            let result = connect()?
-                .call::<EditLog>(&LogParams {
-                    cwd: cwd()?,
-                    limit: Some(limit),
-                })
-                .map_err(fail)?;
-            if cli.json {
-                return print_json(&result);
-            }
-            if result.edits.is_empty() {
-                return print_line("no edits yet in this repository");
-            }
-            write_long(render_log(&result.edits, now_ms(), &style).as_bytes())
-        }
-        Command::Show { edit } => {
-            let result = connect()?
-                .call::<EditShow>(&EditParams {
-                    cwd: cwd()?,
-                    id: edit,
-                })
-                .map_err(fail)?;
-            if cli.json {
-                print_json(&result)
-            } else {
-                write_long(style.diff(&result.diff).as_bytes())
-            }
-        }
-        Command::Undo { edit } => {
-            let result = connect()?
-                .call::<EditUndo>(&EditParams {
-                    cwd: cwd()?,
-                    id: edit,
-                })
-                .map_err(fail)?;
-            if cli.json {
-                print_json(&result)
-            } else {
-                print_line(&render_edit(&result, "undid", &style))
-            }
-        }
-        Command::Stash { edit } => {
-            let result = connect()?
-                .call::<EditStash>(&EditParams {
-                    cwd: cwd()?,
-                    id: edit,
-                })
-                .map_err(fail)?;
-            if cli.json {
-                print_json(&result)
-            } else {
-                print_line(&format!(
-                    "{}\n`git stash pop` brings it back",
-                    render_edit(&result, "stashed", &style)
-                ))
-            }
-        }
-        Command::Service { action } => run_service(action, &layout, cli.json),
-        Command::Hooks { action } => run_hooks(action, cli.json),
+        } => apply(&ctx, file.as_deref(), dry_run, message),
+        Command::Log { limit } => log(&ctx, limit),
+        Command::Show { edit } => show(&ctx, edit),
+        Command::Undo { edit } => undo(&ctx, edit),
+        Command::Stash { edit } => stash(&ctx, edit),
+        Command::Service { action } => run_service(action, &ctx.layout, ctx.json),
+        Command::Hooks { action } => run_hooks(action, ctx.json),
         Command::Hook { name, args } => {
-            sparkctl::hooks::run_hook(&name, &args, &layout);
+            sparkctl::hooks::run_hook(&name, &args, &ctx.layout);
             Ok(())
         }
         Command::Completions { shell } => {
@@ -401,68 +318,199 @@ fn run(cli: Cli) -> Result<(), Failure> {
             clap_complete::generate(shell, &mut Cli::command(), "sparkctl", &mut out);
             write_stdout(&out)
         }
-        Command::Watch { dir } => {
-            let r = connect()?
-                .call::<Watch>(&WatchParams {
-                    dir: dir_param(dir)?,
-                })
-                .map_err(fail)?;
-            if cli.json {
-                return print_json(&r);
-            }
-            let mut line = format!(
-                "watching {} ({} files, {} watches)",
-                r.repo.path, r.repo.files, r.repo.watches
-            );
-            if let Some(why) = &r.repo.degraded {
-                line += &format!("\nwarning: degraded: {why}");
-            }
-            print_line(&line)
-        }
+        Command::Watch { dir } => watch(&ctx, dir),
         Command::Unwatch { dir } => {
-            let r = connect()?
-                .call::<Unwatch>(&WatchParams {
+            let r = call::<Unwatch>(
+                &ctx,
+                &WatchParams {
                     dir: dir_param(dir)?,
-                })
-                .map_err(fail)?;
-            print_watch_change(&r, cli.json, "stopped watching", "was not watched")
+                },
+            )?;
+            print_watch_change(&r, ctx.json, "stopped watching", "was not watched")
         }
         Command::Refresh { dir } => {
-            let r = connect()?
-                .call::<Refresh>(&WatchParams {
+            let r = call::<Refresh>(
+                &ctx,
+                &WatchParams {
                     dir: dir_param(dir)?,
-                })
-                .map_err(fail)?;
-            print_watch_change(&r, cli.json, "rescanning", "is not watched")
+                },
+            )?;
+            print_watch_change(&r, ctx.json, "rescanning", "is not watched")
         }
-        Command::Status => {
-            let status = connect()?.call::<Status>(&Empty {}).map_err(fail)?;
-            if cli.json {
-                print_json(&status)
-            } else {
-                print_line(&render_status(&status))
-            }
+        Command::Status => ctx.print(&call::<Status>(&ctx, &Empty {})?, |s| {
+            print_line(&render_status(s))
+        }),
+        Command::Stop => stop(&ctx),
+    }
+}
+
+/// One request to the daemon (started if needed).
+fn call<M: Method>(ctx: &Ctx, params: &M::Params) -> Result<M::Result, Failure> {
+    ctx.connect()?.call::<M>(params).map_err(|e| ctx.fail(e))
+}
+
+/// `sparkctl ask`: streams progress, Ctrl-C cancels in the daemon and reports what it did.
+fn ask(
+    ctx: &Ctx,
+    prompt: Vec<String>,
+    focus: &[String],
+    dry_run: bool,
+    new: bool,
+) -> Result<(), Failure> {
+    let focus = focus
+        .iter()
+        .map(|f| parse_focus(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let params = AskParams {
+        cwd: cwd()?,
+        prompt: prompt.join(" "),
+        focus,
+        dry_run,
+        new_conversation: new,
+        provider: sparkctl::settings::from_env(|k| std::env::var(k).ok()),
+    };
+    let mut client = ctx.connect()?;
+    let mut view = AskView::new(ctx.json, ctx.style);
+    // Ctrl-C now cancels in the daemon, and we report what it did.
+    let mut ctrl_c = CancelOnCtrlC::install(ctx.layout.socket.clone(), params.cwd.clone());
+    let result = client
+        .call_with_sent::<Ask>(
+            &params,
+            || ctrl_c.as_mut().map_or((), CancelOnCtrlC::listen),
+            |n| view.on_notification(n),
+        )
+        .map_err(|e| ctx.fail(e));
+    view.finish_stream();
+    let interrupted = ctrl_c.as_ref().is_some_and(CancelOnCtrlC::interrupted);
+    drop(ctrl_c);
+    let result = result?;
+    ctx.print(&result, |r| view.print_result(r, dry_run))?;
+    if interrupted {
+        // The edit landed before the cancel reached it: say so, and how to take it back.
+        if let Some(id) = &result.edit {
+            eprintln!(
+                "sparkctl: interrupted, but the edit had already landed as {id}; `sparkctl undo {id}` reverts it"
+            );
         }
-        Command::Stop => {
-            let client = match Client::open(&layout.socket, "sparkctl") {
-                Ok((c, init)) => Some((c, init.pid)),
-                Err(e) if e.is_not_running() => None,
-                Err(e) => return Err(fail(e)),
-            };
-            let Some((client, pid)) = client else {
-                return if cli.json {
-                    print_json(&serde_json::json!({"stopped": false, "running": false}))
-                } else {
-                    print_line("sparkd is not running")
-                };
-            };
-            autostart::stop_and_wait(client, pid, &layout).map_err(fail)?;
-            if cli.json {
-                print_json(&serde_json::json!({"stopped": true, "pid": pid}))
-            } else {
-                print_line(&format!("sparkd (pid {pid}) stopped"))
-            }
+        let _ = std::io::stdout().flush();
+        std::process::exit(sparkctl::interrupt::INTERRUPTED);
+    }
+    Ok(())
+}
+
+/// `sparkctl apply [FILE|-]`.
+fn apply(
+    ctx: &Ctx,
+    file: Option<&std::path::Path>,
+    dry_run: bool,
+    message: Option<String>,
+) -> Result<(), Failure> {
+    let params = ApplyParams {
+        cwd: cwd()?,
+        patch: read_patch(file)?,
+        dry_run,
+        source: Some("sparkctl apply".into()),
+        message,
+    };
+    let result = call::<EditApply>(ctx, &params)?;
+    ctx.print(&result, |r| {
+        if dry_run {
+            write_stdout(ctx.style.diff(&r.diff).as_bytes())
+        } else {
+            print_line(&render_edit(r, "applied", &ctx.style))
         }
+    })
+}
+
+/// `sparkctl log`: the newest edits, through the pager on a terminal.
+fn log(ctx: &Ctx, limit: u32) -> Result<(), Failure> {
+    let params = LogParams {
+        cwd: cwd()?,
+        limit: Some(limit),
+    };
+    ctx.print(&call::<EditLog>(ctx, &params)?, |r| {
+        if r.edits.is_empty() {
+            return print_line("no edits yet in this repository");
+        }
+        write_long(render_log(&r.edits, now_ms(), &ctx.style).as_bytes())
+    })
+}
+
+/// `sparkctl show [ID]`: the diff, as `git stash show -p` prints it.
+fn show(ctx: &Ctx, edit: Option<String>) -> Result<(), Failure> {
+    let params = EditParams {
+        cwd: cwd()?,
+        id: edit,
+    };
+    ctx.print(&call::<EditShow>(ctx, &params)?, |r| {
+        write_long(ctx.style.diff(&r.diff).as_bytes())
+    })
+}
+
+/// `sparkctl undo [ID]`.
+fn undo(ctx: &Ctx, edit: Option<String>) -> Result<(), Failure> {
+    let params = EditParams {
+        cwd: cwd()?,
+        id: edit,
+    };
+    ctx.print(&call::<EditUndo>(ctx, &params)?, |r| {
+        print_line(&render_edit(r, "undid", &ctx.style))
+    })
+}
+
+/// `sparkctl stash [ID]`.
+fn stash(ctx: &Ctx, edit: Option<String>) -> Result<(), Failure> {
+    let params = EditParams {
+        cwd: cwd()?,
+        id: edit,
+    };
+    ctx.print(&call::<EditStash>(ctx, &params)?, |r| {
+        print_line(&format!(
+            "{}\n`git stash pop` brings it back",
+            render_edit(r, "stashed", &ctx.style)
+        ))
+    })
+}
+
+/// `sparkctl watch [DIR]`.
+fn watch(ctx: &Ctx, dir: Option<PathBuf>) -> Result<(), Failure> {
+    let r = call::<Watch>(
+        ctx,
+        &WatchParams {
+            dir: dir_param(dir)?,
+        },
+    )?;
+    ctx.print(&r, |r| {
+        let mut line = format!(
+            "watching {} ({} files, {} watches)",
+            r.repo.path, r.repo.files, r.repo.watches
+        );
+        if let Some(why) = &r.repo.degraded {
+            line += &format!("\nwarning: degraded: {why}");
+        }
+        print_line(&line)
+    })
+}
+
+/// `sparkctl stop`: never starts a daemon to stop it.
+fn stop(ctx: &Ctx) -> Result<(), Failure> {
+    let client = match Client::open(&ctx.layout.socket, "sparkctl") {
+        Ok((c, init)) => Some((c, init.pid)),
+        Err(e) if e.is_not_running() => None,
+        Err(e) => return Err(ctx.fail(e)),
+    };
+    let Some((client, pid)) = client else {
+        return if ctx.json {
+            print_json(&serde_json::json!({"stopped": false, "running": false}))
+        } else {
+            print_line("sparkd is not running")
+        };
+    };
+    autostart::stop_and_wait(client, pid, &ctx.layout).map_err(|e| ctx.fail(e))?;
+    if ctx.json {
+        print_json(&serde_json::json!({"stopped": true, "pid": pid}))
+    } else {
+        print_line(&format!("sparkd (pid {pid}) stopped"))
     }
 }
 
@@ -968,6 +1016,7 @@ const DIM: &str = "2";
 const BOLD: &str = "1";
 
 /// Colour on a terminal, plain text elsewhere (and with NO_COLOR set).
+#[derive(Debug, Clone, Copy)]
 struct Style {
     color: bool,
 }
