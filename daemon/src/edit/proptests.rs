@@ -425,28 +425,8 @@ impl Fixture {
             ("worktree", self.workdir()),
             ("journal", self.journal.path()),
         ] {
-            let mut stack = vec![root.to_path_buf()];
-            while let Some(dir) = stack.pop() {
-                for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
-                    let path = entry.path();
-                    let meta = std::fs::symlink_metadata(&path).expect("lstat");
-                    let key = format!(
-                        "{tag}:{}",
-                        path.strip_prefix(root).expect("under root").display()
-                    );
-                    if meta.is_dir() {
-                        out.insert(format!("{key}/"), (meta.permissions().mode(), Vec::new()));
-                        stack.push(path);
-                    } else {
-                        out.insert(
-                            key,
-                            (
-                                meta.permissions().mode(),
-                                std::fs::read(&path).expect("read"),
-                            ),
-                        );
-                    }
-                }
+            for (rel, entry) in spark_testkit::snapshot(root) {
+                out.insert(format!("{tag}:{rel}"), entry);
             }
         }
         out

@@ -1164,30 +1164,27 @@ mod tests {
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
-    use std::process::{Command, Output};
+    use std::process::Output;
     use std::time::SystemTime;
+
+    use spark_testkit::{git_ok, stdout};
 
     const TIME_MS: i64 = 1_700_000_000_123;
 
-    /// A hermetic repository in a temp dir, driven by the real git CLI.
+    /// The test kit's hermetic repository, driven by the real git CLI, opened with git2 too.
     struct TestRepo {
-        _dir: tempfile::TempDir,
+        _kit: spark_testkit::TestRepo,
         path: PathBuf,
         repo: Repository,
     }
 
     impl TestRepo {
         fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().to_path_buf();
-            let repo_path = path.clone();
-            let run = |args: &[&str]| git_ok(&repo_path, args);
-            run(&["init", "-q", "-b", "main"]);
-            run(&["config", "user.name", "Test User"]);
-            run(&["config", "user.email", "test@example.com"]);
+            let kit = spark_testkit::TestRepo::empty();
+            let path = kit.path().to_path_buf();
             let repo = Repository::open(&path).unwrap();
             TestRepo {
-                _dir: dir,
+                _kit: kit,
                 path,
                 repo,
             }
@@ -1294,30 +1291,10 @@ mod tests {
     }
 
     fn git(dir: &Path, args: &[&str]) -> Output {
-        Command::new("git")
+        spark_testkit::hermetic_git(dir)
             .args(args)
-            .current_dir(dir)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env_remove("GIT_DIR")
-            .env_remove("GIT_WORK_TREE")
-            .env_remove("GIT_INDEX_FILE")
             .output()
             .unwrap()
-    }
-
-    fn git_ok(dir: &Path, args: &[&str]) -> String {
-        let out = git(dir, args);
-        assert!(
-            out.status.success(),
-            "git {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout(&out)
-    }
-
-    fn stdout(out: &Output) -> String {
-        String::from_utf8(out.stdout.clone()).unwrap()
     }
 
     fn file(bytes: &[u8]) -> Option<FileState> {
@@ -1802,11 +1779,8 @@ mod tests {
             let data = format!("filler {i}\n");
             stream.extend_from_slice(format!("blob\ndata {}\n{data}\n", data.len()).as_bytes());
         }
-        let mut import = Command::new("git")
+        let mut import = spark_testkit::hermetic_git(&t.path)
             .args(["fast-import", "--quiet"])
-            .current_dir(&t.path)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_CONFIG_NOSYSTEM", "1")
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
