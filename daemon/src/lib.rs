@@ -8,22 +8,20 @@
 //! - `edit`: the edit engine (parse, check, apply all-or-nothing, record, undo, stash).
 //! - `repo`: one actor thread per repository owning its `git2::Repository`.
 //! - `provider`: warm Responses-API sessions (WebSocket mode, HTTP + SSE fallback).
-//! - `context`: what the model sees, and the guard on every byte that leaves the machine.
-//! - `ask`: one model call per edit, streamed, applied through the edit engine.
+//! - `ask`: one model call per edit, streamed, applied through the edit engine; `ask::context`
+//!   is what the model sees, and the guard on every byte that leaves the machine.
 //! - `draft`: a commit message drafted from the staged diff, for the `prepare-commit-msg` hook.
-//! - `watch`: one watcher per repository keeping its outline and file contents current.
+//! - `watch`: one watcher per repository keeping its outline and file contents current, and
+//!   `watch::cache`, the sled context cache (disposable: rebuilt whenever it is unreadable).
 //! - `clock`: wall-clock milliseconds for the ledger, the watcher and `status`.
-//! - `cache`: the sled context cache (disposable: rebuilt whenever it is unreadable).
 
 pub mod config;
 pub mod instance;
 mod server;
 
 mod ask;
-mod cache;
 mod clock;
 mod codec;
-mod context;
 mod draft;
 mod edit;
 mod provider;

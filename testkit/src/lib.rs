@@ -42,6 +42,25 @@ pub fn git_ok(dir: &Path, args: &[&str]) -> String {
     stdout(&out)
 }
 
+/// Runs `cmd` with `input` on its stdin and waits for it, capturing stdout and stderr. A
+/// program may answer (a refusal, say) before it reads its input: a broken pipe while writing
+/// is not an error, what the program printed and its exit status tell what happened.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    if let Err(e) = std::io::Write::write_all(&mut stdin, input) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
+    }
+    drop(stdin);
+    child.wait_with_output().expect("wait")
+}
+
 /// Text of a process's stderr.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -19,7 +19,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use spark_proto::layout::Layout;
-pub use spark_testkit::{TestRepo, git_ok, hermetic, hermetic_git, snapshot, stderr, stdout};
+pub use spark_testkit::{
+    TestRepo, git_ok, hermetic, hermetic_git, output_with_stdin, snapshot, stderr, stdout,
+};
 use sparkctl::Client;
 use tokio_util::sync::CancellationToken;
 

@@ -21,6 +21,7 @@
 //! Correctness never depends on this module: the edit engine re-hashes every file before it
 //! applies anything, and [`Watchers::file`] re-checks `lstat` before serving cached bytes.
 
+mod cache;
 mod debounce;
 mod index;
 mod persist;
@@ -43,8 +44,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::cache::{BlobId, Cache};
 use crate::edit::paths;
+use crate::watch::cache::{BlobId, Cache};
 use debounce::Rescan;
 pub(crate) use debounce::Timing;
 pub(crate) use index::Changes;
@@ -691,7 +692,7 @@ pub(crate) fn index_once(workdir: &Path, cache_dir: Option<&Path>) -> Result<Ind
                 match Cache::open(dir) {
                     Ok(c) => break Some(c),
                     // A previous call's sled lets go of its lock a moment after the drop.
-                    Err(crate::cache::CacheError::Locked { .. })
+                    Err(crate::watch::cache::CacheError::Locked { .. })
                         if attempt < CACHE_LOCK_ATTEMPTS =>
                     {
                         std::thread::sleep(CACHE_LOCK_RETRY)
@@ -747,7 +748,7 @@ async fn open_cache(hub: Arc<Hub>) {
         let opened = tokio::task::spawn_blocking(move || Cache::open(&dir)).await;
         match opened {
             Ok(Ok(cache)) => break CacheSlot::Open(cache),
-            Ok(Err(e @ crate::cache::CacheError::Locked { .. }))
+            Ok(Err(e @ crate::watch::cache::CacheError::Locked { .. }))
                 if attempt < CACHE_LOCK_ATTEMPTS =>
             {
                 debug!(error = %e, attempt, "context cache busy; retrying");

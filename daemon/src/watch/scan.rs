@@ -20,8 +20,8 @@ use std::sync::Arc;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
 use super::MAX_FILE_BYTES;
-use crate::cache::{BlobId, FileMeta, Kind, NAMES, Names, Stat};
 use crate::edit::paths;
+use crate::watch::cache::{BlobId, FileMeta, Kind, NAMES, Names, Stat};
 
 /// At most this many symbols per file in the outline: enough to recognise a file.
 const MAX_SYMBOLS: usize = 8;

@@ -22,7 +22,7 @@ use super::{
     CachedFile, Hub, MEASURE_EVERY, OWN_WRITE_TTL, PARALLEL_READ_MIN, READ_THREADS,
     RepoWatchStatus, SNAPSHOT_EVERY, SYMBOLS_MAX_FILES,
 };
-use crate::cache::{BlobId, Cache, FileMeta, Kind, Stat};
+use crate::watch::cache::{BlobId, Cache, FileMeta, Kind, Stat};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Progress {

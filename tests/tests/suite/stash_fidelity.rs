@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use spark_tests::{Ctl, TestRepo, hermetic_git, snapshot, stderr, stdout};
+use spark_tests::{Ctl, TestRepo, hermetic_git, output_with_stdin, snapshot, stderr, stdout};
 
 /// Run git in `dir` (hermetic), panicking with its stderr on failure.
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -24,15 +24,8 @@ fn git(dir: &Path, args: &[&str]) -> String {
 /// Run `sparkctl args…` in `cwd` with `stdin` as its input.
 fn sparkctl(ctl: &Ctl, cwd: &Path, args: &[&str], stdin: &str) -> Output {
     let mut cmd = ctl.command("sparkctl");
-    cmd.current_dir(cwd)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn sparkctl");
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("wait for sparkctl")
+    cmd.current_dir(cwd).args(args);
+    output_with_stdin(&mut cmd, stdin.as_bytes())
 }
 
 /// `sparkctl --json apply -` in `cwd`; returns the edit id.

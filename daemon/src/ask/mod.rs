@@ -8,6 +8,8 @@
 //! kept typing), and the tool call's output goes at the head of the next turn instead of costing
 //! a second round trip now. A newer ask in the same repository cancels the one in flight.
 
+mod context;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +24,6 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::config::Config;
-use crate::context;
 use crate::edit::{self, patch::OpKind, patch::StreamEvent, patch::StreamingParser};
 use crate::provider::{
     InputItem, OutputItem, SessionConfig, SessionHandle, Tool, TurnEvent, TurnFailure, TurnRequest,
@@ -1063,7 +1064,7 @@ impl Asks {
     ) -> Option<String> {
         let saw = bases.get(path)?;
         let now = tokio::fs::read(repo.workdir().join(path)).await.ok()?;
-        let diff = crate::context::diff(saw, &now);
+        let diff = context::diff(saw, &now);
         bases.insert(path.to_owned(), now.clone());
         state.seen.insert(path.to_owned(), now);
         Some(format!(
