@@ -130,12 +130,12 @@ pub(crate) enum Landed {
 }
 
 /// Clears a conversation's `current` when its ask ends, unless a newer ask replaced it.
-struct InFlight<'c> {
+struct CurrentAsk<'c> {
     conv: &'c Conversation,
     number: u64,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for CurrentAsk<'_> {
     fn drop(&mut self) {
         if let Ok(mut current) = self.conv.current.lock()
             && current.as_ref().is_some_and(|(n, _)| *n == self.number)
@@ -542,7 +542,7 @@ impl Asks {
         {
             old.cancel();
         }
-        let _in_flight = InFlight {
+        let _current = CurrentAsk {
             conv: &conv,
             number,
         };
