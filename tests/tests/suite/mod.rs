@@ -3,5 +3,6 @@ mod crash;
 mod edits;
 mod hostile;
 mod lifecycle;
+mod nvim;
 mod protocol;
 mod watch;

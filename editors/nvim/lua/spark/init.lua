@@ -1,0 +1,380 @@
+-- spark.nvim: ask sparkd for an edit from the buffer and watch it stream in.
+--
+-- Modules: client (socket, JSON-RPC, auto-start, reconnect), buffers (bringing landed edits
+-- into open buffers), preview (streaming extmarks), health (:checkhealth spark).
+-- The plugin keeps no logic the daemon has: it speaks docs/protocol.md and shows results.
+
+local client = require("spark.client")
+local buffers = require("spark.buffers")
+local preview = require("spark.preview")
+
+local M = {}
+
+M.config = {
+  -- Program used to start the daemon when nobody answers on the socket.
+  sparkctl = "sparkctl",
+  -- Start the daemon (through `sparkctl status`) when it is not running.
+  autostart = true,
+  -- Show the model's patch in open buffers while it streams.
+  preview = true,
+}
+
+-- The ask in flight (one at a time from this editor; a newer one steers the older away).
+local current = nil
+local did_setup = false
+
+--- One line in the command line, cut to fit so it never causes a hit-enter prompt.
+local function say(msg, hl, history)
+  msg = tostring(msg):gsub("\n.*", "")
+  local room = math.max(vim.v.echospace - 1, 20)
+  if vim.fn.strdisplaywidth(msg) > room then
+    msg = vim.fn.strcharpart(msg, 0, room - 1) .. "…"
+  end
+  vim.api.nvim_echo({ { msg, hl } }, history or false, {})
+end
+M.say = say
+
+local function err_text(err)
+  if type(err) ~= "table" then
+    return tostring(err)
+  end
+  local text = "spark: " .. (err.message or "request failed"):gsub("\n.*", "")
+  local hint = err.data and err.data.hint
+  if hint then
+    text = text .. " (hint: " .. hint .. ")"
+  end
+  return text
+end
+
+local function fail(err)
+  say(err_text(err), "ErrorMsg", true)
+end
+
+local function buf_path(buf)
+  local name = vim.api.nvim_buf_get_name(buf or 0)
+  if name == "" or vim.bo[buf or 0].buftype ~= "" then
+    return nil
+  end
+  return vim.fn.fnamemodify(name, ":p")
+end
+
+-- The directory requests run in: the current file's, else Neovim's working directory.
+local function cwd()
+  local p = buf_path(0)
+  if p then
+    return vim.fn.fnamemodify(p, ":h")
+  end
+  return vim.fn.getcwd()
+end
+
+local function summary(files)
+  local plus, minus = 0, 0
+  for _, f in ipairs(files or {}) do
+    plus = plus + (f.added or 0)
+    minus = minus + (f.removed or 0)
+  end
+  return ("%d file%s +%d -%d"):format(#(files or {}), #(files or {}) == 1 and "" or "s", plus, minus)
+end
+
+-- Edits this editor asked for, and edits that could not be merged into a modified buffer:
+-- an own edit that overlaps the user's unsaved typing is undone (the user's text wins), in
+-- whichever order its event and its ask result arrive.
+local own_edits, unmerged = {}, {}
+
+local function settle(edit)
+  local refused = unmerged[edit]
+  if not refused or not own_edits[edit] then
+    return
+  end
+  unmerged[edit], own_edits[edit] = nil, nil
+  local names = {}
+  for _, r in ipairs(refused) do
+    table.insert(names, r.rel)
+  end
+  local where = table.concat(names, ", ")
+  client.request("edit/undo", { cwd = refused[1].repo, id = edit }, function(err)
+    if err then
+      fail(err)
+    else
+      say(("spark: edit %s overlapped your unsaved changes in %s; undone, your text is untouched"):format(edit, where), "WarningMsg", true)
+    end
+  end)
+end
+
+-- Bring an edit's files into their open buffers.
+local function land(repo, files, edit)
+  local refused = {}
+  for _, rel in ipairs(files or {}) do
+    local abs = repo .. "/" .. rel
+    for _, buf in ipairs(buffers.buffers_for(abs)) do
+      local outcome = buffers.apply_file(buf, abs)
+      if outcome == "conflict" or outcome == "unknown_base" then
+        table.insert(refused, { buf = buf, rel = rel, repo = repo })
+      end
+    end
+  end
+  return refused
+end
+
+local function on_event(ev)
+  if ev.type == "edit_applied" or ev.type == "edit_reverted" then
+    local refused = land(ev.repo, ev.files, ev.edit)
+    if #refused > 0 and ev.type == "edit_applied" then
+      unmerged[ev.edit] = refused
+      if current and not own_edits[ev.edit] then
+        -- Maybe ours, its answer still on the way: settle() decides when it comes.
+        return
+      end
+      if own_edits[ev.edit] then
+        settle(ev.edit)
+        return
+      end
+    end
+    for _, r in ipairs(refused) do
+      say(("spark: %s changed on disk (edit %s) and overlaps your unsaved changes; buffer kept"):format(r.rel, ev.edit), "WarningMsg", true)
+    end
+  elseif ev.type == "stopping" then
+    say("spark: sparkd is stopping; will reconnect", "WarningMsg", false)
+  end
+end
+
+local function on_lost(why)
+  if current then
+    preview.clear(current.marked)
+  end
+  say("spark: " .. why .. "; reconnecting", "WarningMsg", true)
+end
+
+-- Progress of the ask in flight.
+local function on_progress(ask, p)
+  if p.type == "patch" then
+    ask.patch = ask.patch .. (p.delta or "")
+    if M.config.preview and ask.root and not ask.render_pending then
+      -- Coalesce: many deltas arrive per tick at 1,000 tokens/s; render once per tick.
+      ask.render_pending = true
+      vim.schedule(function()
+        ask.render_pending = false
+        if current == ask then
+          local marked = preview.render(ask.root, ask.patch)
+          for b in pairs(marked) do
+            ask.marked[b] = true
+          end
+        end
+      end)
+    end
+  elseif p.type == "tokens" then
+    ask.tokens = p.output_tokens
+    say(("spark: %d tokens · %.0f tok/s"):format(p.output_tokens or 0, p.tokens_per_s or 0), nil, false)
+  elseif p.type == "patch_file" then
+    say(("spark: writing %s"):format(p.path or "?"), nil, false)
+  end
+end
+
+--- Ask for an edit. opts: prompt, range {start, end} (1-based lines) or nil for the whole file.
+function M.ask(opts)
+  local path = buf_path(0)
+  local prompt = opts.prompt
+  if not prompt or prompt == "" then
+    fail("spark: give a prompt: :SparkAsk {what to do}")
+    return
+  end
+  local params = { cwd = cwd(), prompt = prompt }
+  local buf = vim.api.nvim_get_current_buf()
+  if path then
+    if vim.bo[buf].modified then
+      -- The daemon reads files from disk; sending unsaved text is not supported yet.
+      fail({
+        message = "the buffer has unsaved changes; spark edits files on disk",
+        data = { hint = ":write first, then :SparkAsk again" },
+      })
+      return
+    end
+    local focus = { path = vim.fn.fnamemodify(path, ":t") }
+    if opts.range then
+      focus.start_line, focus.end_line = opts.range[1], opts.range[2]
+    end
+    params.focus = { focus }
+  end
+  if current then
+    preview.clear(current.marked)
+  end
+  local ask = { patch = "", marked = {}, started = vim.uv.hrtime(), params = params }
+  if path then
+    ask.root = vim.fs.root(path, ".git")
+    buffers.remember(buf)
+  end
+  current = ask
+  say("spark: asking…", nil, false)
+  client.request("ask", params, function(err, result)
+    preview.clear(ask.marked)
+    if current == ask then
+      current = nil
+    end
+    if err then
+      if err.data and err.data.kind == "cancelled" then
+        say("spark: cancelled; nothing was applied", "WarningMsg", true)
+      else
+        fail(err)
+      end
+      return
+    end
+    local ms = (vim.uv.hrtime() - ask.started) / 1e6
+    if result.edit == vim.NIL or result.edit == nil then
+      local answer = (result.answer or ""):gsub("%s+", " ")
+      say(answer ~= "" and ("spark: " .. answer) or "spark: no change", nil, true)
+      return
+    end
+    say(("spark: edit %s · %s · %.0f ms"):format(result.edit, summary(result.files), ms), nil, true)
+    own_edits[result.edit] = true
+    settle(result.edit)
+  end, function(p)
+    on_progress(ask, p)
+  end)
+end
+
+function M.cancel()
+  client.request("cancel", { cwd = cwd() }, function(err, result)
+    if err then
+      fail(err)
+    elseif not result.cancelled then
+      say("spark: nothing to cancel", nil, false)
+    end
+  end)
+end
+
+local function edit_request(method, id, verb)
+  local params = { cwd = cwd() }
+  if id and id ~= "" then
+    params.id = id
+  end
+  client.request(method, params, function(err, result)
+    if err then
+      fail(err)
+    else
+      say(("spark: %s edit %s · %s"):format(verb, result.edit, summary(result.files)), nil, true)
+    end
+  end)
+end
+
+function M.undo(id)
+  edit_request("edit/undo", id, "undid")
+end
+
+function M.stash(id)
+  edit_request("edit/stash", id, "stashed")
+end
+
+local function scratch(name, lines, ft)
+  local buf = vim.api.nvim_create_buf(false, true)
+  vim.bo[buf].bufhidden = "wipe"
+  vim.api.nvim_buf_set_lines(buf, 0, -1, false, lines)
+  vim.bo[buf].modifiable = false
+  vim.bo[buf].filetype = ft
+  pcall(vim.api.nvim_buf_set_name, buf, name)
+  vim.cmd("split")
+  vim.api.nvim_win_set_buf(0, buf)
+  return buf
+end
+
+function M.show(id)
+  local params = { cwd = cwd() }
+  if id and id ~= "" then
+    params.id = id
+  end
+  client.request("edit/show", params, function(err, result)
+    if err then
+      fail(err)
+      return
+    end
+    local lines = vim.split(result.diff, "\n", { plain = true })
+    if lines[#lines] == "" then
+      table.remove(lines)
+    end
+    scratch("spark://show/" .. result.id, lines, "diff")
+  end)
+end
+
+function M.log()
+  local dir = cwd()
+  client.request("edit/log", { cwd = dir, limit = 50 }, function(err, result)
+    if err then
+      fail(err)
+      return
+    end
+    local lines, ids = {}, {}
+    local now = os.time() * 1000
+    for _, e in ipairs(result.edits) do
+      local age = math.floor((now - e.at) / 1000)
+      table.insert(
+        lines,
+        ("%s  %5s  %-8s %s  (%s)"):format(e.id, age .. "s", e.state, e.message, table.concat(e.files, ", "))
+      )
+      table.insert(ids, e.id)
+    end
+    if #lines == 0 then
+      say("spark: no edits in " .. result.repo, nil, false)
+      return
+    end
+    local buf = scratch("spark://log", lines, "sparklog")
+    vim.b[buf].spark_cwd = dir
+    vim.keymap.set("n", "<CR>", function()
+      local id = ids[vim.api.nvim_win_get_cursor(0)[1]]
+      if id then
+        M.show(id)
+      end
+    end, { buffer = buf, desc = "spark: show this edit's diff" })
+  end)
+end
+
+function M.status()
+  client.request("status", nil, function(err, s)
+    if err then
+      fail(err)
+      return
+    end
+    local sessions = 0
+    for _, x in ipairs(s.sessions or {}) do
+      if x.connected then
+        sessions = sessions + 1
+      end
+    end
+    say(
+      ("spark: sparkd %s (pid %d), up %ds, %d repo%s, %d live session%s"):format(
+        s.version,
+        s.pid,
+        math.floor((s.uptime_ms or 0) / 1000),
+        #s.repos,
+        #s.repos == 1 and "" or "s",
+        sessions,
+        sessions == 1 and "" or "s"
+      ),
+      nil,
+      true
+    )
+  end)
+end
+
+function M.setup(opts)
+  M.config = vim.tbl_deep_extend("force", M.config, opts or {})
+  client.opts.sparkctl = M.config.sparkctl
+  client.opts.autostart = M.config.autostart
+  if did_setup then
+    return
+  end
+  did_setup = true
+  local group = vim.api.nvim_create_augroup("spark", { clear = true })
+  buffers.setup(group)
+  client.on("event", on_event)
+  client.on("lost", on_lost)
+  client.on("connected", function()
+    say("spark: reconnected to sparkd", nil, false)
+  end)
+end
+
+-- For tests and :checkhealth.
+M._client = client
+M._current = function()
+  return current
+end
+
+return M
