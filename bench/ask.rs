@@ -168,6 +168,7 @@ fn main() {
         }],
         dry_run: false,
         new_conversation: false,
+        provider: None,
     };
     let mut overhead = Vec::new();
     for i in 0..(n / 4).max(20) + 1 {

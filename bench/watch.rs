@@ -101,6 +101,7 @@ fn main() {
         }],
         dry_run: false,
         new_conversation: false,
+        provider: None,
     };
     let mut assembly = Vec::new();
     for i in 0..201 {

@@ -776,7 +776,7 @@ def budgets(by_key):
         rows.append((name, f"{ratio:.1f}x", ratio >= 11))
     else:
         rows.append((name, "not measured" + (f" ({app.status}, see Problems)" if app and app.status != "ok" else ""), None))
-    lines = ["| SPEC §8 budget | measured | met? |", "|---|---|---|"]
+    lines = ["| budget (docs/BENCHMARKS.md) | measured | met? |", "|---|---|---|"]
     for name, value, met in rows:
         lines.append(f"| {name} | {value} | {'yes' if met else ('**no**' if met is False else 'open')} |")
     return "\n".join(lines), [{"budget": n, "measured": v, "met": m} for n, v, m in rows]

@@ -45,7 +45,7 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Exit code per SPEC §2: 1 when the request was refused, 2 for daemon or internal failures,
+    /// Exit code (README, "Configuration"): 1 when the request was refused, 2 for daemon or internal failures,
     /// 130 when it was cancelled.
     pub fn exit_code(&self) -> u8 {
         match self {

@@ -1,5 +1,5 @@
 //! The `sparkctl` binary: parse the command line, reach the daemon (starting it when needed),
-//! print the answer for people or as JSON, and exit 0/1/2 as SPEC §2 says.
+//! print the answer for people or as JSON, and exit 0/1/2/130 as the README says.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,6 +15,7 @@ use spark_proto::methods::{
 };
 use sparkctl::autostart::{self, Started};
 use sparkctl::interrupt::CancelOnCtrlC;
+use sparkctl::output::ColorChoice;
 use sparkctl::{Client, ClientError};
 
 /// sparkctl talks to sparkd, spark's daemon for instant AI code edits. Any command starts the
@@ -25,12 +26,26 @@ use sparkctl::{Client, ClientError};
     after_help = "Exit status: 0 success, 1 request refused (bad input, conflict), 2 daemon or internal failure, 130 interrupted.\nFiles: SPARK_HOME (or XDG dirs) hold config.toml, state and the daemon log; SPARK_SOCKET overrides the socket path."
 )]
 struct Cli {
-    /// Machine-readable output: one JSON object on stdout.
+    /// Machine-readable output on stdout: one JSON object (an error is {"error": {...}}). For
+    /// `ask`, NDJSON: one progress object per line while it streams (the `ask/progress`
+    /// params: {"request", "event": {"type": "text"|"patch"|…}}), then the result object last.
     #[arg(long, global = true)]
     json: bool,
     /// Socket path of the daemon (default: from SPARK_SOCKET, SPARK_HOME or XDG_RUNTIME_DIR).
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Colour the output: auto (on a terminal, unless NO_COLOR is set), always or never.
+    #[arg(
+        long,
+        global = true,
+        value_name = "WHEN",
+        value_enum,
+        default_value_t = ColorChoice::Auto,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "always"
+    )]
+    color: ColorChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -111,10 +126,63 @@ enum Command {
     },
     /// Stop the daemon (waits until it has exited).
     Stop,
+    /// Run sparkd as a service of your session: a systemd user unit (Linux) or a launchd agent
+    /// (macOS), restarted on failure, on the socket every client finds. Optional: any command
+    /// still starts the daemon when none runs.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+    /// Install, remove or list spark's git hooks in the repository of DIR (default: the current
+    /// directory): a drafted commit message, and a rescan after checkout, merge or rebase.
+    /// Hooks already there are kept and run first.
+    Hooks {
+        #[command(subcommand)]
+        action: HooksAction,
+    },
+    /// What the installed git hooks run; never fails the git command.
+    #[command(hide = true)]
+    Hook {
+        /// The hook's name, e.g. `prepare-commit-msg`.
+        name: String,
+        /// The arguments git gave the hook.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Print a shell completion script, e.g. `sparkctl completions bash > ~/.local/share/bash-completion/completions/sparkctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceAction {
+    /// Write the unit (or agent) and, where the service manager is present, enable and start it
+    /// (a daemon already running is stopped first so that the service can take its socket).
+    Install,
+    /// Stop and disable the service, and remove its file.
+    Uninstall,
+    /// Show whether the service is installed, current and running.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum HooksAction {
+    /// Install the hooks (installing twice changes nothing).
+    Install {
+        /// A directory inside the repository.
+        dir: Option<PathBuf>,
+    },
+    /// Remove them, restoring the hooks that were there before.
+    Uninstall {
+        /// A directory inside the repository.
+        dir: Option<PathBuf>,
+    },
+    /// Show which hooks are installed, and where.
+    Status {
+        /// A directory inside the repository.
+        dir: Option<PathBuf>,
     },
 }
 
@@ -185,7 +253,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         layout.socket = std::path::absolute(&s).unwrap_or(s);
     }
     let fail = |e: ClientError| Failure::from_client(e, &layout);
-    let style = Style::detect();
+    let style = Style::detect(cli.color);
     let connect = || -> Result<Client, Failure> {
         let conn = autostart::connect(&layout, "sparkctl")
             .map_err(|e| Failure::from_client(e, &layout))?;
@@ -209,6 +277,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 focus,
                 dry_run,
                 new_conversation: new,
+                provider: sparkctl::settings::from_env(|k| std::env::var(k).ok()),
             };
             let mut client = connect()?;
             let mut view = AskView::new(cli.json, style);
@@ -277,28 +346,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if result.edits.is_empty() {
                 return print_line("no edits yet in this repository");
             }
-            let now = now_ms();
-            let mut out = String::new();
-            for e in &result.edits {
-                let what = if e.message.is_empty() {
-                    &e.source
-                } else {
-                    &e.message
-                };
-                let files = match e.files.len() {
-                    1 => e.files[0].clone(),
-                    n => format!("{n} files"),
-                };
-                out += &format!(
-                    "{}  {:>8}  {:<7}  {}  {}\n",
-                    style.paint(YELLOW, &e.id),
-                    human_age(now.saturating_sub(e.at)),
-                    e.state,
-                    first_line(what),
-                    style.paint(DIM, &format!("({files})"))
-                );
-            }
-            write_stdout(out.as_bytes())
+            write_long(render_log(&result.edits, now_ms(), &style).as_bytes())
         }
         Command::Show { edit } => {
             let result = connect()?
@@ -310,7 +358,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if cli.json {
                 print_json(&result)
             } else {
-                write_stdout(style.diff(&result.diff).as_bytes())
+                write_long(style.diff(&result.diff).as_bytes())
             }
         }
         Command::Undo { edit } => {
@@ -341,6 +389,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     render_edit(&result, "stashed", &style)
                 ))
             }
+        }
+        Command::Service { action } => run_service(action, &layout, cli.json),
+        Command::Hooks { action } => run_hooks(action, cli.json),
+        Command::Hook { name, args } => {
+            sparkctl::hooks::run_hook(&name, &args, &layout);
+            Ok(())
         }
         Command::Completions { shell } => {
             let mut out = Vec::new();
@@ -410,6 +464,263 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// `sparkctl hooks install | uninstall | status [DIR]`.
+fn run_hooks(action: HooksAction, json: bool) -> Result<(), Failure> {
+    use sparkctl::hooks::{self, HookState};
+    let fail = |e: hooks::HooksError| Failure {
+        hint: Some(e.hint().to_owned()),
+        message: e.to_string(),
+        code: 1,
+        kind: Some("hooks".into()),
+    };
+    let (dir, verb) = match &action {
+        HooksAction::Install { dir } => (dir, "installed"),
+        HooksAction::Uninstall { dir } => (dir, "uninstalled"),
+        HooksAction::Status { dir } => (dir, "status"),
+    };
+    let hooks_dir =
+        hooks::hooks_dir(std::path::Path::new(&dir_param(dir.clone())?)).map_err(fail)?;
+    let list = match action {
+        HooksAction::Install { .. } => hooks::install(&hooks_dir).map_err(fail)?,
+        HooksAction::Uninstall { .. } => hooks::uninstall(&hooks_dir).map_err(fail)?,
+        HooksAction::Status { .. } => hooks::status(&hooks_dir),
+    };
+    if json {
+        return print_json(
+            &serde_json::json!({"hooks_dir": hooks_dir.display().to_string(), "hooks": list}),
+        );
+    }
+    let mut text = format!("{verb}: git hooks in {}", hooks_dir.display());
+    for h in &list {
+        let state = match h.state {
+            HookState::Absent => "not installed",
+            HookState::Installed => "spark",
+            HookState::Chained => "spark, after the hook that was there",
+            HookState::Foreign => "another hook (spark not installed)",
+        };
+        text += &format!("\n  {:<20} {state}", h.name);
+    }
+    print_line(&text)
+}
+
+/// `sparkctl service install | uninstall | status`.
+fn run_service(action: ServiceAction, layout: &Layout, json: bool) -> Result<(), Failure> {
+    use sparkctl::service::{self, Manager};
+    let fail = |e: service::ServiceError| Failure {
+        message: e.to_string(),
+        hint: None,
+        code: 2,
+        kind: None,
+    };
+    let var = |k: &str| std::env::var_os(k);
+    let manager = Manager::current();
+    let path = match manager {
+        Manager::Systemd => service::systemd_unit_path(var),
+        Manager::Launchd => service::launchd_plist_path(var),
+    }
+    .map_err(fail)?;
+    let (tool, name) = match manager {
+        Manager::Systemd => ("systemctl", service::SYSTEMD_UNIT.to_owned()),
+        Manager::Launchd => ("launchctl", format!("{}.plist", service::LAUNCHD_LABEL)),
+    };
+    let control = service::find_program(tool, std::env::var_os("PATH"));
+    let uid = rustix::process::getuid().as_raw();
+    let domain = format!("gui/{uid}");
+    // The commands that put the file into effect, and those that take it out.
+    let (start, stop): (Vec<Vec<String>>, Vec<Vec<String>>) = match manager {
+        Manager::Systemd => (
+            vec![
+                vec!["--user".into(), "daemon-reload".into()],
+                vec!["--user".into(), "enable".into(), name.clone()],
+                // Restart, not start: a reinstalled unit must run its new command line.
+                vec!["--user".into(), "restart".into(), name.clone()],
+            ],
+            vec![
+                vec![
+                    "--user".into(),
+                    "disable".into(),
+                    "--now".into(),
+                    name.clone(),
+                ],
+                vec!["--user".into(), "daemon-reload".into()],
+            ],
+        ),
+        Manager::Launchd => (
+            vec![vec![
+                "bootstrap".into(),
+                domain.clone(),
+                path.display().to_string(),
+            ]],
+            vec![vec![
+                "bootout".into(),
+                format!("{domain}/{}", service::LAUNCHD_LABEL),
+            ]],
+        ),
+    };
+    let shown = |cmds: &[Vec<String>]| {
+        cmds.iter()
+            .map(|c| format!("{tool} {}", c.join(" ")))
+            .collect::<Vec<_>>()
+            .join(" && ")
+    };
+    let spec = || -> Result<service::ServiceSpec, Failure> {
+        let sparkd = autostart::find_sparkd().ok_or_else(|| Failure {
+            message: "sparkd not found next to sparkctl or on PATH".into(),
+            hint: Some("install it: `cargo install --locked --path daemon`".into()),
+            code: 2,
+            kind: None,
+        })?;
+        let sparkd = std::fs::canonicalize(&sparkd).unwrap_or(sparkd);
+        service::ServiceSpec::new(sparkd, layout, var).map_err(fail)
+    };
+    let text = |spec: &service::ServiceSpec| match manager {
+        Manager::Systemd => service::systemd_unit(spec),
+        Manager::Launchd => service::launchd_plist(spec),
+    };
+    match action {
+        ServiceAction::Install => {
+            let spec = spec()?;
+            service::write_file(&path, &text(&spec)).map_err(fail)?;
+            let mut lines = vec![format!("installed {}", path.display())];
+            let Some(control) = control else {
+                lines.push(format!(
+                    "{tool} not found; to start it now and at every login, run: {}",
+                    shown(&start)
+                ));
+                return print_service(json, &path, true, None, &lines);
+            };
+            // A daemon started on demand holds the socket: hand it over to the service.
+            if let Ok((client, init)) = Client::open(&layout.socket, "sparkctl") {
+                autostart::stop_and_wait(client, init.pid, layout)
+                    .map_err(|e| Failure::from_client(e, layout))?;
+                lines.push(format!(
+                    "stopped sparkd (pid {}) so that the service takes over its socket",
+                    init.pid
+                ));
+            }
+            for args in &start {
+                run_control(&control, args)?;
+            }
+            lines.push(format!("started: {}", shown(&start)));
+            print_service(json, &path, true, None, &lines)
+        }
+        ServiceAction::Uninstall => {
+            if !path.exists() {
+                let line = format!(
+                    "{name} is not installed ({} does not exist)",
+                    path.display()
+                );
+                return print_service(json, &path, false, None, &[line]);
+            }
+            let mut lines = Vec::new();
+            match &control {
+                // Stopped before its file goes, so the manager still knows what to stop.
+                Some(control) => {
+                    for args in &stop {
+                        if let Err(f) = run_control(control, args) {
+                            lines.push(format!("warning: {}", f.message));
+                        }
+                    }
+                }
+                None => lines.push(format!(
+                    "{tool} not found; if the service was started, stop it with: {}",
+                    shown(&stop)
+                )),
+            }
+            service::remove_file(&path).map_err(fail)?;
+            lines.insert(0, format!("removed {}", path.display()));
+            print_service(json, &path, false, None, &lines)
+        }
+        ServiceAction::Status => {
+            let installed = std::fs::read_to_string(&path).ok();
+            let mut lines = Vec::new();
+            match &installed {
+                None => lines.push(format!("{name} is not installed ({})", path.display())),
+                Some(current) => {
+                    lines.push(format!("installed {}", path.display()));
+                    if spec().is_ok_and(|s| text(&s) != *current) {
+                        lines.push(
+                            "it differs from what `sparkctl service install` writes now (sparkd moved, or SPARK_HOME/XDG paths changed); run it again".into(),
+                        );
+                    }
+                }
+            }
+            let active = match (&control, manager) {
+                (Some(control), Manager::Systemd) => std::process::Command::new(control)
+                    .args(["--user", "is-active", &name])
+                    .output()
+                    .ok()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                    .filter(|s| !s.is_empty()),
+                (Some(control), Manager::Launchd) => std::process::Command::new(control)
+                    .args(["print", &format!("{domain}/{}", service::LAUNCHD_LABEL)])
+                    .output()
+                    .ok()
+                    .map(|o| {
+                        if o.status.success() {
+                            "loaded"
+                        } else {
+                            "not loaded"
+                        }
+                        .to_owned()
+                    }),
+                (None, _) => None,
+            };
+            match &active {
+                Some(state) => lines.push(format!("{tool}: {state}")),
+                None if control.is_none() => lines.push(format!("{tool} not found")),
+                None => {}
+            }
+            print_service(json, &path, installed.is_some(), active.as_deref(), &lines)
+        }
+    }
+}
+
+/// Run `control args…` (systemctl, launchctl); a failure names the command and what it said.
+fn run_control(control: &std::path::Path, args: &[String]) -> Result<(), Failure> {
+    let shown = format!("{} {}", control.display(), args.join(" "));
+    let out = std::process::Command::new(control)
+        .args(args)
+        .output()
+        .map_err(|e| Failure {
+            message: format!("cannot run {shown}: {e}"),
+            hint: None,
+            code: 2,
+            kind: None,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Failure {
+        message: format!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        hint: Some("the service file is in place; fix the cause and run the command again".into()),
+        code: 2,
+        kind: None,
+    })
+}
+
+fn print_service(
+    json: bool,
+    path: &std::path::Path,
+    installed: bool,
+    active: Option<&str>,
+    lines: &[String],
+) -> Result<(), Failure> {
+    if json {
+        return print_json(&serde_json::json!({
+            "path": path.display().to_string(),
+            "installed": installed,
+            "active": active,
+            "notes": lines,
+        }));
+    }
+    print_line(&lines.join("\n"))
 }
 
 /// `PATH` or `PATH:START-END` (or `PATH:LINE`).
@@ -497,6 +808,13 @@ impl AskView {
                 eprint!("\r{} tokens · {tokens_per_s:.0} tok/s ", output_tokens);
                 self.progress_shown = true;
             }
+            AskEvent::Repair { attempt, reason } => {
+                self.finish_stream();
+                let first = reason.lines().next().unwrap_or_default();
+                eprintln!(
+                    "patch did not apply ({first}); asking the model to correct it (repair {attempt})"
+                );
+            }
             AskEvent::Tokens { .. } | AskEvent::PatchFile { .. } => {}
         }
     }
@@ -575,14 +893,20 @@ fn dir_param(dir: Option<PathBuf>) -> Result<String, Failure> {
 }
 
 fn cwd() -> Result<String, Failure> {
-    std::env::current_dir()
-        .map(|d| d.display().to_string())
-        .map_err(|e| Failure {
-            message: format!("cannot read the current directory: {e}"),
-            hint: None,
-            code: 1,
-            kind: None,
-        })
+    let dir = std::env::current_dir().map_err(|e| Failure {
+        message: format!("cannot read the current directory: {e}"),
+        hint: None,
+        code: 1,
+        kind: None,
+    })?;
+    // The daemon sees only the cwd: refuse variables that would make git pick another repository.
+    sparkctl::gitenv::check(&dir, |k| std::env::var_os(k)).map_err(|r| Failure {
+        message: r.message,
+        hint: Some(r.hint),
+        code: 1,
+        kind: Some("git_environment".into()),
+    })?;
+    Ok(dir.display().to_string())
 }
 
 fn read_patch(file: Option<&std::path::Path>) -> Result<String, Failure> {
@@ -649,10 +973,15 @@ struct Style {
 }
 
 impl Style {
-    fn detect() -> Style {
+    fn detect(choice: ColorChoice) -> Style {
         use std::io::IsTerminal;
+        let no_color = std::env::var("NO_COLOR").ok();
         Style {
-            color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            color: sparkctl::output::use_color(
+                choice,
+                std::io::stdout().is_terminal(),
+                no_color.as_deref(),
+            ),
         }
     }
 
@@ -736,6 +1065,66 @@ fn render_edit(r: &EditResult, verb: &str, style: &Style) -> String {
     out
 }
 
+/// `log`'s lines: id, age, state, message, files, with the age and state columns as wide as
+/// their widest value so the messages line up whatever the ages.
+fn render_log(edits: &[spark_proto::methods::LogEntry], now: u64, style: &Style) -> String {
+    let ages: Vec<String> = edits
+        .iter()
+        .map(|e| human_age(now.saturating_sub(e.at)))
+        .collect();
+    let states: Vec<&str> = edits.iter().map(|e| state_label(e.state)).collect();
+    let age_w = ages.iter().map(|a| a.chars().count()).max().unwrap_or(0);
+    let state_w = states.iter().map(|s| s.len()).max().unwrap_or(0);
+    let id_w = edits.iter().map(|e| e.id.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for ((e, age), state) in edits.iter().zip(&ages).zip(&states) {
+        let what = if e.message.is_empty() {
+            &e.source
+        } else {
+            &e.message
+        };
+        let files = match e.files.len() {
+            1 => e.files[0].clone(),
+            n => format!("{n} files"),
+        };
+        // Padding goes outside the colour codes, which have no width on screen.
+        let id_pad = " ".repeat(id_w - e.id.len());
+        out += &format!(
+            "{}{id_pad}  {age:>age_w$}  {state:<state_w$}  {}  {}\n",
+            style.paint(YELLOW, &e.id),
+            first_line(what),
+            style.paint(DIM, &format!("({files})"))
+        );
+    }
+    out
+}
+
+/// An edit's state as `log` prints it.
+fn state_label(state: spark_proto::methods::EditState) -> &'static str {
+    use spark_proto::methods::EditState;
+    match state {
+        EditState::Applied => "applied",
+        EditState::Undone => "undone",
+        EditState::Stashed => "stashed",
+        EditState::RevertedOutside => "reverted outside spark",
+    }
+}
+
+/// Long output (`log`, `show`): through the pager when standard output is a terminal, as git
+/// does; straight to standard output otherwise, or when the pager cannot run.
+fn write_long(bytes: &[u8]) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let pager =
+        sparkctl::output::pager_command(std::io::stdout().is_terminal(), |k| std::env::var(k).ok());
+    if let Some(command) = pager {
+        match sparkctl::output::page(&command, bytes) {
+            Ok(()) => return Ok(()),
+            Err(e) => eprintln!("sparkctl: warning: {e}; printing directly"),
+        }
+    }
+    write_stdout(bytes)
+}
+
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
@@ -801,10 +1190,35 @@ fn render_status(s: &StatusResult) -> String {
             "disconnected"
         };
         out += &format!(
-            "session   {} {state}, age {}\n",
+            "session   {} {state}, age {}",
             x.repo,
             human_duration(x.age_ms)
         );
+        if let Some(provider) = &x.provider {
+            out += &format!(", {provider}");
+        }
+        if let Some(model) = &x.model {
+            out += &format!(" ({model})");
+        }
+        if x.fell_back_to_http {
+            out += ", HTTP + SSE (WebSocket mode failed here; retried later)";
+        }
+        out.push('\n');
+        if x.failures > 0 {
+            out += &format!(
+                "          {} failed attempts in a row{}",
+                x.failures,
+                x.last_error
+                    .as_deref()
+                    .map(|e| format!(", last: {e}"))
+                    .unwrap_or_default()
+            );
+            match (x.paused, x.next_attempt_in_ms) {
+                (_, Some(ms)) => out += &format!("; next attempt in {}\n", human_duration(ms)),
+                (true, None) => out += "; reconnects paused until the next ask or watch\n",
+                (false, None) => out.push('\n'),
+            }
+        }
     }
     match &s.cache {
         Some(c) => match &c.unavailable {
@@ -860,5 +1274,44 @@ fn write_stdout(bytes: &[u8]) -> Result<(), Failure> {
             code: 2,
             kind: None,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(sessions: serde_json::Value) -> StatusResult {
+        serde_json::from_value(serde_json::json!({
+            "version": "0.1.0", "protocol_version": 1, "pid": 7, "started_at": 0,
+            "uptime_ms": 1000, "socket": "<socket>", "log_file": "<log>", "connections": 1,
+            "repos": [], "sessions": sessions,
+        }))
+        .expect("a status")
+    }
+
+    #[test]
+    fn status_says_why_a_provider_fails_and_what_happens_next() {
+        let text = render_status(&status(serde_json::json!([
+            {"repo": "<repo>", "connected": false, "age_ms": 5000,
+             "provider": "wss://gateway.example/v1/responses", "model": "m",
+             "fell_back_to_http": true, "failures": 4,
+             "last_error": "closed by the provider (1011: internal error)",
+             "next_attempt_in_ms": 12000},
+            {"repo": "<other>", "connected": false, "age_ms": 5000, "failures": 3,
+             "paused": true, "last_error": "connection refused"},
+        ])));
+        assert!(
+            text.contains("HTTP + SSE (WebSocket mode failed here; retried later)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("4 failed attempts in a row, last: closed by the provider (1011: internal error); next attempt in 12s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("3 failed attempts in a row, last: connection refused; reconnects paused until the next ask or watch"),
+            "{text}"
+        );
     }
 }

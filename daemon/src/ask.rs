@@ -42,6 +42,61 @@ const MAX_HISTORY_BYTES: usize = 64 * 1024;
 /// Output tokens between two progress notifications.
 const TOKENS_PER_PROGRESS: u64 = 32;
 
+/// A session for settings other than the daemon's own (a shell that set its own provider,
+/// model or key) is closed after this long unused: such shells come and go, and each session
+/// holds a connection to the provider.
+const OTHER_SETTINGS_IDLE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// How often idle sessions are looked for between asks: a minute late is harmless.
+const IDLE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The provider settings a conversation's session uses: the daemon's own, with whatever the
+/// asking shell set on top. Conversations are kept per repository and per these settings.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ProviderChoice {
+    pub(crate) url: String,
+    pub(crate) model: String,
+    api_key: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for ProviderChoice {
+    // Hand-written so the key never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderChoice")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl ProviderChoice {
+    /// The key to connect with (for sessions opened outside a conversation, e.g. drafts).
+    pub(crate) fn api_key(&self) -> Option<Arc<str>> {
+        self.api_key.clone()
+    }
+
+    /// Refuse settings that cannot work before anything connects: a bad URL, or no key for a
+    /// provider that needs one (any that is not on this machine).
+    fn check(&self) -> Result<(), RpcError> {
+        if let Err(e) = crate::config::validate_provider_url(&self.url) {
+            return Err(RpcError::new(ErrorCode::InvalidParams, e.to_string())
+                .with_kind("bad_provider_url")
+                .with_hint("set SPARK_PROVIDER_URL to a ws://, wss://, http:// or https:// Responses endpoint"));
+        }
+        if self.api_key.is_none() && !crate::config::is_loopback_url(&self.url) {
+            return Err(RpcError::new(
+                ErrorCode::Provider,
+                format!("no API key for {}; nothing was sent", self.url),
+            )
+            .with_kind("no_api_key")
+            .with_hint(
+                "set SPARK_API_KEY (or OPENAI_API_KEY) in the shell you ask from, e.g. `export SPARK_API_KEY=sk-...`; a provider on a loopback address needs none",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Every repository's conversation.
 #[derive(Debug)]
 pub(crate) struct Asks {
@@ -50,9 +105,17 @@ pub(crate) struct Asks {
     model: String,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-    convs: Mutex<HashMap<PathBuf, Arc<Conversation>>>,
+    convs: Mutex<HashMap<(PathBuf, ProviderChoice), Arc<Conversation>>>,
     watchers: Watchers,
     events: tokio::sync::broadcast::Sender<spark_proto::events::Event>,
+    /// Corrected patches one ask may request when a patch does not apply.
+    repair_attempts: u32,
+    /// Read-only tool calls, and bytes of their output, one ask answers.
+    tool_calls: u32,
+    tool_bytes: usize,
+    /// One reconnect policy per provider URL, shared by its sessions of every repository, so a
+    /// failing provider sees a few attempts a minute however many repositories are watched.
+    backoffs: Mutex<HashMap<String, Arc<crate::provider::backoff::Backoff>>>,
 }
 
 /// Clears a conversation's `current` when its ask ends, unless a newer ask replaced it.
@@ -79,6 +142,8 @@ struct Conversation {
     /// (steering) or by `cancel`; cleared when it ends.
     current: Mutex<Option<(u64, CancellationToken)>>,
     created: Instant,
+    /// When an ask last used it: idle sessions for other settings are closed.
+    last_used: Mutex<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +164,16 @@ pub(crate) struct ConvStatus {
     pub(crate) connected: bool,
     pub(crate) age_ms: u64,
     pub(crate) rtt_ms: Option<f64>,
+    pub(crate) provider: String,
+    pub(crate) model: String,
+    /// WebSocket mode failed with this provider: the session uses HTTP + SSE for a while.
+    pub(crate) fell_back: bool,
+    /// The provider's failed connection attempts in a row.
+    pub(crate) failures: u32,
+    /// Background reconnects have stopped until the next request.
+    pub(crate) paused: bool,
+    pub(crate) last_error: Option<String>,
+    pub(crate) next_attempt_in_ms: Option<u64>,
 }
 
 impl Asks {
@@ -118,6 +193,10 @@ impl Asks {
             convs: Mutex::new(HashMap::new()),
             watchers,
             events,
+            repair_attempts: config.repair_attempts,
+            tool_calls: config.tool_calls_per_ask,
+            tool_bytes: config.tool_bytes_per_ask,
+            backoffs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -125,9 +204,15 @@ impl Asks {
     /// ask starts warm. Failures are only logged: the ask will try again and report them.
     pub(crate) fn prewarm(self: &Arc<Self>, repo: RepoHandle) {
         let asks = self.clone();
+        let provider = self.default_provider();
+        if provider.check().is_err() {
+            // Nothing could connect (no key): the first ask says why, with a hint.
+            tracing::debug!(repo = %repo.workdir().display(), "no prewarm: the provider settings are incomplete");
+            return;
+        }
         self.tracker.spawn(async move {
             let result = async {
-                let conv = asks.conversation(repo.workdir())?;
+                let conv = asks.conversation(repo.workdir(), &provider)?;
                 let mut state = conv.state.lock().await;
                 if !state.warmed {
                     asks.warm_up(&conv, &repo, &mut state).await?;
@@ -137,6 +222,29 @@ impl Asks {
             .await;
             if let Err(e) = result {
                 tracing::warn!(repo = %repo.workdir().display(), error = %e.message, "prewarm failed");
+            }
+        });
+    }
+
+    /// Close idle sessions for other settings even when no ask comes to do it: each holds a
+    /// connection to a provider the user may have stopped using.
+    pub(crate) fn spawn_idle_sweeper(self: &Arc<Self>) {
+        // Weak: the sweeper must not keep the conversations alive past the server.
+        let asks = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(asks) = asks.upgrade() else { return };
+                let default = asks.default_provider();
+                if let Ok(mut convs) = asks.convs.lock() {
+                    close_idle(&mut convs, &default, Instant::now());
+                }
             }
         });
     }
@@ -161,11 +269,7 @@ impl Asks {
         let item = InputItem::developer_text(outline);
         state.history.push(item.clone());
         conv.session
-            .prewarm(
-                INSTRUCTIONS.to_owned(),
-                vec![Tool::apply_patch()],
-                vec![item],
-            )
+            .prewarm(INSTRUCTIONS.to_owned(), Tool::offered(), vec![item])
             .await
             .map_err(session_error)?;
         state.warmed = true;
@@ -173,18 +277,76 @@ impl Asks {
         Ok(())
     }
 
-    fn conversation(&self, workdir: &Path) -> Result<Arc<Conversation>, RpcError> {
+    /// The daemon's own provider settings (its config and environment).
+    fn default_provider(&self) -> ProviderChoice {
+        ProviderChoice {
+            url: self.url.clone(),
+            model: self.model.clone(),
+            api_key: self.api_key.clone(),
+        }
+    }
+
+    /// The settings an ask runs with: what the asking shell set wins over the daemon's own.
+    pub(crate) fn provider_for(
+        &self,
+        asked: Option<&spark_proto::methods::ProviderSettings>,
+    ) -> Result<ProviderChoice, RpcError> {
+        let mut choice = self.default_provider();
+        if let Some(asked) = asked {
+            if let Some(url) = &asked.url {
+                choice.url = url.clone();
+            }
+            if let Some(model) = &asked.model {
+                choice.model = model.clone();
+            }
+            if let Some(key) = &asked.api_key {
+                choice.api_key = Some(Arc::from(key.as_str()));
+            }
+        }
+        choice.check()?;
+        Ok(choice)
+    }
+
+    /// Every conversation in `workdir`, whatever its provider settings.
+    fn conversations_in(&self, workdir: &Path) -> Vec<Arc<Conversation>> {
+        self.convs
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|((w, _), _)| w == workdir)
+                    .map(|(_, c)| c.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn conversation(
+        &self,
+        workdir: &Path,
+        provider: &ProviderChoice,
+    ) -> Result<Arc<Conversation>, RpcError> {
         let mut convs = self
             .convs
             .lock()
             .map_err(|_| internal("conversation table poisoned"))?;
-        if let Some(c) = convs.get(workdir) {
+        let default = self.default_provider();
+        close_idle(&mut convs, &default, Instant::now());
+        let key = (workdir.to_owned(), provider.clone());
+        if let Some(c) = convs.get(&key) {
+            if let Ok(mut t) = c.last_used.lock() {
+                *t = Instant::now();
+            }
             return Ok(c.clone());
         }
-        let mut config =
-            SessionConfig::new(self.url.clone(), self.api_key.clone(), self.model.clone());
+        let mut config = SessionConfig::new(
+            provider.url.clone(),
+            provider.api_key.clone(),
+            provider.model.clone(),
+        );
         config.instructions = INSTRUCTIONS.to_owned();
-        config.prompt_cache_key = Some(format!("spark:{}", workdir.display()));
+        config.tools = Tool::offered();
+        config.backoff = Some(self.backoff_for(&provider.url, &config));
+        config.prompt_cache_key = Some(prompt_cache_key(workdir, provider));
         let (events, repo) = (self.events.clone(), workdir.display().to_string());
         config.on_state = Some(Arc::new(move |state| {
             let _ = events.send(spark_proto::events::Event::SessionState {
@@ -193,7 +355,7 @@ impl Asks {
             });
         }));
         let session = crate::provider::spawn(config, &self.tracker, self.shutdown.clone()).map_err(|e| {
-            RpcError::new(ErrorCode::Provider, format!("bad provider URL {}: {e}", self.url))
+            RpcError::new(ErrorCode::Provider, format!("bad provider URL {}: {e}", provider.url))
                 .with_hint("set SPARK_PROVIDER_URL to a ws://, wss://, http:// or https:// Responses endpoint")
         })?;
         let conv = Arc::new(Conversation {
@@ -201,33 +363,30 @@ impl Asks {
             state: tokio::sync::Mutex::new(ConvState::default()),
             current: Mutex::new(None),
             created: Instant::now(),
+            last_used: Mutex::new(Instant::now()),
         });
-        convs.insert(workdir.to_owned(), conv.clone());
+        convs.insert(key, conv.clone());
         Ok(conv)
     }
 
     /// Stop the ask in flight in `workdir`, if any (the `cancel` method). True if there was one.
     pub(crate) fn cancel(&self, workdir: &Path) -> bool {
-        let conv = self.convs.lock().ok().and_then(|m| m.get(workdir).cloned());
-        let Some(conv) = conv else {
-            return false;
-        };
-        let current = conv.current.lock().ok().and_then(|mut c| c.take());
-        match current {
-            Some((_, token)) => {
+        let mut any = false;
+        for conv in self.conversations_in(workdir) {
+            let current = conv.current.lock().ok().and_then(|mut c| c.take());
+            if let Some((_, token)) = current {
                 token.cancel();
-                true
+                any = true;
             }
-            None => false,
         }
+        any
     }
 
     /// Files changed outside the conversation (undo, stash, `edit/apply`): the model's view of
     /// them is stale, so the next ask shows them whole instead of as a diff against it, and the
     /// compare-and-swap base becomes their content at apply time.
     pub(crate) async fn forget(&self, workdir: &Path, paths: &[String]) {
-        let conv = self.convs.lock().ok().and_then(|m| m.get(workdir).cloned());
-        if let Some(conv) = conv {
+        for conv in self.conversations_in(workdir) {
             let mut state = conv.state.lock().await;
             for p in paths {
                 state.seen.remove(p);
@@ -235,14 +394,39 @@ impl Asks {
         }
     }
 
+    /// The provider's shared reconnect policy, made on first use.
+    fn backoff_for(
+        &self,
+        url: &str,
+        config: &SessionConfig,
+    ) -> Arc<crate::provider::backoff::Backoff> {
+        let mut map = self
+            .backoffs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(url.to_owned())
+            .or_insert_with(|| {
+                Arc::new(crate::provider::backoff::Backoff::new(
+                    config.backoff_base,
+                    config.backoff_cap,
+                    config.max_background_attempts,
+                ))
+            })
+            .clone()
+    }
+
     pub(crate) async fn status(&self) -> Vec<ConvStatus> {
-        let convs: Vec<(PathBuf, Arc<Conversation>)> = self
+        let convs: Vec<(PathBuf, ProviderChoice, Arc<Conversation>)> = self
             .convs
             .lock()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|((w, p), v)| (w.clone(), p.clone(), v.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         let mut out = Vec::new();
-        for (repo, conv) in convs {
+        for (repo, provider, conv) in convs {
             let s = conv.session.status().await.ok();
             out.push(ConvStatus {
                 repo,
@@ -252,7 +436,20 @@ impl Asks {
                     .and_then(|s| s.age)
                     .unwrap_or_else(|| conv.created.elapsed())
                     .as_millis() as u64,
-                rtt_ms: s.and_then(|s| s.last_rtt).map(|d| d.as_secs_f64() * 1e3),
+                rtt_ms: s
+                    .as_ref()
+                    .and_then(|s| s.last_rtt)
+                    .map(|d| d.as_secs_f64() * 1e3),
+                provider: provider.url,
+                model: provider.model,
+                fell_back: s.as_ref().is_some_and(|s| s.fell_back),
+                failures: s.as_ref().map_or(0, |s| s.backoff.failures),
+                paused: s.as_ref().is_some_and(|s| s.backoff.paused),
+                last_error: s.as_ref().and_then(|s| s.last_error.clone()),
+                next_attempt_in_ms: s
+                    .as_ref()
+                    .and_then(|s| s.retry_in)
+                    .map(|d| d.as_millis() as u64),
             });
         }
         out
@@ -272,7 +469,16 @@ impl Asks {
         Fut: std::future::Future<Output = ()>,
     {
         let started = Instant::now();
-        let conv = self.conversation(repo.workdir())?;
+        let provider = self.provider_for(params.provider.as_ref())?;
+        let conv = self.conversation(repo.workdir(), &provider)?;
+        // Steering holds across provider settings too: one ask at a time per repository.
+        for other in self.conversations_in(repo.workdir()) {
+            if !Arc::ptr_eq(&other, &conv)
+                && let Some((_, token)) = other.current.lock().ok().and_then(|mut c| c.take())
+            {
+                token.cancel();
+            }
+        }
         // A repository is watched from its first ask on.
         self.watchers.ensure_watched(repo.workdir());
         // Steering: a newer ask in this repository replaces the one in flight.
@@ -336,6 +542,10 @@ impl Asks {
         let mut parser = StreamingParser::new();
         // The whole tool input streamed (some providers send it only in the final item).
         let mut streamed = String::new();
+        // `apply_patch` bridged to a function tool by a gateway: its arguments stream as JSON,
+        // decoded for the same preview (by item id; read-only tools stream there too).
+        let mut bridged: HashMap<String, crate::provider::arguments::ArgumentStream> =
+            HashMap::new();
         let mut deltas = 0u64;
         let mut first_delta: Option<Instant> = None;
         let done = loop {
@@ -358,21 +568,23 @@ impl Asks {
                 Some(TurnEvent::ToolInputDelta { delta, .. }) => {
                     first_delta.get_or_insert_with(Instant::now);
                     deltas += 1;
-                    for e in parser.push(&delta) {
-                        if let StreamEvent::FileStarted { path, kind } = e {
-                            emit(AskEvent::PatchFile {
-                                path,
-                                op: format!("{kind:?}").to_lowercase(),
-                            })
-                            .await;
-                        }
-                    }
                     streamed.push_str(&delta);
-                    emit(AskEvent::Patch { delta }).await;
+                    preview_patch(&mut parser, delta, &emit).await;
                 }
-                Some(TurnEvent::FunctionArgumentsDelta { .. }) => {
+                Some(TurnEvent::FunctionArgumentsDelta { item_id, delta }) => {
                     first_delta.get_or_insert_with(Instant::now);
                     deltas += 1;
+                    if let Some(args) = bridged.get_mut(&item_id) {
+                        let delta = args.push(&delta);
+                        if !delta.is_empty() {
+                            preview_patch(&mut parser, delta, &emit).await;
+                        }
+                    }
+                }
+                Some(TurnEvent::ItemAdded(OutputItem::FunctionCall { id, name, .. }))
+                    if name == crate::provider::wire::APPLY_PATCH_TOOL =>
+                {
+                    bridged.insert(id, Default::default());
                 }
                 Some(TurnEvent::Done(done)) => break done,
                 Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),
@@ -403,6 +615,17 @@ impl Asks {
         state
             .history
             .extend(done.output.iter().filter_map(OutputItem::to_input));
+        // The model asked to read more before answering: answer from memory, then go on.
+        let done = if reads(&done.output).is_empty() {
+            done
+        } else {
+            let at = AskAt {
+                conv: &conv,
+                repo: &repo,
+                cancel: &cancel,
+            };
+            self.answer_reads(at, &mut state, done, &emit).await?
+        };
         // What the model saw is this patch's compare-and-swap base, whatever trimming forgets.
         let bases = state.seen.clone();
         trim_history(&mut state);
@@ -483,8 +706,21 @@ impl Asks {
             message: params.prompt.clone(),
             bases,
         };
-        let applied = repo.run(move |ctx| edit::apply(ctx, &req)).await?;
+        let (applied, req) = repo.run(move |ctx| (edit::apply(ctx, &req), req)).await?;
         timings.apply_ms = Some(ms(apply_started.elapsed()));
+        let (applied, call, answer) = match applied {
+            Err(e) if repairable(&e) && self.repair_attempts > 0 => {
+                let repair = AskAt {
+                    conv: &conv,
+                    repo: &repo,
+                    cancel: &cancel,
+                };
+                let repaired = self.repair(repair, &mut state, req, call, e, &emit).await?;
+                let answer = [answer, repaired.answer].concat();
+                (Ok(repaired.outcome), repaired.call, answer)
+            }
+            other => (other, call, answer),
+        };
         match applied {
             Ok(outcome) => {
                 let output = match (&outcome.edit, params.dry_run) {
@@ -534,6 +770,456 @@ impl Asks {
             }
         }
     }
+}
+
+/// Close the sessions for other settings than the daemon's own that no ask used for
+/// [`OTHER_SETTINGS_IDLE`] and that have none in flight: dropping the last handle ends the
+/// session and its connection.
+fn close_idle(
+    convs: &mut HashMap<(PathBuf, ProviderChoice), Arc<Conversation>>,
+    default: &ProviderChoice,
+    now: Instant,
+) {
+    convs.retain(|(_, provider), conv| {
+        let idle = conv
+            .last_used
+            .lock()
+            .map(|t| now.saturating_duration_since(*t) >= OTHER_SETTINGS_IDLE)
+            .unwrap_or(false);
+        let busy = conv.current.lock().map(|c| c.is_some()).unwrap_or(true);
+        provider == default || busy || !idle
+    });
+}
+
+/// What a follow-up turn (a repair, answered reads) needs of its ask.
+struct AskAt<'a> {
+    conv: &'a Conversation,
+    repo: &'a RepoHandle,
+    cancel: &'a CancellationToken,
+}
+
+/// A corrected patch that landed.
+struct Repaired {
+    outcome: edit::Outcome,
+    /// The tool call the corrected patch came in, answered like any other.
+    call: Call,
+    answer: String,
+}
+
+/// Streams one piece of the patch to the client: the files it starts, then the text.
+async fn preview_patch<F, Fut>(parser: &mut StreamingParser, delta: String, emit: &F)
+where
+    F: Fn(AskEvent) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for e in parser.push(&delta) {
+        if let StreamEvent::FileStarted { path, kind } = e {
+            emit(AskEvent::PatchFile {
+                path,
+                op: format!("{kind:?}").to_lowercase(),
+            })
+            .await;
+        }
+    }
+    emit(AskEvent::Patch { delta }).await;
+}
+
+/// The patch in a function call's JSON arguments: the `input` string (spark's own function
+/// variant), else the object's only string value (a gateway's bridge names it as it likes, e.g.
+/// LiteLLM's `content`), else a bare JSON string, else the text as it came.
+fn patch_argument(arguments: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(arguments) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(serde_json::Value::Object(map)) => {
+            if let Some(s) = map.get("input").and_then(|v| v.as_str()) {
+                return s.to_owned();
+            }
+            let mut strings = map.values().filter_map(|v| v.as_str());
+            match (strings.next(), strings.next()) {
+                (Some(only), None) => only.to_owned(),
+                _ => arguments.to_owned(),
+            }
+        }
+        _ => arguments.to_owned(),
+    }
+}
+
+/// The `prompt_cache_key` of a conversation: the same for every ask in one repository with one
+/// provider and model (so unchained resends hit the provider's prompt cache), and opaque: a
+/// local path never leaves the machine. 128 bits of two keyed SipHash runs; a change of the
+/// hash between releases costs one cache miss.
+fn prompt_cache_key(workdir: &std::path::Path, provider: &ProviderChoice) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let half = |salt: &str| {
+        let mut h = std::hash::DefaultHasher::new();
+        salt.hash(&mut h);
+        workdir.hash(&mut h);
+        provider.url.hash(&mut h);
+        provider.model.hash(&mut h);
+        h.finish()
+    };
+    format!(
+        "spark-{:016x}{:016x}",
+        half("spark cache key a"),
+        half("spark cache key b")
+    )
+}
+
+/// Failures the model can fix by rewriting its patch: lines it misremembered, lines that match
+/// in more than one place, or a patch gone stale because the user changed the same lines while
+/// the model wrote it (the model is shown what they changed and writes on top of it). A refused
+/// path or a binary file is not the patch's wording, so it is reported at once.
+fn repairable(e: &edit::EditError) -> bool {
+    match e {
+        edit::EditError::Match { source, .. } => source.code() != "binary_content",
+        edit::EditError::Conflict { .. } => true,
+        _ => false,
+    }
+}
+
+impl Asks {
+    /// The patch did not apply: tell the model why on the same session, with the lines of the
+    /// file closest to what it looked for (numbered), and apply its corrected patch, up to the
+    /// configured number of times. Each round resends no file: the model saw them already.
+    /// When every round fails, nothing is written and the error gives every reason.
+    async fn repair<F, Fut>(
+        &self,
+        at: AskAt<'_>,
+        state: &mut ConvState,
+        mut req: edit::ApplyRequest,
+        mut call: Call,
+        mut error: edit::EditError,
+        emit: &F,
+    ) -> Result<Repaired, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut reasons = vec![error.to_string()];
+        for attempt in 1..=self.repair_attempts {
+            let reason = error.to_string();
+            emit(AskEvent::Repair {
+                attempt,
+                reason: reason.clone(),
+            })
+            .await;
+            let hint = match &error {
+                edit::EditError::Conflict { path } => {
+                    self.users_changes(at.repo, &mut req.bases, state, path)
+                        .await
+                }
+                _ => self.closest_lines(at.repo, &req.bases, &error).await,
+            };
+            answer_tool(
+                &at.conv.session,
+                &mut state.history,
+                &call,
+                &format!("Patch rejected: {reason}"),
+            )
+            .await;
+            info!(repo = %at.repo.workdir().display(), attempt, "asking the model to repair its patch");
+            // The reason is in the tool output already, unless the patch came in message text.
+            let reason_shown = !matches!(call, Call::None);
+            let request = repair_request(&error, hint, reason_shown);
+            let done = self
+                .follow_up_turn(at.conv, state, Some(request), at.cancel, emit)
+                .await?;
+            let Some((next_call, patch)) = find_patch(&done.output) else {
+                reasons.push("the model answered without a patch".to_owned());
+                return Err(repair_failed(error.to_rpc(), &reasons));
+            };
+            if let Some(why) = &done.incomplete_reason {
+                answer_tool(
+                    &at.conv.session,
+                    &mut state.history,
+                    &next_call,
+                    "Not applied: the response was incomplete.",
+                )
+                .await;
+                reasons.push(format!("the corrected response was incomplete ({why})"));
+                return Err(repair_failed(error.to_rpc(), &reasons));
+            }
+            if at.cancel.is_cancelled() {
+                answer_tool(
+                    &at.conv.session,
+                    &mut state.history,
+                    &next_call,
+                    "Not applied: the user cancelled the request.",
+                )
+                .await;
+                return Err(cancelled());
+            }
+            req.patch = patch;
+            let (applied, back) = at
+                .repo
+                .run(move |ctx| (edit::apply(ctx, &req), req))
+                .await?;
+            req = back;
+            call = next_call;
+            match applied {
+                Ok(outcome) => {
+                    return Ok(Repaired {
+                        outcome,
+                        call,
+                        answer: done.text(),
+                    });
+                }
+                Err(e) => {
+                    reasons.push(e.to_string());
+                    if !repairable(&e) || attempt == self.repair_attempts {
+                        answer_tool(
+                            &at.conv.session,
+                            &mut state.history,
+                            &call,
+                            &format!("Patch rejected: {e}"),
+                        )
+                        .await;
+                        return Err(repair_failed(e.to_rpc(), &reasons));
+                    }
+                    error = e;
+                }
+            }
+        }
+        Err(repair_failed(error.to_rpc(), &reasons))
+    }
+
+    /// The numbered lines of the failed file closest to what the patch looked for, from the
+    /// content the patch was matched against.
+    async fn closest_lines(
+        &self,
+        repo: &RepoHandle,
+        bases: &HashMap<String, Vec<u8>>,
+        error: &edit::EditError,
+    ) -> Option<String> {
+        let edit::EditError::Match { path, source } = error else {
+            return None;
+        };
+        let bytes = match bases.get(path) {
+            Some(bytes) => bytes.clone(),
+            None => {
+                let abs = repo.workdir().join(path);
+                tokio::fs::read(abs).await.ok()?
+            }
+        };
+        let hint = edit::matcher::repair_hint(&bytes, source)?;
+        Some(format!(
+            "\nThe closest lines in {path} as it is now (line numbers on the left):\n{hint}"
+        ))
+    }
+
+    /// The patch went stale: the user changed `path` in the same lines while the model wrote.
+    /// The model is shown what they changed, as a diff against the content it saw (not the whole
+    /// file again), and that content becomes what it saw and the base of its corrected patch, so
+    /// the user's typing is kept.
+    async fn users_changes(
+        &self,
+        repo: &RepoHandle,
+        bases: &mut HashMap<String, Vec<u8>>,
+        state: &mut ConvState,
+        path: &str,
+    ) -> Option<String> {
+        let saw = bases.get(path)?;
+        let now = tokio::fs::read(repo.workdir().join(path)).await.ok()?;
+        let diff = crate::context::diff(saw, &now);
+        bases.insert(path.to_owned(), now.clone());
+        state.seen.insert(path.to_owned(), now);
+        Some(format!(
+            "\nWhile you wrote it, the user changed {path} in the same lines. What they changed, \
+             as a diff against the file you saw:\n{diff}\nKeep their changes."
+        ))
+    }
+
+    /// One more turn on the warm session: the pending tool outputs, then `request` if any.
+    /// Streams text and patch like the first turn and records the turn in the history.
+    async fn follow_up_turn<F, Fut>(
+        &self,
+        conv: &Conversation,
+        state: &mut ConvState,
+        request: Option<String>,
+        cancel: &CancellationToken,
+        emit: &F,
+    ) -> Result<Box<crate::provider::session::TurnDone>, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let user = request.map(InputItem::user_text);
+        let mut full_context = state.history.clone();
+        full_context.extend(user.clone());
+        let mut events = conv
+            .session
+            .turn(TurnRequest {
+                new_input: user.iter().cloned().collect(),
+                full_context,
+                tool_choice: None,
+            })
+            .await
+            .map_err(session_error)?;
+        let done = loop {
+            let event = tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    let _ = conv.session.cancel().await;
+                    return Err(cancelled());
+                }
+                e = events.recv() => e,
+            };
+            match event {
+                None => return Err(internal("the provider session ended during the request")),
+                Some(TurnEvent::TextDelta { delta, .. }) => emit(AskEvent::Text { delta }).await,
+                Some(TurnEvent::ToolInputDelta { delta, .. }) => {
+                    emit(AskEvent::Patch { delta }).await;
+                }
+                Some(TurnEvent::Done(done)) => break done,
+                Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),
+                Some(
+                    TurnEvent::Started { .. }
+                    | TurnEvent::ItemAdded(_)
+                    | TurnEvent::ItemDone(_)
+                    | TurnEvent::FunctionArgumentsDelta { .. },
+                ) => {}
+            }
+        };
+        state.history.extend(user);
+        state
+            .history
+            .extend(done.output.iter().filter_map(OutputItem::to_input));
+        trim_history(state);
+        Ok(done)
+    }
+}
+
+/// The read-only tool calls of a response: (call id, name, arguments).
+fn reads(output: &[OutputItem]) -> Vec<(String, String, String)> {
+    output
+        .iter()
+        .filter_map(|item| match item {
+            OutputItem::FunctionCall {
+                call_id,
+                name,
+                arguments,
+                ..
+            } if Tool::is_read_only(name) => {
+                Some((call_id.clone(), name.clone(), arguments.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+impl Asks {
+    /// Answer the model's read-only tool calls from the repository (through the same guard as
+    /// every byte that leaves; refusals are audited) and continue the turn, until it answers
+    /// without reading, or the ask's budget of calls and bytes is spent: calls beyond it are
+    /// answered with a refusal, and the model then answers with what it has.
+    async fn answer_reads<F, Fut>(
+        &self,
+        at: AskAt<'_>,
+        state: &mut ConvState,
+        mut done: Box<crate::provider::session::TurnDone>,
+        emit: &F,
+    ) -> Result<Box<crate::provider::session::TurnDone>, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (mut calls_left, mut bytes_left) = (self.tool_calls, self.tool_bytes);
+        // One round more than calls: the round that tells the model the budget is spent.
+        for _ in 0..=self.tool_calls {
+            let calls = reads(&done.output);
+            if calls.is_empty() || find_patch(&done.output).is_some() {
+                return Ok(done);
+            }
+            for (call_id, name, arguments) in calls {
+                let answer = if calls_left == 0 || bytes_left == 0 {
+                    context::ReadAnswer {
+                        output: format!(
+                            "Refused: this request's budget of {} tool calls and {} bytes is \
+                             spent. Answer with what you have.",
+                            self.tool_calls, self.tool_bytes
+                        ),
+                        ..context::ReadAnswer::default()
+                    }
+                } else {
+                    calls_left -= 1;
+                    let watchers = self.watchers.clone();
+                    let limit = bytes_left;
+                    let (tool, args) = (name.clone(), arguments.clone());
+                    at.repo
+                        .run(move |ctx| context::answer_read(ctx, &watchers, &tool, &args, limit))
+                        .await?
+                };
+                bytes_left = bytes_left.saturating_sub(answer.output.len());
+                match &answer.refused {
+                    Some((path, why)) => info!(
+                        target: "audit",
+                        repo = %at.repo.workdir().display(),
+                        tool = %name,
+                        path = %path,
+                        reason = %why,
+                        "tool read refused; nothing of it was sent"
+                    ),
+                    None => info!(
+                        target: "audit",
+                        repo = %at.repo.workdir().display(),
+                        tool = %name,
+                        files = ?answer.audit,
+                        bytes = answer.output.len(),
+                        "tool output sent to the provider"
+                    ),
+                }
+                if let Some((path, bytes)) = answer.seen {
+                    state.seen.insert(path, bytes);
+                }
+                answer_tool(
+                    &at.conv.session,
+                    &mut state.history,
+                    &Call::Function(call_id),
+                    &answer.output,
+                )
+                .await;
+            }
+            done = self
+                .follow_up_turn(at.conv, state, None, at.cancel, emit)
+                .await?;
+        }
+        Ok(done)
+    }
+}
+
+/// The request for a corrected patch: why the patch was refused is in the tool output before
+/// it; this adds where the lines really are, and nothing the model has seen already.
+fn repair_request(error: &edit::EditError, shown: Option<String>, reason_shown: bool) -> String {
+    let mut text = if reason_shown {
+        "Your patch was rejected (see the tool output); nothing was written.\n".to_owned()
+    } else {
+        format!("Your patch did not apply, and nothing was written: {error}\n")
+    };
+    if let Some(shown) = shown {
+        text.push_str(&shown);
+    }
+    text.push_str(
+        "\nSend one corrected patch with the apply_patch tool, against the file as it is now, \
+         copying context lines exactly.",
+    );
+    text
+}
+
+/// Every round failed: the last error's code, kind, path and hint, with every reason.
+fn repair_failed(mut last: RpcError, reasons: &[String]) -> RpcError {
+    let mut message = String::from("the model's patch did not apply");
+    for (n, reason) in reasons.iter().enumerate() {
+        let lead = if n == 0 {
+            ": "
+        } else {
+            "; its corrected patch did not apply either: "
+        };
+        message.push_str(lead);
+        message.push_str(reason);
+    }
+    message.push_str("; nothing was written");
+    last.message = message;
+    last
 }
 
 /// Drop the oldest turns (each from a user message to the next) until the history fits. The
@@ -605,11 +1291,7 @@ fn find_patch(output: &[OutputItem]) -> Option<(Call, String)> {
                 arguments,
                 ..
             } if name == "apply_patch" => {
-                let input = serde_json::from_str::<serde_json::Value>(arguments)
-                    .ok()
-                    .and_then(|v| v.get("input").and_then(|i| i.as_str()).map(str::to_owned))
-                    .unwrap_or_else(|| arguments.clone());
-                return Some((Call::Function(call_id.clone()), input));
+                return Some((Call::Function(call_id.clone()), patch_argument(arguments)));
             }
             _ => {}
         }
@@ -757,5 +1439,78 @@ mod tests {
             state.seen.is_empty(),
             "forgotten files are shown whole next time"
         );
+    }
+
+    fn choice(url: &str) -> ProviderChoice {
+        ProviderChoice {
+            url: url.to_owned(),
+            model: "m".to_owned(),
+            api_key: Some(Arc::from("k")),
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_sessions_for_other_settings_close_and_the_daemon_s_own_and_busy_ones_stay() {
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let conv = |url: &str| {
+            let session = crate::provider::spawn(
+                SessionConfig::new(url, None, "m"),
+                &tracker,
+                shutdown.clone(),
+            )
+            .expect("session");
+            Arc::new(Conversation {
+                session,
+                state: tokio::sync::Mutex::new(ConvState::default()),
+                current: Mutex::new(None),
+                created: Instant::now(),
+                last_used: Mutex::new(Instant::now()),
+            })
+        };
+        let own = choice("ws://127.0.0.1:1/v1/responses");
+        let (idle, busy, fresh) = (
+            choice("ws://127.0.0.1:2/v1/responses"),
+            choice("ws://127.0.0.1:3/v1/responses"),
+            choice("ws://127.0.0.1:4/v1/responses"),
+        );
+        let mut convs = HashMap::new();
+        for c in [&own, &idle, &busy, &fresh] {
+            convs.insert((PathBuf::from("/r"), c.clone()), conv(&c.url));
+        }
+        let later = Instant::now() + OTHER_SETTINGS_IDLE;
+        *convs[&(PathBuf::from("/r"), fresh.clone())]
+            .last_used
+            .lock()
+            .expect("lock") = later;
+        *convs[&(PathBuf::from("/r"), busy.clone())]
+            .current
+            .lock()
+            .expect("lock") = Some((1, CancellationToken::new()));
+        let session_of_idle = convs[&(PathBuf::from("/r"), idle.clone())].session.clone();
+
+        close_idle(&mut convs, &own, later);
+        let mut left: Vec<&str> = convs.keys().map(|(_, p)| p.url.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [&own.url, &busy.url, &fresh.url].map(String::as_str),
+            "only the idle session for other settings went"
+        );
+        // Once its last handle is gone the session stops, and with it its connection.
+        drop(convs);
+        shutdown.cancel();
+        drop(session_of_idle);
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[test]
+    fn provider_choices_never_print_their_key() {
+        let c = ProviderChoice {
+            api_key: Some(Arc::from("sk-never-shown")),
+            ..choice("ws://127.0.0.1:1/v1/responses")
+        };
+        assert!(!format!("{c:?}").contains("sk-never-shown"));
     }
 }

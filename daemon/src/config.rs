@@ -16,8 +16,18 @@ pub const DEFAULT_PROVIDER_URL: &str = "wss://api.openai.com/v1/responses";
 pub const DEFAULT_MODEL: &str = "gpt-5.3-codex-spark";
 /// How long in-flight work may take to finish once shutdown starts.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A drafted commit message is worth waiting for only this long: a commit must not feel slow.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open connections beyond this are refused: protects the daemon from a runaway client loop.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// One more model call when an `ask`'s patch does not apply: most wrong patches are a
+/// misremembered line, which one round with the real lines fixes.
+pub const DEFAULT_REPAIR_ATTEMPTS: u32 = 1;
+/// Read-only tool calls (read a file, search, list a directory) one `ask` answers: each costs
+/// a round trip, and a model that needs more than this should be given focus files.
+pub const DEFAULT_TOOL_CALLS_PER_ASK: u32 = 8;
+/// Bytes of tool output one `ask` sends at most: a few whole files.
+pub const DEFAULT_TOOL_BYTES_PER_ASK: usize = 128 * 1024;
 
 /// `config.toml` as written by the user. Unknown keys are an error so typos are not silent.
 #[derive(Debug, Default, Deserialize)]
@@ -34,6 +44,16 @@ pub struct ConfigFile {
     /// fsync edited files, journals and the ledger (default true). Off trades crash safety
     /// for speed; only benchmarks should turn it off.
     pub fsync: Option<bool>,
+    /// Corrected patches an `ask` may request when the model's patch does not apply (default
+    /// 1; 0 turns repair off).
+    pub repair_attempts: Option<u32>,
+    /// Read-only tool calls one `ask` answers (default 8; 0 answers none).
+    pub tool_calls_per_ask: Option<u32>,
+    /// Bytes of read-only tool output one `ask` sends at most (default 131072).
+    pub tool_bytes_per_ask: Option<usize>,
+    /// Hard cap on the `prepare-commit-msg` hook's draft (default 5000); `sparkctl` reads the
+    /// same key and gives up at this wall-clock deadline, so a commit is never held longer.
+    pub hook_timeout_ms: Option<u64>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -58,7 +78,13 @@ pub struct Config {
     pub max_connections: usize,
     pub log: String,
     pub fsync: bool,
-    /// Test hook: abort at this named point of an edit (`SPARK_FAILPOINT`, debug builds only).
+    pub repair_attempts: u32,
+    pub tool_calls_per_ask: u32,
+    pub tool_bytes_per_ask: usize,
+    /// The draft turn's cap (`hook_timeout_ms`).
+    pub hook_timeout: Duration,
+    /// Test hook: abort at this named point of an edit, or fail there with an error when named
+    /// `fail_<point>` (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
     /// The version this daemon reports to clients: its own, except that debug builds honour
     /// `SPARK_TEST_DAEMON_VERSION` so tests can exercise the client's version restart.
@@ -78,6 +104,10 @@ impl fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("log", &self.log)
             .field("fsync", &self.fsync)
+            .field("repair_attempts", &self.repair_attempts)
+            .field("tool_calls_per_ask", &self.tool_calls_per_ask)
+            .field("tool_bytes_per_ask", &self.tool_bytes_per_ask)
+            .field("hook_timeout", &self.hook_timeout)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
             .finish()
@@ -168,6 +198,17 @@ impl Config {
                 .or(file.log)
                 .unwrap_or_else(|| "info".to_owned()),
             fsync: file.fsync.unwrap_or(true),
+            repair_attempts: file.repair_attempts.unwrap_or(DEFAULT_REPAIR_ATTEMPTS),
+            tool_calls_per_ask: file
+                .tool_calls_per_ask
+                .unwrap_or(DEFAULT_TOOL_CALLS_PER_ASK),
+            tool_bytes_per_ask: file
+                .tool_bytes_per_ask
+                .unwrap_or(DEFAULT_TOOL_BYTES_PER_ASK),
+            hook_timeout: file
+                .hook_timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_HOOK_TIMEOUT),
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
             } else {
@@ -208,7 +249,29 @@ fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
     })
 }
 
-fn validate_provider_url(url: &str) -> Result<(), ConfigError> {
+/// Whether `url`'s host is this machine (`localhost`, `127.0.0.0/8`, `::1`): a local model
+/// server, which needs no API key. Anything else does.
+pub fn is_loopback_url(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        // `[::1]:8080`: the brackets delimit an IPv6 address.
+        Some(v6) => v6.split_once(']').map_or(v6, |(h, _)| h),
+        None => host_port.split_once(':').map_or(host_port, |(h, _)| h),
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Check a provider URL's scheme (from any source: config, environment, an `ask`'s settings).
+pub(crate) fn validate_provider_url(url: &str) -> Result<(), ConfigError> {
     let scheme = url.split_once("://").map(|(s, _)| s);
     match scheme {
         Some("ws" | "wss" | "http" | "https") => Ok(()),
@@ -287,6 +350,32 @@ mod tests {
         )
         .expect("resolve");
         assert_eq!(c.api_key.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn loopback_hosts_are_recognised_and_nothing_else_is() {
+        for url in [
+            "ws://127.0.0.1:8080/v1/responses",
+            "http://localhost/v1/responses",
+            "ws://LOCALHOST.:1/x",
+            "http://127.8.9.10/v1",
+            "ws://[::1]:9000/v1/responses",
+            "http://user:pw@127.0.0.1:1/v1",
+            "ws://model.localhost/v1",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            DEFAULT_PROVIDER_URL,
+            "wss://127.0.0.1.example.com/v1",
+            "http://10.0.0.1/v1",
+            "ws://[::2]:1/v1",
+            "http://localhost@api.example.com/v1",
+            "ws://localhostx/v1",
+            "not a url",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
     }
 
     #[test]

@@ -142,6 +142,7 @@ fn add_file(
         )
         .with_kind(format!("path_{}", e.code()))
         .with_path(shown.to_owned())
+        .with_hint(e.hint())
     };
     let rel = paths::validate_rel_path(joined).map_err(refuse)?;
     let abs = paths::check_target(ctx.workdir, ctx.repo, &rel, Intent::Modify).map_err(refuse)?;
@@ -307,7 +308,7 @@ fn outline(ctx: &RepoCtx<'_>) -> String {
     text
 }
 
-fn diff(old: &[u8], new: &[u8]) -> String {
+pub(crate) fn diff(old: &[u8], new: &[u8]) -> String {
     git2::Patch::from_buffers(old, None, new, None, None)
         .and_then(|mut p| p.to_buf())
         .map(|b| {
@@ -319,6 +320,312 @@ fn diff(old: &[u8], new: &[u8]) -> String {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+// ---- Read-only tools: the model asks for what the context did not carry ----
+
+/// Matches one `search` answers with at most; enough to choose a file to read.
+const SEARCH_MAX_MATCHES: usize = 100;
+/// Entries one `list_dir` answers with at most.
+const LIST_MAX_ENTRIES: usize = 500;
+/// A matching line is quoted up to this many characters.
+const SEARCH_LINE_CHARS: usize = 200;
+
+/// The answer to one read-only tool call, and what it showed, for the audit log.
+#[derive(Debug, Default)]
+pub(crate) struct ReadAnswer {
+    /// The tool output the model gets.
+    pub(crate) output: String,
+    /// A file shown whole: the model now knows its content (the base of a later patch).
+    pub(crate) seen: Option<(String, Vec<u8>)>,
+    /// Paths whose content (or matching lines) was sent, with byte counts.
+    pub(crate) audit: Vec<(String, usize)>,
+    /// A refusal: the path and why, never its content.
+    pub(crate) refused: Option<(String, String)>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadFileArgs {
+    path: String,
+    start_line: Option<u32>,
+    end_line: Option<u32>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchArgs {
+    pattern: String,
+    #[serde(default)]
+    regex: bool,
+    path: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListDirArgs {
+    path: Option<String>,
+}
+
+/// Answers the read-only tool `name` called with JSON `arguments`, within `max_bytes` of
+/// output. Every file goes through the guard of every byte that leaves: a secret, ignored,
+/// binary or oversized file, or a path outside the worktree, gets a refusal instead.
+pub(crate) fn answer_read(
+    ctx: &RepoCtx<'_>,
+    watchers: &Watchers,
+    name: &str,
+    arguments: &str,
+    max_bytes: usize,
+) -> ReadAnswer {
+    use crate::provider::wire::{LIST_DIR_TOOL, READ_FILE_TOOL, SEARCH_TOOL};
+    let parsed = match name {
+        READ_FILE_TOOL => serde_json::from_str(arguments).map(|a| read_file(ctx, watchers, a)),
+        SEARCH_TOOL => serde_json::from_str(arguments).map(|a| search(ctx, watchers, a)),
+        LIST_DIR_TOOL => serde_json::from_str(arguments).map(|a| list_dir(ctx, a)),
+        _ => {
+            return ReadAnswer {
+                output: format!("Unknown tool {name}."),
+                ..ReadAnswer::default()
+            };
+        }
+    };
+    let mut answer = parsed.unwrap_or_else(|e| ReadAnswer {
+        output: format!("Bad arguments for {name}: {e}."),
+        ..ReadAnswer::default()
+    });
+    if answer.output.len() > max_bytes {
+        let mut cut = max_bytes;
+        while !answer.output.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        answer.output.truncate(cut);
+        answer.output += "\n[cut: this request's budget for tool output is spent]\n";
+        // Cut short: the model does not hold the whole file.
+        answer.seen = None;
+    }
+    answer
+}
+
+fn refusal(path: &str, why: String) -> ReadAnswer {
+    ReadAnswer {
+        output: format!("Refused: {why}. Nothing of it was sent."),
+        refused: Some((path.to_owned(), why)),
+        ..ReadAnswer::default()
+    }
+}
+
+/// A file's bytes through the edit target's checks, or why it cannot be shown.
+fn guarded_bytes(
+    ctx: &RepoCtx<'_>,
+    watchers: &Watchers,
+    raw: &str,
+) -> Result<(String, Vec<u8>), String> {
+    let rel = paths::validate_rel_path(raw).map_err(|e| e.to_string())?;
+    let abs = paths::check_target(ctx.workdir, ctx.repo, &rel, Intent::Modify)
+        .map_err(|e| e.to_string())?;
+    let bytes = match watchers.file(ctx.workdir, rel.as_str()).map(|f| f.bytes) {
+        Some(bytes) => bytes,
+        None => journal::read_state(&abs)
+            .map_err(|e| format!("cannot read {rel}: {e}"))?
+            .map(|s| s.bytes)
+            .unwrap_or_default(),
+    };
+    if bytes.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "{rel} is {} bytes, over the {MAX_FILE_BYTES}-byte limit",
+            bytes.len()
+        ));
+    }
+    if bytes.contains(&0) || std::str::from_utf8(&bytes).is_err() {
+        return Err(format!("{rel} is not text"));
+    }
+    Ok((rel.as_str().to_owned(), bytes))
+}
+
+fn read_file(ctx: &RepoCtx<'_>, watchers: &Watchers, args: ReadFileArgs) -> ReadAnswer {
+    let (path, bytes) = match guarded_bytes(ctx, watchers, &args.path) {
+        Ok(found) => found,
+        Err(why) => return refusal(&args.path, why),
+    };
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    match (args.start_line, args.end_line) {
+        (None, None) => {
+            let newline = if text.ends_with('\n') || text.is_empty() {
+                ""
+            } else {
+                "\n"
+            };
+            let output = format!("`{path}`:\n```\n{text}{newline}```\n");
+            ReadAnswer {
+                audit: vec![(path.clone(), output.len())],
+                seen: Some((path, bytes)),
+                output,
+                refused: None,
+            }
+        }
+        (start, end) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let start = start.unwrap_or(1).max(1) as usize;
+            let end = (end.map_or(lines.len(), |e| e as usize)).min(lines.len());
+            let mut output = format!("`{path}` lines {start}-{end} of {}:\n", lines.len());
+            for (n, line) in lines.iter().enumerate().take(end).skip(start - 1) {
+                output += &format!("{:>5} | {line}\n", n + 1);
+            }
+            ReadAnswer {
+                audit: vec![(path, output.len())],
+                output,
+                ..ReadAnswer::default()
+            }
+        }
+    }
+}
+
+/// A directory of the worktree to walk: no `..`, no `.git`, not ignored, not a secret, and
+/// (after symlinks) still inside the worktree.
+fn guarded_dir(ctx: &RepoCtx<'_>, raw: Option<&str>) -> Result<std::path::PathBuf, String> {
+    let raw = raw.unwrap_or("").trim_matches('/');
+    if raw.is_empty() || raw == "." {
+        return Ok(ctx.workdir.to_path_buf());
+    }
+    let rel = paths::validate_rel_path(raw).map_err(|e| e.to_string())?;
+    if paths::is_secret(&rel) {
+        return Err(format!("{rel} is on spark's deny-list of secret files"));
+    }
+    let root = std::fs::canonicalize(ctx.workdir).map_err(|e| e.to_string())?;
+    let dir = std::fs::canonicalize(ctx.workdir.join(rel.to_path()))
+        .map_err(|_| format!("{rel} does not exist"))?;
+    if !dir.starts_with(&root) || !dir.is_dir() {
+        return Err(format!("{rel} is not a directory inside the repository"));
+    }
+    if ctx.repo.is_path_ignored(rel.to_path()).unwrap_or(true) {
+        return Err(format!("git ignores {rel}"));
+    }
+    Ok(dir)
+}
+
+/// A gitignore-aware walk of `dir` that never enters `.git`.
+fn walk(dir: &std::path::Path, depth: Option<usize>) -> ignore::Walk {
+    ignore::WalkBuilder::new(dir)
+        .hidden(false)
+        .git_ignore(true)
+        .git_exclude(true)
+        .require_git(false)
+        .max_depth(depth)
+        .sort_by_file_name(std::cmp::Ord::cmp)
+        .filter_entry(|entry| entry.file_name() != ".git")
+        .build()
+}
+
+/// The worktree-relative path of `abs`, if it passes the secret deny-list.
+fn shown_path(root: &std::path::Path, abs: &std::path::Path) -> Option<String> {
+    let rel = abs.strip_prefix(root).ok()?.to_str()?;
+    let checked = paths::validate_rel_path(rel).ok()?;
+    (!paths::is_secret(&checked)).then(|| checked.as_str().to_owned())
+}
+
+fn search(ctx: &RepoCtx<'_>, watchers: &Watchers, args: SearchArgs) -> ReadAnswer {
+    let shown = args.path.clone().unwrap_or_default();
+    let dir = match guarded_dir(ctx, args.path.as_deref()) {
+        Ok(dir) => dir,
+        Err(why) => return refusal(&shown, why),
+    };
+    let pattern = if args.regex {
+        args.pattern.clone()
+    } else {
+        regex::escape(&args.pattern)
+    };
+    let matcher = match regex::RegexBuilder::new(&pattern)
+        .size_limit(1 << 20)
+        .build()
+    {
+        Ok(m) => m,
+        Err(e) => {
+            return ReadAnswer {
+                output: format!("Bad pattern: {e}"),
+                ..ReadAnswer::default()
+            };
+        }
+    };
+    let Ok(root) = std::fs::canonicalize(ctx.workdir) else {
+        return refusal(&shown, "the worktree cannot be read".to_owned());
+    };
+    let mut output = String::new();
+    let mut audit: Vec<(String, usize)> = Vec::new();
+    let mut matches = 0;
+    'files: for entry in walk(&dir, None).flatten() {
+        if !entry.file_type().is_some_and(|t| t.is_file()) {
+            continue;
+        }
+        let Some(rel) = shown_path(&root, entry.path()) else {
+            continue;
+        };
+        // Binary, oversized or otherwise unshowable files are skipped, never quoted.
+        let Ok((rel, bytes)) = guarded_bytes(ctx, watchers, &rel) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let before = output.len();
+        for (n, line) in text.lines().enumerate() {
+            if !matcher.is_match(line) {
+                continue;
+            }
+            if matches == SEARCH_MAX_MATCHES {
+                output += "… more matches; narrow the search\n";
+                break 'files;
+            }
+            let quoted: String = line.chars().take(SEARCH_LINE_CHARS).collect();
+            output += &format!("{rel}:{}: {quoted}\n", n + 1);
+            matches += 1;
+        }
+        if output.len() > before {
+            audit.push((rel, output.len() - before));
+        }
+    }
+    if matches == 0 {
+        output = format!("No matches for {:?}.\n", args.pattern);
+    }
+    ReadAnswer {
+        output,
+        audit,
+        ..ReadAnswer::default()
+    }
+}
+
+fn list_dir(ctx: &RepoCtx<'_>, args: ListDirArgs) -> ReadAnswer {
+    let shown = args.path.clone().unwrap_or_default();
+    let dir = match guarded_dir(ctx, args.path.as_deref()) {
+        Ok(dir) => dir,
+        Err(why) => return refusal(&shown, why),
+    };
+    let Ok(root) = std::fs::canonicalize(ctx.workdir) else {
+        return refusal(&shown, "the worktree cannot be read".to_owned());
+    };
+    let mut output = String::new();
+    let mut count = 0;
+    for entry in walk(&dir, Some(1)).flatten().filter(|e| e.depth() == 1) {
+        let Some(rel) = shown_path(&root, entry.path()) else {
+            continue;
+        };
+        if count == LIST_MAX_ENTRIES {
+            output += "… more entries\n";
+            break;
+        }
+        let slash = if entry.file_type().is_some_and(|t| t.is_dir()) {
+            "/"
+        } else {
+            ""
+        };
+        output += &format!("{rel}{slash}\n");
+        count += 1;
+    }
+    if output.is_empty() {
+        output = "The directory is empty.\n".to_owned();
+    }
+    ReadAnswer {
+        audit: vec![(format!("{shown}/"), output.len())],
+        output,
+        ..ReadAnswer::default()
+    }
 }
 
 #[cfg(test)]

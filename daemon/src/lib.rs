@@ -10,6 +10,7 @@
 //! - `provider`: warm Responses-API sessions (WebSocket mode, HTTP + SSE fallback).
 //! - `context`: what the model sees, and the guard on every byte that leaves the machine.
 //! - `ask`: one model call per edit, streamed, applied through the edit engine.
+//! - `draft`: a commit message drafted from the staged diff, for the `prepare-commit-msg` hook.
 //! - `watch`: one watcher per repository keeping its outline and file contents current.
 //! - `cache`: the sled context cache (disposable: rebuilt whenever it is unreadable).
 
@@ -21,6 +22,7 @@ mod ask;
 mod cache;
 mod codec;
 mod context;
+mod draft;
 mod edit;
 mod provider;
 mod repo;
@@ -99,6 +101,9 @@ impl Daemon {
 /// Entry points for the benchmarks in `bench/`; not a stable API.
 #[doc(hidden)]
 pub mod bench {
+    /// The real-history corpus of the fidelity benchmark, and the engine's apply for it.
+    pub use crate::edit::corpus::{CorpusCase, Skipped, apply_text, cases as corpus_cases};
+
     /// Parse an apply_patch (or SEARCH/REPLACE) text; the number of file operations.
     pub fn parse_patch(text: &str) -> Result<usize, String> {
         crate::edit::patch::parse_any(text)

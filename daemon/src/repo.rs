@@ -3,6 +3,7 @@
 //! oneshot reply. Everything git and filesystem heavy runs there, never on an async worker.
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,10 +73,10 @@ impl RepoHandle {
 pub(crate) struct Repos {
     env: EditEnv,
     map: Mutex<HashMap<PathBuf, RepoHandle>>,
-    /// Client directory → (worktree, prefix): discovery walks the filesystem, and the same few
-    /// directories ask again and again. A nested repository created later under a cached
-    /// directory is still safe: the edit engine refuses paths inside nested repositories.
-    discovered: Mutex<HashMap<PathBuf, (PathBuf, String)>>,
+    /// Client directory → where discovery found its repository: discovery walks the filesystem,
+    /// and the same few directories ask again and again. A nested repository created later under
+    /// a cached directory is still safe: the edit engine refuses paths inside nested repositories.
+    discovered: Mutex<HashMap<PathBuf, Found>>,
 }
 
 impl Repos {
@@ -105,12 +106,16 @@ impl Repos {
             Some(found) => Ok(found),
             None => self.discover_and_remember(cwd).await,
         }?;
-        let (workdir, prefix) = found;
+        let Found {
+            workdir,
+            git_dir,
+            prefix,
+        } = found;
         if let Some(h) = self.lock()?.get(&workdir) {
             return Ok((h.clone(), prefix));
         }
-        let w = workdir.clone();
-        let repo = tokio::task::spawn_blocking(move || Repository::open(&w))
+        let (w, g) = (workdir.clone(), git_dir);
+        let repo = tokio::task::spawn_blocking(move || open_worktree(&g, &w))
             .await
             .map_err(|e| {
                 RpcError::new(ErrorCode::Internal, format!("repository open failed: {e}"))
@@ -127,7 +132,7 @@ impl Repos {
         Ok((handle, prefix))
     }
 
-    async fn discover_and_remember(&self, cwd: PathBuf) -> Result<(PathBuf, String), RpcError> {
+    async fn discover_and_remember(&self, cwd: PathBuf) -> Result<Found, RpcError> {
         let key = cwd.clone();
         let found = tokio::task::spawn_blocking(move || discover(&cwd))
             .await
@@ -157,8 +162,26 @@ impl Repos {
     }
 }
 
-/// Find the worktree containing `cwd`; return its canonical path and the cwd prefix in it.
-fn discover(cwd: &Path) -> Result<(PathBuf, String), RpcError> {
+/// Where discovery found the repository of a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Found {
+    /// The canonical worktree root: the directory holding the `.git` entry (or `core.worktree`).
+    workdir: PathBuf,
+    /// The git directory that `.git` names: itself, a `gitdir:` file's target, a symlink's target.
+    git_dir: PathBuf,
+    /// The directory relative to the worktree ("" at the root), `/`-separated.
+    prefix: String,
+}
+
+/// Find the repository of `cwd` as git does (`setup_git_directory`): walk up from `cwd`; the
+/// first directory holding a `.git` entry is the worktree's top, whatever that entry is (a git
+/// directory, a `gitdir:` file as `git init --separate-git-dir`, submodules and linked
+/// worktrees write, or a symlink to a git directory), and `.git` names the git directory, which
+/// may live anywhere, even inside another repository's worktree. libgit2's own discovery takes
+/// the worktree to be the git directory's parent when that is not named `.git`, which picks the
+/// wrong tree for such layouts; so the walk is done here and libgit2 only opens what it names.
+/// `GIT_DIR` and `GIT_WORK_TREE` are the client's business (docs/protocol.md).
+fn discover(cwd: &Path) -> Result<Found, RpcError> {
     let not_repo = |why: String| {
         RpcError::new(ErrorCode::NotARepository, why)
             .with_hint("run it inside a git working tree (`git init` makes one)")
@@ -166,23 +189,153 @@ fn discover(cwd: &Path) -> Result<(PathBuf, String), RpcError> {
     let canonical = cwd
         .canonicalize()
         .map_err(|e| not_repo(format!("cannot use {}: {e}", cwd.display())))?;
-    let repo = Repository::discover(&canonical)
-        .map_err(|_| not_repo(format!("{} is not inside a git repository", cwd.display())))?;
-    let workdir = repo
-        .workdir()
-        .ok_or_else(|| {
+    let device = |dir: &Path| std::fs::metadata(dir).map(|m| m.dev()).ok();
+    let start_device = device(&canonical);
+    for top in canonical.ancestors() {
+        // git stops at a filesystem boundary (without GIT_DISCOVERY_ACROSS_FILESYSTEM): a
+        // repository on another mount above is not the one this directory belongs to.
+        if device(top) != start_device {
+            return Err(not_repo(format!(
+                "{} is not inside a git repository (the search stopped at the filesystem boundary below {}, as git's does)",
+                cwd.display(),
+                top.display()
+            )));
+        }
+        let dotgit = top.join(".git");
+        match std::fs::metadata(&dotgit) {
+            Ok(meta) if meta.is_file() => {
+                // git dies on a broken `gitdir:` file rather than looking further up.
+                let git_dir = read_gitfile(&dotgit).map_err(|why| {
+                    not_repo(format!(
+                        "{} is not a usable git link: {why}",
+                        dotgit.display()
+                    ))
+                })?;
+                return found(&canonical, top, &git_dir, &not_repo);
+            }
+            Ok(meta) if meta.is_dir() && is_git_dir(&dotgit) => {
+                return found(&canonical, top, &dotgit, &not_repo);
+            }
+            // Not a repository (an empty or foreign `.git` directory): git keeps walking up.
+            Ok(_) => {}
+            Err(_) => {}
+        }
+        // Inside a worktree's own `.git` the walk goes on to the worktree, as libgit2 does, and
+        // every path from there is refused by name (`.git/...`); a bare repository has no tree.
+        if top.file_name() != Some(std::ffi::OsStr::new(".git")) && is_git_dir(top) {
+            return Err(not_repo(format!(
+                "{} is inside a bare repository ({}): it has no working tree to edit",
+                cwd.display(),
+                top.display()
+            )));
+        }
+    }
+    Err(not_repo(format!(
+        "{} is not inside a git repository",
+        cwd.display()
+    )))
+}
+
+/// The worktree found at `top` with git directory `git_dir`, and `cwd`'s place in it.
+fn found(
+    cwd: &Path,
+    top: &Path,
+    git_dir: &Path,
+    not_repo: &dyn Fn(String) -> RpcError,
+) -> Result<Found, RpcError> {
+    let git_dir = git_dir
+        .canonicalize()
+        .map_err(|e| not_repo(format!("cannot resolve {}: {e}", git_dir.display())))?;
+    let repo = Repository::open_bare(&git_dir).map_err(|e| {
+        not_repo(format!(
+            "cannot open {}: {}",
+            git_dir.display(),
+            e.message()
+        ))
+    })?;
+    let config = repo.config().map_err(|e| {
+        not_repo(format!(
+            "cannot read {}'s config: {}",
+            git_dir.display(),
+            e.message()
+        ))
+    })?;
+    // A linked worktree shares its main repository's config, whose `core.worktree` (if any)
+    // describes the main worktree, not this one.
+    let linked = git_dir.join("commondir").is_file();
+    let workdir = match config.get_path("core.worktree") {
+        // Submodules absorbed into `.git/modules/` name their worktree this way; git honours it
+        // for any repository and it is relative to the git directory.
+        Ok(worktree) if !linked => git_dir.join(worktree).canonicalize().map_err(|e| {
             not_repo(format!(
-                "{} is a bare repository: it has no working tree to edit",
-                repo.path().display()
+                "cannot resolve core.worktree of {}: {e}",
+                git_dir.display()
+            ))
+        })?,
+        _ => {
+            if !linked && config.get_bool("core.bare").unwrap_or(false) {
+                return Err(not_repo(format!(
+                    "{} is a bare repository (core.bare): it has no working tree to edit",
+                    git_dir.display()
+                )));
+            }
+            top.to_path_buf()
+        }
+    };
+    let prefix = cwd
+        .strip_prefix(&workdir)
+        .map_err(|_| {
+            not_repo(format!(
+                "{} is outside the working tree {} of {}",
+                cwd.display(),
+                workdir.display(),
+                git_dir.display()
             ))
         })?
-        .canonicalize()
-        .map_err(|e| not_repo(format!("cannot resolve the worktree: {e}")))?;
-    let prefix = canonical
-        .strip_prefix(&workdir)
-        .map(|p| p.to_string_lossy().replace('\\', "/"))
-        .unwrap_or_default();
-    Ok((workdir, prefix))
+        .to_string_lossy()
+        .replace('\\', "/");
+    Ok(Found {
+        workdir,
+        git_dir,
+        prefix,
+    })
+}
+
+/// The target of a `gitdir: <path>` file, relative to the file's directory.
+fn read_gitfile(dotgit: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(dotgit).map_err(|e| e.to_string())?;
+    let target = text
+        .strip_prefix("gitdir:")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or("it does not start with `gitdir:`")?;
+    let base = dotgit.parent().unwrap_or(Path::new("/"));
+    Ok(base.join(target))
+}
+
+/// Whether `dir` is a git directory (git's `is_git_directory`: libgit2 opens it as one).
+fn is_git_dir(dir: &Path) -> bool {
+    Repository::open_bare(dir).is_ok()
+}
+
+/// Open the repository `git_dir` with `workdir` as its worktree, whatever libgit2 would infer.
+fn open_worktree(git_dir: &Path, workdir: &Path) -> Result<Repository, git2::Error> {
+    let repo = Repository::open_bare(git_dir)?;
+    repo.set_workdir(workdir, false)?;
+    Ok(repo)
+}
+
+/// Open the repository whose worktree is `workdir`, found from it as for a client there.
+fn open_at(workdir: &Path) -> Result<Repository, String> {
+    let found = discover(workdir).map_err(|e| e.message.clone())?;
+    if found.workdir != workdir.canonicalize().map_err(|e| e.to_string())? {
+        return Err(format!(
+            "{} is no longer a worktree root (its repository is now {})",
+            workdir.display(),
+            found.workdir.display()
+        ));
+    }
+    open_worktree(&found.git_dir, &found.workdir).map_err(|e| e.to_string())
 }
 
 fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoHandle, RpcError> {
@@ -195,9 +348,12 @@ fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoH
             .unwrap_or_default()
     );
     let thread_workdir = workdir.clone();
+    let edits = Arc::new(AtomicU64::new(0));
+    let thread_edits = edits.clone();
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
+            let mut packed_at = 0;
             // Exits when every handle is gone (daemon shutdown).
             while let Some(job) = rx.blocking_recv() {
                 let ctx = RepoCtx {
@@ -206,6 +362,15 @@ fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoH
                     env: &env,
                 };
                 job(&ctx);
+                // Records are packed now and then, when no request waits behind it.
+                let edits = thread_edits.load(Ordering::Relaxed);
+                if edits - packed_at >= crate::edit::pack::PACK_EVERY_EDITS && rx.is_empty() {
+                    packed_at = edits;
+                    match crate::edit::pack::pack_records(&repo) {
+                        Ok(p) => tracing::info!(repo = %thread_workdir.display(), objects = p.objects, "packed the edit records"),
+                        Err(e) => tracing::warn!(repo = %thread_workdir.display(), error = %e, "packing the edit records failed"),
+                    }
+                }
             }
         })
         .map_err(|e| {
@@ -217,7 +382,7 @@ fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoH
     Ok(RepoHandle {
         tx,
         workdir: Arc::new(workdir),
-        edits: Arc::new(AtomicU64::new(0)),
+        edits,
     })
 }
 
@@ -232,16 +397,14 @@ pub(crate) fn recover_all(env: &EditEnv) {
                 continue;
             }
         };
-        let outcome = Repository::open(&journal.workdir)
-            .map_err(|e| e.to_string())
-            .and_then(|repo| {
-                let ctx = RepoCtx {
-                    repo: &repo,
-                    workdir: &journal.workdir,
-                    env,
-                };
-                crate::edit::recover(&ctx, &journal).map_err(|e| e.to_string())
-            });
+        let outcome = open_at(&journal.workdir).and_then(|repo| {
+            let ctx = RepoCtx {
+                repo: &repo,
+                workdir: &journal.workdir,
+                env,
+            };
+            crate::edit::recover(&ctx, &journal).map_err(|e| e.to_string())
+        });
         match outcome {
             Ok(what) => {
                 tracing::info!(journal = %path.display(), repo = %journal.workdir.display(), "interrupted edit {what}");
@@ -251,5 +414,103 @@ pub(crate) fn recover_all(env: &EditEnv) {
                 tracing::error!(journal = %path.display(), error = %e, "cannot recover interrupted edit; journal kept")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        (dir, root)
+    }
+
+    fn refused(cwd: &Path) -> String {
+        match discover(cwd) {
+            Ok(found) => panic!("{} was found as {found:?}", cwd.display()),
+            Err(e) => {
+                assert_eq!(e.error_code(), Some(ErrorCode::NotARepository), "{e:?}");
+                e.message
+            }
+        }
+    }
+
+    #[test]
+    fn a_relative_gitdir_file_names_a_git_dir_whose_parent_is_not_the_worktree() {
+        let (_d, root) = scratch();
+        let git_dir = root.join("outer/store/inner.git");
+        Repository::init_bare(&git_dir).expect("init");
+        let inner = root.join("inner");
+        std::fs::create_dir_all(inner.join("src")).expect("mkdir");
+        std::fs::write(inner.join(".git"), "gitdir: ../outer/store/inner.git\n").expect("gitfile");
+        // A bare init says core.bare; a separate git dir made by `git init` says otherwise.
+        Repository::open_bare(&git_dir)
+            .and_then(|r| r.config()?.set_bool("core.bare", false))
+            .expect("not bare");
+        let found = discover(&inner.join("src")).expect("found");
+        assert_eq!(
+            found,
+            Found {
+                workdir: inner.clone(),
+                git_dir: git_dir.clone(),
+                prefix: "src".into(),
+            }
+        );
+        let repo = open_worktree(&found.git_dir, &found.workdir).expect("open");
+        assert_eq!(repo.workdir(), Some(inner.join("").as_path()));
+    }
+
+    #[test]
+    fn core_worktree_names_the_top_and_core_bare_refuses() {
+        let (_d, root) = scratch();
+        let git_dir = root.join("super/.git/modules/lib");
+        let repo = Repository::init_bare(&git_dir).expect("init");
+        let lib = root.join("super/lib");
+        std::fs::create_dir_all(&lib).expect("mkdir");
+        std::fs::write(lib.join(".git"), format!("gitdir: {}\n", git_dir.display()))
+            .expect("gitfile");
+        assert!(refused(&lib).contains("bare repository"));
+        let mut config = repo.config().expect("config");
+        config.set_bool("core.bare", false).expect("set");
+        config
+            .set_str("core.worktree", "../../../lib")
+            .expect("set");
+        let found = discover(&lib).expect("found");
+        assert_eq!((found.workdir, found.prefix), (lib, String::new()));
+    }
+
+    #[test]
+    fn broken_links_and_bare_repositories_are_refused() {
+        let (_d, root) = scratch();
+        let w = root.join("w");
+        Repository::init(&w).expect("init");
+        let found = discover(&w.join(".git/refs")).expect("found");
+        assert_eq!(
+            found.prefix, ".git/refs",
+            "every path from there names .git"
+        );
+        let bare = root.join("bare.git");
+        Repository::init_bare(&bare).expect("init");
+        assert!(refused(&bare.join("refs")).contains("inside a bare repository"));
+
+        let broken = root.join("broken");
+        std::fs::create_dir_all(&broken).expect("mkdir");
+        std::fs::write(broken.join(".git"), "gitdir: nowhere\n").expect("gitfile");
+        assert!(refused(&broken).contains("nowhere"));
+        std::fs::write(broken.join(".git"), "not a link\n").expect("gitfile");
+        assert!(refused(&broken).contains("gitdir:"));
+
+        assert!(refused(&root).contains("not inside a git repository"));
+    }
+
+    #[test]
+    fn a_dotgit_directory_that_is_no_repository_is_passed_over_as_git_does() {
+        let (_d, root) = scratch();
+        Repository::init(&root).expect("init");
+        std::fs::create_dir_all(root.join("sub/.git")).expect("mkdir");
+        let found = discover(&root.join("sub")).expect("found");
+        assert_eq!((found.workdir, found.prefix), (root, "sub".to_owned()));
     }
 }

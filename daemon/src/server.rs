@@ -91,6 +91,7 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         watchers.clone(),
         events.clone(),
     ));
+    asks.spawn_idle_sweeper();
     let shared = Arc::new(Shared {
         started: Instant::now(),
         started_at_ms: unix_ms(),
@@ -411,6 +412,10 @@ impl Connection {
                 let p = parse_params::<methods::EditShow>(params)?;
                 to_value(self.edit_show(p).await?)
             }
+            methods::CommitDraft::NAME => {
+                let p = parse_params::<methods::CommitDraft>(params)?;
+                to_value(crate::draft::draft(&self.shared, p).await?)
+            }
             other => Err(RpcError::new(
                 ErrorCode::MethodNotFound,
                 format!("unknown method `{other}`"),
@@ -493,26 +498,48 @@ impl Connection {
         let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
         let limit = p.limit.unwrap_or(20) as usize;
         let entries = repo
-            .run(move |ctx| edit::log(ctx, limit))
+            .run(move |ctx| edit::log(ctx, limit).map(|entries| with_reverted(ctx, entries)))
             .await?
             .map_err(|e| e.to_rpc())?;
         Ok(methods::LogResult {
             repo: repo.workdir().display().to_string(),
             edits: entries
                 .into_iter()
-                .map(|(id, s)| log_entry(id, s))
+                .map(|(id, s, reverted)| {
+                    let mut entry = log_entry(id, s);
+                    if reverted {
+                        entry.state = methods::EditState::RevertedOutside;
+                    }
+                    entry
+                })
                 .collect(),
         })
     }
 
     async fn edit_show(&self, p: methods::EditParams) -> Result<methods::ShowResult, RpcError> {
         let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
-        let shown = repo
-            .run(move |ctx| edit::show(ctx, p.id.as_deref()))
+        let (shown, reverted) = repo
+            .run(move |ctx| {
+                edit::show(ctx, p.id.as_deref()).map(|shown| {
+                    // The same truth as `edit/log` about an edit reverted outside spark.
+                    let reverted = shown.summary.clone().is_some_and(|s| {
+                        with_reverted(ctx, vec![(shown.edit.clone(), s)])
+                            .first()
+                            .is_some_and(|(_, _, r)| *r)
+                    });
+                    (shown, reverted)
+                })
+            })
             .await?
             .map_err(|e| e.to_rpc())?;
         Ok(methods::ShowResult {
-            entry: shown.summary.map(|s| log_entry(shown.edit.clone(), s)),
+            entry: shown.summary.map(|s| {
+                let mut entry = log_entry(shown.edit.clone(), s);
+                if reverted {
+                    entry.state = methods::EditState::RevertedOutside;
+                }
+                entry
+            }),
             id: shown.edit,
             diff: shown.diff,
         })
@@ -605,6 +632,13 @@ impl Connection {
                     connected: c.connected,
                     age_ms: c.age_ms,
                     rtt_ms: c.rtt_ms,
+                    provider: Some(c.provider),
+                    model: Some(c.model),
+                    fell_back_to_http: c.fell_back,
+                    failures: c.failures,
+                    paused: c.paused,
+                    last_error: c.last_error,
+                    next_attempt_in_ms: c.next_attempt_in_ms,
                 })
                 .collect(),
             cache: Some(cache_status(self.shared.watchers.cache_status())),
@@ -678,18 +712,37 @@ fn edit_result(
 
 fn log_entry(id: String, s: edit::ledger::EditSummary) -> methods::LogEntry {
     let state = match s.state {
-        edit::ledger::EventKind::Applied => "applied",
-        edit::ledger::EventKind::Undone => "undone",
-        edit::ledger::EventKind::Stashed => "stashed",
+        edit::ledger::EventKind::Applied => methods::EditState::Applied,
+        edit::ledger::EventKind::Undone => methods::EditState::Undone,
+        edit::ledger::EventKind::Stashed => methods::EditState::Stashed,
     };
     methods::LogEntry {
         id,
         at: s.applied.at,
-        state: state.to_owned(),
+        state,
         source: s.applied.source,
         message: s.applied.message,
         files: s.applied.files,
     }
+}
+
+/// Mark the applied edits whose files are all back to their pre-edit content: `log` must not
+/// call an edit applied that the user reverted with git or their editor.
+fn with_reverted(
+    ctx: &edit::RepoCtx<'_>,
+    entries: Vec<(String, edit::ledger::EditSummary)>,
+) -> Vec<(String, edit::ledger::EditSummary, bool)> {
+    entries
+        .into_iter()
+        .map(|(id, s)| {
+            let reverted = s.state == edit::ledger::EventKind::Applied
+                && edit::reverted_outside(ctx, &s.applied).unwrap_or_else(|e| {
+                    tracing::warn!(edit = %id, error = %e, "cannot tell whether the edit was reverted");
+                    false
+                });
+            (id, s, reverted)
+        })
+        .collect()
 }
 
 async fn write_loop(stream: Arc<Stream>, mut rx: mpsc::Receiver<Vec<u8>>) {

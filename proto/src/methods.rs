@@ -86,6 +86,34 @@ method!(
     /// anything, or with its edit if the edit had already landed.
     Cancel, "cancel", CancelParams, CancelResult
 );
+method!(
+    /// `commit/draft` → [`DraftResult`]: a commit message drafted from the staged diff (the
+    /// `prepare-commit-msg` hook asks for it), in a one-off conversation of its own.
+    CommitDraft, "commit/draft", DraftParams, DraftResult
+);
+
+/// Params of [`CommitDraft`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DraftParams {
+    /// Absolute directory inside the repository whose staged changes are described.
+    pub cwd: String,
+    /// The committing shell's provider settings, as with `ask`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderSettings>,
+}
+
+/// Result of [`CommitDraft`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DraftResult {
+    /// The drafted message, without git's comment lines.
+    pub message: String,
+    /// Staged paths whose diff was shown to the model.
+    pub files: Vec<String>,
+    /// Staged paths left out (deny-listed, ignored, binary or oversized).
+    #[serde(default)]
+    pub omitted: Vec<String>,
+}
 
 /// Params of [`Cancel`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +234,35 @@ pub struct SessionStatus {
     pub age_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
+    /// The provider URL this session talks to (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The model it asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// WebSocket mode failed with this provider (a refused upgrade, or a socket closed before
+    /// its first event): the session uses HTTP + SSE, and tries WebSocket mode again later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fell_back_to_http: bool,
+    /// Failed connection attempts to this provider in a row (shared by its sessions); 0 when
+    /// it works.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures: u32,
+    /// Background reconnects have stopped after failures in a row; the next `ask` or `watch`
+    /// tries again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Why the last attempt or connection failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When this session tries to connect again, in milliseconds from now; absent when it
+    /// waits for a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_in_ms: Option<u64>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The context cache.
@@ -295,11 +352,49 @@ pub struct LogEntry {
     pub id: String,
     /// Unix ms when it was applied.
     pub at: u64,
-    /// `applied`, `undone` or `stashed`.
-    pub state: String,
+    pub state: EditState,
     pub source: String,
     pub message: String,
     pub files: Vec<String>,
+}
+
+/// Where an edit stands, as `edit/log` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EditState {
+    /// Its changes are in the worktree (or were changed further since).
+    Applied,
+    /// Reverted by `edit/undo`.
+    Undone,
+    /// Moved onto `git stash` by `edit/stash`.
+    Stashed,
+    /// Recorded as applied, but every file it touched is back to its content before the edit,
+    /// undone outside spark (`git checkout -- file`, an editor's undo).
+    RevertedOutside,
+}
+
+impl EditState {
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EditState::Applied => "applied",
+            EditState::Undone => "undone",
+            EditState::Stashed => "stashed",
+            EditState::RevertedOutside => "reverted_outside",
+        }
+    }
+}
+
+impl std::fmt::Display for EditState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for EditState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 /// Result of [`EditLog`].
@@ -338,6 +433,41 @@ pub struct AskParams {
     /// Start a fresh conversation instead of continuing this repository's.
     #[serde(default)]
     pub new_conversation: bool,
+    /// The asking shell's provider settings; each one set wins over the daemon's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderSettings>,
+}
+
+/// Provider settings sent with an `ask` (from the client's `SPARK_PROVIDER_URL`, `SPARK_MODEL`,
+/// `SPARK_API_KEY`/`OPENAI_API_KEY`). The key travels only over the owner-only socket; the
+/// daemon keeps it in memory for the session and never logs or writes it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+}
+
+impl ProviderSettings {
+    /// Whether nothing is set (then the client sends no settings at all).
+    pub fn is_empty(&self) -> bool {
+        self.url.is_none() && self.model.is_none() && self.api_key.is_none()
+    }
+}
+
+impl std::fmt::Debug for ProviderSettings {
+    // Hand-written so the key never reaches a log line, whoever prints the params.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderSettings")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// A focused file, or a range of its lines (1-based, inclusive).
@@ -375,6 +505,9 @@ pub enum AskEvent {
         output_tokens: u64,
         tokens_per_s: f64,
     },
+    /// The model's patch did not apply (`reason`); the daemon asked it for a corrected one,
+    /// `attempt` of the configured limit.
+    Repair { attempt: u32, reason: String },
 }
 
 /// Result of [`Ask`] (also the last line of `sparkctl ask --json`).
@@ -472,6 +605,53 @@ mod tests {
         let v = serde_json::to_value(&p).expect("ser");
         assert_eq!(v, json!({"request":3,"type":"text","delta":"hi"}));
         assert_eq!(serde_json::from_value::<AskProgress>(v).expect("de"), p);
+    }
+
+    #[test]
+    fn provider_settings_are_optional_and_the_key_is_not_debug_printed() {
+        let p: AskParams =
+            serde_json::from_value(json!({"cwd":"/r","prompt":"x"})).expect("no settings");
+        assert_eq!(p.provider, None);
+        let p: AskParams = serde_json::from_value(json!({
+            "cwd":"/r","prompt":"x",
+            "provider":{"url":"ws://127.0.0.1:9/v1/responses","api_key":"sk-very-secret"}
+        }))
+        .expect("settings");
+        let s = p.provider.as_ref().expect("provider");
+        assert_eq!(s.model, None);
+        assert_eq!(s.api_key.as_deref(), Some("sk-very-secret"));
+        assert!(!format!("{p:?}").contains("sk-very-secret"), "{p:?}");
+        assert!(
+            serde_json::from_value::<AskParams>(
+                json!({"cwd":"/r","prompt":"x","provider":{"key":"k"}})
+            )
+            .is_err(),
+            "a misspelt setting is refused, not ignored"
+        );
+    }
+
+    #[test]
+    fn draft_params_take_only_cwd_and_provider() {
+        let p: DraftParams = serde_json::from_value(json!({"cwd":"/r"})).expect("de");
+        assert_eq!(p.provider, None);
+        assert!(serde_json::from_value::<DraftParams>(json!({"cwd":"/r","diff":"x"})).is_err());
+        let r: DraftResult =
+            serde_json::from_value(json!({"message":"m","files":["a"]})).expect("de");
+        assert!(r.omitted.is_empty());
+        assert_eq!(CommitDraft::NAME, "commit/draft");
+    }
+
+    #[test]
+    fn edit_states_have_snake_case_wire_names() {
+        for (s, name) in [
+            (EditState::Applied, "applied"),
+            (EditState::Undone, "undone"),
+            (EditState::Stashed, "stashed"),
+            (EditState::RevertedOutside, "reverted_outside"),
+        ] {
+            assert_eq!(serde_json::to_value(s).expect("ser"), json!(name));
+            assert_eq!(s, name);
+        }
     }
 
     #[test]

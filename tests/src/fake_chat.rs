@@ -27,14 +27,80 @@ const DELTA_CHARS: usize = crate::fake_provider::DEFAULT_DELTA_CHARS;
 /// Request heads and bodies larger than this end the connection; far above what aider sends.
 const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
-/// What every chat completion answers, and how fast.
+/// What a chat completion answers, and how fast.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatReply {
     pub content: String,
+    /// Answer with this function call instead of text, as a chat model calling a tool does:
+    /// streamed `tool_calls` deltas carrying the arguments a few characters at a time, then
+    /// `finish_reason: "tool_calls"`.
+    pub tool_call: Option<ChatToolCall>,
+    /// Fail the request with this HTTP status (a server error) instead of answering.
+    pub error_status: Option<u16>,
     /// Delay from the request to the first content chunk.
     pub ttft: Duration,
     /// Output pacing; `None` sends every chunk at once (a zero-latency model).
     pub tokens_per_sec: Option<f64>,
+}
+
+/// A function call a [`ChatReply`] makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatToolCall {
+    pub name: String,
+    /// The arguments, a JSON text (e.g. `{"input": "*** Begin Patch…"}`). Empty with
+    /// [`ChatToolCall::text`]: then they are made from the request's tool schema.
+    pub arguments: String,
+    /// The call's one string argument, put under the name the request's schema for the function
+    /// gives its first (required) parameter, as a model following the schema would.
+    pub text: Option<String>,
+}
+
+impl ChatReply {
+    /// Plain text at once.
+    pub fn text(content: impl Into<String>) -> ChatReply {
+        ChatReply {
+            content: content.into(),
+            tool_call: None,
+            error_status: None,
+            ttft: Duration::ZERO,
+            tokens_per_sec: None,
+        }
+    }
+
+    /// A call of function `name` with `arguments` (JSON text).
+    pub fn tool_call(name: impl Into<String>, arguments: impl Into<String>) -> ChatReply {
+        ChatReply {
+            tool_call: Some(ChatToolCall {
+                name: name.into(),
+                arguments: arguments.into(),
+                text: None,
+            }),
+            ..ChatReply::text("")
+        }
+    }
+
+    /// A call of function `name` whose one string argument is `text`, named as the request's
+    /// tool schema names it.
+    pub fn tool_call_text(name: impl Into<String>, text: impl Into<String>) -> ChatReply {
+        ChatReply {
+            tool_call: Some(ChatToolCall {
+                name: name.into(),
+                arguments: String::new(),
+                text: Some(text.into()),
+            }),
+            ..ChatReply::text("")
+        }
+    }
+}
+
+impl ChatReply {
+    /// An HTTP error with `status`, as an overloaded or broken backend answers.
+    pub fn error(status: u16) -> ChatReply {
+        ChatReply {
+            error_status: Some(status),
+            ..ChatReply::text("")
+        }
+    }
 }
 
 /// A running fake chat-completions server. Dropping it stops accepting connections.
@@ -42,25 +108,42 @@ pub struct ChatReply {
 pub struct FakeChat {
     addr: SocketAddr,
     requests: Arc<AtomicUsize>,
+    bodies: Arc<std::sync::Mutex<Vec<Value>>>,
     accept: JoinHandle<()>,
 }
 
 impl FakeChat {
     /// Bind `127.0.0.1:0` and answer every completion with `reply`.
     pub async fn start(reply: ChatReply) -> std::io::Result<FakeChat> {
+        FakeChat::start_queue(Vec::new(), reply).await
+    }
+
+    /// Answer the first completions with `replies`, in order, and the rest with `default`.
+    pub async fn start_queue(
+        replies: Vec<ChatReply>,
+        default: ChatReply,
+    ) -> std::io::Result<FakeChat> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicUsize::new(0));
-        let accept = tokio::spawn(accept_loop(
-            listener,
-            Arc::new(reply),
-            Arc::clone(&requests),
-        ));
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let replies = Arc::new(Replies {
+            queue: std::sync::Mutex::new(replies.into()),
+            default,
+            bodies: Arc::clone(&bodies),
+        });
+        let accept = tokio::spawn(accept_loop(listener, replies, Arc::clone(&requests)));
         Ok(FakeChat {
             addr,
             requests,
+            bodies,
             accept,
         })
+    }
+
+    /// The completion requests' bodies so far.
+    pub fn bodies(&self) -> Vec<Value> {
+        self.bodies.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
     /// `http://127.0.0.1:PORT/v1`: what OpenAI clients take as their API base.
@@ -71,6 +154,27 @@ impl FakeChat {
     /// Chat completions answered so far.
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// What the server answers: queued replies first.
+#[derive(Debug)]
+struct Replies {
+    queue: std::sync::Mutex<std::collections::VecDeque<ChatReply>>,
+    default: ChatReply,
+    bodies: Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl Replies {
+    fn next(&self, body: &Value) -> ChatReply {
+        if let Ok(mut bodies) = self.bodies.lock() {
+            bodies.push(body.clone());
+        }
+        self.queue
+            .lock()
+            .ok()
+            .and_then(|mut q| q.pop_front())
+            .unwrap_or_else(|| self.default.clone())
     }
 }
 
@@ -162,7 +266,7 @@ pub fn search_replace_from_patch(patch: &str) -> Result<String, PatchShapeError>
     Ok(out)
 }
 
-async fn accept_loop(listener: TcpListener, reply: Arc<ChatReply>, requests: Arc<AtomicUsize>) {
+async fn accept_loop(listener: TcpListener, reply: Arc<Replies>, requests: Arc<AtomicUsize>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -264,11 +368,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Reque
     })
 }
 
-async fn serve_connection(
-    mut stream: TcpStream,
-    reply: Arc<ChatReply>,
-    requests: Arc<AtomicUsize>,
-) {
+async fn serve_connection(mut stream: TcpStream, reply: Arc<Replies>, requests: Arc<AtomicUsize>) {
     let mut buf = Vec::new();
     let mut last_model = String::from("fake-model");
     while let Some(request) = read_request(&mut stream, &mut buf).await {
@@ -284,6 +384,7 @@ async fn serve_connection(
                     last_model = model.to_owned();
                 }
                 requests.fetch_add(1, Ordering::SeqCst);
+                let reply = reply.next(&body);
                 answer(&mut stream, &reply, &body, request.close).await
             }
             ("GET", "/v1/models" | "/models") => {
@@ -309,6 +410,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        500 => "Internal Server Error",
         _ => "Error",
     }
 }
@@ -339,9 +441,48 @@ fn split_chars(text: &str, n: usize) -> Vec<&str> {
     pieces
 }
 
+/// The name of the first required (else first) parameter of function `name` in the request's
+/// `tools`, `input` when there is none.
+fn argument_name(body: &Value, name: &str) -> String {
+    let params = body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(name))
+        .and_then(|t| t.pointer("/function/parameters"));
+    params
+        .and_then(|p| p.pointer("/required/0").and_then(Value::as_str))
+        .or_else(|| {
+            params
+                .and_then(|p| p.get("properties"))
+                .and_then(Value::as_object)
+                .and_then(|o| o.keys().next().map(String::as_str))
+        })
+        .unwrap_or("input")
+        .to_owned()
+}
+
 /// Answer one completion request; returns whether the connection can carry another.
 async fn answer(stream: &mut TcpStream, reply: &ChatReply, body: &Value, close: bool) -> bool {
     let start = Instant::now();
+    let mut reply = std::borrow::Cow::Borrowed(reply);
+    if let Some(text) = reply.tool_call.as_ref().and_then(|c| c.text.clone()) {
+        let name = reply
+            .tool_call
+            .as_ref()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let key = argument_name(body, &name);
+        if let Some(call) = reply.to_mut().tool_call.as_mut() {
+            call.arguments = json!({ key: text }).to_string();
+        }
+    }
+    let reply = reply.as_ref();
+    if let Some(status) = reply.error_status {
+        let error = json!({"error": {"message": "The server had an error while processing your request.", "type": "server_error", "code": null}});
+        return write_json(stream, status, &error, close).await;
+    }
     let model = body
         .get("model")
         .and_then(Value::as_str)
@@ -351,7 +492,17 @@ async fn answer(stream: &mut TcpStream, reply: &ChatReply, body: &Value, close: 
         .map(|d| d.as_secs())
         .unwrap_or_default();
     let id = format!("chatcmpl-{created}{}", start.elapsed().subsec_nanos());
-    let pieces = split_chars(&reply.content, DELTA_CHARS);
+    let call_id = format!("call_{created}{}", start.elapsed().subsec_nanos());
+    let streamed = reply
+        .tool_call
+        .as_ref()
+        .map_or(reply.content.as_str(), |c| c.arguments.as_str());
+    let pieces = split_chars(streamed, DELTA_CHARS);
+    let finish_reason = if reply.tool_call.is_some() {
+        "tool_calls"
+    } else {
+        "stop"
+    };
     let prompt_tokens = body
         .get("messages")
         .map_or(0, |m| m.to_string().len().div_ceil(DELTA_CHARS));
@@ -367,11 +518,17 @@ async fn answer(stream: &mut TcpStream, reply: &ChatReply, body: &Value, close: 
 
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
         tokio::time::sleep_until(start + at(pieces.len())).await;
+        let message = match &reply.tool_call {
+            Some(call) => json!({"role": "assistant", "content": null, "refusal": null,
+                "tool_calls": [{"id": call_id, "type": "function",
+                                "function": {"name": call.name, "arguments": call.arguments}}]}),
+            None => json!({"role": "assistant", "content": reply.content, "refusal": null}),
+        };
         let completion = json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "system_fingerprint": null,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content, "refusal": null},
-                         "logprobs": null, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message,
+                         "logprobs": null, "finish_reason": finish_reason}],
             "usage": usage,
         });
         return write_json(stream, 200, &completion, close).await;
@@ -391,15 +548,22 @@ async fn answer(stream: &mut TcpStream, reply: &ChatReply, body: &Value, close: 
             "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
         })
     };
-    let mut events = vec![(
-        Duration::ZERO,
-        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
-    )];
+    let first = match &reply.tool_call {
+        Some(call) => json!({"role": "assistant", "content": null, "tool_calls": [
+            {"index": 0, "id": call_id, "type": "function",
+             "function": {"name": call.name, "arguments": ""}}]}),
+        None => json!({"role": "assistant", "content": ""}),
+    };
+    let mut events = vec![(Duration::ZERO, chunk(first, Value::Null))];
     for (k, piece) in pieces.iter().enumerate() {
-        events.push((at(k), chunk(json!({"content": piece}), Value::Null)));
+        let delta = match &reply.tool_call {
+            Some(_) => json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+            None => json!({"content": piece}),
+        };
+        events.push((at(k), chunk(delta, Value::Null)));
     }
     let done_at = at(pieces.len().saturating_sub(1));
-    events.push((done_at, chunk(json!({}), json!("stop"))));
+    events.push((done_at, chunk(json!({}), json!(finish_reason))));
     let include_usage = body
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
@@ -480,6 +644,8 @@ mod tests {
     async fn streams_chunks_that_add_up_to_the_reply() {
         let content = "path\n<<<<<<< SEARCH\nä\n=======\nb\n>>>>>>> REPLACE\n".to_owned();
         let chat = FakeChat::start(ChatReply {
+            tool_call: None,
+            error_status: None,
             content: content.clone(),
             ttft: Duration::from_millis(1),
             tokens_per_sec: Some(10_000.0),
@@ -520,6 +686,8 @@ mod tests {
     #[tokio::test]
     async fn non_streaming_answers_one_completion() {
         let chat = FakeChat::start(ChatReply {
+            tool_call: None,
+            error_status: None,
             content: "hello".into(),
             ttft: Duration::ZERO,
             tokens_per_sec: None,

@@ -353,6 +353,11 @@ pub struct Settings {
     /// At most this many WebSocket connections open at once; more upgrades get 429.
     pub max_connections: Option<usize>,
     pub in_flight: InFlightPolicy,
+    /// Serve requests without an `Authorization` header, as a local model server does.
+    pub keyless: bool,
+    /// Accept WebSocket upgrades, then close each socket with 1011 at its first request,
+    /// before any event (as some gateways do); HTTP + SSE keeps working.
+    pub drop_websocket_after_upgrade: bool,
 }
 
 impl Default for Settings {
@@ -363,6 +368,8 @@ impl Default for Settings {
             refuse_websocket: false,
             max_connections: None,
             in_flight: InFlightPolicy::Reject,
+            keyless: false,
+            drop_websocket_after_upgrade: false,
         }
     }
 }
@@ -425,6 +432,18 @@ impl Script {
 
     pub fn in_flight(mut self, policy: InFlightPolicy) -> Script {
         self.settings.in_flight = policy;
+        self
+    }
+
+    /// Accept WebSocket upgrades and close each socket with 1011 before answering.
+    pub fn drop_websocket_after_upgrade(mut self) -> Script {
+        self.settings.drop_websocket_after_upgrade = true;
+        self
+    }
+
+    /// Need no API key, like a local model server.
+    pub fn keyless(mut self) -> Script {
+        self.settings.keyless = true;
         self
     }
 }
@@ -1761,7 +1780,9 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, connection
             let _ = write_error(&mut stream, &error, "", true).await;
             return;
         }
-        if let Err(error) = check_auth(&head.headers) {
+        if let Err(error) = check_auth(&head.headers)
+            && !shared.settings().keyless
+        {
             shared.record_head(connection, &head, 401);
             let _ = write_error(&mut stream, &error, "", true).await;
             return;
@@ -2009,9 +2030,21 @@ async fn upgrade(
     }
     shared.record_head(connection, &head, 101);
     shared.ws_opened.send_modify(|count| *count += 1);
-    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, None).await;
+    let mut ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, None).await;
     // Decrement on every exit, including a kill that drops this future mid-await.
     let _open = OpenGuard(Arc::clone(&shared));
+    if settings.drop_websocket_after_upgrade {
+        let _ = ws.next().await;
+        let _ = ws
+            .send(Message::Close(Some(
+                tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Error,
+                    reason: "internal error".into(),
+                },
+            )))
+            .await;
+        return;
+    }
     serve_ws(&shared, ws, connection).await;
 }
 

@@ -99,7 +99,8 @@ struct Stored {
     len: u64,
 }
 
-/// Crash-test hooks: abort the process at a named point of [`commit`]. Off unless configured.
+/// Crash-test hooks: abort the process at a named point of [`commit`] (`<name>`), or make a
+/// step after the first write fail with an error (`fail_<name>`). Off unless configured.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Failpoint(pub(crate) Option<String>);
 
@@ -110,6 +111,17 @@ impl Failpoint {
             std::process::abort();
         }
     }
+
+    /// An injected error at `name`, when configured as `fail_<name>`.
+    pub(crate) fn fail(&self, name: &str) -> Result<(), EditError> {
+        match self.0.as_deref().and_then(|f| f.strip_prefix("fail_")) {
+            Some(point) if point == name => {
+                tracing::error!(failpoint = name, "failpoint hit: failing");
+                Err(EditError::Internal(format!("injected failure at {name}")))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Whether to fsync files and directories. Off only in benchmarks that measure without it.
@@ -118,10 +130,12 @@ pub(crate) struct Durability {
     pub(crate) fsync: bool,
 }
 
-/// A journal that is written and synced: its operation's writes may proceed.
+/// A journal that is written and synced, and whose writes have landed.
 pub(crate) struct Pending {
     pub(crate) slot: PathBuf,
     pub(crate) id: String,
+    /// Kept so a failure after the writes can put every file back ([`abandon`]).
+    journal: Journal,
 }
 
 /// Write `writes` to the worktree `workdir` all together, journalled in `journal_dir`.
@@ -163,7 +177,16 @@ pub(crate) fn commit(
         return Err(e);
     }
     failpoint.hit("after_written");
-    Ok(Pending { slot, id })
+    Ok(Pending { slot, id, journal })
+}
+
+/// The operation failed after its files landed (recording it did not work): put every file
+/// back and retire the journal, so the worktree is all-before. If that fails too, the journal
+/// stays for recovery at the next start.
+pub(crate) fn abandon(pending: &Pending) -> Result<(), EditError> {
+    rollback(&pending.journal)?;
+    clear(&pending.slot);
+    Ok(())
 }
 
 /// The operation is recorded: retire its journal.

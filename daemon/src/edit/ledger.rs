@@ -127,6 +127,49 @@ pub(crate) fn mentions_journal(git_dir: &Path, journal: &str) -> Result<bool, Ed
     Ok(entries(&p, &text).any(|e| e.journal == journal))
 }
 
+/// The worktree whose ledger (under `common_dir`, git's common directory) records `edit`, other
+/// than the one whose git directory is `own_git_dir`. Refs under `refs/spark/` are shared by all
+/// worktrees of a repository, but each worktree keeps its own ledger in its own git directory:
+/// an edit belongs to the worktree that made it.
+pub(crate) fn other_owner(
+    common_dir: &Path,
+    own_git_dir: &Path,
+    edit: &str,
+) -> Result<Option<PathBuf>, EditError> {
+    let own = std::fs::canonicalize(own_git_dir).unwrap_or_else(|_| own_git_dir.to_path_buf());
+    let mut candidates = vec![common_dir.to_path_buf()];
+    let linked = common_dir.join("worktrees");
+    match std::fs::read_dir(&linked) {
+        Ok(dir) => candidates.extend(dir.filter_map(|e| e.ok()).map(|e| e.path())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(EditError::io("list", &linked, e)),
+    }
+    for git_dir in candidates {
+        if std::fs::canonicalize(&git_dir).is_ok_and(|c| c == own) {
+            continue;
+        }
+        if !summaries(&git_dir)?.iter().any(|s| s.applied.edit == edit) {
+            continue;
+        }
+        return Ok(Some(worktree_of(&git_dir)));
+    }
+    Ok(None)
+}
+
+/// The worktree of a git directory: a linked worktree's `gitdir` file names its `.git` file; the
+/// main worktree is what the repository opened from its git directory calls its workdir.
+fn worktree_of(git_dir: &Path) -> PathBuf {
+    if let Ok(text) = std::fs::read_to_string(git_dir.join("gitdir"))
+        && let Some(parent) = Path::new(text.trim_end()).parent()
+    {
+        return parent.to_path_buf();
+    }
+    git2::Repository::open(git_dir)
+        .ok()
+        .and_then(|r| r.workdir().map(Path::to_path_buf))
+        .unwrap_or_else(|| git_dir.to_path_buf())
+}
+
 /// The readable lines of the ledger at `p` (a torn last line after a crash is skipped).
 fn entries<'t>(p: &'t Path, text: &'t [u8]) -> impl Iterator<Item = Entry> + 't {
     text.split(|&b| b == b'\n')

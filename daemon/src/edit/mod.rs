@@ -9,9 +9,11 @@
 //! - [`record`]: stash-shaped commits under `refs/spark/`.
 //! - [`ledger`]: the append-only history of edits and their states.
 
+pub(crate) mod corpus;
 pub(crate) mod journal;
 pub(crate) mod ledger;
 pub(crate) mod matcher;
+pub(crate) mod pack;
 pub(crate) mod patch;
 pub(crate) mod paths;
 pub(crate) mod record;
@@ -28,7 +30,7 @@ use spark_proto::RpcError;
 
 use journal::{Durability, Failpoint, Operation, Write1};
 use ledger::EventKind;
-use paths::{Intent, PathError, RelPath};
+use paths::{Intent, PathError, PathErrorKind, RelPath};
 use record::{EditMeta, FileChange, FileState, RecordError};
 
 /// Why an edit operation was refused or failed. Nothing on disk changed in any case.
@@ -51,6 +53,10 @@ pub(crate) enum EditError {
     Changed { path: String },
     #[error("refusing to edit {path}: it is a binary file")]
     Binary { path: String },
+    #[error("refusing to add {path}: it already exists and is not committed")]
+    AddOverUntracked { path: String },
+    #[error("refusing to add {path}: it already exists and has changes since HEAD")]
+    AddOverModified { path: String },
     #[error("{path} appears twice in one edit")]
     Duplicate { path: String },
     #[error("{0}")]
@@ -59,6 +65,16 @@ pub(crate) enum EditError {
     NothingToRevert { what: &'static str },
     #[error("edit {id} is already {state}")]
     NotApplied { id: String, state: &'static str },
+    #[error("edit {id} belongs to the worktree {worktree}, not this one; nothing was written")]
+    OtherWorktree {
+        id: String,
+        what: &'static str,
+        worktree: String,
+    },
+    #[error(
+        "{what} of edit {id} would change nothing: its files already hold their pre-edit content; nothing was written"
+    )]
+    NothingChanges { id: String, what: &'static str },
     #[error(
         "cannot undo {path}: it changed since edit {id} in the same lines, or was removed; nothing was written"
     )]
@@ -76,6 +92,31 @@ pub(crate) enum EditError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(
+        "{lock} exists: a git command is updating that ref, or one was killed while it did; nothing was written"
+    )]
+    Locked {
+        lock: String,
+        /// How to remove it, naming the file.
+        hint: String,
+    },
+    #[error(
+        "refusing to edit {path}: it is a Git LFS pointer (.gitattributes says filter=lfs), not the file's content"
+    )]
+    LfsPointer { path: String },
+    #[error(
+        "refusing to edit {path}: .gitattributes routes it through the filter {filter:?}, a program spark does not run, so it cannot record what git would store"
+    )]
+    ExternalFilter { path: String, filter: String },
+    #[error("recording failed, so the change was taken back and nothing changed: {source}")]
+    NotRecorded { source: Box<EditError> },
+    #[error(
+        "recording failed ({source}), and putting the files back failed ({restore}); the daemon's next start puts them back"
+    )]
+    NotRestored {
+        source: Box<EditError>,
+        restore: Box<EditError>,
+    },
 }
 
 impl EditError {
@@ -93,6 +134,12 @@ impl EditError {
 
     /// The wire error: a stable code, a fine-grained `kind`, the path and a hint.
     pub(crate) fn to_rpc(&self) -> RpcError {
+        let other_worktree_hint = match self {
+            EditError::OtherWorktree { id, what, worktree } => Some(format!(
+                "run `sparkctl {what} {id}` in {worktree}, where the edit was made"
+            )),
+            _ => None,
+        };
         let (code, kind, path, hint): (ErrorCode, String, Option<String>, Option<&str>) = match self
         {
             EditError::Parse(e) => (
@@ -110,7 +157,7 @@ impl EditError {
                 },
                 format!("path_{}", e.code()),
                 Some(e.path().to_owned()),
-                None,
+                Some(e.hint()),
             ),
             EditError::Match { path, source } => (
                 ErrorCode::PatchMismatch,
@@ -118,6 +165,8 @@ impl EditError {
                 Some(path.clone()),
                 Some(if source.code() == "ambiguous_match" {
                     "the lines match loosely in more than one place; add context lines so they match one place"
+                } else if source.code() == "ambiguous_indentation" {
+                    "write the patch's lines with the file's own indentation"
                 } else {
                     "the file does not contain the patch's context lines; regenerate the patch against the current file"
                 }),
@@ -139,6 +188,22 @@ impl EditError {
                 "binary_target".into(),
                 Some(path.clone()),
                 None,
+            ),
+            EditError::AddOverUntracked { path } => (
+                ErrorCode::EditRejected,
+                "path_already_exists".into(),
+                Some(path.clone()),
+                Some(
+                    "'*** Add File' replaces a file only when it is committed and unmodified (so the edit can be undone); use '*** Update File', or commit the file first",
+                ),
+            ),
+            EditError::AddOverModified { path } => (
+                ErrorCode::EditRejected,
+                "path_already_exists".into(),
+                Some(path.clone()),
+                Some(
+                    "replacing it would discard your uncommitted changes; use '*** Update File', or commit or stash them first",
+                ),
             ),
             EditError::Duplicate { path } => (
                 ErrorCode::EditRejected,
@@ -176,6 +241,20 @@ impl EditError {
                 None,
                 Some("`git stash apply <id>` re-applies an undone edit"),
             ),
+            EditError::OtherWorktree { .. } => (
+                ErrorCode::EditRejected,
+                "other_worktree".into(),
+                None,
+                other_worktree_hint.as_deref(),
+            ),
+            EditError::NothingChanges { .. } => (
+                ErrorCode::EditRejected,
+                "nothing_changes".into(),
+                None,
+                Some(
+                    "the edit was already reverted (`sparkctl log` shows it); `git stash show -p <id>` shows what it changed",
+                ),
+            ),
             EditError::RevertConflict { path, .. } => (
                 ErrorCode::Conflict,
                 "revert_conflict".into(),
@@ -187,6 +266,38 @@ impl EditError {
             EditError::Io { .. } => (ErrorCode::Internal, "io".into(), None, None),
             EditError::Git { .. } => (ErrorCode::Internal, "git".into(), None, None),
             EditError::Internal(_) => (ErrorCode::Internal, "internal".into(), None, None),
+            EditError::Locked { hint, .. } => (
+                ErrorCode::Conflict,
+                "ref_locked".into(),
+                None,
+                Some(hint.as_str()),
+            ),
+            EditError::LfsPointer { path } => (
+                ErrorCode::EditRejected,
+                "lfs_pointer".into(),
+                Some(path.clone()),
+                Some("fetch the real content first (`git lfs pull`), or edit the file yourself"),
+            ),
+            EditError::ExternalFilter { path, .. } => (
+                ErrorCode::EditRejected,
+                "external_filter".into(),
+                Some(path.clone()),
+                Some("edit the file yourself, or remove the filter attribute for it"),
+            ),
+            EditError::NotRecorded { .. } => (
+                ErrorCode::Internal,
+                "not_recorded".into(),
+                None,
+                Some("nothing changed; see the daemon log, then retry"),
+            ),
+            EditError::NotRestored { .. } => (
+                ErrorCode::Internal,
+                "not_restored".into(),
+                None,
+                Some(
+                    "restart the daemon (`sparkctl stop`, then any command) to put the files back",
+                ),
+            ),
         };
         let mut e = RpcError::new(code, self.to_string()).with_kind(kind);
         if let Some(p) = path {
@@ -256,19 +367,28 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
     for op in &parsed.ops {
         match op {
             patch::FileOp::Add { path, lines } => {
-                let rel = resolve(&mut targets, &req.cwd_prefix, path, Intent::Create)?;
+                let bytes = matcher::render_new_file(lines);
+                let (rel, before) =
+                    match resolve(&mut targets, &req.cwd_prefix, path, Intent::Create) {
+                        Ok((_, rel)) => (rel, None),
+                        Err(EditError::Path(e)) if e.kind() == PathErrorKind::AlreadyExists => {
+                            let (rel, current) =
+                                add_over_existing(ctx, &mut targets, &req.cwd_prefix, path)?;
+                            (rel, Some(current))
+                        }
+                        Err(e) => return Err(e),
+                    };
+                let mode = before.as_ref().map_or(0o100644, |b: &FileState| b.mode);
                 writes.push(Write1 {
                     path: rel.as_str().to_owned(),
-                    before: None,
-                    after: Some(FileState {
-                        bytes: matcher::render_new_file(lines),
-                        mode: 0o100644,
-                    }),
+                    before,
+                    after: Some(FileState { bytes, mode }),
                 });
             }
             patch::FileOp::Delete { path } => {
-                let rel = resolve(&mut targets, &req.cwd_prefix, path, Intent::Delete)?;
+                let (_, rel) = resolve(&mut targets, &req.cwd_prefix, path, Intent::Delete)?;
                 let current = read_text(ctx, &rel)?;
+                refuse_lfs_pointer(ctx, &rel, &current)?;
                 writes.push(Write1 {
                     path: rel.as_str().to_owned(),
                     before: Some(current),
@@ -280,9 +400,16 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 move_to,
                 chunks,
             } => {
-                let rel = resolve(&mut targets, &req.cwd_prefix, path, Intent::Modify)?;
+                let (written, rel) = resolve(&mut targets, &req.cwd_prefix, path, Intent::Modify)?;
                 let current = read_text(ctx, &rel)?;
-                let base = req.bases.get(rel.as_str()).unwrap_or(&current.bytes);
+                refuse_lfs_pointer(ctx, &rel, &current)?;
+                // The model saw the file under the name it was given, which may go through a
+                // symlinked directory.
+                let base = req
+                    .bases
+                    .get(written.as_str())
+                    .or_else(|| req.bases.get(rel.as_str()))
+                    .unwrap_or(&current.bytes);
                 let edited =
                     matcher::apply_update(base, chunks).map_err(|source| EditError::Match {
                         path: rel.as_str().to_owned(),
@@ -299,7 +426,8 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 };
                 match move_to {
                     Some(dest) => {
-                        let dest = resolve(&mut targets, &req.cwd_prefix, dest, Intent::Create)?;
+                        let (_, dest) =
+                            resolve(&mut targets, &req.cwd_prefix, dest, Intent::Create)?;
                         writes.push(Write1 {
                             path: rel.as_str().to_owned(),
                             before: Some(current),
@@ -329,6 +457,14 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         }
     }
     writes.retain(|w| w.before != w.after);
+    for w in &writes {
+        if let Some(filter) = record::external_filter(ctx.repo, &w.path)? {
+            return Err(EditError::ExternalFilter {
+                path: w.path.clone(),
+                filter,
+            });
+        }
+    }
     let (files, diff) = summarize(&writes)?;
     if req.dry_run || writes.is_empty() {
         return Ok(Outcome {
@@ -339,6 +475,8 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         });
     }
 
+    // Recording needs this ref; a stale lock would fail it after the files changed.
+    refuse_stale_locks(ctx, &[record::EDITS_REF])?;
     let time_ms = now_ms() as i64;
     let operation = Operation::Apply {
         source: req.source.clone(),
@@ -362,10 +500,14 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         &req.source,
         &req.message,
         time_ms,
-    )?;
+    )
+    .map_err(|e| take_back(&pending, e))?;
     journal::finish(&pending, &ctx.env.failpoint);
+    // The edit has landed and is recorded: an error now would misreport it as failed, and the
+    // full id is a valid id too.
+    let id = record::edit_short_id(ctx.repo, edit).unwrap_or_else(|_| edit.to_string());
     Ok(Outcome {
-        edit: Some(record::edit_short_id(ctx.repo, edit)?),
+        edit: Some(id),
         files,
         diff,
         after: changes
@@ -409,13 +551,25 @@ fn finish_apply(
         },
         time_ms,
     };
+    ctx.env.failpoint.fail("record")?;
+    let edits_before = ctx.repo.refname_to_id(record::EDITS_REF).ok();
     let edit = record::record_edit(ctx.repo, changes, &meta)?;
     ctx.env.failpoint.hit("after_record");
+    // From here a failure leaves a record without its ledger line: take the record back too, so
+    // the edit is recorded exactly once or not at all.
+    let unrecord = |e: EditError| {
+        if let Err(u) = unrecord(ctx.repo, edit, edits_before) {
+            tracing::error!(error = %u, edit = %edit, "cannot take back the record of a failed edit");
+        }
+        e
+    };
+    ctx.env.failpoint.fail("after_record").map_err(unrecord)?;
     let hex = edit.to_string();
     // Recovery may run after the ledger line was written; a live apply always appends (the
     // same edit re-applied within one millisecond has the same commit id, and is applied again).
     let known = recovering
-        && ledger::summaries(ctx.repo.path())?
+        && ledger::summaries(ctx.repo.path())
+            .map_err(unrecord)?
             .iter()
             .any(|s| s.applied.edit == hex && s.state == EventKind::Applied);
     if !known {
@@ -431,9 +585,117 @@ fn finish_apply(
                 journal: journal_id.to_owned(),
             },
             ctx.env.durability.fsync,
-        )?;
+        )
+        .map_err(unrecord)?;
     }
     Ok(edit)
+}
+
+/// A step after the files landed failed: put them back (see [`journal::abandon`]) and say so.
+fn take_back(pending: &journal::Pending, error: EditError) -> EditError {
+    tracing::error!(error = %error, "recording failed after the files were written; taking the edit back");
+    match journal::abandon(pending) {
+        Ok(()) => EditError::NotRecorded {
+            source: Box::new(error),
+        },
+        Err(restore) => EditError::NotRestored {
+            source: Box::new(error),
+            restore: Box::new(restore),
+        },
+    }
+}
+
+/// Take back the record of edit `w` whose ledger line could not be written: its pin, and its
+/// entry on `refs/spark/edits` (moved back to `before` by compare-and-swap, its reflog entry
+/// removed). A ref that moved on since is left alone.
+fn unrecord(repo: &Repository, w: Oid, before: Option<Oid>) -> Result<(), git2::Error> {
+    take_back_ref(repo, record::EDITS_REF, w, before)?;
+    match repo.find_reference(&format!("{}{w}", record::PINS_PREFIX)) {
+        Ok(mut pin) => pin.delete(),
+        Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Move `name` from `ours` back to `before` and drop the reflog entry that moved it to `ours`,
+/// so the ref and its log read as if the update never happened.
+fn take_back_ref(
+    repo: &Repository,
+    name: &str,
+    ours: Oid,
+    before: Option<Oid>,
+) -> Result<(), git2::Error> {
+    let mut reference = match repo.find_reference(name) {
+        Ok(r) if r.target() == Some(ours) => r,
+        Ok(_) => return Ok(()),
+        Err(e) if e.code() == git2::ErrorCode::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let Some(before) = before else {
+        // The update created the ref; deleting it deletes its reflog too.
+        return reference.delete();
+    };
+    repo.reference_matching(name, before, true, ours, "spark: take back")?;
+    let mut log = repo.reflog(name)?;
+    // Newest first: the take-back entry, then the update it takes back.
+    if log
+        .get(0)
+        .is_some_and(|e| e.id_old() == ours && e.id_new() == before)
+    {
+        log.remove(0, false)?;
+        if log.get(0).is_some_and(|e| e.id_new() == ours) {
+            log.remove(0, false)?;
+        }
+        log.write()?;
+    }
+    Ok(())
+}
+
+/// Refuse before anything is written when the lock file of a ref the operation will update
+/// exists: libgit2 would fail to update the ref only after the worktree changed.
+fn refuse_stale_locks(ctx: &RepoCtx<'_>, refs: &[&str]) -> Result<(), EditError> {
+    for name in refs {
+        // Shared refs live in the common git directory, also seen from a linked worktree.
+        let lock = ctx.repo.commondir().join(format!("{name}.lock"));
+        if std::fs::symlink_metadata(&lock).is_ok() {
+            let shown = lock.display().to_string();
+            return Err(EditError::Locked {
+                hint: format!(
+                    "if no git command is running in this repository, remove it: rm '{shown}'"
+                ),
+                lock: shown,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuse to edit a Git LFS pointer: a file `.gitattributes` routes through `filter=lfs` whose
+/// worktree content is still the pointer (git-lfs never smudged it). Editing the pointer text
+/// would corrupt the reference to the real content.
+fn refuse_lfs_pointer(
+    ctx: &RepoCtx<'_>,
+    rel: &RelPath,
+    state: &FileState,
+) -> Result<(), EditError> {
+    const LFS_POINTER: &[u8] = b"version https://git-lfs.github.com/spec/v1\n";
+    if !state.bytes.starts_with(LFS_POINTER) {
+        return Ok(());
+    }
+    let filter = ctx
+        .repo
+        .get_attr(
+            Path::new(rel.as_str()),
+            "filter",
+            git2::AttrCheckFlags::default(),
+        )
+        .map_err(|e| EditError::git("read .gitattributes", e))?;
+    if filter == Some("lfs") {
+        return Err(EditError::LfsPointer {
+            path: rel.as_str().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Revert an edit in the worktree (`undo`), optionally moving it onto `refs/stash` (`stash`).
@@ -457,6 +719,17 @@ pub(crate) fn revert(
     let short = record::edit_short_id(ctx.repo, oid)?;
     let hex = oid.to_string();
     let summary = summaries.iter().find(|s| s.applied.edit == hex);
+    // Worktrees share `refs/spark/`, so an id resolves everywhere; reverting another worktree's
+    // edit here would change this worktree's files and leave both ledgers wrong.
+    if summary.is_none()
+        && let Some(worktree) = ledger::other_owner(ctx.repo.commondir(), ctx.repo.path(), &hex)?
+    {
+        return Err(EditError::OtherWorktree {
+            id: short,
+            what,
+            worktree: worktree.display().to_string(),
+        });
+    }
     let changes = record::edit_changes(ctx.repo, oid)?;
     // An undone or stashed edit may have been brought back with `git stash apply`/`pop`: then
     // the worktree, not the ledger, says it is applied.
@@ -470,6 +743,11 @@ pub(crate) fn revert(
     {
         return Err(EditError::NotApplied { id: short, state });
     }
+    let untracked = if stash {
+        record::untracked_paths(ctx.repo, oid)?
+    } else {
+        Vec::new()
+    };
     let mut writes = Vec::new();
     for change in changes {
         let rel = paths::validate_rel_path(&change.path)?;
@@ -480,10 +758,28 @@ pub(crate) fn revert(
             path: change.path.clone(),
         };
         let target = match (&change.before, &change.after, &current) {
+            // `git stash pop` restores untracked files from the stash's third parent and
+            // refuses to overwrite them, so a stash takes them out of the worktree as
+            // `git stash -u` does; only the edit's own content can go there.
+            (_, after, cur) if untracked.contains(&change.path) => {
+                if cur.as_ref().map(|c| &c.bytes) != after.as_ref().map(|a| &a.bytes) {
+                    return Err(conflict());
+                }
+                None
+            }
             (_, _, cur)
                 if cur.as_ref().map(|c| &c.bytes) == change.after.as_ref().map(|a| &a.bytes) =>
             {
-                change.before.clone()
+                change.before.clone().map(|mut before| {
+                    // The edit left the mode alone (always so under `core.fileMode=false`,
+                    // where the record holds git's mode, not the file's): so does its undo.
+                    if let (Some(after), Some(cur)) = (&change.after, cur)
+                        && after.mode == before.mode
+                    {
+                        before.mode = cur.mode;
+                    }
+                    before
+                })
             }
             (Some(before), Some(after), Some(cur)) => {
                 let bytes = merge3(&after.bytes, &cur.bytes, &before.bytes, &change.path)
@@ -502,7 +798,13 @@ pub(crate) fn revert(
         });
     }
     writes.retain(|w| w.before != w.after);
+    if writes.is_empty() {
+        return Err(EditError::NothingChanges { id: short, what });
+    }
     let (files, diff) = summarize(&writes)?;
+    if stash {
+        refuse_stale_locks(ctx, &["refs/stash"])?;
+    }
     let operation = Operation::Revert {
         edit: hex.clone(),
         stash,
@@ -522,8 +824,10 @@ pub(crate) fn revert(
         message.map(String::as_str).unwrap_or(""),
         &pending.id,
         false,
-    )?;
+    )
+    .map_err(|e| take_back(&pending, e))?;
     journal::finish(&pending, &ctx.env.failpoint);
+    remove_emptied_dirs(ctx, &writes);
     Ok(Outcome {
         edit: Some(short),
         files,
@@ -533,6 +837,24 @@ pub(crate) fn revert(
             .map(|w| (w.path, w.after.map(|a| a.bytes)))
             .collect(),
     })
+}
+
+/// A revert that removed files leaves no empty directories behind them (git removes the
+/// directories it empties too): each one, up to the worktree's top, goes if it is empty now.
+/// Best effort: the files are already right, and a directory that is not empty stays.
+fn remove_emptied_dirs(ctx: &RepoCtx<'_>, writes: &[Write1]) {
+    for w in writes
+        .iter()
+        .filter(|w| w.before.is_some() && w.after.is_none())
+    {
+        let mut dir = Path::new(&w.path).parent();
+        while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+            if std::fs::remove_dir(ctx.workdir.join(d)).is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
 }
 
 /// Whether every file of an edit holds its after state in the worktree.
@@ -558,13 +880,28 @@ fn finish_revert(
     recovering: bool,
 ) -> Result<(), EditError> {
     let hex = oid.to_string();
+    ctx.env.failpoint.fail("record")?;
+    // The stash entry this revert pushed, and what `refs/stash` was before, to take it back if
+    // the ledger line cannot be written.
+    let mut pushed: Option<Option<Oid>> = None;
     if stash {
-        let on_stash = ctx.repo.refname_to_id("refs/stash").ok() == Some(oid);
-        if !on_stash {
+        let stash_before = ctx.repo.refname_to_id("refs/stash").ok();
+        if stash_before != Some(oid) {
             record::push_stash(ctx.repo, oid, message)?;
+            pushed = Some(stash_before);
         }
     }
-    let state = ledger::summaries(ctx.repo.path())?
+    let unstash = |e: EditError| {
+        if let Some(before) = pushed
+            && let Err(u) = take_back_ref(ctx.repo, "refs/stash", oid, before)
+        {
+            tracing::error!(error = %u, edit = %oid, "cannot take back the stash entry of a failed stash");
+        }
+        e
+    };
+    ctx.env.failpoint.fail("after_record").map_err(unstash)?;
+    let state = ledger::summaries(ctx.repo.path())
+        .map_err(unstash)?
         .into_iter()
         .find(|s| s.applied.edit == hex)
         .map(|s| s.state);
@@ -586,7 +923,8 @@ fn finish_revert(
                 journal: journal_id.to_owned(),
             },
             ctx.env.durability.fsync,
-        )?;
+        )
+        .map_err(unstash)?;
     }
     Ok(())
 }
@@ -633,6 +971,62 @@ pub(crate) fn log(
         .collect()
 }
 
+/// Whether an edit the ledger calls applied was reverted outside spark (`git checkout -- file`,
+/// an editor's undo): every file it touched holds its pre-edit content again, and none its
+/// post-edit one. A file changed further since counts as applied, which it still is in part.
+/// Cheap enough for every `log` line: the edit's blob ids come from its two trees, and each
+/// worktree file is hashed once, never diffed.
+pub(crate) fn reverted_outside(ctx: &RepoCtx<'_>, edit: &ledger::Entry) -> Result<bool, EditError> {
+    let oid = Oid::from_str(&edit.edit).map_err(|e| EditError::git("read ledger id", e))?;
+    let w = ctx
+        .repo
+        .find_commit(oid)
+        .map_err(|e| EditError::git("read edit", e))?;
+    let b = w
+        .parent(0)
+        .map_err(|e| EditError::git("read edit base", e))?;
+    let (after, before) = (
+        w.tree().map_err(|e| EditError::git("read edit tree", e))?,
+        b.tree()
+            .map_err(|e| EditError::git("read edit base tree", e))?,
+    );
+    let blob = |tree: &git2::Tree<'_>, path: &str| {
+        tree.get_path(Path::new(path))
+            .ok()
+            .filter(|e| e.kind() == Some(git2::ObjectType::Blob))
+            .map(|e| e.id())
+    };
+    if edit.files.is_empty() {
+        return Ok(false);
+    }
+    let untracked = record::untracked_trees(ctx.repo, oid)?;
+    for path in &edit.files {
+        let abs = ctx.workdir.join(path);
+        let now = match std::fs::symlink_metadata(&abs) {
+            Ok(m) if m.is_file() => {
+                let bytes = std::fs::read(&abs).map_err(|e| EditError::io("read", &abs, e))?;
+                Some(
+                    Oid::hash_object(git2::ObjectType::Blob, &bytes)
+                        .map_err(|e| EditError::git("hash worktree file", e))?,
+                )
+            }
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(EditError::io("stat", &abs, e)),
+        };
+        let (was, became) = match (blob(&before, path), blob(&after, path), &untracked) {
+            (None, None, Some((ub, ua))) => {
+                (ub.as_ref().and_then(|t| blob(t, path)), blob(ua, path))
+            }
+            (was, became, _) => (was, became),
+        };
+        if now == became || now != was {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Finish or undo what a previous daemon left half-done in `repo`. Returns what it did.
 pub(crate) fn recover(
     ctx: &RepoCtx<'_>,
@@ -646,7 +1040,7 @@ pub(crate) fn recover(
         journal::rollback(journal)?;
         return Ok("rolled back");
     }
-    match &journal.operation {
+    let finished = match &journal.operation {
         Operation::Apply {
             source,
             message,
@@ -661,24 +1055,33 @@ pub(crate) fn recover(
                     after: f.after.clone(),
                 })
                 .collect();
-            finish_apply(ctx, true, &journal.id, &changes, source, message, *time_ms)?;
-            Ok("completed")
+            finish_apply(ctx, true, &journal.id, &changes, source, message, *time_ms)
         }
-        Operation::Revert { edit, stash } => {
-            let oid = Oid::from_str(edit).map_err(|e| EditError::git("read journal id", e))?;
-            finish_revert(ctx, oid, *stash, "", &journal.id, true)?;
-            Ok("completed")
+        .map(|_| ()),
+        Operation::Revert { edit, stash } => Oid::from_str(edit)
+            .map_err(|e| EditError::git("read journal id", e))
+            .and_then(|oid| finish_revert(ctx, oid, *stash, "", &journal.id, true)),
+    };
+    match finished {
+        Ok(()) => Ok("completed"),
+        // Recording fails the same way at every start: all-before is the settled state.
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record the interrupted edit; rolling it back");
+            journal::rollback(journal)?;
+            Ok("rolled back (recording failed)")
         }
     }
 }
 
-/// Validate a patch path (relative to the client's cwd) and check its target.
+/// Validate a patch path (relative to the client's cwd) and check its target. Returns the path
+/// as written (joined to the cwd) and the real path the write lands on (symlinked directories
+/// resolved), under which the edit is written and recorded.
 fn resolve(
     targets: &mut paths::Targets<'_>,
     cwd_prefix: &str,
     raw: &str,
     intent: Intent,
-) -> Result<RelPath, EditError> {
+) -> Result<(RelPath, RelPath), EditError> {
     // Validate as written first, so the error quotes the path the patch used.
     paths::validate_rel_path(raw)?;
     let joined = if cwd_prefix.is_empty() {
@@ -687,8 +1090,49 @@ fn resolve(
         format!("{cwd_prefix}/{raw}")
     };
     let rel = paths::validate_rel_path(&joined)?;
-    targets.check(&rel, intent)?;
-    Ok(rel)
+    let real = targets.check_real(&rel, intent)?;
+    Ok((rel, real))
+}
+
+/// `*** Add File` naming a file that exists: models trained on apply_patch rewrite whole files
+/// that way. Allowed only when the file is committed and unmodified since HEAD, so the edit
+/// can be undone and no uncommitted work is lost; the file's own checks (symlink, binary, …)
+/// apply as for an update.
+fn add_over_existing(
+    ctx: &RepoCtx<'_>,
+    targets: &mut paths::Targets<'_>,
+    cwd_prefix: &str,
+    raw: &str,
+) -> Result<(RelPath, FileState), EditError> {
+    let (_, rel) = resolve(targets, cwd_prefix, raw, Intent::Modify)?;
+    let current = read_text(ctx, &rel)?;
+    let path = rel.as_str().to_owned();
+    let committed = match ctx.repo.head() {
+        Ok(head) => {
+            let tree = head
+                .peel_to_tree()
+                .map_err(|e| EditError::git("read HEAD", e))?;
+            match tree.get_path(&rel.to_path()) {
+                Ok(entry) if entry.kind() == Some(git2::ObjectType::Blob) => {
+                    let blob = ctx
+                        .repo
+                        .find_blob(entry.id())
+                        .map_err(|e| EditError::git("read a blob of HEAD", e))?;
+                    Some(blob.content() == current.bytes.as_slice())
+                }
+                Ok(_) => None,
+                Err(e) if e.code() == git2::ErrorCode::NotFound => None,
+                Err(e) => return Err(EditError::git("read HEAD", e)),
+            }
+        }
+        Err(e) if e.code() == git2::ErrorCode::UnbornBranch => None,
+        Err(e) => return Err(EditError::git("read HEAD", e)),
+    };
+    match committed {
+        Some(true) => Ok((rel, current)),
+        Some(false) => Err(EditError::AddOverModified { path }),
+        None => Err(EditError::AddOverUntracked { path }),
+    }
 }
 
 fn read_text(ctx: &RepoCtx<'_>, rel: &RelPath) -> Result<FileState, EditError> {
@@ -713,13 +1157,23 @@ fn strip_bom(b: &[u8]) -> &[u8] {
 }
 
 /// 3-way merge of file contents: `base` is what both sides started from.
+///
+/// A UTF-8 byte order mark is merged as a flag, not as part of the first line: glued to it, a
+/// change of the first line would look like a change touching the BOM's line too, and a disjoint
+/// change next to it would conflict.
 fn merge3(base: &[u8], ours: &[u8], theirs: &[u8], path: &str) -> Result<Vec<u8>, EditError> {
+    let has_bom = |b: &[u8]| b.starts_with(b"\xEF\xBB\xBF");
+    let bom = if has_bom(ours) == has_bom(base) {
+        has_bom(theirs)
+    } else {
+        has_bom(ours)
+    };
     let mut a = git2::MergeFileInput::new();
-    a.content(base);
+    a.content(strip_bom(base));
     let mut o = git2::MergeFileInput::new();
-    o.content(ours);
+    o.content(strip_bom(ours));
     let mut t = git2::MergeFileInput::new();
-    t.content(theirs);
+    t.content(strip_bom(theirs));
     let result =
         git2::merge_file(&a, &o, &t, None).map_err(|e| EditError::git("merge file contents", e))?;
     if !result.is_automergeable() {
@@ -727,7 +1181,12 @@ fn merge3(base: &[u8], ours: &[u8], theirs: &[u8], path: &str) -> Result<Vec<u8>
             path: path.to_owned(),
         });
     }
-    Ok(result.content().to_vec())
+    let mut merged = Vec::with_capacity(result.content().len() + 3);
+    if bom {
+        merged.extend_from_slice(b"\xEF\xBB\xBF");
+    }
+    merged.extend_from_slice(result.content());
+    Ok(merged)
 }
 
 /// Per-file summaries and the unified diff of the writes (as `git diff` shows them), from one
@@ -827,4 +1286,99 @@ fn content(s: &Option<FileState>) -> &[u8] {
 
 fn now_ms() -> u64 {
     crate::server::unix_ms()
+}
+
+#[cfg(test)]
+mod take_back_tests {
+    use super::*;
+
+    fn commit(repo: &Repository, message: &str) -> Oid {
+        let sig = git2::Signature::now("t", "t@example.invalid").expect("sig");
+        let tree = repo
+            .treebuilder(None)
+            .and_then(|b| b.write())
+            .and_then(|t| repo.find_tree(t))
+            .expect("tree");
+        repo.commit(None, &sig, &sig, message, &tree, &[])
+            .expect("commit")
+    }
+
+    #[test]
+    fn taking_back_an_update_restores_the_ref_and_its_reflog() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = Repository::init(dir.path()).expect("init");
+        let name = record::EDITS_REF;
+        repo.reference_ensure_log(name).expect("log");
+        let (first, second) = (commit(&repo, "one"), commit(&repo, "two"));
+        repo.reference(name, first, true, "spark: one")
+            .expect("ref");
+        repo.reference(name, second, true, "spark: two")
+            .expect("ref");
+        assert_eq!(repo.reflog(name).expect("reflog").len(), 2);
+
+        take_back_ref(&repo, name, second, Some(first)).expect("take back");
+        assert_eq!(repo.refname_to_id(name).expect("ref"), first);
+        let log = repo.reflog(name).expect("reflog");
+        assert_eq!(log.len(), 1);
+        assert_eq!(log.get(0).expect("entry").id_new(), first);
+
+        // A ref that moved on since is someone else's: left alone.
+        take_back_ref(&repo, name, second, Some(first)).expect("no-op");
+        assert_eq!(repo.refname_to_id(name).expect("ref"), first);
+
+        // The update that created the ref: the ref goes.
+        take_back_ref(&repo, name, first, None).expect("take back");
+        assert!(repo.find_reference(name).is_err());
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+
+    const BOM: &str = "\u{feff}";
+
+    /// `git2::merge_file` does not initialise libgit2 itself; in the daemon a repository was
+    /// always opened first.
+    fn merge3(
+        base: &[u8],
+        ours: &[u8],
+        theirs: &[u8],
+        path: &str,
+    ) -> Result<Vec<u8>, super::EditError> {
+        drop(git2::Config::new());
+        super::merge3(base, ours, theirs, path)
+    }
+
+    #[test]
+    fn a_first_line_change_next_to_a_disjoint_one_merges_in_a_file_with_a_bom() {
+        let base = format!("{BOM}l0\nl1\nl2\n");
+        let ours = format!("{BOM}l1\nl2\n");
+        let theirs = format!("{BOM}l0\nl1\nX\nl2\n");
+        let merged = merge3(base.as_bytes(), ours.as_bytes(), theirs.as_bytes(), "f")
+            .expect("disjoint changes merge");
+        assert_eq!(
+            String::from_utf8_lossy(&merged),
+            format!("{BOM}l1\nX\nl2\n")
+        );
+    }
+
+    #[test]
+    fn a_deleted_first_line_next_to_a_disjoint_insertion_merges_as_git_merge_file_does() {
+        let merged = merge3(b"l0\nl1\nl2\n", b"l1\nl2\n", b"l0\nl1\nX\nl2\n", "f")
+            .expect("git merge-file merges these");
+        assert_eq!(merged, b"l1\nX\nl2\n");
+    }
+
+    #[test]
+    fn the_bom_follows_the_side_that_changed_it() {
+        let base = format!("{BOM}a\nb\n");
+        let dropped = "a\nb\n";
+        let edited = format!("{BOM}a\nB\n");
+        let merged =
+            merge3(base.as_bytes(), dropped.as_bytes(), edited.as_bytes(), "f").expect("merges");
+        assert_eq!(merged, b"a\nB\n");
+        let merged =
+            merge3(base.as_bytes(), edited.as_bytes(), dropped.as_bytes(), "f").expect("merges");
+        assert_eq!(merged, b"a\nB\n");
+    }
 }

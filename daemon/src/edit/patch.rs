@@ -1,4 +1,4 @@
-//! Parsing of the edits a model sends back (SPEC §6, step 1): the Codex `apply_patch` format,
+//! Parsing of the edits a model sends back (docs/protocol.md, "Patch formats"): the Codex `apply_patch` format,
 //! which Codex models are trained to emit, and aider's SEARCH/REPLACE blocks as a second format.
 //! Both become one [`Patch`]. Finding chunks in a file is `matcher`'s job and path validation
 //! belongs to the path module, so paths come back exactly as written.
@@ -159,7 +159,7 @@ pub(crate) fn parse_patch(text: &str) -> Result<Patch, ParseError> {
 }
 
 /// Parses either format. A Codex patch may also sit inside prose or a Markdown fence (patches in
-/// plain message text, SPEC §4): then it is parsed from its `*** Begin Patch` line and whatever
+/// plain message text, docs/protocol.md "Patch formats"): then it is parsed from its `*** Begin Patch` line and whatever
 /// follows `*** End Patch` is ignored.
 pub(crate) fn parse_any(text: &str) -> Result<Patch, ParseError> {
     let first = text.lines().map(str::trim).find(|line| !line.is_empty());
@@ -269,6 +269,9 @@ enum State {
     Chunk,
     /// After `*** End of File`: only a new chunk or a file marker may follow.
     AfterEof,
+    /// After a chunk line that reads `*** End Patch` once trimmed (` *** End Patch`): the end
+    /// of the patch if what follows cannot continue the chunk, else a context line after all.
+    MaybeEnded,
     /// After `*** End Patch`.
     Ended,
     /// After the heredoc's closing delimiter.
@@ -302,6 +305,8 @@ struct Machine {
     ignore_after_end: bool,
     emit: bool,
     events: Vec<StreamEvent>,
+    /// In [`State::MaybeEnded`]: the padded end line and the blank lines after it.
+    held: Vec<String>,
 }
 
 impl Machine {
@@ -316,6 +321,7 @@ impl Machine {
             ignore_after_end: false,
             emit,
             events: Vec::new(),
+            held: Vec::new(),
         }
     }
 
@@ -345,7 +351,12 @@ impl Machine {
         if let Some(error) = self.error {
             return Err(error);
         }
+        if self.state == State::MaybeEnded {
+            // Nothing followed the padded end line: it was the end, as Codex reads its last line.
+            self.end();
+        }
         let kind = match self.state {
+            State::MaybeEnded => None,
             State::Closed => None,
             State::Ended => self
                 .heredoc
@@ -392,13 +403,14 @@ impl Machine {
                 }
                 Ok(())
             }
+            // Between operations no content can stand, so a padded marker means one thing.
             State::Ops => self.file_marker(line),
             State::Add => match line.strip_prefix('+') {
                 Some(text) => {
                     self.add_line(text);
                     Ok(())
                 }
-                None if line.starts_with("***") => self.file_marker(line),
+                None if line.trim_start().starts_with("***") => self.file_marker(line),
                 None => Err(unexpected("an Add File line starting with '+'", line)),
             },
             State::UpdateHeader { move_allowed } => {
@@ -441,7 +453,11 @@ impl Machine {
                 Ok(())
             }
             State::Chunk => {
-                if starts_chunk_line(line) {
+                if line.starts_with(char::is_whitespace) && marker.trim_start() == END_PATCH {
+                    self.held.push(line.to_owned());
+                    self.state = State::MaybeEnded;
+                    Ok(())
+                } else if starts_chunk_line(line) {
                     self.chunk_line(line);
                     Ok(())
                 } else if line.starts_with("@@") {
@@ -460,18 +476,38 @@ impl Machine {
                 }
             }
             State::AfterEof => {
-                if marker.is_empty() {
+                // No chunk line may follow `*** End of File`, so padding is unambiguous here.
+                let trimmed = marker.trim_start();
+                if trimmed.is_empty() {
                     Ok(())
-                } else if line.starts_with("@@") {
-                    self.chunk_header(line)
-                } else if line.starts_with("***") {
-                    self.file_marker(line)
+                } else if trimmed.starts_with("@@") {
+                    self.chunk_header(trimmed)
+                } else if trimmed.starts_with("***") {
+                    self.file_marker(trimmed)
                 } else {
                     Err(unexpected(
                         "'@@' or a file marker after '*** End of File'",
                         line,
                     ))
                 }
+            }
+            State::MaybeEnded => {
+                let continues =
+                    starts_chunk_line(line) || line.starts_with("@@") || line.starts_with("***");
+                if marker.trim_start().is_empty() {
+                    self.held.push(line.to_owned());
+                } else if continues {
+                    // The held line was context after all (and so were the blank lines).
+                    self.state = State::Chunk;
+                    for held in std::mem::take(&mut self.held) {
+                        self.chunk_line(&held);
+                    }
+                    return self.step(line);
+                } else {
+                    self.end();
+                    return self.step(line);
+                }
+                Ok(())
             }
             State::Ended => {
                 let trimmed = marker.trim_start();
@@ -495,7 +531,7 @@ impl Machine {
 
     /// A line where a file operation (or the end of the patch) must start.
     fn file_marker(&mut self, line: &str) -> Result<(), ParseErrorKind> {
-        match classify(line.trim_end()) {
+        match classify(line.trim()) {
             Marker::File(kind, path) => {
                 self.claim(path)?;
                 let path = path.to_owned();
@@ -530,10 +566,7 @@ impl Machine {
             }
             Marker::End if self.ops.is_empty() => Err(ParseErrorKind::NoOperations),
             Marker::End => {
-                self.state = State::Ended;
-                if self.emit {
-                    self.events.push(StreamEvent::Ended);
-                }
+                self.end();
                 Ok(())
             }
             Marker::EmptyPath => Err(ParseErrorKind::EmptyPath { found: quote(line) }),
@@ -556,6 +589,14 @@ impl Machine {
                 slot.insert(self.line_no);
                 Ok(())
             }
+        }
+    }
+
+    fn end(&mut self) {
+        self.held.clear();
+        self.state = State::Ended;
+        if self.emit {
+            self.events.push(StreamEvent::Ended);
         }
     }
 
@@ -696,7 +737,8 @@ fn classify(marker: &str) -> Marker<'_> {
         if rest.trim().is_empty() {
             return Marker::EmptyPath;
         }
-        let Some(path) = rest.strip_prefix(' ') else {
+        // Extra spaces before the path are padding too: no path starts with a space.
+        let Some(path) = rest.strip_prefix(' ').map(str::trim_start) else {
             return Marker::Unknown;
         };
         return match kind {
@@ -1095,6 +1137,80 @@ mod tests {
         );
     }
 
+    /// Markers padded the way models pad them, each where no content line could stand.
+    const PADDED: &str = concat!(
+        " *** Begin Patch\n",
+        "  *** Add File: new.txt\n",
+        "+hello\n",
+        "  *** Delete File:   gone.txt  \n",
+        "\t*** Update File: a.txt\n",
+        "@@   \n",
+        " keep\n",
+        "-old\n",
+        "+new\n",
+        "*** End of File   \n",
+        "   @@ fn tail()\n",
+        "-x\n",
+        " *** End Patch\n",
+    );
+
+    #[test]
+    fn padded_markers_are_read_where_they_are_unambiguous() {
+        let ops = parse_patch(PADDED).unwrap().ops;
+        assert_eq!(
+            ops,
+            vec![
+                FileOp::Add {
+                    path: "new.txt".into(),
+                    lines: vec!["hello".into()]
+                },
+                FileOp::Delete {
+                    path: "gone.txt".into()
+                },
+                update(
+                    "a.txt",
+                    vec![
+                        chunk(None, &["keep", "old"], &["keep", "new"], true),
+                        chunk(Some("fn tail()"), &["x"], &[], false),
+                    ]
+                ),
+            ]
+        );
+        // The same inside a heredoc and inside prose: the padded end still ends the patch.
+        assert_eq!(
+            parse_patch(&format!("<<'EOF'\n{PADDED}EOF\n")).unwrap().ops,
+            ops
+        );
+        let prose = format!("Here you go:\n```\n{PADDED}```\nDone.");
+        assert_eq!(parse_any(&prose).unwrap().ops, ops);
+    }
+
+    #[test]
+    fn a_padded_end_line_followed_by_chunk_lines_is_context() {
+        // ` *** End Patch` then more chunk lines: it was a context line all along.
+        let text =
+            "*** Begin Patch\n*** Update File: a\n x\n *** End Patch  \n\n \n-y\n*** End Patch\n";
+        assert_eq!(
+            parse_patch(text).unwrap().ops,
+            vec![update(
+                "a",
+                vec![chunk(
+                    None,
+                    &["x", "*** End Patch  ", "", "", "y"],
+                    &["x", "*** End Patch  ", "", ""],
+                    false
+                )]
+            )]
+        );
+        // Followed by anything else, it ends the patch, and what follows is judged as usual.
+        let error = parse_patch("*** Begin Patch\n*** Update File: a\n-x\n *** End Patch\nmore")
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "patch line 5: expected nothing after '*** End Patch', found 'more'"
+        );
+    }
+
     /// Whole inputs that must be refused: (text, line, code, part of the message).
     #[rustfmt::skip]
     const REFUSED: &[(&str, usize, &str, &str)] = &[
@@ -1229,6 +1345,9 @@ mod tests {
             "*** Begin Patch\n*** Add File: a\n+x\ny\n*** End Patch\n".to_owned(),
             "*** Begin Patch\n*** Update File: a\n@@\n x".to_owned(),
             "\n  *** Begin Patch\n*** Delete File: a\n*** End Patch\n\n".to_owned(),
+            PADDED.to_owned(),
+            "*** Begin Patch\n*** Update File: a\n x\n *** End Patch  \n\n \n-y\n*** End Patch\n"
+                .to_owned(),
         ];
         samples.extend(refused_texts().map(|(text, ..)| text));
         samples

@@ -14,7 +14,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// Files spark never reads, sends or writes (SPEC §5), matched case-insensitively. A pattern is
+/// Files spark never reads, sends or writes (ARCHITECTURE.md, "Invariants"), matched case-insensitively. A pattern is
 /// a basename (`.npmrc`), a basename with one leading or trailing `*` (`*.pem`, `id_rsa*`), or a
 /// directory name ending in `/` that matches any component of the path (`.ssh/`).
 pub(crate) const SECRET_PATTERNS: &[&str] = &[
@@ -50,6 +50,10 @@ const MAX_SHOWN_CHARS: usize = 200;
 
 /// Index mode of a gitlink, the entry a submodule leaves in its superproject's index.
 const GITLINK_MODE: u32 = 0o160_000;
+
+/// The skip-worktree bit of an index entry's extended flags (`GIT_INDEX_ENTRY_SKIP_WORKTREE`):
+/// sparse checkout leaves the entry out of the worktree.
+const SKIP_WORKTREE: u16 = 1 << 14;
 
 /// A repository-relative path that passed [`validate_rel_path`]: non-empty, `/`-separated,
 /// without `.`, `..` or empty components, and with nothing git or spark refuses to touch by name.
@@ -122,6 +126,9 @@ pub(crate) enum PathErrorKind {
     Submodule,
     /// `ignored`: git ignores the path and does not track it.
     Ignored,
+    /// `sparse_checkout`: the path is outside the worktree's sparse checkout (skip-worktree in
+    /// the index, or a new path the sparse-checkout patterns leave out).
+    SparseCheckout,
     /// `already_exists`: a create would overwrite an existing path.
     AlreadyExists,
     /// `not_found`: a modify or delete names a path that does not exist.
@@ -154,6 +161,7 @@ impl PathErrorKind {
             Self::NotADirectory => "not_a_directory",
             Self::Submodule => "submodule",
             Self::Ignored => "ignored",
+            Self::SparseCheckout => "sparse_checkout",
             Self::AlreadyExists => "already_exists",
             Self::NotFound => "not_found",
             Self::IsDirectory => "is_directory",
@@ -172,7 +180,8 @@ impl PathErrorKind {
             Self::ControlCharacter => {
                 "it contains a control, bidirectional or line-separator character"
             }
-            Self::ParentDir => "it escapes the worktree",
+            // Also from a subdirectory, where `../x` would stay inside the tree: say what is true.
+            Self::ParentDir => "it contains a `..` component, which spark never follows",
             Self::TrailingSlash => "it ends with '/' and so names a directory, not a file",
             Self::GitDir => "it names a .git directory (in a spelling git guards against)",
             Self::Colon => "it contains ':' (an NTFS alternate data stream)",
@@ -184,12 +193,44 @@ impl PathErrorKind {
             Self::NotADirectory => "a component of it is not a directory",
             Self::Submodule => "it is inside a submodule or nested git repository",
             Self::Ignored => "git ignores it",
+            Self::SparseCheckout => "it is outside this worktree's sparse checkout",
             Self::AlreadyExists => "it already exists",
             Self::NotFound => "it does not exist",
             Self::IsDirectory => "it is a directory",
             Self::SpecialFile => "it is not a regular file (a fifo, socket or device)",
             Self::Io => "the filesystem could not be inspected",
             Self::Git => "git could not answer about it",
+        }
+    }
+
+    /// What the user can do about it: one line, printed by `sparkctl` as `hint: …`.
+    pub(crate) fn hint(self) -> &'static str {
+        match self {
+            Self::Empty | Self::TrailingSlash => "name a file, relative to the current directory",
+            Self::Absolute | Self::ParentDir => {
+                "name the file relative to the current directory without `..`, or run from a directory above it"
+            }
+            Self::Backslash => "separate path components with '/'",
+            Self::ControlCharacter | Self::Colon => "rename the file, or edit it yourself",
+            Self::GitDir => "spark never edits git's own files",
+            Self::Secret => "spark never reads or writes secret files; edit it yourself",
+            Self::SymlinkEscape => {
+                "edit the file where the symlink leads, from inside that repository"
+            }
+            Self::SymlinkTarget => "name the file the symlink points to",
+            Self::NotADirectory | Self::IsDirectory | Self::SpecialFile => {
+                "name a regular file; `git status` shows what is there"
+            }
+            Self::Submodule => "run spark inside the submodule or nested repository instead",
+            Self::Ignored => {
+                "spark only edits files git would track; check `git check-ignore -v <path>`"
+            }
+            Self::SparseCheckout => {
+                "`git sparse-checkout add <dir>` brings it into the checkout first"
+            }
+            Self::AlreadyExists => "update the existing file instead of adding it",
+            Self::NotFound => "add the file instead, or check the path from the current directory",
+            Self::Io | Self::Git => "see the daemon log for details",
         }
     }
 }
@@ -237,6 +278,10 @@ impl PathError {
 
     pub(crate) fn code(&self) -> &'static str {
         self.kind.code()
+    }
+
+    pub(crate) fn hint(&self) -> &'static str {
+        self.kind.hint()
     }
 }
 
@@ -389,6 +434,20 @@ impl<'r> Targets<'r> {
 
     /// See [`check_target`].
     pub(crate) fn check(&mut self, rel: &RelPath, intent: Intent) -> Result<PathBuf, PathError> {
+        self.check_real(rel, intent)
+            .map(|_| self.workdir.join(rel.to_path()))
+    }
+
+    /// [`check_target`], returning the path the write really lands on: `rel` with every
+    /// symlinked directory on the way resolved (`alias/f.txt` is `real/f.txt` when
+    /// `alias -> real`). git tracks `alias` as a link and `real/f.txt` as the file, so an edit is
+    /// written and recorded under the real path; recording it under the link's spelling would put
+    /// a file beneath what the tree holds as a symlink.
+    pub(crate) fn check_real(
+        &mut self,
+        rel: &RelPath,
+        intent: Intent,
+    ) -> Result<RelPath, PathError> {
         // First and without I/O: a deny-listed name is refused alike whether or not it exists,
         // so the answer reveals nothing about the user's secrets.
         if is_secret(rel) {
@@ -420,7 +479,7 @@ fn check_one(
     index: &git2::Index,
     rel: &RelPath,
     intent: Intent,
-) -> Result<PathBuf, PathError> {
+) -> Result<RelPath, PathError> {
     use PathErrorKind as K;
     let path = rel.as_str();
     let refuse = |kind| PathError::new(kind, path);
@@ -497,15 +556,83 @@ fn check_one(
         }
     }
 
+    for candidate in [Some(rel), real].into_iter().flatten() {
+        if outside_sparse_checkout(repo, index, candidate, leaf.is_some())
+            .map_err(|e| PathError::git(path, e))?
+        {
+            return Err(refuse(K::SparseCheckout));
+        }
+    }
+
     match (leaf, intent) {
         (Some(meta), _) if meta.is_dir() => Err(refuse(K::IsDirectory)),
         (Some(meta), _) if !meta.is_file() => Err(refuse(K::SpecialFile)),
         (Some(_), Intent::Create) => Err(refuse(K::AlreadyExists)),
         (None, Intent::Modify | Intent::Delete) => Err(refuse(K::NotFound)),
-        (Some(_), Intent::Modify | Intent::Delete) | (None, Intent::Create) => {
-            Ok(workdir.join(rel.to_path()))
-        }
+        (Some(_), Intent::Modify | Intent::Delete) | (None, Intent::Create) => Ok(resolved.rel),
     }
+}
+
+/// Whether `core.sparseCheckout` is on for this worktree. `git sparse-checkout` writes it to the
+/// per-worktree `config.worktree` (with `extensions.worktreeConfig`), which is read first.
+fn sparse_checkout_on(repo: &git2::Repository) -> Result<bool, git2::Error> {
+    let per_worktree = repo.path().join("config.worktree");
+    if per_worktree.is_file()
+        && let Ok(on) = git2::Config::open(&per_worktree)?.get_bool("core.sparseCheckout")
+    {
+        return Ok(on);
+    }
+    Ok(repo
+        .config()?
+        .get_bool("core.sparseCheckout")
+        .unwrap_or(false))
+}
+
+/// Whether `rel` lies outside the worktree's sparse checkout. A tracked path is outside when
+/// its index entry has the skip-worktree bit (whatever the patterns say: that bit is what git
+/// acts on). An untracked path that does not exist is outside when `core.sparseCheckout` is on
+/// and the `info/sparse-checkout` patterns leave it out: git would not check it out, and a file
+/// created there conflicts with the next `git sparse-checkout reapply` or checkout. Cone-mode
+/// patterns are a subset of the full pattern syntax with the same meaning, so one matcher (the
+/// gitignore rules, where a match means "included") serves both modes.
+fn outside_sparse_checkout(
+    repo: &git2::Repository,
+    index: &git2::Index,
+    rel: &RelPath,
+    exists: bool,
+) -> Result<bool, git2::Error> {
+    if let Some(entry) = index.get_path(&rel.to_path(), 0) {
+        return Ok(entry.flags_extended & SKIP_WORKTREE != 0);
+    }
+    if exists {
+        // An untracked file the user has on disk anyway: git leaves such files alone.
+        return Ok(false);
+    }
+    if !sparse_checkout_on(repo)? {
+        return Ok(false);
+    }
+    let patterns = match fs::read_to_string(repo.path().join("info/sparse-checkout")) {
+        Ok(text) => text,
+        // Sparse checkout on without a pattern file: git checks out nothing but the root.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            return Err(git2::Error::from_str(&format!(
+                "cannot read info/sparse-checkout: {e}"
+            )));
+        }
+    };
+    let mut builder = ignore::gitignore::GitignoreBuilder::new("");
+    for line in patterns.lines() {
+        builder
+            .add_line(None, line)
+            .map_err(|e| git2::Error::from_str(&format!("info/sparse-checkout: {e}")))?;
+    }
+    let matcher = builder
+        .build()
+        .map_err(|e| git2::Error::from_str(&format!("info/sparse-checkout: {e}")))?;
+    Ok(!matcher
+        .matched_path_or_any_parents(rel.as_str(), false)
+        .is_ignore())
 }
 
 /// Where a path really lands: its deepest existing directory, canonicalised, plus the rest.
@@ -671,6 +798,7 @@ mod tests {
         PathErrorKind::NotADirectory,
         PathErrorKind::Submodule,
         PathErrorKind::Ignored,
+        PathErrorKind::SparseCheckout,
         PathErrorKind::AlreadyExists,
         PathErrorKind::NotFound,
         PathErrorKind::IsDirectory,
@@ -770,7 +898,8 @@ mod tests {
         let error = validate_rel_path("x/../y").expect_err("refused");
         assert_eq!(
             error.to_string(),
-            "refusing path `x/../y`: it escapes the worktree"
+            // `x/../y` would stay inside the tree: the reason says what is true of it.
+            "refusing path `x/../y`: it contains a `..` component, which spark never follows"
         );
         assert_eq!(error.path(), "x/../y");
         assert_eq!(error.kind(), PathErrorKind::ParentDir);
@@ -1160,6 +1289,90 @@ mod tests {
         // ... but a link to a file used as a directory is still not a directory.
         tree.symlink("README.md", "readme");
         assert_eq!(tree.code("readme/x", Intent::Create), "not_a_directory");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_path_through_a_symlinked_directory_resolves_to_the_real_path() {
+        let tree = Tree::new();
+        tree.write("real/sub/f.txt", "x\n");
+        tree.symlink("real", "alias");
+        let mut targets = Targets::new(tree.root(), &tree.repo);
+        let real = |t: &mut Targets<'_>, raw: &str, intent| {
+            t.check_real(&rel(raw), intent)
+                .expect("allowed")
+                .as_str()
+                .to_owned()
+        };
+        assert_eq!(
+            real(&mut targets, "alias/sub/f.txt", Intent::Modify),
+            "real/sub/f.txt"
+        );
+        assert_eq!(
+            real(&mut targets, "alias/new/g.txt", Intent::Create),
+            "real/new/g.txt"
+        );
+        assert_eq!(
+            real(&mut targets, "real/sub/f.txt", Intent::Delete),
+            "real/sub/f.txt"
+        );
+    }
+
+    #[test]
+    fn paths_outside_a_sparse_checkout_are_refused() {
+        let tree = Tree::new();
+        tree.write("src/a.rs", "a\n");
+        tree.track("src/a.rs");
+        tree.write("docs/b.md", "b\n");
+        tree.track("docs/b.md");
+        let mut config = tree.repo.config().expect("config");
+        config.set_bool("core.sparseCheckout", true).expect("set");
+        // What `git sparse-checkout set --cone src` writes.
+        tree.mkdir(".git/info");
+        tree.write(".git/info/sparse-checkout", "/*\n!/*/\n/src/\n");
+        // The skip-worktree bit is what git acts on for tracked files.
+        let mut index = tree.repo.index().expect("index");
+        let mut entry = index.get_path(Path::new("docs/b.md"), 0).expect("entry");
+        entry.flags |= 0x4000; // GIT_INDEX_ENTRY_EXTENDED
+        entry.flags_extended |= SKIP_WORKTREE;
+        index.add(&entry).expect("add");
+        index.write().expect("write index");
+        std::fs::remove_file(tree.root().join("docs/b.md")).expect("rm");
+
+        assert_eq!(tree.code("docs/b.md", Intent::Modify), "sparse_checkout");
+        assert_eq!(tree.code("docs/new.md", Intent::Create), "sparse_checkout");
+        assert_eq!(
+            tree.code("other/deep/new.md", Intent::Create),
+            "sparse_checkout"
+        );
+        tree.check("src/a.rs", Intent::Modify)
+            .expect("inside the cone");
+        tree.check("src/deep/new.rs", Intent::Create)
+            .expect("inside the cone");
+        tree.check("top.txt", Intent::Create)
+            .expect("files at the root are always in");
+
+        // Non-cone patterns: gitignore syntax, a match includes.
+        tree.write(
+            ".git/info/sparse-checkout",
+            "*.rs\n/src/gen/\n!/src/gen/old/\n",
+        );
+        tree.check("docs/x.rs", Intent::Create)
+            .expect("matches *.rs");
+        tree.check("src/gen/y.md", Intent::Create)
+            .expect("under /src/gen/");
+        assert_eq!(tree.code("docs/x.md", Intent::Create), "sparse_checkout");
+        assert_eq!(
+            tree.code("src/gen/old/y.md", Intent::Create),
+            "sparse_checkout"
+        );
+    }
+
+    #[test]
+    fn every_refusal_has_a_hint() {
+        for kind in ALL_KINDS {
+            assert!(!kind.hint().is_empty(), "{kind:?}");
+        }
     }
 
     #[cfg(unix)]

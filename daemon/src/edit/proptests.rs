@@ -576,3 +576,358 @@ proptest! {
         prop_assert!(changed.is_empty(), "a dry run changed {:?}", changed);
     }
 }
+
+/// Sloppiness: for random files and random correct patches in both formats, each transform a
+/// model really applies to its output either lands exactly the bytes the clean patch lands, or
+/// is refused — never anything else.
+mod sloppy {
+    use proptest::prelude::*;
+
+    use super::super::matcher::apply_update;
+    use super::super::patch::{FileOp, parse_any};
+
+    const PATH: &str = "src/f.py";
+    /// Line bodies with quotes, dashes and brackets, as code has them.
+    const BODIES: &[&str] = &[
+        "x = \"a\"",
+        "say('hi')",
+        "call(1, 2)",
+        "if ok:",
+        "return \"done\" - 1",
+        "items = ['a', 'b']",
+        "pass",
+    ];
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Transform {
+        PaddedMarkers,
+        DroppedIndentation,
+        /// The common indentation dropped from only some of the old side's lines (the added
+        /// lines too when any was): no one offset, so mostly refused.
+        DroppedSomeIndentation,
+        StrayBlankLines,
+        TrailingWhitespace,
+        CurlyQuotes,
+    }
+
+    const TRANSFORMS: [Transform; 6] = [
+        Transform::PaddedMarkers,
+        Transform::DroppedIndentation,
+        Transform::DroppedSomeIndentation,
+        Transform::StrayBlankLines,
+        Transform::TrailingWhitespace,
+        Transform::CurlyQuotes,
+    ];
+
+    /// A chunk as lines with their sign: ' ' context, '-' removed, '+' added.
+    type Chunk = Vec<(char, String)>;
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        file: Vec<String>,
+        chunks: Vec<Chunk>,
+    }
+
+    /// xorshift64, seeded by proptest: the case is a pure function of the seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    fn indent_of(line: &str) -> &str {
+        &line[..line.len() - line.trim_start().len()]
+    }
+
+    fn generate(seed: u64) -> Case {
+        let mut rng = Rng(seed | 1);
+        let unit = if rng.below(4) == 0 { "\t" } else { "    " };
+        let count = 3 + rng.below(30);
+        let file: Vec<String> = (0..count)
+            .map(|i| {
+                if rng.below(8) == 0 {
+                    String::new()
+                } else {
+                    let level = rng.below(4);
+                    let body = BODIES[rng.below(BODIES.len())];
+                    format!("{}l{i} {body}", unit.repeat(level))
+                }
+            })
+            .collect();
+        let mut chunks = Vec::new();
+        let mut at = rng.below(3);
+        let mut site = 0;
+        while at < count {
+            let ctx_before = rng.below(3).min(count - at);
+            let start = at + ctx_before;
+            let del = rng.below(3).min(count - start);
+            let ctx_after = rng.below(3).min(count - start - del);
+            let end = start + del + ctx_after;
+            // Each chunk needs a line with a tag, so it matches in one place only.
+            if (at..end).all(|i| file[i].is_empty()) {
+                at = end + 1;
+                continue;
+            }
+            let anchor = indent_of(&file[(start).min(count - 1)]).to_owned();
+            let inserts: Vec<String> = (0..rng.below(4))
+                .map(|k| match rng.below(6) {
+                    0 => String::new(),
+                    1 => format!(
+                        "{anchor}{unit}n{site}_{k} {}",
+                        BODIES[rng.below(BODIES.len())]
+                    ),
+                    _ => format!("{anchor}n{site}_{k} {}", BODIES[rng.below(BODIES.len())]),
+                })
+                .collect();
+            if del == 0 && inserts.is_empty() {
+                at = end + 1;
+                continue;
+            }
+            let mut chunk: Chunk = Vec::new();
+            chunk.extend((at..start).map(|i| (' ', file[i].clone())));
+            chunk.extend((start..start + del).map(|i| ('-', file[i].clone())));
+            chunk.extend(inserts.into_iter().map(|line| ('+', line)));
+            chunk.extend((start + del..end).map(|i| (' ', file[i].clone())));
+            chunks.push(chunk);
+            site += 1;
+            at = end + 1 + rng.below(3);
+        }
+        Case { file, chunks }
+    }
+
+    fn transform(chunks: &[Chunk], how: Transform, rng: &mut Rng) -> Vec<Chunk> {
+        chunks
+            .iter()
+            .map(|chunk| match how {
+                Transform::PaddedMarkers => chunk.clone(),
+                Transform::DroppedIndentation | Transform::DroppedSomeIndentation => {
+                    // The chunk's common indentation, as a model that dedents its snippet drops.
+                    let common = chunk
+                        .iter()
+                        .filter(|(_, line)| !line.trim().is_empty())
+                        .map(|(_, line)| indent_of(line))
+                        .min_by_key(|indent| indent.len())
+                        .unwrap_or("")
+                        .to_owned();
+                    let mut old_side: Vec<bool> = chunk
+                        .iter()
+                        .map(|_| how == Transform::DroppedIndentation || rng.below(2) == 0)
+                        .collect();
+                    let any_old = chunk.iter().zip(&old_side).any(|((sign, line), drop)| {
+                        *sign != '+' && *drop && !common.is_empty() && !line.trim().is_empty()
+                    });
+                    for ((sign, _), drop) in chunk.iter().zip(old_side.iter_mut()) {
+                        if *sign == '+' {
+                            *drop = any_old;
+                        }
+                    }
+                    chunk
+                        .iter()
+                        .zip(old_side)
+                        .map(|((sign, line), drop)| {
+                            let line = match drop {
+                                true => line.strip_prefix(common.as_str()).unwrap_or(line),
+                                false => line,
+                            };
+                            (*sign, line.to_owned())
+                        })
+                        .collect()
+                }
+                Transform::StrayBlankLines => {
+                    let mut out = chunk.clone();
+                    if rng.below(2) == 0 {
+                        out.insert(0, (' ', String::new()));
+                    }
+                    if rng.below(2) == 0 || out.len() == chunk.len() {
+                        out.push((' ', String::new()));
+                    }
+                    out
+                }
+                Transform::TrailingWhitespace => chunk
+                    .iter()
+                    .map(|(sign, line)| match sign {
+                        '+' => (*sign, line.clone()),
+                        _ => (
+                            *sign,
+                            format!("{line}{}", [" ", "\t", "  ", ""][rng.below(4)]),
+                        ),
+                    })
+                    .collect(),
+                Transform::CurlyQuotes => chunk
+                    .iter()
+                    .map(|(sign, line)| match sign {
+                        '+' => (*sign, line.clone()),
+                        _ => (*sign, curl(line)),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// ASCII quotes turned typographic, opening and closing alternately.
+    fn curl(line: &str) -> String {
+        let (mut double, mut single) = (false, false);
+        line.chars()
+            .map(|c| match c {
+                '"' => {
+                    double = !double;
+                    if double { '“' } else { '”' }
+                }
+                '\'' => {
+                    single = !single;
+                    if single { '‘' } else { '’' }
+                }
+                other => other,
+            })
+            .collect()
+    }
+
+    fn apply_patch_text(chunks: &[Chunk], padded: bool) -> String {
+        let (begin, file, at, end) = if padded {
+            (
+                " *** Begin Patch",
+                "  *** Update File: ",
+                "@@  ",
+                "  *** End Patch  ",
+            )
+        } else {
+            (
+                "*** Begin Patch",
+                "*** Update File: ",
+                "@@",
+                "*** End Patch",
+            )
+        };
+        let mut text = format!("{begin}\n{file}{PATH}\n");
+        for chunk in chunks {
+            text.push_str(at);
+            text.push('\n');
+            for (sign, line) in chunk {
+                text.push(*sign);
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text.push_str(end);
+        text.push('\n');
+        text
+    }
+
+    fn search_replace_text(chunks: &[Chunk], padded: bool) -> String {
+        let pad = if padded { "  " } else { "" };
+        let mut text = String::new();
+        for chunk in chunks {
+            let side = |keep: char| -> String {
+                chunk
+                    .iter()
+                    .filter(|(sign, _)| *sign == ' ' || *sign == keep)
+                    .map(|(_, line)| format!("{line}\n"))
+                    .collect()
+            };
+            text.push_str(&format!(
+                "{PATH}\n```python\n<<<<<<< SEARCH{pad}\n{}======={pad}\n{}>>>>>>> REPLACE{pad}\n```\n\n",
+                side('-'),
+                side('+')
+            ));
+        }
+        text
+    }
+
+    /// Parses and applies `text` to `file` the way `edit::apply` does for one update.
+    fn land(file: &[u8], text: &str) -> Result<Vec<u8>, String> {
+        let patch = parse_any(text).map_err(|e| e.to_string())?;
+        match patch.ops.as_slice() {
+            [FileOp::Update { chunks, .. }] => {
+                apply_update(file, chunks).map_err(|e| e.to_string())
+            }
+            other => Err(format!("not one update: {other:?}")),
+        }
+    }
+
+    fn file_bytes(case: &Case) -> Vec<u8> {
+        case.file
+            .iter()
+            .flat_map(|line| format!("{line}\n").into_bytes())
+            .collect()
+    }
+
+    /// Outcomes of one transform over a case, in both formats: (landed exactly, refused).
+    fn outcomes(seed: u64, how: Transform) -> Result<[(bool, bool); 2], TestCaseError> {
+        let case = generate(seed);
+        let file = file_bytes(&case);
+        let mut rng = Rng(seed.rotate_left(17) | 1);
+        let sloppy = transform(&case.chunks, how, &mut rng);
+        let padded = how == Transform::PaddedMarkers;
+        let mut out = [(false, false); 2];
+        for (slot, render) in [apply_patch_text, search_replace_text]
+            .into_iter()
+            .enumerate()
+        {
+            if case.chunks.is_empty() {
+                continue;
+            }
+            let clean = land(&file, &render(&case.chunks, false));
+            let clean =
+                clean.map_err(|e| TestCaseError::fail(format!("clean patch refused: {e}")))?;
+            let text = render(&sloppy, padded);
+            match land(&file, &text) {
+                Ok(bytes) if bytes == clean => out[slot] = (true, false),
+                Ok(bytes) => {
+                    return Err(TestCaseError::fail(format!(
+                        "{how:?} misapplied:\n{text}\nlanded:\n{}\nclean:\n{}",
+                        String::from_utf8_lossy(&bytes),
+                        String::from_utf8_lossy(&clean)
+                    )));
+                }
+                Err(_) => out[slot] = (false, true),
+            }
+        }
+        Ok(out)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn sloppy_patches_land_the_clean_bytes_or_are_refused(seed in any::<u64>()) {
+            for how in TRANSFORMS {
+                outcomes(seed, how)?;
+            }
+        }
+    }
+
+    /// The leniencies are not only safe but useful: over a fixed set of cases, each transform
+    /// lands exactly in at least 95% of them (dropping only some lines' indentation is mostly
+    /// refused, rightly: no one offset tells how to indent the replacement).
+    #[test]
+    fn most_sloppy_patches_land() {
+        for how in TRANSFORMS {
+            let (mut landed, mut total) = (0, 0);
+            for seed in 1..=300_u64 {
+                let results = outcomes(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), how)
+                    .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                for (exact, refused) in results {
+                    total += usize::from(exact || refused);
+                    landed += usize::from(exact);
+                }
+            }
+            let rate = landed as f64 / total as f64;
+            println!("{how:?}: {landed}/{total} landed exactly, the rest refused");
+            let floor = if how == Transform::DroppedSomeIndentation {
+                0.0
+            } else {
+                0.95
+            };
+            assert!(rate >= floor, "{how:?}: {landed}/{total} landed");
+        }
+    }
+}

@@ -3,10 +3,14 @@
 //! A record is three commits: B (HEAD's tree with the edited files in their pre-edit state),
 //! I (the "index commit", same tree as B) and W (B's tree with the post-edit states, parents
 //! [B, I]). When the edited files were unmodified against HEAD, B is HEAD itself, exactly as
-//! `git stash` does it, and only I and W are written. Recording only ever writes objects and refs under `refs/spark/` (plus `refs/stash`
+//! `git stash` does it, and only I and W are written. Files the edit changed that were untracked (in
+//! neither HEAD nor the index) stay out of B and W and go into a third parent U, as
+//! `git stash -u` stores them, so `git stash pop` restores them; U's own parent holds their
+//! pre-edit state. Recording only ever writes objects and refs under `refs/spark/` (plus `refs/stash`
 //! when asked): HEAD, the branch, the user's index and the worktree are never touched, and no
-//! hook or filter runs, because the edit has already landed on disk and the user's own git state
-//! belongs to the user. Every W is pinned under `refs/spark/pins/<hex>` so that neither gc nor
+//! hook or filter program runs, because the edit has already landed on disk and the user's own git state
+//! belongs to the user. Blobs get git's built-in conversions (line endings, `ident`) so they are
+//! what git itself would store. Every W is pinned under `refs/spark/pins/<hex>` so that neither gc nor
 //! reflog expiry can ever drop a recorded edit.
 
 use std::path::Path;
@@ -20,9 +24,9 @@ use git2::{
 };
 
 /// The moving ref whose reflog is the ledger of edits (`git reflog show refs/spark/edits`).
-const EDITS_REF: &str = "refs/spark/edits";
+pub(crate) const EDITS_REF: &str = "refs/spark/edits";
 /// One ref per edit: reflogs expire, these do not.
-const PINS_PREFIX: &str = "refs/spark/pins/";
+pub(crate) const PINS_PREFIX: &str = "refs/spark/pins/";
 const STASH_REF: &str = "refs/stash";
 /// A compare-and-swap ref update loses only to another writer of the same ref; a handful of
 /// retries rides out that race without spinning forever on a stuck lock file.
@@ -120,15 +124,65 @@ pub(crate) fn record_edit(
     // HEAD is read once so B, and therefore the whole record, refers to one consistent base even
     // if the user commits while we work.
     let head = head_commit(repo)?;
-    let before = changes.iter().map(|c| (c.path.as_str(), c.before.as_ref()));
-    let sig = signature(repo, meta.time_ms)?;
-    let summary = summary_line(&meta.message);
     let head_tree = head
         .as_ref()
         .map(|h| h.tree().during("read HEAD's tree"))
         .transpose()?;
+    // A file that existed before the edit but is in neither HEAD nor the index is untracked:
+    // `git stash -u` keeps such files out of W and in a third parent U, and `git stash pop`
+    // restores them from there; in W they would make pop fail ("untracked working tree files
+    // would be overwritten").
+    // On an unborn branch git has no stash at all (`git stash` needs the initial commit), so
+    // there every file stays in W, where `git stash show -p` shows it.
+    let mut index = repo.index().during("read the index")?;
+    // The repository's index object is cached; the user may have staged files since.
+    index.read(false).during("read the index")?;
+    let kept;
+    let changes = if file_mode_ignored(repo) {
+        kept = with_git_modes(changes, &index, head_tree.as_ref())?;
+        &kept[..]
+    } else {
+        changes
+    };
+    let mut tracked = Vec::with_capacity(changes.len());
+    let mut untracked = Vec::new();
+    for c in changes {
+        let in_head = match &head_tree {
+            Some(tree) => tree_has(tree, &c.path)?,
+            None => true,
+        };
+        if c.before.is_some()
+            && c.after.is_some()
+            && c.before != c.after
+            && !in_head
+            && index.get_path(Path::new(&c.path), 0).is_none()
+        {
+            untracked.push(c.clone());
+        } else {
+            tracked.push(c.clone());
+        }
+    }
+    // The two sets land in different trees, where a file that is also a directory would go
+    // unnoticed.
+    for u in &untracked {
+        for t in &tracked {
+            let (a, b) = (u.path.as_str(), t.path.as_str());
+            if b.strip_prefix(a).is_some_and(|r| r.starts_with('/'))
+                || a.strip_prefix(b).is_some_and(|r| r.starts_with('/'))
+            {
+                return Err(RecordError::InvalidPath {
+                    path: u.path.clone(),
+                    reason: "a file is also a directory",
+                });
+            }
+        }
+    }
+    let changes = tracked.as_slice();
+    let before = changes.iter().map(|c| (c.path.as_str(), c.before.as_ref()));
+    let sig = signature(repo, meta.time_ms)?;
+    let summary = summary_line(&meta.message);
     let b = match (&head, &head_tree) {
-        (Some(head), Some(tree)) if tree_holds(tree, changes)? => head.clone(),
+        (Some(head), Some(tree)) if tree_holds(repo, tree, changes)? => head.clone(),
         _ => {
             let b_tree = match &head_tree {
                 Some(tree) => updated_tree(repo, tree, before)?,
@@ -165,6 +219,11 @@ pub(crate) fn record_edit(
         )
         .during("write the index commit")?;
     let i = repo.find_commit(i_id).during("read the index commit")?;
+    let mut parents = vec![b.clone(), i];
+    if !untracked.is_empty() {
+        parents.push(untracked_commit(repo, &untracked, &b, &sig, &summary)?);
+    }
+    let parents: Vec<&Commit<'_>> = parents.iter().collect();
     let w_id = repo
         .commit(
             None,
@@ -172,7 +231,7 @@ pub(crate) fn record_edit(
             &sig,
             &commit_message(&meta.message),
             &w_tree,
-            &[&b, &i],
+            &parents,
         )
         .during("write the edit commit")?;
 
@@ -186,13 +245,107 @@ pub(crate) fn record_edit(
     Ok(w_id)
 }
 
-/// Reads back each changed file's before (from B) and after (from W) state. Files the edit
-/// left byte- and mode-identical do not appear.
-pub(crate) fn edit_changes(repo: &Repository, edit: Oid) -> Result<Vec<FileChange>, RecordError> {
-    let (b_tree, w_tree) = edit_trees(repo, edit)?;
+/// U, the untracked-files commit `git stash -u` makes: a tree of just the untracked files in
+/// their after state, with the message git writes. git makes U a root commit and reads only its
+/// tree; spark gives it one parent holding the same files in their before state, so the record
+/// still knows what an undo puts back.
+fn untracked_commit<'r>(
+    repo: &'r Repository,
+    untracked: &[FileChange],
+    b: &Commit<'_>,
+    sig: &Signature<'_>,
+    summary: &str,
+) -> Result<Commit<'r>, RecordError> {
+    let before = untracked
+        .iter()
+        .map(|c| (c.path.as_str(), c.before.as_ref()));
+    let before_tree = tree_from_scratch(repo, before)?;
+    let p_id = repo
+        .commit(
+            None,
+            sig,
+            sig,
+            &format!("spark untracked base: {summary}\n"),
+            &before_tree,
+            &[],
+        )
+        .during("write the untracked base commit")?;
+    let p = repo
+        .find_commit(p_id)
+        .during("read the untracked base commit")?;
+    let after = untracked
+        .iter()
+        .map(|c| (c.path.as_str(), c.after.as_ref()));
+    let u_tree = tree_from_scratch(repo, after)?;
+    let short = b
+        .as_object()
+        .short_id()
+        .during("abbreviate the base id")?
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let subject = summary_line(b.summary().ok().flatten().unwrap_or_default());
+    let message = format!(
+        "untracked files on {}: {short} {subject}\n",
+        head_branch(repo)?
+    );
+    let u_id = repo
+        .commit(None, sig, sig, &message, &u_tree, &[&p])
+        .during("write the untracked files commit")?;
+    repo.find_commit(u_id)
+        .during("read the untracked files commit")
+}
+
+/// The before and after trees of the files an edit keeps in its untracked-files parent (see
+/// [`untracked_commit`]), if it has one. A U that git made (a root commit) has no before tree.
+pub(crate) fn untracked_trees(
+    repo: &Repository,
+    edit: Oid,
+) -> Result<Option<(Option<Tree<'_>>, Tree<'_>)>, RecordError> {
+    edit_trees(repo, edit)?;
+    let w = repo.find_commit(edit).during("read the edit commit")?;
+    if w.parent_count() < 3 {
+        return Ok(None);
+    }
+    let u = w.parent(2).during("read the untracked files commit")?;
+    let before = match u.parent_count() {
+        0 => None,
+        _ => Some(
+            u.parent(0)
+                .during("read the untracked base commit")?
+                .tree()
+                .during("read the untracked base tree")?,
+        ),
+    };
+    Ok(Some((before, u.tree().during("read the untracked tree")?)))
+}
+
+/// Paths an edit keeps in its untracked-files parent: `git stash pop` restores them from there,
+/// so a stash takes them out of the worktree as `git stash -u` does.
+pub(crate) fn untracked_paths(repo: &Repository, edit: Oid) -> Result<Vec<String>, RecordError> {
+    Ok(untracked_changes(repo, edit)?
+        .into_iter()
+        .map(|c| c.path)
+        .collect())
+}
+
+fn untracked_changes(repo: &Repository, edit: Oid) -> Result<Vec<FileChange>, RecordError> {
+    let Some((before, after)) = untracked_trees(repo, edit)? else {
+        return Ok(Vec::new());
+    };
     let diff = repo
-        .diff_tree_to_tree(Some(&b_tree), Some(&w_tree), None)
-        .during("diff the edit")?;
+        .diff_tree_to_tree(before.as_ref(), Some(&after), None)
+        .during("diff the untracked files")?;
+    deltas_to_changes(repo, edit, &diff, before.as_ref(), &after)
+}
+
+fn deltas_to_changes(
+    repo: &Repository,
+    edit: Oid,
+    diff: &git2::Diff<'_>,
+    before: Option<&Tree<'_>>,
+    after: &Tree<'_>,
+) -> Result<Vec<FileChange>, RecordError> {
     let mut changes = Vec::with_capacity(diff.deltas().len());
     for delta in diff.deltas() {
         let path = delta
@@ -207,9 +360,28 @@ pub(crate) fn edit_changes(repo: &Repository, edit: Oid) -> Result<Vec<FileChang
             })?;
         changes.push(FileChange {
             path: path.to_owned(),
-            before: file_state(repo, &b_tree, path, edit)?,
-            after: file_state(repo, &w_tree, path, edit)?,
+            before: match before {
+                Some(tree) => file_state(repo, tree, path, edit)?,
+                None => None,
+            },
+            after: file_state(repo, after, path, edit)?,
         });
+    }
+    Ok(changes)
+}
+
+/// Reads back each changed file's before (from B) and after (from W) state. Files the edit
+/// left byte- and mode-identical do not appear.
+pub(crate) fn edit_changes(repo: &Repository, edit: Oid) -> Result<Vec<FileChange>, RecordError> {
+    let (b_tree, w_tree) = edit_trees(repo, edit)?;
+    let diff = repo
+        .diff_tree_to_tree(Some(&b_tree), Some(&w_tree), None)
+        .during("diff the edit")?;
+    let mut changes = deltas_to_changes(repo, edit, &diff, Some(&b_tree), &w_tree)?;
+    let untracked = untracked_changes(repo, edit)?;
+    if !untracked.is_empty() {
+        changes.extend(untracked);
+        changes.sort_by(|a, b| a.path.cmp(&b.path));
     }
     Ok(changes)
 }
@@ -218,17 +390,36 @@ pub(crate) fn edit_changes(repo: &Repository, edit: Oid) -> Result<Vec<FileChang
 /// default diff settings.
 pub(crate) fn edit_patch_bytes(repo: &Repository, edit: Oid) -> Result<Vec<u8>, RecordError> {
     let (b_tree, w_tree) = edit_trees(repo, edit)?;
+    let mut out = Vec::new();
+    patch_between(repo, Some(&b_tree), &w_tree, &mut out)?;
+    // Untracked files are not part of what `git stash show -p` prints; the edit to them follows,
+    // so the patch still shows every change the edit made.
+    if let Some((before, after)) = untracked_trees(repo, edit)? {
+        patch_between(repo, before.as_ref(), &after, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn patch_between(
+    repo: &Repository,
+    old: Option<&Tree<'_>>,
+    new: &Tree<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), RecordError> {
     let mut options = DiffOptions::new();
     // git has defaulted to the indent heuristic since 2.14; libgit2 has not.
     options.indent_heuristic(true);
     options.id_abbrev(git_abbrev_len(repo));
     let mut diff = repo
-        .diff_tree_to_tree(Some(&b_tree), Some(&w_tree), Some(&mut options))
+        .diff_tree_to_tree(old, Some(new), Some(&mut options))
         .during("diff the edit")?;
     // With no options libgit2 follows `diff.renames` (default: detect renames), as git does.
     diff.find_similar(None).during("detect renames")?;
-    let mut out = Vec::new();
-    diff.print(DiffFormat::Patch, |_, _, line| {
+    diff.print(DiffFormat::Patch, |delta, _, line| {
+        if line.origin() == 'F' {
+            file_header(&delta, line.content(), out);
+            return true;
+        }
         // libgit2 hands over the origin of content lines separately from their text.
         match line.origin() {
             '+' => out.push(b'+'),
@@ -240,7 +431,29 @@ pub(crate) fn edit_patch_bytes(repo: &Repository, edit: Oid) -> Result<Vec<u8>, 
         true
     })
     .during("format the edit as a patch")?;
-    Ok(out)
+    Ok(())
+}
+
+/// A file's header lines as git prints them: git ends the `---`/`+++` line of a path that holds
+/// a space with a tab (so `patch` can tell where the name ends), libgit2 does not.
+fn file_header(delta: &git2::DiffDelta<'_>, header: &[u8], out: &mut Vec<u8>) {
+    let spaced = |file: git2::DiffFile<'_>| file.path_bytes().is_some_and(|p| p.contains(&b' '));
+    let (old_spaced, new_spaced) = (spaced(delta.old_file()), spaced(delta.new_file()));
+    for line in header.split_inclusive(|&b| b == b'\n') {
+        let tab = match line {
+            l if l.starts_with(b"--- /dev/null") || l.starts_with(b"+++ /dev/null") => false,
+            l if l.starts_with(b"--- ") => old_spaced,
+            l if l.starts_with(b"+++ ") => new_spaced,
+            _ => false,
+        };
+        match line.strip_suffix(b"\n") {
+            Some(text) if tab => {
+                out.extend_from_slice(text);
+                out.extend_from_slice(b"\t\n");
+            }
+            _ => out.extend_from_slice(line),
+        }
+    }
 }
 
 /// The length git abbreviates the `index` line's blob ids to: `core.abbrev`, or by default one
@@ -414,6 +627,55 @@ fn validate(changes: &[FileChange]) -> Result<(), RecordError> {
     Ok(())
 }
 
+/// `core.fileMode=false`: git ignores the worktree's executable bit (filesystems that do not
+/// keep it, or a team's choice).
+fn file_mode_ignored(repo: &Repository) -> bool {
+    repo.config()
+        .and_then(|c| c.get_bool("core.filemode"))
+        .is_ok_and(|on| !on)
+}
+
+/// The changes with the modes git would record when it ignores the executable bit: the mode the
+/// index has for the path, else HEAD's, else 100644 for a new file.
+fn with_git_modes(
+    changes: &[FileChange],
+    index: &git2::Index,
+    head_tree: Option<&Tree<'_>>,
+) -> Result<Vec<FileChange>, RecordError> {
+    changes
+        .iter()
+        .map(|c| {
+            let known = match index.get_path(Path::new(&c.path), 0) {
+                Some(entry) => Some(entry.mode),
+                None => match head_tree.map(|t| t.get_path(Path::new(&c.path))) {
+                    Some(Ok(entry)) => u32::try_from(entry.filemode()).ok(),
+                    Some(Err(e)) if e.code() != ErrorCode::NotFound => {
+                        return Err(RecordError::Git {
+                            op: "look up a path in HEAD",
+                            source: e,
+                        });
+                    }
+                    _ => None,
+                },
+            };
+            let mode = known
+                .filter(|m| matches!(*m, MODE_FILE | MODE_EXECUTABLE))
+                .unwrap_or(MODE_FILE);
+            let keep = |s: &Option<FileState>| {
+                s.as_ref().map(|s| FileState {
+                    bytes: s.bytes.clone(),
+                    mode,
+                })
+            };
+            Ok(FileChange {
+                path: c.path.clone(),
+                before: keep(&c.before),
+                after: keep(&c.after),
+            })
+        })
+        .collect()
+}
+
 fn file_mode(path: &str, mode: u32) -> Result<FileMode, RecordError> {
     match mode {
         MODE_FILE => Ok(FileMode::Blob),
@@ -462,7 +724,7 @@ fn tree_from_scratch<'r, 'a>(
     let mut files = Vec::new();
     for (path, state) in states {
         if let Some(state) = state {
-            let blob = store_blob(repo, &state.bytes)?;
+            let blob = store_clean_blob(repo, path, &state.bytes)?;
             files.push((path, path, blob, file_mode(path, state.mode)?));
         }
     }
@@ -519,7 +781,7 @@ fn updated_tree<'r, 'a>(
     for (path, state) in states {
         match state {
             Some(state) => {
-                let blob = store_blob(repo, &state.bytes)?;
+                let blob = store_clean_blob(repo, path, &state.bytes)?;
                 update.upsert(path, blob, file_mode(path, state.mode)?);
             }
             None => {
@@ -537,7 +799,11 @@ fn updated_tree<'r, 'a>(
 
 /// Whether `tree` already holds every change's before state (content and mode; absent where the
 /// file did not exist), so HEAD can serve as the base commit.
-fn tree_holds(tree: &Tree<'_>, changes: &[FileChange]) -> Result<bool, RecordError> {
+fn tree_holds(
+    repo: &Repository,
+    tree: &Tree<'_>,
+    changes: &[FileChange],
+) -> Result<bool, RecordError> {
     for c in changes {
         let entry = match tree.get_path(Path::new(&c.path)) {
             Ok(entry) => Some(entry),
@@ -553,8 +819,7 @@ fn tree_holds(tree: &Tree<'_>, changes: &[FileChange]) -> Result<bool, RecordErr
             (None, None) => true,
             (Some(state), Some(entry)) => {
                 entry.filemode() == i32::from(file_mode(&c.path, state.mode)?)
-                    && entry.id()
-                        == Oid::hash_object(ObjectType::Blob, &state.bytes).during("hash a blob")?
+                    && entry.id() == clean_blob_id(repo, &c.path, &state.bytes)?
             }
             _ => false,
         };
@@ -563,6 +828,155 @@ fn tree_holds(tree: &Tree<'_>, changes: &[FileChange]) -> Result<bool, RecordErr
         }
     }
     Ok(true)
+}
+
+/// What git stores for worktree content `bytes` at `path`: the content after the repository's
+/// built-in conversions (`text`/`eol`/`crlf` attributes, `core.autocrlf`, `ident`), which
+/// libgit2 applies when the blob is written with the path as a hint. External filter programs
+/// never run here (a file routed through one is refused before the edit, see
+/// [`external_filter`]).
+fn store_clean_blob(repo: &Repository, path: &str, bytes: &[u8]) -> Result<Oid, RecordError> {
+    if line_endings(repo, path)? == LineEndings::AsIs && !has_ident(repo, path)? {
+        return store_blob(repo, bytes);
+    }
+    let mut writer = repo
+        .blob_writer(Some(Path::new(path)))
+        .during("start a filtered blob")?;
+    std::io::Write::write_all(&mut writer, bytes).map_err(|e| RecordError::Git {
+        op: "write a filtered blob",
+        source: git2::Error::from_str(&e.to_string()),
+    })?;
+    writer.commit().during("write a filtered blob")
+}
+
+/// The id of what [`store_clean_blob`] would store, writing only when a conversion applies.
+fn clean_blob_id(repo: &Repository, path: &str, bytes: &[u8]) -> Result<Oid, RecordError> {
+    if line_endings(repo, path)? == LineEndings::AsIs && !has_ident(repo, path)? {
+        return Oid::hash_object(ObjectType::Blob, bytes).during("hash a blob");
+    }
+    store_clean_blob(repo, path, bytes)
+}
+
+fn has_ident(repo: &Repository, path: &str) -> Result<bool, RecordError> {
+    let v = repo
+        .get_attr(Path::new(path), "ident", git2::AttrCheckFlags::default())
+        .during("read .gitattributes")?;
+    Ok(git2::AttrValue::from_string(v) == git2::AttrValue::True)
+}
+
+/// How a file's line endings differ between its blob and the worktree, by git's rules
+/// (`gitattributes(5)`, "End-of-line conversion").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LineEndings {
+    /// No conversion, or only CRLF to LF on the way in (`eol=lf`, `core.autocrlf=input`): the
+    /// blob reads back as is.
+    AsIs,
+    /// `text` with CRLF in the worktree: every LF of the blob is CRLF in the worktree.
+    Crlf,
+    /// `text=auto` (or `core.autocrlf=true`) with CRLF in the worktree: as `Crlf`, unless the
+    /// blob holds a CR or NUL already (git leaves such files alone).
+    AutoCrlf,
+}
+
+pub(crate) fn line_endings(repo: &Repository, path: &str) -> Result<LineEndings, RecordError> {
+    use git2::AttrValue;
+    let attr = |name: &str| -> Result<AttrValue<'static>, RecordError> {
+        let v = repo
+            .get_attr(Path::new(path), name, git2::AttrCheckFlags::default())
+            .during("read .gitattributes")?;
+        Ok(match AttrValue::from_string(v) {
+            AttrValue::True => AttrValue::True,
+            AttrValue::False => AttrValue::False,
+            AttrValue::String("auto") => AttrValue::String("auto"),
+            AttrValue::String("crlf") => AttrValue::String("crlf"),
+            AttrValue::String("lf") => AttrValue::String("lf"),
+            AttrValue::String("input") => AttrValue::String("input"),
+            _ => AttrValue::Unspecified,
+        })
+    };
+    let config = repo.config().during("read the configuration")?;
+    let autocrlf = config
+        .get_string("core.autocrlf")
+        .map(|v| v.to_ascii_lowercase())
+        .unwrap_or_default();
+    let autocrlf = match autocrlf.as_str() {
+        "true" | "yes" | "on" | "1" => "true",
+        "input" => "input",
+        _ => "false",
+    };
+    let core_eol = config
+        .get_string("core.eol")
+        .map(|v| v.to_ascii_lowercase())
+        .unwrap_or_default();
+    // With `text` set and no `eol`, the worktree gets core.autocrlf's or core.eol's ending.
+    let text_eol_crlf = match autocrlf {
+        "true" => true,
+        "input" => false,
+        _ => core_eol == "crlf",
+    };
+    let mut text = attr("text")?;
+    if text == AttrValue::Unspecified {
+        // The legacy `crlf` attribute: `crlf` is `text`, `-crlf` is `-text`, `crlf=input` is
+        // `eol=lf`.
+        text = attr("crlf")?;
+    }
+    let eol = attr("eol")?;
+    Ok(match (text, eol) {
+        (AttrValue::False, _) => LineEndings::AsIs,
+        (AttrValue::String("input"), _) => LineEndings::AsIs,
+        (AttrValue::String("auto"), AttrValue::String("crlf")) => LineEndings::AutoCrlf,
+        (AttrValue::String("auto"), AttrValue::String("lf")) => LineEndings::AsIs,
+        (AttrValue::String("auto"), _) if text_eol_crlf => LineEndings::AutoCrlf,
+        (AttrValue::String("auto"), _) => LineEndings::AsIs,
+        (_, AttrValue::String("crlf")) => LineEndings::Crlf,
+        (_, AttrValue::String("lf")) => LineEndings::AsIs,
+        (AttrValue::True, _) if text_eol_crlf => LineEndings::Crlf,
+        (AttrValue::True, _) => LineEndings::AsIs,
+        _ if autocrlf == "true" => LineEndings::AutoCrlf,
+        _ => LineEndings::AsIs,
+    })
+}
+
+/// A blob's content as git checks it out, for the line-ending conversion `rule`.
+fn smudge(rule: LineEndings, blob: &[u8]) -> Vec<u8> {
+    let convert = match rule {
+        LineEndings::AsIs => false,
+        LineEndings::Crlf => true,
+        LineEndings::AutoCrlf => !blob.iter().any(|&b| b == b'\r' || b == 0),
+    };
+    if !convert {
+        return blob.to_vec();
+    }
+    let mut out = Vec::with_capacity(blob.len() + blob.len() / 16);
+    let mut prev = 0u8;
+    for &b in blob {
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        prev = b;
+    }
+    out
+}
+
+/// The external filter driver (`filter=<name>` with `filter.<name>.clean` or `.process`
+/// configured) that git would run on `path`, other than Git LFS (whose pointers are refused on
+/// their own). spark never runs filter programs, so it cannot record what git would store.
+pub(crate) fn external_filter(
+    repo: &Repository,
+    path: &str,
+) -> Result<Option<String>, RecordError> {
+    let name = repo
+        .get_attr(Path::new(path), "filter", git2::AttrCheckFlags::default())
+        .during("read .gitattributes")?;
+    let Some(name) = name.filter(|n| *n != "lfs") else {
+        return Ok(None);
+    };
+    let config = repo.config().during("read the configuration")?;
+    let configured = ["clean", "process"]
+        .iter()
+        .any(|key| config.get_string(&format!("filter.{name}.{key}")).is_ok());
+    Ok(configured.then(|| name.to_owned()))
 }
 
 /// Store `bytes` as a blob unless the object database has it already: an existing object is
@@ -604,7 +1018,7 @@ fn edit_trees(repo: &Repository, edit: Oid) -> Result<(Tree<'_>, Tree<'_>), Reco
             });
         }
     };
-    // git stash accepts a third (untracked files) parent; spark never writes one.
+    // The third parent, when there is one, holds the untracked files (`git stash -u`).
     if !(2..=3).contains(&w.parent_count()) {
         return Err(RecordError::NotAnEdit {
             oid: edit,
@@ -643,7 +1057,7 @@ fn file_state(
     }
     let blob = repo.find_blob(entry.id()).during("read a blob")?;
     Ok(Some(FileState {
-        bytes: blob.content().to_vec(),
+        bytes: smudge(line_endings(repo, path)?, blob.content()),
         mode,
     }))
 }
@@ -1171,6 +1585,36 @@ mod tests {
         t.set_worktree(&changes, false);
         t.git(&["stash", "apply", &t.short(edit)]);
         t.assert_worktree(&changes, true);
+        t.assert_fsck_clean();
+    }
+
+    #[test]
+    fn with_core_file_mode_off_the_record_keeps_the_mode_git_has() {
+        let t = TestRepo::new();
+        t.write("tool.sh", b"echo hi\n", MODE_FILE);
+        t.commit_all("base");
+        // Executable in git, not on this (say, FAT) filesystem, which git is told to ignore.
+        t.git(&["update-index", "--chmod=+x", "tool.sh"]);
+        t.git(&["commit", "-qm", "make it executable"]);
+        t.git(&["config", "core.fileMode", "false"]);
+        let changes = vec![
+            change("tool.sh", file(b"echo hi\n"), file(b"echo bye\n")),
+            change("new.sh", None, exec(b"echo new\n")),
+        ];
+        let edit = record(&t, &changes, "edit under fileMode=false");
+        assert!(
+            t.git(&["ls-tree", &edit.to_string(), "tool.sh"])
+                .starts_with("100755 blob "),
+            "the index's mode is kept"
+        );
+        assert!(
+            t.git(&["ls-tree", &edit.to_string(), "new.sh"])
+                .starts_with("100644 blob "),
+            "a new file is recorded as git adds it"
+        );
+        let shown = t.git(&["stash", "show", "-p", &t.short(edit)]);
+        assert!(!shown.contains("old mode"), "no mode change: {shown}");
+        assert_eq!(shown, edit_patch(&t.repo, edit).unwrap());
         t.assert_fsck_clean();
     }
 

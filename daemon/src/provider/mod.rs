@@ -13,6 +13,8 @@
 // The API is wider than today's callers (status fields, per-item events, the timing
 // breakdown); narrow this once `sparkctl status` and the benchmarks read them.
 
+pub(crate) mod arguments;
+pub(crate) mod backoff;
 pub(crate) mod session;
 pub(crate) mod transport;
 pub(crate) mod wire;

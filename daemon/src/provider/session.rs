@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::backoff::{Backoff, BackoffStatus, Permit};
 use super::transport::{
     ConnectTimeouts, Connection, Endpoint, Incoming, TransportError, TransportKind,
 };
@@ -54,8 +55,11 @@ pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(250);
 pub(crate) const DEFAULT_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Background reconnects give up after this many failures in a row (until the next request),
-/// so a wrong URL or key does not retry forever.
-pub(crate) const DEFAULT_MAX_BACKGROUND_ATTEMPTS: u32 = 8;
+/// so a wrong URL, a wrong key or a gateway that drops every connection is not retried forever.
+pub(crate) const DEFAULT_MAX_BACKGROUND_ATTEMPTS: u32 = 3;
+/// A request waits this long at most for its provider's next allowed attempt; past that it
+/// fails at once, saying when the next attempt is due.
+const MAX_REQUEST_WAIT: Duration = Duration::from_secs(2);
 /// Commands queued per session before callers wait.
 const COMMAND_CAPACITY: usize = 64;
 /// Sends of one turn at most: the first, an unchained resend, a resend after reconnecting.
@@ -117,6 +121,9 @@ pub(crate) struct SessionConfig {
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_cap: Duration,
     pub(crate) max_background_attempts: u32,
+    /// The reconnect policy shared with every other session of the same provider; `None`: a
+    /// policy of this session's own, from the three fields above.
+    pub(crate) backoff: Option<Arc<Backoff>>,
     pub(crate) on_state: Option<StateHook>,
 }
 
@@ -141,6 +148,7 @@ impl SessionConfig {
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_cap: DEFAULT_BACKOFF_CAP,
             max_background_attempts: DEFAULT_MAX_BACKGROUND_ATTEMPTS,
+            backoff: None,
             on_state: None,
         }
     }
@@ -333,6 +341,11 @@ pub(crate) struct SessionStatus {
     /// The WebSocket upgrade was refused and the session uses HTTP + SSE.
     pub(crate) fell_back: bool,
     pub(crate) last_error: Option<String>,
+    /// The provider's reconnect policy: failures in a row, when the next attempt is due.
+    pub(crate) backoff: BackoffStatus,
+    /// This session will look at connecting again in this long (a background reconnect, or
+    /// a request waiting for the policy); `None`: it waits for a request.
+    pub(crate) retry_in: Option<Duration>,
 }
 
 /// Reconnect delay: uniformly random in `[0, min(cap, base·2^attempt)]` ("full jitter"), so
@@ -476,10 +489,19 @@ pub(crate) fn spawn(
 ) -> Result<SessionHandle, TransportError> {
     let endpoint = Endpoint::parse(&config.url)?;
     let (commands_tx, commands) = mpsc::channel(COMMAND_CAPACITY);
+    let backoff = config.backoff.clone().unwrap_or_else(|| {
+        Arc::new(Backoff::new(
+            config.backoff_base,
+            config.backoff_cap,
+            config.max_background_attempts,
+        ))
+    });
     let session = Session {
+        backoff,
         instructions: config.instructions.clone(),
         tools: config.tools.clone(),
         config,
+        configured: endpoint.clone(),
         endpoint,
         fell_back: false,
         commands,
@@ -491,7 +513,6 @@ pub(crate) fn spawn(
         ever_connected: false,
         reconnects: 0,
         rewarm_on_connect: false,
-        backoff_attempt: 0,
         retry_at: None,
         queue: VecDeque::new(),
         inflight: None,
@@ -547,6 +568,16 @@ enum Work {
     Prewarm(PrewarmJob),
 }
 
+impl Work {
+    /// Someone waits for this work: a turn, or an explicit prewarm (not a background re-prewarm).
+    fn has_caller(&self) -> bool {
+        match self {
+            Work::Turn(_) => true,
+            Work::Prewarm(job) => job.reply.is_some(),
+        }
+    }
+}
+
 /// The request on the wire and what came back so far.
 #[derive(Debug)]
 struct InFlight {
@@ -580,6 +611,10 @@ struct Live {
     ping: Option<(u64, Instant)>,
     /// A ping is unanswered: no frame by then means the connection is dead.
     pong_deadline: Option<Instant>,
+    /// A response completed on this connection: losing it later is not a failed attempt.
+    answered: bool,
+    /// An event arrived on this connection: it is more than an upgrade that goes nowhere.
+    heard: bool,
 }
 
 #[derive(Debug)]
@@ -641,6 +676,8 @@ struct Session {
     config: SessionConfig,
     /// Current endpoint: the configured one, or its HTTP fallback.
     endpoint: Endpoint,
+    /// The endpoint the session was configured with.
+    configured: Endpoint,
     fell_back: bool,
     commands: mpsc::Receiver<Command>,
     handles_gone: bool,
@@ -654,7 +691,10 @@ struct Session {
     reconnects: u32,
     /// Re-prewarm once the next connection is up.
     rewarm_on_connect: bool,
-    backoff_attempt: u32,
+    /// The provider's reconnect policy, shared with its other sessions.
+    backoff: Arc<Backoff>,
+    /// When to look at connecting again (a background reconnect, or a request waiting for
+    /// the policy's next allowed attempt).
     retry_at: Option<Instant>,
 
     queue: VecDeque<Work>,
@@ -802,6 +842,10 @@ impl Session {
             reconnects: self.reconnects,
             fell_back: self.fell_back,
             last_error: self.last_error.clone(),
+            backoff: self.backoff.status(Instant::now()),
+            retry_in: self
+                .retry_at
+                .map(|t| t.saturating_duration_since(Instant::now())),
         }
     }
 
@@ -899,18 +943,69 @@ impl Session {
         outputs
     }
 
+    /// Close the connection on purpose (cancel, rotation): neither a success nor a failure of
+    /// the provider, but it ends the attempt other sessions may be waiting on.
     fn drop_live(&mut self) {
         if let Some(live) = self.live.take() {
+            if !live.answered {
+                self.backoff.released();
+            }
             live.conn.close();
         }
         self.chain = None;
     }
 
+    /// Open a connection, when the provider's reconnect policy allows it now. Otherwise a
+    /// request waits for the next allowed attempt if that is near, or fails at once saying when
+    /// it is due; background work waits, or stops when the policy pauses it.
     fn start_connect(&mut self) {
         if self.connecting.is_some() || self.live.is_some() {
             return;
         }
         self.retry_at = None;
+        let now = Instant::now();
+        self.choose_transport(now);
+        let background = !self.queue.iter().any(Work::has_caller);
+        match self.backoff.permit(now, background) {
+            Permit::Go => {}
+            Permit::At(at)
+                if background || at.saturating_duration_since(now) <= MAX_REQUEST_WAIT =>
+            {
+                self.retry_at = Some(at);
+                return;
+            }
+            Permit::At(at) => {
+                let status = self.backoff.status(now);
+                let message = format!(
+                    "the provider failed {} connection attempts in a row (last: {}); the next \
+                     attempt is due in {:.1} s",
+                    status.failures,
+                    status.last_error.as_deref().unwrap_or("unknown error"),
+                    at.saturating_duration_since(now).as_secs_f64()
+                );
+                for work in self.queue.drain(..) {
+                    fail_work(work, TurnFailure::Transport(message.clone()));
+                }
+                if self.warm.is_some() {
+                    self.rewarm_on_connect = true;
+                    self.start_connect();
+                }
+                return;
+            }
+            Permit::Paused => {
+                info!(
+                    url = self.endpoint.url(),
+                    "provider failing; background reconnects paused until the next request"
+                );
+                for work in self.queue.drain(..) {
+                    fail_work(
+                        work,
+                        TurnFailure::Transport("background reconnects paused".into()),
+                    );
+                }
+                return;
+            }
+        }
         let timeouts = ConnectTimeouts {
             connect: self.config.connect_timeout,
         };
@@ -921,22 +1016,36 @@ impl Session {
         )));
     }
 
-    fn schedule_reconnect(&mut self) {
-        if self.backoff_attempt >= self.config.max_background_attempts {
-            warn!(
-                attempts = self.backoff_attempt,
-                "provider unreachable; reconnecting on the next request"
-            );
+    /// WebSocket mode or HTTP + SSE for the next connection: HTTP while the provider's policy
+    /// says WebSocket mode failed there lately, WebSocket mode again once that has expired.
+    fn choose_transport(&mut self, now: Instant) {
+        if self.configured.kind() != TransportKind::WebSocket {
             return;
         }
-        let delay = backoff_delay(
-            self.backoff_attempt,
-            self.config.backoff_base,
-            self.config.backoff_cap,
-            random_unit(),
-        );
-        self.backoff_attempt += 1;
-        self.retry_at = Some(Instant::now() + delay);
+        match (self.backoff.prefers_http(now), self.fell_back) {
+            (true, false) => {
+                if let Some(fallback) = self.configured.http_fallback() {
+                    info!(
+                        url = fallback.url(),
+                        "WebSocket mode failed with this provider lately; using HTTP + SSE"
+                    );
+                    self.endpoint = fallback;
+                    self.fell_back = true;
+                    self.report(SessionState::FellBackToHttp);
+                }
+            }
+            (false, true) => {
+                info!(url = self.configured.url(), "trying WebSocket mode again");
+                self.endpoint = self.configured.clone();
+                self.fell_back = false;
+            }
+            _ => {}
+        }
+    }
+
+    /// Reconnect in the background, when the provider's policy allows (see [`Backoff`]).
+    fn schedule_reconnect(&mut self) {
+        self.start_connect();
     }
 
     async fn on_connected(&mut self, result: Result<Connection, TransportError>) {
@@ -948,10 +1057,10 @@ impl Session {
                     self.reconnects += 1;
                 }
                 self.ever_connected = true;
-                self.backoff_attempt = 0;
-                self.last_error = None;
-                let now = Instant::now();
                 let ws = conn.kind() == TransportKind::WebSocket;
+                // Not a success yet: only a completed response resets the policy.
+                self.backoff.opened(ws);
+                let now = Instant::now();
                 self.live = Some(Live {
                     conn,
                     epoch: self.epoch,
@@ -959,6 +1068,8 @@ impl Session {
                     last_rx: now,
                     ping: None,
                     pong_deadline: None,
+                    answered: false,
+                    heard: false,
                 });
                 self.report(if ws {
                     SessionState::ConnectedWebSocket
@@ -979,6 +1090,9 @@ impl Session {
                     self.endpoint = fallback;
                     self.fell_back = true;
                     self.report(SessionState::FellBackToHttp);
+                    // The provider answered (it refused the upgrade): not a failed attempt.
+                    self.backoff.released();
+                    self.backoff.fall_back(Instant::now());
                     self.start_connect();
                 }
                 None => self.connect_failed(e),
@@ -998,6 +1112,7 @@ impl Session {
         warn!(error = %e, url = self.endpoint.url(), "provider connect failed");
         self.report(SessionState::ConnectFailed);
         let message = e.to_string();
+        self.backoff.failed(Instant::now(), &message, random_unit());
         self.last_error = Some(message.clone());
         // Waiting callers learn it now instead of waiting through the backoff.
         for work in self.queue.drain(..) {
@@ -1111,6 +1226,9 @@ impl Session {
         if let Some(live) = self.live.as_mut() {
             live.last_rx = Instant::now();
             live.pong_deadline = None;
+            if matches!(incoming, Incoming::Event(_)) {
+                live.heard = true;
+            }
         }
         match incoming {
             Incoming::Event(event) => self.on_event(event),
@@ -1139,7 +1257,22 @@ impl Session {
         warn!(%reason, "provider connection lost");
         self.report(SessionState::Lost);
         self.last_error = Some(reason.clone());
+        let mut falls_back = false;
         if let Some(live) = self.live.take() {
+            let ws = live.conn.kind() == TransportKind::WebSocket;
+            if ws && !live.heard && self.configured.http_fallback().is_some() {
+                // A WebSocket that opened and closed before its first event: treated like a
+                // refused upgrade. The request is retried over HTTP + SSE, and the provider's
+                // sessions use it for a while.
+                warn!(%reason, "WebSocket mode failed after the upgrade; falling back to HTTP + SSE");
+                self.backoff.released();
+                self.backoff.fall_back(Instant::now());
+                falls_back = true;
+            } else if !live.answered {
+                // Dropped before any response on it completed: the attempt failed (a gateway
+                // that accepts connections and drops them must not be reconnected to at once).
+                self.backoff.failed(Instant::now(), &reason, random_unit());
+            }
             live.conn.close();
         }
         self.chain = None;
@@ -1148,6 +1281,10 @@ impl Session {
                 Work::Turn(mut job) if !f.forwarded && job.attempts < MAX_ATTEMPTS => {
                     job.force_unchained = true;
                     self.queue.push_front(Work::Turn(job));
+                }
+                // An explicit prewarm is answered over HTTP (which has none): not failed.
+                work @ Work::Prewarm(_) if falls_back && work.has_caller() => {
+                    self.queue.push_front(work);
                 }
                 work => fail_work(work, TurnFailure::Transport(reason)),
             }
@@ -1171,6 +1308,10 @@ impl Session {
                 self.report(SessionState::Rotating);
                 self.drop_live();
                 self.rewarm_on_connect = true;
+            }
+            if self.fell_back && self.live.is_some() && !self.backoff.prefers_http(Instant::now()) {
+                // The fallback has run its time: the next connection tries WebSocket mode.
+                self.drop_live();
             }
             if self.live.is_none() {
                 self.start_connect();
@@ -1407,6 +1548,11 @@ impl Session {
         let Some(f) = self.inflight.take() else {
             return;
         };
+        self.backoff.succeeded();
+        self.last_error = None;
+        if let Some(live) = self.live.as_mut() {
+            live.answered = true;
+        }
         let ResponseBody {
             id, usage, output, ..
         } = response;

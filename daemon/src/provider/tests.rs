@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::backoff::Backoff;
 use super::session::{
     SessionConfig, SessionHandle, TurnDone, TurnEvent, TurnEvents, TurnFailure, TurnRequest, spawn,
 };
@@ -711,4 +712,78 @@ async fn unreachable_provider_fails_fast_and_shutdown_stops_the_task() {
     tracker.close();
     tokio::time::timeout(WAIT, tracker.wait()).await.unwrap();
     assert!(handle.status().await.is_err());
+}
+
+#[tokio::test]
+async fn a_provider_that_drops_every_connection_unanswered_is_not_stormed() {
+    // A gateway that accepts the upgrade, starts a response and drops the connection before
+    // it completes. (One that closes before any event is a WebSocket failure: the session
+    // falls back to HTTP + SSE; see the `storm` and `gateway` suites.)
+    let script: Script =
+        Arc::new(|_conn, _n, _body| vec![Action::Send(created("resp_x")), Action::Close]);
+    let mut server = FakeWs::start(script).await;
+    // One policy for the provider, shared by five sessions (five watched repositories); short
+    // delays keep the test fast, the shape is the daemon's.
+    let backoff = Arc::new(Backoff::new(
+        Duration::from_millis(20),
+        Duration::from_millis(200),
+        3,
+    ));
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let handles: Vec<SessionHandle> = (0..5)
+        .map(|_| {
+            let mut config = SessionConfig::new(
+                &server.url,
+                Some(Arc::from("sk-test")),
+                "gpt-5.3-codex-spark",
+            );
+            config.backoff = Some(backoff.clone());
+            spawn(config, &tracker, shutdown.clone()).unwrap()
+        })
+        .collect();
+    for handle in &handles {
+        let warm = handle
+            .prewarm(
+                "You edit code.".into(),
+                vec![Tool::apply_patch()],
+                context(),
+            )
+            .await;
+        assert!(warm.is_err(), "the gateway never answers");
+    }
+    // Wait (bounded) until every session has given up in the background.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let last = loop {
+        let mut statuses = Vec::new();
+        for handle in &handles {
+            statuses.push(handle.status().await.unwrap());
+        }
+        let settled = statuses
+            .iter()
+            .all(|s| !s.connected && !s.connecting && s.retry_in.is_none());
+        if settled {
+            break statuses;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still reconnecting: {statuses:?}"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let status = &last[0].backoff;
+    assert!(status.paused && status.failures >= 3, "{status:?}");
+    assert!(last[0].last_error.is_some());
+    // Five explicit prewarms, and no more than a few background attempts besides.
+    let mut attempts = 0;
+    while server.frames.try_recv().is_ok() {
+        attempts += 1;
+    }
+    eprintln!("{attempts} connection attempts");
+    assert!(
+        (5..=8).contains(&attempts),
+        "{attempts} connection attempts"
+    );
+    shutdown.cancel();
 }

@@ -38,8 +38,10 @@ eof_line: "*** End of File" LF
 /// Name of the edit tool; the ask pipeline matches tool calls on it.
 pub(crate) const APPLY_PATCH_TOOL: &str = "apply_patch";
 
-const APPLY_PATCH_DESCRIPTION: &str = "Use the `apply_patch` tool to edit files. This is a \
-FREEFORM tool, so do not wrap the patch in JSON.";
+/// True for the freeform tool and for a gateway's function-tool bridge of it alike.
+const APPLY_PATCH_DESCRIPTION: &str = "Use the `apply_patch` tool to edit files. Its input is \
+the patch text itself, from `*** Begin Patch` to `*** End Patch`; where the tool takes JSON \
+arguments, the patch is its one string argument.";
 
 /// Who speaks in an input message.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -606,6 +608,75 @@ pub(crate) fn error_from_http(status: u16, body: &[u8]) -> ServerEvent {
             ),
             status: Some(status),
         },
+    }
+}
+
+/// The read-only tools the daemon answers itself, from the repository it watches.
+pub(crate) const READ_FILE_TOOL: &str = "read_file";
+pub(crate) const SEARCH_TOOL: &str = "search";
+pub(crate) const LIST_DIR_TOOL: &str = "list_dir";
+
+impl Tool {
+    /// Every tool an `ask` offers: `apply_patch`, then the read-only tools for when the
+    /// context sent is not enough (each call costs a round trip, so they are for the gaps).
+    pub(crate) fn offered() -> Vec<Tool> {
+        let function =
+            |name: &str, description: &str, parameters: serde_json::Value| Tool::Function {
+                name: name.to_owned(),
+                description: description.to_owned(),
+                parameters,
+                strict: false,
+            };
+        vec![
+            Tool::apply_patch(),
+            function(
+                READ_FILE_TOOL,
+                "Read a file of the repository, whole or a line range (1-based, inclusive). \
+                 Only when the file you need was not shown to you.",
+                serde_json::json!({
+                    "type": "object",
+                    "properties": {
+                        "path": {"type": "string", "description": "relative to the repository root"},
+                        "start_line": {"type": "integer"},
+                        "end_line": {"type": "integer"}
+                    },
+                    "required": ["path"],
+                    "additionalProperties": false
+                }),
+            ),
+            function(
+                SEARCH_TOOL,
+                "Search the repository's files (git-ignored ones excluded) for a literal string, \
+                 or a regular expression when regex is true. Returns path:line: text.",
+                serde_json::json!({
+                    "type": "object",
+                    "properties": {
+                        "pattern": {"type": "string"},
+                        "regex": {"type": "boolean"},
+                        "path": {"type": "string", "description": "a directory to search in"}
+                    },
+                    "required": ["pattern"],
+                    "additionalProperties": false
+                }),
+            ),
+            function(
+                LIST_DIR_TOOL,
+                "List a directory of the repository (git-ignored entries excluded); \
+                 directories end with '/'.",
+                serde_json::json!({
+                    "type": "object",
+                    "properties": {
+                        "path": {"type": "string", "description": "relative to the repository root; empty for the root"}
+                    },
+                    "additionalProperties": false
+                }),
+            ),
+        ]
+    }
+
+    /// Whether the daemon answers calls to this tool itself (a read-only tool).
+    pub(crate) fn is_read_only(name: &str) -> bool {
+        [READ_FILE_TOOL, SEARCH_TOOL, LIST_DIR_TOOL].contains(&name)
     }
 }
 

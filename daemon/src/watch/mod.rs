@@ -1,5 +1,5 @@
 //! Repository watching: keeps an in-memory index (and the sled [`Cache`]) of every watched
-//! repository current, so building a request is memory work (SPEC §5).
+//! repository current, so building a request is memory work (ARCHITECTURE.md, `watch/`).
 //!
 //! - `debounce`: the pure state machine between raw events and batches (quiet period, maximum
 //!   delay, held while `.git/index.lock` exists).
@@ -530,14 +530,14 @@ impl Watchers {
         repo.view.read().ok().map(|v| v.changed_since(seq))
     }
 
-    /// The files the user changed most recently, newest first (context selection, SPEC §5).
+    /// The files the user changed most recently, newest first (context selection, ARCHITECTURE.md "Data flow: one `ask`").
     pub(crate) fn recently_changed(&self, workdir: &Path, limit: usize) -> Vec<String> {
         self.repo(workdir)
             .and_then(|r| r.view.read().ok().map(|v| v.recent(limit)))
             .unwrap_or_default()
     }
 
-    /// Text files the prompt points at, best first (context selection, SPEC §5); see
+    /// Text files the prompt points at, best first (context selection, ARCHITECTURE.md "Data flow: one `ask`"); see
     /// `View::related`. Empty when `workdir` is not watched.
     pub(crate) fn related(&self, workdir: &Path, prompt: &str, limit: usize) -> Vec<String> {
         self.repo(workdir)

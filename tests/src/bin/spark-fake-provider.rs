@@ -356,6 +356,8 @@ async fn serve(args: Args) -> Result<(), String> {
     };
     let provider = FakeProvider::start(script).await;
     let chat = FakeChat::start(ChatReply {
+        tool_call: None,
+        error_status: None,
         content: search_replace,
         ttft: args.ttft,
         tokens_per_sec: (args.tokens_per_sec > 0.0).then_some(args.tokens_per_sec),

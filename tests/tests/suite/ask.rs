@@ -30,6 +30,7 @@ fn params(repo: &TestRepo, prompt: &str, focus: &[&str]) -> AskParams {
             .collect(),
         dry_run: false,
         new_conversation: false,
+        provider: None,
     }
 }
 
@@ -841,5 +842,77 @@ fn a_one_line_change_to_a_large_focused_file_is_sent_as_a_small_diff() {
         input_bytes(second) < 1024,
         "a one-line change is a small diff: {} bytes",
         input_bytes(second)
+    );
+}
+
+#[test]
+fn the_prompt_cache_key_is_stable_per_repository_and_never_the_local_path() {
+    let p = Provider::start(Script::new().default_turn(Turn::text("ok")));
+    let d = p.daemon(true);
+    let (one, two) = (repo(), repo());
+    let mut c = d.client();
+    for r in [&one, &one, &two] {
+        ask(&mut c, &params(r, "hello", &["src/lib.rs"]))
+            .0
+            .expect("ask");
+    }
+    let keys: Vec<String> = p
+        .fake
+        .requests()
+        .iter()
+        .map(|r| {
+            r.json["prompt_cache_key"]
+                .as_str()
+                .expect("a key")
+                .to_owned()
+        })
+        .collect();
+    let workdirs = [one.path().to_string_lossy(), two.path().to_string_lossy()];
+    for (key, request) in keys.iter().zip(p.fake.requests()) {
+        assert!(key.starts_with("spark-") && key.len() == 38, "{key}");
+        for w in &workdirs {
+            assert!(
+                !request.raw.contains(w.as_ref()),
+                "the local path left: {key}"
+            );
+        }
+    }
+    // One repository keeps its key (prewarm and both asks); another repository has its own.
+    let first: Vec<&String> = keys.iter().filter(|k| **k == keys[0]).collect();
+    assert!(first.len() >= 3, "{keys:?}");
+    assert!(keys.iter().any(|k| *k != keys[0]), "{keys:?}");
+}
+
+#[test]
+fn a_patch_bridged_to_a_function_tool_streams_into_the_preview_and_lands() {
+    // A gateway without freeform tools sends the patch as JSON arguments, a few characters a
+    // delta, escapes cut anywhere.
+    let p = Provider::start(
+        Script::new().turns([Turn::function_apply_patch(PATCH_ONE).with_delta_chars(3)]),
+    );
+    let d = p.daemon(true);
+    let repo = repo();
+    let mut c = d.client();
+    let (r, progress) = ask(&mut c, &params(&repo, "one", &["src/lib.rs"]));
+    assert!(r.expect("lands").edit.is_some());
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        LIB.replace("    1\n", "    100\n").as_bytes()
+    );
+    let preview: String = progress
+        .iter()
+        .filter_map(|p| match &p.event {
+            AskEvent::Patch { delta } => Some(delta.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        preview, PATCH_ONE,
+        "the preview shows the patch text, not its JSON"
+    );
+    assert!(
+        progress
+            .iter()
+            .any(|p| matches!(&p.event, AskEvent::PatchFile { path, .. } if path == "src/lib.rs"))
     );
 }

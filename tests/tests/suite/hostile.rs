@@ -240,7 +240,8 @@ fn cases() -> Vec<Case> {
         case("binary_delete", |e| e.commit("assets/logo.png", b"\x89PNG\0\0"), delete("assets/logo.png"), Rejected, "binary_target", Some("assets/logo.png")),
         // Existence does not match the operation.
         case("add_over_untracked", |e| e.repo.write("notes.txt", b"mine\n"), add("notes.txt"), Rejected, "path_already_exists", Some("notes.txt")),
-        case("add_over_tracked", no_setup, add("src/lib.rs"), Rejected, "path_already_exists", Some("src/lib.rs")),
+        // Over a committed, unmodified file an Add is a whole-file rewrite (tests/suite/fidelity.rs).
+        case("add_over_modified", |e| e.repo.write("src/lib.rs", b"// mine\n"), add("src/lib.rs"), Rejected, "path_already_exists", Some("src/lib.rs")),
         case("delete_missing", no_setup, delete("gone.txt"), Rejected, "path_not_found", Some("gone.txt")),
         case("update_missing", no_setup, update("gone.txt"), Rejected, "path_not_found", Some("gone.txt")),
         case("update_directory", no_setup, update("src"), Rejected, "path_is_directory", Some("src")),

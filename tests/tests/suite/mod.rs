@@ -1,8 +1,16 @@
 mod ask;
 mod crash;
+mod daily;
 mod edits;
+mod fidelity;
+mod gateway;
+mod hooks;
 mod hostile;
 mod lifecycle;
 mod nvim;
 mod protocol;
+mod shapes;
+mod ssh;
+mod stash_fidelity;
+mod storm;
 mod watch;
