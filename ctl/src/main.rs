@@ -278,6 +278,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 dry_run,
                 new_conversation: new,
                 provider: sparkctl::settings::from_env(|k| std::env::var(k).ok()),
+                buffers: Vec::new(),
             };
             let mut client = connect()?;
             let mut view = AskView::new(cli.json, style);

@@ -449,6 +449,7 @@ impl Connection {
             source: p.source.unwrap_or_else(|| "apply".to_owned()),
             message: p.message.unwrap_or_default(),
             bases: Default::default(),
+            buffers: Default::default(),
         };
         let outcome = repo
             .run(move |ctx| edit::apply(ctx, &req))
@@ -574,10 +575,17 @@ impl Connection {
                     .ask(repo.clone(), prefix, p, cancel, emit)
                     .await?;
                 if let Some(edit) = &result.edit {
+                    // Edited buffers were not written: no client should reload them from disk.
+                    let in_buffer = |p: &str| result.buffer_edits.iter().any(|b| b.path == p);
                     let _ = shared.events.send(Event::EditApplied {
                         repo: repo.workdir().display().to_string(),
                         edit: edit.clone(),
-                        files: result.files.iter().map(|f| f.path.clone()).collect(),
+                        files: result
+                            .files
+                            .iter()
+                            .filter(|f| !in_buffer(&f.path))
+                            .map(|f| f.path.clone())
+                            .collect(),
                     });
                 }
                 to_value(result)

@@ -1,4 +1,5 @@
 mod ask;
+mod buffers;
 mod crash;
 mod daily;
 mod edits;
