@@ -27,15 +27,11 @@ function M.buffers_for(abs)
   return out
 end
 
---- The file's lines as Neovim would read them into `buf` (LF or CRLF, final newline).
-local function read_lines(path, buf)
-  local f = io.open(path, "rb")
-  if not f then
-    return nil
-  end
-  local data = f:read("*a")
-  f:close()
-  if data:sub(1, 3) == "\239\187\191" then
+local BOM = "\239\187\191"
+
+--- `data` (a file's bytes) as Neovim would read it into `buf` (LF or CRLF, final newline).
+function M.split(data, buf)
+  if data:sub(1, 3) == BOM then
     data = data:sub(4)
   end
   local lines = vim.split(data, "\n", { plain = true })
@@ -48,6 +44,31 @@ local function read_lines(path, buf)
     end
   end
   return lines
+end
+
+--- The bytes `:write` would put on disk for `buf` (its lines by default).
+function M.text(buf, lines)
+  lines = lines or vim.api.nvim_buf_get_lines(buf, 0, -1, false)
+  local bo = vim.bo[buf]
+  local nl = bo.fileformat == "dos" and "\r\n" or (bo.fileformat == "mac" and "\r" or "\n")
+  local text = table.concat(lines, nl)
+  if bo.eol or (bo.fixeol and not bo.binary) then
+    text = text .. nl
+  end
+  if bo.bomb then
+    text = BOM .. text
+  end
+  return text
+end
+
+local function read_lines(path, buf)
+  local f = io.open(path, "rb")
+  if not f then
+    return nil
+  end
+  local data = f:read("*a")
+  f:close()
+  return M.split(data, buf)
 end
 
 function M.remember(buf)
@@ -96,24 +117,14 @@ local function break_undo()
   vim.cmd("let &l:undolevels = &l:undolevels")
 end
 
---- Bring the file's new content into `buf`. Returns "same", "reloaded", "merged",
---- "conflict" or "unknown_base" (a modified buffer whose base we do not know).
-function M.apply_file(buf, path)
-  local new = read_lines(path, buf)
-  if not new then
-    return "missing"
-  end
+--- Merge `new` into `buf` 3-way: `ancestor` is the text both derive from, the buffer's lines
+--- are the user's side. Returns "same", "applied" or "conflict" (then nothing changed).
+--- Exactly one undo step; cursors and views stay on their text.
+function M.merge(buf, ancestor, new)
   local cur = vim.api.nvim_buf_get_lines(buf, 0, -1, false)
-  local modified = vim.bo[buf].modified
-  local ancestor = modified and base[buf] or cur
-  if not ancestor then
-    return "unknown_base"
-  end
   local theirs = hunks(ancestor, new)
-  local ours = modified and hunks(ancestor, cur) or {}
+  local ours = hunks(ancestor, cur)
   if #theirs == 0 then
-    base[buf] = new
-    sync_timestamp(buf)
     return "same"
   end
   -- Touching ranges count as overlapping, as in git's merge.
@@ -172,12 +183,41 @@ function M.apply_file(buf, path)
       end)
     end
   end
+  return "applied"
+end
+
+--- Bring the file's new content into `buf`. Returns "same", "reloaded", "merged",
+--- "conflict" or "unknown_base" (a modified buffer whose base we do not know).
+function M.apply_file(buf, path)
+  local new = read_lines(path, buf)
+  if not new then
+    return "missing"
+  end
+  local modified = vim.bo[buf].modified
+  local ancestor = modified and base[buf] or vim.api.nvim_buf_get_lines(buf, 0, -1, false)
+  if not ancestor then
+    return "unknown_base"
+  end
+  local outcome = M.merge(buf, ancestor, new)
+  if outcome == "conflict" then
+    return outcome
+  end
   base[buf] = new
   if not modified then
     vim.bo[buf].modified = false
   end
   sync_timestamp(buf)
+  if outcome == "same" then
+    return "same"
+  end
   return modified and "merged" or "reloaded"
+end
+
+--- Bring an unsaved buffer's edited text (an ask's `buffer_edits`) into `buf`, merged with
+--- what the user typed since `sent` (the lines sent with the ask). The file on disk, and so
+--- the buffer's base, are unchanged: the buffer stays modified.
+function M.apply_text(buf, sent, text)
+  return M.merge(buf, sent, M.split(text, buf))
 end
 
 function M.setup(group)

@@ -17,6 +17,9 @@ M.config = {
   autostart = true,
   -- Show the model's patch in open buffers while it streams.
   preview = true,
+  -- Key that cancels the ask in flight, mapped in normal mode only while one runs (the
+  -- mapping it shadows comes back afterwards); false for none.
+  cancel_key = "<C-c>",
 }
 
 -- The ask in flight (one at a time from this editor; a newer one steers the older away).
@@ -170,6 +173,87 @@ local function on_progress(ask, p)
   end
 end
 
+-- The modified buffers of files in `root`: sent with the ask so the model sees what the user
+-- sees (docs/protocol.md "Unsaved editor buffers"). Returns the wire list and, per buffer,
+-- the lines sent (the base of the 3-way merge of what comes back).
+local function unsaved(root)
+  local list, sent = {}, {}
+  if not root then
+    return list, sent
+  end
+  local real_root = vim.uv.fs_realpath(root) or root
+  for _, b in ipairs(vim.api.nvim_list_bufs()) do
+    if vim.api.nvim_buf_is_loaded(b) and vim.bo[b].modified then
+      local p = buf_path(b)
+      local real = p and (vim.uv.fs_realpath(p) or p)
+      if real and vim.startswith(real, real_root .. "/") then
+        local lines = vim.api.nvim_buf_get_lines(b, 0, -1, false)
+        table.insert(list, { path = p, text = buffers.text(b, lines) })
+        sent[b] = { lines = lines, rel = real:sub(#real_root + 2) }
+      end
+    end
+  end
+  return list, sent
+end
+
+-- The last ask's landed changes, for :SparkUndo: its recorded edit (disk part) and the undo
+-- state each edited buffer was left in.
+local last_landed = nil
+
+-- Bring the ask's `buffer_edits` into the buffers they were sent from. Overlap with what the
+-- user typed since applies nothing to that buffer; the user is told once.
+local function land_buffers(ask, edits)
+  local refused, landed = {}, {}
+  for _, e in ipairs(edits or {}) do
+    for b, s in pairs(ask.sent) do
+      if s.rel == e.path and vim.api.nvim_buf_is_valid(b) then
+        local outcome = buffers.apply_text(b, s.lines, e.text)
+        if outcome == "conflict" then
+          table.insert(refused, e.path)
+        elseif outcome == "applied" then
+          landed[b] = vim.api.nvim_buf_call(b, function()
+            return vim.fn.undotree().seq_cur
+          end)
+        end
+      end
+    end
+  end
+  if #refused > 0 then
+    say(
+      ("spark: the edit overlaps what you typed since asking in %s; nothing applied there, your text is untouched"):format(
+        table.concat(refused, ", ")
+      ),
+      "WarningMsg",
+      true
+    )
+  end
+  return landed, #refused
+end
+
+local cancel_map = nil -- the user's mapping the cancel key shadows while an ask runs
+
+local function map_cancel_key()
+  local key = M.config.cancel_key
+  if not key or cancel_map then
+    return
+  end
+  cancel_map = { key = key, saved = vim.fn.maparg(key, "n", false, true) }
+  vim.keymap.set("n", key, function()
+    M.cancel()
+  end, { desc = "spark: cancel the ask in flight" })
+end
+
+local function unmap_cancel_key()
+  if not cancel_map then
+    return
+  end
+  pcall(vim.keymap.del, "n", cancel_map.key)
+  if cancel_map.saved and not vim.tbl_isempty(cancel_map.saved) then
+    vim.fn.mapset("n", false, cancel_map.saved)
+  end
+  cancel_map = nil
+end
+
 --- Ask for an edit. opts: prompt, range {start, end} (1-based lines) or nil for the whole file.
 function M.ask(opts)
   local path = buf_path(0)
@@ -181,14 +265,6 @@ function M.ask(opts)
   local params = { cwd = cwd(), prompt = prompt }
   local buf = vim.api.nvim_get_current_buf()
   if path then
-    if vim.bo[buf].modified then
-      -- The daemon reads files from disk; sending unsaved text is not supported yet.
-      fail({
-        message = "the buffer has unsaved changes; spark edits files on disk",
-        data = { hint = ":write first, then :SparkAsk again" },
-      })
-      return
-    end
     local focus = { path = vim.fn.fnamemodify(path, ":t") }
     if opts.range then
       focus.start_line, focus.end_line = opts.range[1], opts.range[2]
@@ -199,16 +275,23 @@ function M.ask(opts)
     preview.clear(current.marked)
   end
   local ask = { patch = "", marked = {}, started = vim.uv.hrtime(), params = params }
-  if path then
-    ask.root = vim.fs.root(path, ".git")
+  ask.root = vim.fs.root(path or params.cwd, ".git")
+  local list, sent = unsaved(ask.root)
+  if #list > 0 then
+    params.buffers = list
+  end
+  ask.sent = sent
+  if path and not vim.bo[buf].modified then
     buffers.remember(buf)
   end
   current = ask
+  map_cancel_key()
   say("spark: asking…", nil, false)
   client.request("ask", params, function(err, result)
     preview.clear(ask.marked)
     if current == ask then
       current = nil
+      unmap_cancel_key()
     end
     if err then
       if err.data and err.data.kind == "cancelled" then
@@ -219,17 +302,32 @@ function M.ask(opts)
       return
     end
     local ms = (vim.uv.hrtime() - ask.started) / 1e6
-    if result.edit == vim.NIL or result.edit == nil then
+    local landed, refused = land_buffers(ask, result.buffer_edits)
+    local edit = result.edit ~= vim.NIL and result.edit or nil
+    if edit or next(landed) then
+      last_landed = { edit = edit, repo = params.cwd, bufs = landed }
+    end
+    if not edit and vim.tbl_isempty(result.buffer_edits or {}) then
       local answer = (result.answer or ""):gsub("%s+", " ")
       say(answer ~= "" and ("spark: " .. answer) or "spark: no change", nil, true)
       return
     end
-    say(("spark: edit %s · %s · %.0f ms"):format(result.edit, summary(result.files), ms), nil, true)
-    own_edits[result.edit] = true
-    settle(result.edit)
+    if edit then
+      say(("spark: edit %s · %s · %.0f ms"):format(edit, summary(result.files), ms), nil, true)
+      own_edits[edit] = true
+      settle(edit)
+    elseif refused == 0 then
+      local n = #result.buffer_edits
+      say(
+        ("spark: edited %d unsaved buffer%s · %s · %.0f ms"):format(n, n == 1 and "" or "s", summary(result.files), ms),
+        nil,
+        true
+      )
+    end
   end, function(p)
     on_progress(ask, p)
   end)
+  ask.sent_at = vim.uv.hrtime()
 end
 
 function M.cancel()
@@ -256,7 +354,41 @@ local function edit_request(method, id, verb)
   end)
 end
 
+--- Undo the last (or the given) edit. Without an id, the last ask from this editor is
+--- taken back whole: its changes to unsaved buffers in the buffers (each was one undo step,
+--- and is undone only if nothing was typed after it), its recorded edit on disk.
 function M.undo(id)
+  local l = last_landed
+  if (id == nil or id == "") and l and next(l.bufs) then
+    last_landed = nil
+    local kept = {}
+    for b, seq in pairs(l.bufs) do
+      if vim.api.nvim_buf_is_valid(b) then
+        local ok = vim.api.nvim_buf_call(b, function()
+          if vim.fn.undotree().seq_cur ~= seq then
+            return false
+          end
+          vim.cmd("silent undo")
+          return true
+        end)
+        if not ok then
+          table.insert(kept, vim.api.nvim_buf_get_name(b))
+        end
+      end
+    end
+    if #kept > 0 then
+      say("spark: changed since the edit, so not undone there (use u): " .. table.concat(kept, ", "), "WarningMsg", true)
+    end
+    if l.edit then
+      edit_request("edit/undo", l.edit, "undid")
+    elseif #kept == 0 then
+      say("spark: undid the edit in its buffers", nil, true)
+    end
+    return
+  end
+  if id == nil or id == "" then
+    last_landed = nil
+  end
   edit_request("edit/undo", id, "undid")
 end
 
