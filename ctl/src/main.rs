@@ -368,6 +368,7 @@ fn ask(
         dry_run,
         new_conversation: new,
         provider: sparkctl::settings::from_env(|k| std::env::var(k).ok()),
+        buffers: Vec::new(),
     };
     let mut client = ctx.connect()?;
     let mut view = AskView::new(ctx.json, ctx.style);

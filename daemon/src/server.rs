@@ -438,6 +438,7 @@ impl Connection {
             source: p.source.unwrap_or_else(|| "apply".to_owned()),
             message: p.message.unwrap_or_default(),
             bases: Default::default(),
+            buffers: Default::default(),
         };
         let outcome = repo
             .run(move |ctx| edit::apply(ctx, &req))

@@ -459,7 +459,7 @@ pub struct ShowResult {
 pub const ASK_PROGRESS: &str = "ask/progress";
 
 /// Params of [`Ask`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AskParams {
     /// Absolute directory the client runs in: selects the repository; focus paths start there.
@@ -477,6 +477,29 @@ pub struct AskParams {
     /// The asking shell's provider settings; each one set wins over the daemon's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<ProviderSettings>,
+    /// An editor's unsaved buffers: the model sees their text instead of the files' bytes, and
+    /// an edit to one comes back in [`AskResult::buffer_edits`] instead of being written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buffers: Vec<Buffer>,
+}
+
+/// An editor buffer's unsaved text, sent with an `ask`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Buffer {
+    /// Absolute, or relative to the ask's `cwd`; inside the repository.
+    pub path: String,
+    /// The buffer's full text.
+    pub text: String,
+}
+
+/// The text of an unsaved buffer after an `ask`'s edit, for the editor to apply (the file on
+/// disk is untouched).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferEdit {
+    /// Repository-relative.
+    pub path: String,
+    pub text: String,
 }
 
 /// Provider settings sent with an `ask` (from the client's `SPARK_PROVIDER_URL`, `SPARK_MODEL`,
@@ -562,6 +585,10 @@ pub struct AskResult {
     /// The diff applied (or proposed, for a dry run).
     pub diff: String,
     pub timings: AskTimings,
+    /// New text of each buffer sent in [`AskParams::buffers`] that the edit changed; those
+    /// files were not written (`edit` records only what was written to disk).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buffer_edits: Vec<BufferEdit>,
 }
 
 /// Where an `ask`'s time went, in milliseconds.
@@ -738,6 +765,48 @@ mod tests {
             )
             .is_err(),
             "a misspelt setting is refused, not ignored"
+        );
+    }
+
+    #[test]
+    fn buffers_are_optional_on_the_wire_and_strict() {
+        let p: AskParams = serde_json::from_value(json!({"cwd":"/r","prompt":"x"})).expect("de");
+        assert!(p.buffers.is_empty());
+        assert!(
+            !serde_json::to_value(&p)
+                .expect("ser")
+                .to_string()
+                .contains("buffers")
+        );
+        let p: AskParams = serde_json::from_value(json!({
+            "cwd":"/r","prompt":"x","buffers":[{"path":"src/a.rs","text":"fn a() {}\n"}]
+        }))
+        .expect("buffers");
+        assert_eq!(
+            p.buffers,
+            vec![Buffer {
+                path: "src/a.rs".into(),
+                text: "fn a() {}\n".into()
+            }]
+        );
+        assert!(
+            serde_json::from_value::<AskParams>(
+                json!({"cwd":"/r","prompt":"x","buffers":[{"path":"a","text":"","dirty":true}]})
+            )
+            .is_err(),
+            "an unknown buffer field is refused"
+        );
+        let r: AskResult = serde_json::from_value(json!({
+            "edit":null,"files":[],"answer":"","diff":"",
+            "timings":{"request_ms":0.0,"total_ms":0.0,"output_tokens":0,"bytes_sent":0,"chained":false}
+        }))
+        .expect("a result without buffer edits");
+        assert!(r.buffer_edits.is_empty());
+        assert!(
+            !serde_json::to_value(&r)
+                .expect("ser")
+                .to_string()
+                .contains("buffer_edits")
         );
     }
 

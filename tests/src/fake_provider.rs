@@ -133,6 +133,9 @@ pub struct Turn {
     pub delta_chars: usize,
     /// Hold every event of the response until the test opens this gate.
     pub gate: Option<Gate>,
+    /// WebSocket mode: send the events before the first one of this `type`, then hold the
+    /// rest until the gate opens (a response stopped mid-stream at a known point).
+    pub hold_before: Option<(String, Gate)>,
 }
 
 /// Holds a scripted response back until the test opens it: lets a test act (e.g. edit a file)
@@ -179,7 +182,15 @@ impl Turn {
             drop_after: None,
             delta_chars: DEFAULT_DELTA_CHARS,
             gate: None,
+            hold_before: None,
         }
+    }
+
+    /// Stream this response up to (not including) its first event of type `event_type`, then
+    /// hold the rest until `gate` is opened. WebSocket mode only.
+    pub fn hold_before(mut self, event_type: impl Into<String>, gate: Gate) -> Turn {
+        self.hold_before = Some((event_type.into(), gate));
+        self
     }
 
     /// Hold this response until `gate` is opened.
@@ -1140,6 +1151,7 @@ enum Commit {
 #[derive(Debug)]
 struct Plan {
     gate: Option<Gate>,
+    hold_before: Option<(String, Gate)>,
     /// Events with their offsets from the request's arrival.
     events: Vec<(Duration, Value)>,
     /// Set for [`Outcome::Error`] turns: no events, just this error after `ttft`.
@@ -1265,6 +1277,7 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
     {
         return Plan {
             gate: turn.gate.clone(),
+            hold_before: None,
             events: Vec::new(),
             error: Some((turn.ttft, ApiError::scripted(*status, code, message))),
             drop_after: None,
@@ -1311,6 +1324,7 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
         w.emit(json!({ "type": "response.completed", "response": completed }));
         return Plan {
             gate: None,
+            hold_before: None,
             events: w.events,
             error: None,
             drop_after: None,
@@ -1468,6 +1482,7 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
     };
     Plan {
         gate: turn.gate.clone(),
+        hold_before: turn.hold_before.clone(),
         events: w.events,
         error: None,
         drop_after: turn.drop_after,
@@ -2049,6 +2064,8 @@ enum Step {
     Drop,
     /// The response is over: update the cache and start any queued request.
     Commit(Commit),
+    /// Flush what was sent and wait for the test to open the gate.
+    Hold(Gate),
 }
 
 #[derive(Debug, Default)]
@@ -2266,8 +2283,16 @@ async fn start_ws_request(
                 return Flow::Continue;
             }
             let mut last = now;
+            let mut hold = plan.hold_before;
             for (n, (offset, event)) in plan.events.into_iter().enumerate() {
                 last = now + offset;
+                if hold
+                    .as_ref()
+                    .is_some_and(|(ty, _)| event.get("type").and_then(Value::as_str) == Some(ty))
+                    && let Some((_, gate)) = hold.take()
+                {
+                    state.schedule.push_back((last, Step::Hold(gate)));
+                }
                 state.schedule.push_back((last, Step::Send(event)));
                 if plan.drop_after.is_some_and(|limit| n + 1 >= limit) {
                     state.schedule.push_back((last, Step::Drop));
@@ -2307,6 +2332,13 @@ async fn run_due_steps(shared: &Shared, ws: &mut Ws, state: &mut WsState) -> Flo
             Step::Drop => {
                 let _ = ws.flush().await;
                 return Flow::Stop;
+            }
+            Step::Hold(gate) => {
+                if ws.flush().await.is_err() {
+                    return Flow::Stop;
+                }
+                wrote = false;
+                gate.wait().await;
             }
             Step::Commit(commit) => {
                 match commit {

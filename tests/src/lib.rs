@@ -290,6 +290,17 @@ impl Provider {
         self.rt.block_on(self.fake.wait_for_requests(n))
     }
 
+    /// As [`Provider::wait_for_requests`], giving up (`None`) after `limit`.
+    pub fn wait_for_requests_within(
+        &self,
+        n: usize,
+        limit: Duration,
+    ) -> Option<Vec<fake_provider::Recorded>> {
+        self.rt
+            .block_on(async { tokio::time::timeout(limit, self.fake.wait_for_requests(n)).await })
+            .ok()
+    }
+
     /// A daemon configured to use this provider over WebSocket (`ws`) or HTTP + SSE.
     pub fn daemon(&self, ws: bool) -> InProcess {
         let home = Home::new();

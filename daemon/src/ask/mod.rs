@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use spark_proto::events::Event;
-use spark_proto::methods::{AskEvent, AskParams, AskResult, AskTimings, PatchOp};
+use spark_proto::methods::{AskEvent, AskParams, AskResult, AskTimings, BufferEdit, PatchOp};
 use spark_proto::{ErrorCode, RpcError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -427,7 +427,14 @@ impl Asks {
             }
             (Landed::Reverted, id) => id.clone().unwrap_or_default(),
         };
-        let files: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
+        // Edited buffers were not written: no client should reload them from disk.
+        let in_buffer = |p: &str| outcome.buffer_edits.iter().any(|(b, _)| b == p);
+        let files: Vec<String> = outcome
+            .files
+            .iter()
+            .filter(|f| !in_buffer(&f.path))
+            .map(|f| f.path.clone())
+            .collect();
         for conv in self.conversations_in(repo.workdir()) {
             if asker.is_some_and(|a| std::ptr::eq(a, Arc::as_ptr(&conv))) {
                 continue;
@@ -559,11 +566,16 @@ impl Asks {
         let prefix = cwd_prefix.clone();
         let watchers = self.watchers.clone();
         let outline_seq = state.outline_seq;
-        let (assembled, new_seq) = repo
+        let sent_buffers = params.buffers.clone();
+        let (assembled, new_seq, buffers) = repo
             .run(move |ctx| {
+                // A refused buffer fails the ask here, before anything is sent.
+                let buffers = context::Buffers::resolve(ctx, &prefix, &sent_buffers)?;
                 let news = context::outline_news(ctx, &watchers, outline_seq);
-                context::assemble(ctx, &watchers, &prefix, &prompt, &focus, &seen, news.text)
-                    .map(|a| (a, news.seq))
+                context::assemble(
+                    ctx, &watchers, &prefix, &prompt, &focus, &buffers, &seen, news.text,
+                )
+                .map(|a| (a, news.seq, buffers))
             })
             .await??;
         if new_seq.is_some() {
@@ -719,6 +731,7 @@ impl Asks {
                 answer,
                 diff: String::new(),
                 timings,
+                buffer_edits: Vec::new(),
             });
         };
         // The streamed patch was parsed as it arrived: a malformed one is refused right away.
@@ -755,6 +768,7 @@ impl Asks {
             source: "ask".into(),
             message: params.prompt.clone(),
             bases,
+            buffers: buffers.text,
         };
         let (applied, req) = repo.run(move |ctx| (edit::apply(ctx, &req), req)).await?;
         timings.apply_ms = Some(ms(apply_started.elapsed()));
@@ -776,6 +790,9 @@ impl Asks {
                 let output = match (&outcome.edit, params.dry_run) {
                     (_, true) => "Not applied: the user asked for a dry run.".to_owned(),
                     (Some(id), false) => format!("Applied as edit {id}."),
+                    (None, false) if !outcome.buffer_edits.is_empty() => {
+                        "Applied to the user's unsaved editor buffers.".to_owned()
+                    }
                     (None, false) => "Nothing changed: the files already matched.".to_owned(),
                 };
                 answer_tool(&conv.session, &mut state.history, &call, &output).await;
@@ -789,8 +806,13 @@ impl Asks {
                         };
                     }
                 }
+                // The model now knows each buffer as the edit left it.
+                for (path, text) in &outcome.buffer_edits {
+                    state.seen.insert(path.clone(), text.clone());
+                }
                 timings.total_ms = ms(started.elapsed());
                 Ok(AskResult {
+                    buffer_edits: buffer_edits(&outcome.buffer_edits)?,
                     edit: outcome.edit,
                     files: outcome.files,
                     answer,
@@ -810,6 +832,22 @@ impl Asks {
             }
         }
     }
+}
+
+/// The wire form of an apply's buffer edits: text, as the buffers came (a patch applied to
+/// text yields text).
+fn buffer_edits(edits: &[(String, Vec<u8>)]) -> Result<Vec<BufferEdit>, RpcError> {
+    edits
+        .iter()
+        .map(|(path, bytes)| {
+            String::from_utf8(bytes.clone())
+                .map(|text| BufferEdit {
+                    path: path.clone(),
+                    text,
+                })
+                .map_err(|_| internal("an edited buffer is not UTF-8"))
+        })
+        .collect()
 }
 
 /// Close the sessions for other settings than the daemon's own that no ask used for

@@ -111,6 +111,8 @@ pub(crate) enum EditError {
     ExternalFilter { path: String, filter: String },
     #[error("recording failed, so the change was taken back and nothing changed: {source}")]
     NotRecorded { source: Box<EditError> },
+    #[error("refusing to {op} {path}: it has unsaved changes in the editor; nothing was written")]
+    UnsavedBuffer { path: String, op: &'static str },
     #[error(
         "recording failed ({source}), and putting the files back failed ({restore}); the daemon's next start puts them back"
     )]
@@ -285,6 +287,12 @@ impl EditError {
                 Some(path.clone()),
                 Some("edit the file yourself, or remove the filter attribute for it"),
             ),
+            EditError::UnsavedBuffer { path, .. } => (
+                ErrorCode::EditRejected,
+                "unsaved_buffer".into(),
+                Some(path.clone()),
+                Some("save the buffer, then ask again"),
+            ),
             EditError::NotRecorded { .. } => (
                 ErrorCode::Internal,
                 "not_recorded".into(),
@@ -351,6 +359,9 @@ pub(crate) struct ApplyRequest {
     /// The content the patch was computed against, per repo-relative path (what the model saw);
     /// files not listed use their content at apply time.
     pub(crate) bases: HashMap<String, Vec<u8>>,
+    /// Unsaved editor buffers (repo-relative path → text): the patch applies to this text in
+    /// place of the file's, and the result goes to [`Outcome::buffer_edits`], not to disk.
+    pub(crate) buffers: HashMap<String, Vec<u8>>,
 }
 
 /// What an apply, undo or stash did.
@@ -362,6 +373,8 @@ pub(crate) struct Outcome {
     pub(crate) diff: String,
     /// Each written file's new content (`None` = deleted).
     pub(crate) after: Vec<(String, Option<Vec<u8>>)>,
+    /// New text of each unsaved buffer the apply changed (not written, not recorded).
+    pub(crate) buffer_edits: Vec<(String, Vec<u8>)>,
 }
 
 /// Parse, check and (unless dry-run) apply and record a patch.
@@ -383,6 +396,9 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                         }
                         Err(e) => return Err(e),
                     };
+                if before.is_some() {
+                    refuse_buffer(req, rel.as_str(), "replace")?;
+                }
                 let mode = before.as_ref().map_or(0o100644, |b: &FileState| b.mode);
                 writes.push(Write1 {
                     path: rel.as_str().to_owned(),
@@ -392,6 +408,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             }
             patch::FileOp::Delete { path } => {
                 let (_, rel) = resolve(&mut targets, &req.cwd_prefix, path, Intent::Delete)?;
+                refuse_buffer(req, rel.as_str(), "delete")?;
                 let current = read_text(ctx, &rel)?;
                 refuse_lfs_pointer(ctx, &rel, &current)?;
                 writes.push(Write1 {
@@ -406,8 +423,14 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 chunks,
             } => {
                 let (written, rel) = resolve(&mut targets, &req.cwd_prefix, path, Intent::Modify)?;
-                let current = read_text(ctx, &rel)?;
+                let mut current = read_text(ctx, &rel)?;
                 refuse_lfs_pointer(ctx, &rel, &current)?;
+                if let Some(text) = req.buffers.get(rel.as_str()) {
+                    if move_to.is_some() {
+                        refuse_buffer(req, rel.as_str(), "move")?;
+                    }
+                    current.bytes = text.clone();
+                }
                 // The model saw the file under the name it was given, which may go through a
                 // symlinked directory.
                 let base = req
@@ -477,6 +500,24 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             files,
             diff,
             after: Vec::new(),
+            buffer_edits: Vec::new(),
+        });
+    }
+    // Unsaved buffers go back to the editor: their files on disk stay as the user left them.
+    let (buffered, writes): (Vec<Write1>, Vec<Write1>) = writes
+        .into_iter()
+        .partition(|w| req.buffers.contains_key(&w.path));
+    let buffer_edits: Vec<(String, Vec<u8>)> = buffered
+        .into_iter()
+        .filter_map(|w| w.after.map(|a| (w.path, a.bytes)))
+        .collect();
+    if writes.is_empty() {
+        return Ok(Outcome {
+            edit: None,
+            files,
+            diff,
+            after: Vec::new(),
+            buffer_edits,
         });
     }
 
@@ -519,7 +560,20 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             .into_iter()
             .map(|c| (c.path, c.after.map(|a| a.bytes)))
             .collect(),
+        buffer_edits,
     })
+}
+
+/// Refuse to `op` (delete, move, replace) a file the editor holds unsaved changes of: only an
+/// update can go back to the buffer, and the others would act on bytes the user has not saved.
+fn refuse_buffer(req: &ApplyRequest, path: &str, op: &'static str) -> Result<(), EditError> {
+    if req.buffers.contains_key(path) {
+        return Err(EditError::UnsavedBuffer {
+            path: path.to_owned(),
+            op,
+        });
+    }
+    Ok(())
 }
 
 /// Write `writes` to the worktree all-or-nothing, journalled (see [`journal::commit`]).
@@ -841,6 +895,7 @@ pub(crate) fn revert(
             .into_iter()
             .map(|w| (w.path, w.after.map(|a| a.bytes)))
             .collect(),
+        buffer_edits: Vec::new(),
     })
 }
 
@@ -1390,5 +1445,159 @@ mod merge_tests {
         let merged =
             merge3(base.as_bytes(), edited.as_bytes(), dropped.as_bytes(), "f").expect("merges");
         assert_eq!(merged, b"a\nB\n");
+    }
+}
+
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        journal: tempfile::TempDir,
+        repo: Repository,
+        env: EditEnv,
+    }
+
+    impl Fixture {
+        /// A repository with `a.txt` and `b.txt` committed.
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let journal = tempfile::tempdir().expect("journal dir");
+            let repo = Repository::init(dir.path()).expect("init");
+            std::fs::write(dir.path().join("a.txt"), "one\ntwo\nthree\n").expect("write a");
+            std::fs::write(dir.path().join("b.txt"), "alpha\nbeta\n").expect("write b");
+            {
+                let mut index = repo.index().expect("index");
+                index.add_path(Path::new("a.txt")).expect("add a");
+                index.add_path(Path::new("b.txt")).expect("add b");
+                index.write().expect("write index");
+                let tree = repo
+                    .find_tree(index.write_tree().expect("tree"))
+                    .expect("find tree");
+                let sig = git2::Signature::now("t", "t@example.invalid").expect("sig");
+                repo.commit(Some("HEAD"), &sig, &sig, "initial", &tree, &[])
+                    .expect("commit");
+            }
+            let env = EditEnv {
+                journal_dir: journal.path().to_path_buf(),
+                durability: Durability { fsync: false },
+                failpoint: Failpoint(None),
+            };
+            Fixture {
+                dir,
+                journal,
+                repo,
+                env,
+            }
+        }
+
+        fn apply(&self, patch: &str, buffers: &[(&str, &str)]) -> Result<Outcome, EditError> {
+            let _ = &self.journal;
+            let ctx = RepoCtx {
+                repo: &self.repo,
+                workdir: self.dir.path(),
+                env: &self.env,
+            };
+            let req = ApplyRequest {
+                patch: patch.to_owned(),
+                source: "ask".to_owned(),
+                buffers: buffers
+                    .iter()
+                    .map(|(p, t)| ((*p).to_owned(), t.as_bytes().to_vec()))
+                    .collect(),
+                ..ApplyRequest::default()
+            };
+            apply(&ctx, &req)
+        }
+
+        fn read(&self, rel: &str) -> String {
+            std::fs::read_to_string(self.dir.path().join(rel)).expect("read")
+        }
+
+        fn ledger_len(&self) -> usize {
+            ledger::summaries(self.repo.path()).expect("ledger").len()
+        }
+    }
+
+    const UPDATE_A: &str =
+        "*** Begin Patch\n*** Update File: a.txt\n@@\n one\n-two\n+TWO\n three\n*** End Patch\n";
+
+    #[test]
+    fn an_update_to_a_buffer_comes_back_as_text_and_touches_neither_disk_nor_ledger() {
+        let f = Fixture::new();
+        // The buffer holds typing the file on disk does not have; the patch applies to it.
+        let out = f
+            .apply(UPDATE_A, &[("a.txt", "zero\none\ntwo\nthree\n")])
+            .expect("applies to the buffer");
+        assert_eq!(out.edit, None, "nothing was recorded");
+        assert_eq!(
+            out.buffer_edits,
+            vec![("a.txt".to_owned(), b"zero\none\nTWO\nthree\n".to_vec())]
+        );
+        assert!(out.after.is_empty());
+        assert!(out.diff.contains("-two\n+TWO"), "{}", out.diff);
+        assert_eq!(
+            f.read("a.txt"),
+            "one\ntwo\nthree\n",
+            "the file is untouched"
+        );
+        assert_eq!(f.ledger_len(), 0);
+        assert!(f.repo.find_reference(record::EDITS_REF).is_err());
+    }
+
+    #[test]
+    fn a_mixed_edit_records_only_its_disk_part() {
+        let f = Fixture::new();
+        let patch = "*** Begin Patch\n*** Update File: a.txt\n@@\n one\n-two\n+TWO\n three\n\
+                     *** Update File: b.txt\n@@\n alpha\n-beta\n+BETA\n*** End Patch\n";
+        let out = f
+            .apply(patch, &[("a.txt", "one\ntwo\nthree\nfour\n")])
+            .expect("applies");
+        let id = out.edit.expect("the disk part is recorded");
+        assert_eq!(
+            out.buffer_edits,
+            vec![("a.txt".to_owned(), b"one\nTWO\nthree\nfour\n".to_vec())]
+        );
+        assert_eq!(f.read("a.txt"), "one\ntwo\nthree\n");
+        assert_eq!(f.read("b.txt"), "alpha\nBETA\n");
+        let entries = ledger::summaries(f.repo.path()).expect("ledger");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].applied.files, vec!["b.txt".to_owned()]);
+        assert!(entries[0].applied.edit.starts_with(&id));
+        let paths: Vec<&str> = out.after.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["b.txt"]);
+    }
+
+    #[test]
+    fn deleting_moving_or_replacing_a_buffered_file_is_refused_and_nothing_changes() {
+        let f = Fixture::new();
+        let buffers = [("a.txt", "one\ntwo\nthree\n")];
+        for (patch, op) in [
+            (
+                "*** Begin Patch\n*** Delete File: a.txt\n*** End Patch\n",
+                "delete",
+            ),
+            (
+                "*** Begin Patch\n*** Update File: a.txt\n*** Move to: c.txt\n@@\n-one\n+ONE\n*** End Patch\n",
+                "move",
+            ),
+            (
+                "*** Begin Patch\n*** Add File: a.txt\n+new\n*** End Patch\n",
+                "replace",
+            ),
+        ] {
+            let e = f.apply(patch, &buffers).expect_err(op);
+            assert!(
+                matches!(&e, EditError::UnsavedBuffer { path, op: o } if path == "a.txt" && *o == op),
+                "{e}"
+            );
+            let rpc = e.to_rpc();
+            assert_eq!(rpc.kind(), Some("unsaved_buffer"));
+            assert!(rpc.hint().is_some());
+        }
+        assert_eq!(f.read("a.txt"), "one\ntwo\nthree\n");
+        assert!(!f.dir.path().join("c.txt").exists());
+        assert_eq!(f.ledger_len(), 0);
     }
 }

@@ -408,6 +408,7 @@ impl Fixture {
             source: "proptest".to_owned(),
             message: String::new(),
             bases,
+            buffers: HashMap::new(),
         };
         apply(&self.ctx(), &req)
             .map_err(|e| TestCaseError::fail(format!("apply failed: {e}\npatch:\n{patch}")))

@@ -255,6 +255,7 @@ mod repair {
             dry_run: false,
             new_conversation: false,
             provider: None,
+            buffers: Vec::new(),
         }
     }
 
@@ -553,6 +554,7 @@ mod reads {
             dry_run: false,
             new_conversation: false,
             provider: None,
+            buffers: Vec::new(),
         }
     }
 

@@ -1,4 +1,5 @@
 mod ask;
+mod buffers;
 mod crash;
 mod daily;
 mod edits;
@@ -7,6 +8,7 @@ mod gateway;
 mod hooks;
 mod hostile;
 mod lifecycle;
+mod nvim;
 mod protocol;
 mod shapes;
 mod ssh;
