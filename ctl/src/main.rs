@@ -149,6 +149,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Serve the Model Context Protocol on stdio, so that another agent (Codex CLI, Claude Code,
+    /// Zed, …) makes its edits through spark: tools apply_patch, undo, log and show. Every edit
+    /// is recorded with the source `mcp:<client>`. Logs go to stderr; stdout is the protocol.
+    Mcp {
+        /// A directory inside the repository that tool calls without a `cwd` use (default: the
+        /// current directory).
+        #[arg(long, value_name = "DIR")]
+        repo: Option<PathBuf>,
+    },
     /// Print a shell completion script, e.g. `sparkctl completions bash > ~/.local/share/bash-completion/completions/sparkctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -395,6 +404,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Hook { name, args } => {
             sparkctl::hooks::run_hook(&name, &args, &layout);
             Ok(())
+        }
+        Command::Mcp { repo } => {
+            let dir = PathBuf::from(dir_param(repo)?);
+            sparkctl::mcp::run(layout, dir).map_err(|e| Failure {
+                message: e.to_string(),
+                hint: None,
+                code: 2,
+                kind: None,
+            })
         }
         Command::Completions { shell } => {
             let mut out = Vec::new();

@@ -450,10 +450,10 @@ impl Connection {
             message: p.message.unwrap_or_default(),
             bases: Default::default(),
         };
-        let outcome = repo
-            .run(move |ctx| edit::apply(ctx, &req))
-            .await?
-            .map_err(|e| e.to_rpc())?;
+        let outcome = match repo.run(move |ctx| edit::apply(ctx, &req)).await? {
+            Ok(outcome) => outcome,
+            Err(e) => return Err(with_closest_lines(repo.workdir(), &e).await),
+        };
         self.shared
             .watchers
             .note_own_writes(repo.workdir(), &outcome.after);
@@ -819,4 +819,20 @@ pub(crate) fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The wire error of a refused `edit/apply`; a patch that did not match also carries the lines of
+/// the file as it is now closest to what it looked for, so a client (or a model) can correct it.
+async fn with_closest_lines(workdir: &std::path::Path, error: &edit::EditError) -> RpcError {
+    let rpc = error.to_rpc();
+    let edit::EditError::Match { path, source } = error else {
+        return rpc;
+    };
+    let Ok(bytes) = tokio::fs::read(workdir.join(path)).await else {
+        return rpc;
+    };
+    match edit::matcher::repair_hint(&bytes, source) {
+        Some(lines) => rpc.with_closest(lines),
+        None => rpc,
+    }
 }
