@@ -7,6 +7,7 @@ mod gateway;
 mod hooks;
 mod hostile;
 mod lifecycle;
+mod mcp;
 mod protocol;
 mod shapes;
 mod ssh;
