@@ -149,8 +149,16 @@ impl SparkTools {
         }
     }
 
+    // Not destructive: every edit can be undone, and a refused one writes nothing.
     #[tool(
-        description = "Apply a patch to files in the repository, all files or none, and record it as an undoable edit. Accepts the apply_patch format (*** Begin Patch … *** End Patch) or SEARCH/REPLACE blocks. Returns the edit id and the files changed, or why nothing was written, with the file's closest lines."
+        description = "Apply a patch to files in the repository, all files or none, and record it as an undoable edit. Accepts the apply_patch format (*** Begin Patch … *** End Patch) or SEARCH/REPLACE blocks. Returns the edit id and the files changed, or why nothing was written, with the file's closest lines.",
+        annotations(
+            title = "Apply a patch",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false,
+            open_world_hint = false
+        )
     )]
     async fn apply_patch(
         &self,
@@ -178,7 +186,14 @@ impl SparkTools {
     }
 
     #[tool(
-        description = "Revert an edit made through spark (default: the latest applied one). Changes made since to other lines are kept; if the same lines changed since, nothing is written and the result says so."
+        description = "Revert an edit made through spark (default: the latest applied one). Changes made since to other lines are kept; if the same lines changed since, nothing is written and the result says so.",
+        annotations(
+            title = "Undo an edit",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false,
+            open_world_hint = false
+        )
     )]
     async fn undo(&self, Parameters(args): Parameters<EditArgs>) -> CallToolResult {
         self.forward::<EditUndo>(
@@ -190,7 +205,8 @@ impl SparkTools {
     }
 
     #[tool(
-        description = "List the repository's recent edits made through spark, newest first: id, state (applied, undone, stashed, reverted_outside), who made it, age, files and message."
+        description = "List the repository's recent edits made through spark, newest first: id, state (applied, undone, stashed, reverted_outside), who made it, age, files and message.",
+        annotations(title = "List edits", read_only_hint = true, open_world_hint = false)
     )]
     async fn log(&self, Parameters(args): Parameters<LogArgs>) -> CallToolResult {
         let now = now_ms();
@@ -206,7 +222,8 @@ impl SparkTools {
     }
 
     #[tool(
-        description = "Show one edit made through spark (default: the latest) as a unified diff, exactly as `git stash show -p` prints it."
+        description = "Show one edit made through spark (default: the latest) as a unified diff, exactly as `git stash show -p` prints it.",
+        annotations(title = "Show an edit", read_only_hint = true, open_world_hint = false)
     )]
     async fn show(&self, Parameters(args): Parameters<EditArgs>) -> CallToolResult {
         self.forward::<EditShow>(

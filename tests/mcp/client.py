@@ -9,7 +9,7 @@ session.json: {"client_name": "...", "cwd": "...", "env": {...},
 It starts the server as an MCP host does (a child process, the protocol on its stdin/stdout),
 initializes with `client_name` as clientInfo.name, lists the tools, makes each call in order in
 one session, and prints one JSON object: the server's name and instructions, the tools (name,
-description, input schema) and every call's result (is_error and its text), for the Rust test to
+description, input schema, annotations) and every call's result (is_error and its text), for the Rust test to
 assert on.
 """
 
@@ -38,7 +38,8 @@ async def main() -> None:
             out["instructions"] = init.instructions
             listed = await session.list_tools()
             out["tools"] = [
-                {"name": t.name, "description": t.description, "input_schema": t.input_schema}
+                {"name": t.name, "description": t.description, "input_schema": t.input_schema,
+                 "annotations": t.annotations.model_dump(by_alias=True, exclude_none=True) if t.annotations else None}
                 for t in listed.tools
             ]
             for call in session_spec["calls"]:

@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use serde_json::{Value, json};
-use spark_tests::{Ctl, TestRepo, bin, stderr, stdout, worktree_snapshot};
+use spark_proto::ErrorCode;
+use spark_proto::methods::{ApplyParams, EditApply};
+use spark_tests::{Ctl, InProcess, TestRepo, bin, stderr, stdout, worktree_snapshot};
+use sparkctl::ClientError;
 
 const LIB: &str = "pub fn one() -> u32 {\n    1\n}\n\npub fn two() -> u32 {\n    2\n}\n";
 const LIB_AFTER: &str = "pub fn one() -> u32 {\n    100\n}\n\npub fn two() -> u32 {\n    2\n}\n";
@@ -164,6 +167,12 @@ fn python_sdk_lists_the_tools_and_calls_each() {
             "a tool a model can follow has a description: {tool}"
         );
         assert_eq!(tool["input_schema"]["type"], "object", "{tool}");
+    }
+    // Hosts decide what to ask the user about from these: log and show only read.
+    for tool in t["tools"].as_array().expect("tools") {
+        let read_only = matches!(tool["name"].as_str(), Some("log" | "show"));
+        assert_eq!(tool["annotations"]["readOnlyHint"], read_only, "{tool}");
+        assert_eq!(tool["annotations"]["openWorldHint"], false, "{tool}");
     }
     let apply = t["tools"]
         .as_array()
@@ -467,4 +476,53 @@ default_tools_approval_mode = "approve"
                 .expect("sparkctl show")
         )
     );
+}
+
+/// The daemon's own answer, which the MCP tool passes on: a patch that does not match is refused
+/// with the file's closest lines in `data.closest`, from the file as it is now.
+#[test]
+fn a_refused_patch_carries_the_closest_lines() {
+    let daemon = InProcess::start();
+    let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
+    let before = worktree_snapshot(repo.path());
+    let err = daemon
+        .client()
+        .call::<EditApply>(&ApplyParams {
+            cwd: repo.cwd(),
+            patch: STALE_PATCH.to_owned(),
+            dry_run: false,
+            source: Some("mcp:test".into()),
+            message: None,
+        })
+        .expect_err("the patch's context is not in the file");
+    let ClientError::Rpc(rpc) = err else {
+        panic!("not a refusal: {err}");
+    };
+    assert_eq!(rpc.error_code(), Some(ErrorCode::PatchMismatch));
+    assert_eq!(rpc.kind(), Some("context_not_found"));
+    assert_eq!(
+        rpc.closest(),
+        Some("    3 | }\n    4 | \n    5 | pub fn two() -> u32 {\n    6 |     2\n    7 | }\n")
+    );
+    assert_eq!(worktree_snapshot(repo.path()), before);
+
+    // Nothing resembling the patch in the file: no closest lines, the refusal alone.
+    let err = daemon
+        .client()
+        .call::<EditApply>(&ApplyParams {
+            cwd: repo.cwd(),
+            patch:
+                "*** Begin Patch\n*** Update File: src/lib.rs\n@@\n-qqqq zzzz\n+x\n*** End Patch\n"
+                    .to_owned(),
+            dry_run: false,
+            source: None,
+            message: None,
+        })
+        .expect_err("refused");
+    let ClientError::Rpc(rpc) = err else {
+        panic!("not a refusal: {err}");
+    };
+    assert_eq!(rpc.kind(), Some("context_not_found"));
+    assert_eq!(rpc.closest(), None);
+    assert_eq!(worktree_snapshot(repo.path()), before);
 }
