@@ -408,8 +408,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Mcp { repo } => {
             let dir = PathBuf::from(dir_param(repo)?);
             sparkctl::mcp::run(layout, dir).map_err(|e| Failure {
+                hint: Some(e.hint().to_owned()),
                 message: e.to_string(),
-                hint: None,
                 code: 2,
                 kind: None,
             })

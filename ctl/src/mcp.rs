@@ -29,6 +29,8 @@ const DAEMON_CLIENT_NAME: &str = "sparkctl mcp";
 const MAX_CLIENT_NAME: usize = 40;
 /// Most diff bytes a `show` or a dry run returns: a model's context is the scarce resource.
 const MAX_DIFF_BYTES: usize = 48 * 1024;
+/// How long, after the client closed the session, blocking work may still run before exit.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Edits `log` lists when the caller does not say.
 const DEFAULT_LOG_LIMIT: u32 = 10;
 
@@ -49,6 +51,18 @@ pub enum McpError {
     Session(String),
 }
 
+impl McpError {
+    /// One line telling the user what to do next.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            McpError::Runtime(_) => "the system is out of threads or file descriptors",
+            McpError::Initialize(_) | McpError::Session(_) => {
+                "an MCP host (Codex CLI, Claude Code, Zed, …) starts `sparkctl mcp` and speaks the protocol on its stdin; the README shows how to add it"
+            }
+        }
+    }
+}
+
 /// Serve MCP on stdin/stdout until the client closes it. `dir` (absolute) is where tool calls
 /// without a `cwd` argument run.
 pub fn run(layout: Layout, dir: PathBuf) -> Result<(), McpError> {
@@ -56,26 +70,30 @@ pub fn run(layout: Layout, dir: PathBuf) -> Result<(), McpError> {
         .enable_all()
         .build()
         .map_err(McpError::Runtime)?;
-    runtime.block_on(serve(SparkTools::new(layout, dir)))
+    let result = runtime.block_on(serve(SparkTools::new(layout, dir)));
+    // A daemon start still in progress (bounded by autostart's own timeouts) must not hold the
+    // exit once the client has gone.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
 
 async fn serve(tools: SparkTools) -> Result<(), McpError> {
-    // Start the daemon while the client is still handshaking, so the first edit is warm; a
-    // failure here is reported again, to the model, by the first tool call.
-    let warm = tools.clone();
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = autostart::connect(&warm.layout, DAEMON_CLIENT_NAME) {
-            eprintln!("sparkctl mcp: sparkd is not reachable yet: {e}");
-        }
-    });
     eprintln!(
         "sparkctl mcp: serving MCP on stdio for {}",
         tools.dir.display()
     );
+    let layout = tools.layout.clone();
     let running = tools
         .serve(rmcp::transport::stdio())
         .await
         .map_err(|e| McpError::Initialize(e.to_string()))?;
+    // A host is there: start the daemon while it lists the tools, so the first edit is warm. A
+    // failure here is reported again, to the model, by the first tool call.
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = autostart::connect(&layout, DAEMON_CLIENT_NAME) {
+            eprintln!("sparkctl mcp: sparkd is not reachable yet: {e}");
+        }
+    });
     running
         .waiting()
         .await

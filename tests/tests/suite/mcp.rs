@@ -526,3 +526,31 @@ fn a_refused_patch_carries_the_closest_lines() {
     assert_eq!(rpc.closest(), None);
     assert_eq!(worktree_snapshot(repo.path()), before);
 }
+
+/// Started by hand, with no host on its stdin: a clear error and hint on stderr, exit 2, and
+/// nothing on stdout, which belongs to the protocol.
+#[test]
+fn without_a_host_it_says_what_starts_it() {
+    let ctl = Ctl::new();
+    let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
+    let out = ctl
+        .command("sparkctl")
+        .current_dir(repo.path())
+        .arg("mcp")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sparkctl mcp");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("sparkctl: error: MCP session did not start"),
+        "{err}"
+    );
+    assert!(
+        err.contains("\nhint: an MCP host (Codex CLI, Claude Code, Zed, …) starts `sparkctl mcp`"),
+        "{err}"
+    );
+    // No session, so no daemon was started for one.
+    assert_eq!(ctl.daemon_pid(), None);
+}
