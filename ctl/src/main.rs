@@ -149,6 +149,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Serve the Model Context Protocol on stdio, so that another agent (Codex CLI, Claude Code,
+    /// Zed, …) makes its edits through spark: tools apply_patch, undo, log and show. Every edit
+    /// is recorded with the source `mcp:<client>`. Logs go to stderr; stdout is the protocol.
+    Mcp {
+        /// A directory inside the repository that tool calls without a `cwd` use (default: the
+        /// current directory).
+        #[arg(long, value_name = "DIR")]
+        repo: Option<PathBuf>,
+    },
     /// Print a shell completion script, e.g. `sparkctl completions bash > ~/.local/share/bash-completion/completions/sparkctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -313,6 +322,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             sparkctl::hooks::run_hook(&name, &args, &ctx.layout);
             Ok(())
         }
+        Command::Mcp { repo } => mcp(ctx, repo),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sparkctl", &mut out);
@@ -342,6 +352,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }),
         Command::Stop => stop(&ctx),
     }
+}
+
+/// `sparkctl mcp`: an MCP server on stdio until the host closes it.
+fn mcp(ctx: Ctx, repo: Option<PathBuf>) -> Result<(), Failure> {
+    let dir = PathBuf::from(dir_param(repo)?);
+    sparkctl::mcp::run(ctx.layout, dir).map_err(|e| Failure {
+        hint: Some(e.hint().to_owned()),
+        message: e.to_string(),
+        code: 2,
+        kind: None,
+    })
 }
 
 /// One request to the daemon (started if needed).

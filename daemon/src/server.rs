@@ -440,10 +440,10 @@ impl Connection {
             bases: Default::default(),
             buffers: Default::default(),
         };
-        let outcome = repo
-            .run(move |ctx| edit::apply(ctx, &req))
-            .await?
-            .map_err(|e| e.to_rpc())?;
+        let outcome = match repo.run(move |ctx| edit::apply(ctx, &req)).await? {
+            Ok(outcome) => outcome,
+            Err(e) => return Err(with_closest_lines(repo.workdir(), &e).await),
+        };
         self.shared
             .asks
             .after_edit(&repo, &outcome, Landed::Applied)
@@ -750,4 +750,20 @@ async fn forward_events(
 fn to_value<T: Serialize>(v: T) -> Result<Value, RpcError> {
     serde_json::to_value(v)
         .map_err(|e| RpcError::new(ErrorCode::Internal, format!("cannot encode result: {e}")))
+}
+
+/// The wire error of a refused `edit/apply`; a patch that did not match also carries the lines of
+/// the file as it is now closest to what it looked for, so a client (or a model) can correct it.
+async fn with_closest_lines(workdir: &std::path::Path, error: &edit::EditError) -> RpcError {
+    let rpc = error.to_rpc();
+    let edit::EditError::Match { path, source } = error else {
+        return rpc;
+    };
+    let Ok(bytes) = tokio::fs::read(workdir.join(path)).await else {
+        return rpc;
+    };
+    match edit::matcher::repair_hint(&bytes, source) {
+        Some(lines) => rpc.with_closest(lines),
+        None => rpc,
+    }
 }

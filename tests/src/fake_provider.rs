@@ -94,8 +94,13 @@ pub enum Item {
     Message(String),
     /// A `custom_tool_call` (freeform input, e.g. Codex's `apply_patch` grammar).
     CustomToolCall { name: String, input: String },
-    /// A JSON `function_call`; `arguments` is the JSON text streamed as deltas.
-    FunctionCall { name: String, arguments: String },
+    /// A JSON `function_call`; `arguments` is the JSON text streamed as deltas. `namespace`
+    /// names the `namespace` tool it belongs to (Codex groups each MCP server's tools in one).
+    FunctionCall {
+        name: String,
+        arguments: String,
+        namespace: Option<String>,
+    },
 }
 
 /// How a scripted response ends.
@@ -233,6 +238,20 @@ impl Turn {
         Turn::items(vec![Item::FunctionCall {
             name: name.into(),
             arguments: arguments.into(),
+            namespace: None,
+        }])
+    }
+
+    /// A completed response with one function call of a tool in a `namespace` tool.
+    pub fn namespaced_function_call(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        arguments: impl Into<String>,
+    ) -> Turn {
+        Turn::items(vec![Item::FunctionCall {
+            name: name.into(),
+            arguments: arguments.into(),
+            namespace: Some(namespace.into()),
         }])
     }
 
@@ -1415,13 +1434,20 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
                 pending.push((CallKind::Custom, call_id.clone()));
                 json!({ "id": id, "type": "custom_tool_call", "call_id": call_id, "name": name, "input": input })
             }
-            Item::FunctionCall { name, arguments } => {
+            Item::FunctionCall {
+                name,
+                arguments,
+                namespace,
+            } => {
                 let id = shared.next_id("fc");
                 let call_id = shared.next_id("call");
+                let mut added = json!({ "id": id, "type": "function_call", "status": "in_progress",
+                                        "arguments": "", "call_id": call_id, "name": name });
+                if let Some(ns) = namespace {
+                    added["namespace"] = json!(ns);
+                }
                 w.emit(json!({
-                    "type": "response.output_item.added", "output_index": index,
-                    "item": { "id": id, "type": "function_call", "status": "in_progress",
-                              "arguments": "", "call_id": call_id, "name": name },
+                    "type": "response.output_item.added", "output_index": index, "item": added,
                 }));
                 for piece in split_tokens(arguments, turn.delta_chars) {
                     w.clock = token_time(token);
@@ -1437,8 +1463,12 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
                 }));
                 calls.insert((CallKind::Function, call_id.clone()));
                 pending.push((CallKind::Function, call_id.clone()));
-                json!({ "id": id, "type": "function_call", "status": done_status,
-                        "arguments": arguments, "call_id": call_id, "name": name })
+                let mut done = json!({ "id": id, "type": "function_call", "status": done_status,
+                                       "arguments": arguments, "call_id": call_id, "name": name });
+                if let Some(ns) = namespace {
+                    done["namespace"] = json!(ns);
+                }
+                done
             }
         };
         w.emit(json!({ "type": "response.output_item.done", "output_index": index, "item": done_item }));

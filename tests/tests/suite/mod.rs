@@ -8,6 +8,7 @@ mod gateway;
 mod hooks;
 mod hostile;
 mod lifecycle;
+mod mcp;
 mod nvim;
 mod protocol;
 mod shapes;
