@@ -549,6 +549,24 @@ fn the_plugin_starts_a_cold_daemon_and_reconnects_after_a_restart() {
         "return vim.api.nvim_buf_get_lines(0, 1, 2, false)[1] == '    11'",
     );
     nv.assert_no_prompt();
+
+    // :checkhealth reports the socket and the daemon the plugin talks to.
+    nv.lua("vim.cmd('checkhealth spark')");
+    let report = nv
+        .lua("return table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), '\\n')")
+        .as_str()
+        .expect("text")
+        .to_owned();
+    let socket = ctl.home.path().join("run/sparkd.sock");
+    assert!(
+        report.contains(&format!("socket: {}", socket.display())),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("(pid {second}), protocol 1")),
+        "{report}"
+    );
+    assert!(!report.contains("ERROR"), "{report}");
 }
 
 /// The buffer's text, compared in Neovim so a wait can end on it.
