@@ -730,3 +730,47 @@ fn the_cancel_key_stops_the_ask_mid_stream_and_nothing_lands() {
     );
     nv.assert_no_prompt();
 }
+
+#[test]
+fn typing_into_a_saved_buffer_during_the_stream_merges_with_the_edit_written_to_disk() {
+    let Some(program) = nvim_program() else {
+        return;
+    };
+    let hold = Gate::new();
+    let p = Provider::start(
+        Script::new().turn(
+            Turn::apply_patch(PATCH_TWO)
+                .hold_before("response.custom_tool_call_input.done", hold.clone()),
+        ),
+    );
+    let d = p.daemon(true);
+    let repo = lib_repo();
+    let nv = Nvim::start(program, d.home.path(), repo.path());
+    nv.edit(&repo.path().join("src/lib.rs"), 10);
+    nv.lua("vim.cmd('SparkAsk make two bigger')");
+    nv.wait_for("the preview extmarks", PREVIEW_MARKS);
+    wait_for_asks(&p, 1);
+    // The buffer was saved when asking; the user types while the model writes.
+    nv.lua("vim.cmd('normal! Go// typed while it streams')");
+    hold.open();
+    let typed = "// typed while it streams\n";
+    nv.wait_for(
+        "the edit merged with the typing",
+        &buffer_is(&format!("{EDITED}{typed}")),
+    );
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        EDITED.as_bytes(),
+        "the edit is on disk, the typing is not"
+    );
+    assert_eq!(nv.lua("return vim.bo.modified"), json!(true));
+    nv.wait_for("the result message", &message_has("spark: edit "));
+    nv.lua("vim.cmd('normal! u')");
+    assert_eq!(
+        nv.lines(),
+        format!("{LIB}{typed}"),
+        "`u` takes back the edit only"
+    );
+    nv.lua("vim.cmd('checktime')");
+    nv.assert_no_prompt();
+}
