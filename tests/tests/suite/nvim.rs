@@ -714,7 +714,9 @@ fn the_cancel_key_stops_the_ask_mid_stream_and_nothing_lands() {
         nv,
     } = held_ask_on_an_unsaved_buffer(program);
     let typed = nv.lines();
-    nv.lua("vim.api.nvim_input('<C-c>')");
+    // Typed and run through the mappings at once ('x'): nvim_input() would queue it behind
+    // the test's own requests and raise an interrupt that ends every wait.
+    nv.lua("vim.api.nvim_feedkeys(vim.keycode('<C-c>'), 'mx', false)");
     nv.wait_for("the cancellation", &message_has("spark: cancelled"));
     hold.open();
     assert_eq!(nv.lines(), typed);
