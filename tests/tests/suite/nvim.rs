@@ -549,6 +549,24 @@ fn the_plugin_starts_a_cold_daemon_and_reconnects_after_a_restart() {
         "return vim.api.nvim_buf_get_lines(0, 1, 2, false)[1] == '    11'",
     );
     nv.assert_no_prompt();
+
+    // :checkhealth reports the socket and the daemon the plugin talks to.
+    nv.lua("vim.cmd('checkhealth spark')");
+    let report = nv
+        .lua("return table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), '\\n')")
+        .as_str()
+        .expect("text")
+        .to_owned();
+    let socket = ctl.home.path().join("run/sparkd.sock");
+    assert!(
+        report.contains(&format!("socket: {}", socket.display())),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("(pid {second}), protocol 1")),
+        "{report}"
+    );
+    assert!(!report.contains("ERROR"), "{report}");
 }
 
 /// The buffer's text, compared in Neovim so a wait can end on it.
@@ -696,7 +714,9 @@ fn the_cancel_key_stops_the_ask_mid_stream_and_nothing_lands() {
         nv,
     } = held_ask_on_an_unsaved_buffer(program);
     let typed = nv.lines();
-    nv.lua("vim.api.nvim_input('<C-c>')");
+    // Typed and run through the mappings at once ('x'): nvim_input() would queue it behind
+    // the test's own requests and raise an interrupt that ends every wait.
+    nv.lua("vim.api.nvim_feedkeys(vim.keycode('<C-c>'), 'mx', false)");
     nv.wait_for("the cancellation", &message_has("spark: cancelled"));
     hold.open();
     assert_eq!(nv.lines(), typed);
@@ -710,5 +730,49 @@ fn the_cancel_key_stops_the_ask_mid_stream_and_nothing_lands() {
         json!(""),
         "the key is mapped only while an ask runs"
     );
+    nv.assert_no_prompt();
+}
+
+#[test]
+fn typing_into_a_saved_buffer_during_the_stream_merges_with_the_edit_written_to_disk() {
+    let Some(program) = nvim_program() else {
+        return;
+    };
+    let hold = Gate::new();
+    let p = Provider::start(
+        Script::new().turn(
+            Turn::apply_patch(PATCH_TWO)
+                .hold_before("response.custom_tool_call_input.done", hold.clone()),
+        ),
+    );
+    let d = p.daemon(true);
+    let repo = lib_repo();
+    let nv = Nvim::start(program, d.home.path(), repo.path());
+    nv.edit(&repo.path().join("src/lib.rs"), 10);
+    nv.lua("vim.cmd('SparkAsk make two bigger')");
+    nv.wait_for("the preview extmarks", PREVIEW_MARKS);
+    wait_for_asks(&p, 1);
+    // The buffer was saved when asking; the user types while the model writes.
+    nv.lua("vim.cmd('normal! Go// typed while it streams')");
+    hold.open();
+    let typed = "// typed while it streams\n";
+    nv.wait_for(
+        "the edit merged with the typing",
+        &buffer_is(&format!("{EDITED}{typed}")),
+    );
+    assert_eq!(
+        repo.read("src/lib.rs"),
+        EDITED.as_bytes(),
+        "the edit is on disk, the typing is not"
+    );
+    assert_eq!(nv.lua("return vim.bo.modified"), json!(true));
+    nv.wait_for("the result message", &message_has("spark: edit "));
+    nv.lua("vim.cmd('normal! u')");
+    assert_eq!(
+        nv.lines(),
+        format!("{LIB}{typed}"),
+        "`u` takes back the edit only"
+    );
+    nv.lua("vim.cmd('checktime')");
     nv.assert_no_prompt();
 }

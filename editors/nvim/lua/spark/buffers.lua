@@ -34,9 +34,19 @@ function M.split(data, buf)
   if data:sub(1, 3) == BOM then
     data = data:sub(4)
   end
-  local lines = vim.split(data, "\n", { plain = true })
-  if lines[#lines] == "" then
-    table.remove(lines)
+  -- A plain find loop: several times faster than vim.split on a large file.
+  local lines, n, at = {}, 0, 1
+  while true do
+    local nl = data:find("\n", at, true)
+    if not nl then
+      break
+    end
+    n = n + 1
+    lines[n] = data:sub(at, nl - 1)
+    at = nl + 1
+  end
+  if at <= #data then
+    lines[n + 1] = data:sub(at)
   end
   if vim.bo[buf].fileformat == "dos" then
     for i, l in ipairs(lines) do
@@ -82,12 +92,28 @@ function M.forget(buf)
 end
 
 -- Half-open [s, e) ranges of `base` lines a diff hunk replaces (a pure insertion is empty).
+-- The common first and last lines are skipped before diffing: an edit touches a few lines of
+-- a large file, and diffing only the middle keeps a 10,000-line buffer cheap.
 local function hunks(a, b)
-  local text_a = table.concat(a, "\n") .. "\n"
-  local text_b = table.concat(b, "\n") .. "\n"
+  local na, nb = #a, #b
+  local pre = 0
+  while pre < na and pre < nb and a[pre + 1] == b[pre + 1] do
+    pre = pre + 1
+  end
+  local suf = 0
+  while suf < na - pre and suf < nb - pre and a[na - suf] == b[nb - suf] do
+    suf = suf + 1
+  end
+  if pre == na and pre == nb then
+    return {}
+  end
+  local mid_a = table.concat(a, "\n", pre + 1, na - suf)
+  local mid_b = table.concat(b, "\n", pre + 1, nb - suf)
+  mid_a = na - suf > pre and mid_a .. "\n" or ""
+  mid_b = nb - suf > pre and mid_b .. "\n" or ""
   local out = {}
-  for _, h in ipairs(diff(text_a, text_b, { result_type = "indices" })) do
-    local sa, ca, sb, cb = h[1], h[2], h[3], h[4]
+  for _, h in ipairs(diff(mid_a, mid_b, { result_type = "indices" })) do
+    local sa, ca, sb, cb = h[1] + pre, h[2], h[3] + pre, h[4]
     local s = ca == 0 and sa + 1 or sa
     table.insert(out, { s = s, e = s + ca, sb = sb, cb = cb, delta = cb - ca })
   end
@@ -118,12 +144,12 @@ local function break_undo()
 end
 
 --- Merge `new` into `buf` 3-way: `ancestor` is the text both derive from, the buffer's lines
---- are the user's side. Returns "same", "applied" or "conflict" (then nothing changed).
---- Exactly one undo step; cursors and views stay on their text.
-function M.merge(buf, ancestor, new)
-  local cur = vim.api.nvim_buf_get_lines(buf, 0, -1, false)
+--- are the user's side (`ancestor` itself when `cur_is_ancestor`: nothing to merge, and no
+--- second diff of a large buffer). Returns "same", "applied" or "conflict" (then nothing
+--- changed). Exactly one undo step; cursors and views stay on their text.
+function M.merge(buf, ancestor, new, cur_is_ancestor)
   local theirs = hunks(ancestor, new)
-  local ours = hunks(ancestor, cur)
+  local ours = cur_is_ancestor and {} or hunks(ancestor, vim.api.nvim_buf_get_lines(buf, 0, -1, false))
   if #theirs == 0 then
     return "same"
   end
@@ -198,7 +224,7 @@ function M.apply_file(buf, path)
   if not ancestor then
     return "unknown_base"
   end
-  local outcome = M.merge(buf, ancestor, new)
+  local outcome = M.merge(buf, ancestor, new, not modified)
   if outcome == "conflict" then
     return outcome
   end

@@ -173,6 +173,9 @@ local function on_progress(ask, p)
   end
 end
 
+-- The daemon's limit on a file shown to the model (256 KiB).
+local MAX_BUFFER_BYTES = 256 * 1024
+
 -- The modified buffers of files in `root`: sent with the ask so the model sees what the user
 -- sees (docs/protocol.md "Unsaved editor buffers"). Returns the wire list and, per buffer,
 -- the lines sent (the base of the 3-way merge of what comes back).
@@ -186,10 +189,15 @@ local function unsaved(root)
     if vim.api.nvim_buf_is_loaded(b) and vim.bo[b].modified then
       local p = buf_path(b)
       local real = p and (vim.uv.fs_realpath(p) or p)
-      if real and vim.startswith(real, real_root .. "/") then
+      -- A file never written, or one over the daemon's limit, is not sent: the daemon would
+      -- refuse the whole ask for it (docs/protocol.md); an edit to it then merges in from disk.
+      if real and vim.startswith(real, real_root .. "/") and vim.uv.fs_stat(real) then
         local lines = vim.api.nvim_buf_get_lines(b, 0, -1, false)
-        table.insert(list, { path = p, text = buffers.text(b, lines) })
-        sent[b] = { lines = lines, rel = real:sub(#real_root + 2) }
+        local text = buffers.text(b, lines)
+        if #text <= MAX_BUFFER_BYTES then
+          table.insert(list, { path = p, text = text })
+          sent[b] = { lines = lines, rel = real:sub(#real_root + 2) }
+        end
       end
     end
   end
