@@ -68,6 +68,7 @@ pub(crate) fn edit_env(config: &Config) -> EditEnv {
             fsync: config.fsync,
         },
         failpoint: Failpoint(config.failpoint.clone()),
+        history: crate::history::HistoryEnv::from_config(config),
     }
 }
 
@@ -82,6 +83,9 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         &shutdown,
         crate::watch::WatchOptions::default(),
     );
+    // Settled changes become local-history snapshots (started below, once `Shared` exists).
+    let (settled_tx, settled_rx) = mpsc::channel(crate::history::SETTLED_QUEUE);
+    watchers.on_settled(settled_tx);
     // Repositories watched before the restart are watched again, in the background.
     watchers.restore();
     let asks = Arc::new(crate::ask::Asks::new(
@@ -106,6 +110,9 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         config,
     });
     info!(socket = %instance.socket.display(), pid = std::process::id(), version = crate::VERSION, "sparkd serving");
+    shared
+        .tracker
+        .spawn(crate::history::run_settled(shared.clone(), settled_rx));
     if let Some(idle) = shared.config.idle_timeout {
         shared.tracker.spawn(idle_exit(shared.clone(), idle));
     }
@@ -412,6 +419,18 @@ impl Connection {
                 let p = parse_params::<methods::EditShow>(params)?;
                 to_value(self.edit_show(p).await?)
             }
+            methods::HistoryList::NAME => {
+                let p = parse_params::<methods::HistoryList>(params)?;
+                to_value(self.history_list(p).await?)
+            }
+            methods::HistoryRestore::NAME => {
+                let p = parse_params::<methods::HistoryRestore>(params)?;
+                to_value(self.history_restore(p).await?)
+            }
+            methods::HistoryDiff::NAME => {
+                let p = parse_params::<methods::HistoryDiff>(params)?;
+                to_value(self.history_diff(p).await?)
+            }
             methods::CommitDraft::NAME => {
                 let p = parse_params::<methods::CommitDraft>(params)?;
                 to_value(crate::draft::draft(&self.shared, p).await?)
@@ -542,6 +561,69 @@ impl Connection {
             }),
             id: shown.edit,
             diff: shown.diff,
+        })
+    }
+
+    async fn history_list(
+        &self,
+        p: methods::HistoryListParams,
+    ) -> Result<methods::HistoryListResult, RpcError> {
+        let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let (path, versions) = repo
+            .run(move |ctx| {
+                crate::history::list(ctx, &prefix, p.path.as_deref(), p.since.as_deref(), p.limit)
+            })
+            .await?
+            .map_err(|e| e.to_rpc())?;
+        Ok(methods::HistoryListResult {
+            repo: repo.workdir().display().to_string(),
+            path,
+            versions,
+        })
+    }
+
+    /// A restore is an edit: the same follow-up as `edit/apply` (own writes, counters, what the
+    /// model saw, the event).
+    async fn history_restore(
+        &self,
+        p: methods::HistoryRestoreParams,
+    ) -> Result<methods::EditResult, RpcError> {
+        let started = Instant::now();
+        let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let outcome = repo
+            .run(move |ctx| crate::history::restore(ctx, &prefix, &p.path, &p.at, p.dry_run))
+            .await?
+            .map_err(|e| e.to_rpc())?;
+        self.shared
+            .watchers
+            .note_own_writes(repo.workdir(), &outcome.after);
+        if let Some(id) = &outcome.edit {
+            repo.count_edit();
+            let paths: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
+            self.shared.asks.forget(repo.workdir(), &paths).await;
+            let _ = self.shared.events.send(Event::EditApplied {
+                repo: repo.workdir().display().to_string(),
+                edit: id.clone(),
+                files: paths,
+            });
+        }
+        Ok(edit_result(&repo, outcome, started))
+    }
+
+    async fn history_diff(
+        &self,
+        p: methods::HistoryDiffParams,
+    ) -> Result<methods::HistoryDiffResult, RpcError> {
+        let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let changes = repo
+            .run(move |ctx| crate::history::diff(ctx, &prefix, &p.since, p.path.as_deref()))
+            .await?
+            .map_err(|e| e.to_rpc())?;
+        Ok(methods::HistoryDiffResult {
+            repo: repo.workdir().display().to_string(),
+            from: changes.from,
+            files: changes.files,
+            diff: changes.diff,
         })
     }
 
