@@ -151,16 +151,20 @@ pub(crate) fn snapshot(
             source,
         })? {
             OnDisk::File { bytes, exec } => {
-                let blob = repo.blob(&bytes).map_err(git("write a snapshot blob"))?;
                 let mode = if exec {
                     FileMode::BlobExecutable
                 } else {
                     FileMode::Blob
                 };
+                // Hash before writing: an unchanged file costs a read and a SHA-1, and no
+                // write to the object database.
+                let id = Oid::hash_object(ObjectType::Blob, &bytes)
+                    .map_err(git("hash a file to snapshot"))?;
                 let same = existing
                     .as_ref()
-                    .is_some_and(|e| e.id() == blob && e.filemode() == i32::from(mode));
+                    .is_some_and(|e| e.id() == id && e.filemode() == i32::from(mode));
                 if !same {
+                    let blob = repo.blob(&bytes).map_err(git("write a snapshot blob"))?;
                     update.upsert(rel.as_str(), blob, mode);
                     changed += 1;
                 }
