@@ -42,18 +42,25 @@ pub(crate) fn list(
             });
         }
     }
-    if let (true, Some(p), Some(first)) = (complete, path, out.last_mut()) {
-        against_head(repo, p, first)?;
+    if complete {
+        // Oldest first: a file's first version is the first "added" seen.
+        let mut seen = std::collections::HashSet::new();
+        for v in out.iter_mut().rev() {
+            let id = v.id.clone();
+            for f in &mut v.files {
+                if seen.insert(f.path.clone()) && f.change == "added" {
+                    against_head(repo, &id, f)?;
+                }
+            }
+        }
     }
     Ok(out)
 }
 
 /// A file's first version in history, when the file is committed, is a change to the committed
 /// version (history starts watching files as they change): count its lines against that.
-fn against_head(repo: &Repository, path: &str, v: &mut HistoryVersion) -> Result<(), HistoryError> {
-    let Some(f) = v.files.first_mut().filter(|f| f.change == "added") else {
-        return Ok(());
-    };
+fn against_head(repo: &Repository, id: &str, f: &mut HistoryFile) -> Result<(), HistoryError> {
+    let path = f.path.as_str();
     let Some(committed) = repo
         .head()
         .ok()
@@ -64,7 +71,7 @@ fn against_head(repo: &Repository, path: &str, v: &mut HistoryVersion) -> Result
         return Ok(());
     };
     let snap = repo
-        .revparse_single(&format!("{}:{path}", v.id))
+        .revparse_single(&format!("{id}:{path}"))
         .and_then(|o| o.peel_to_blob())
         .map_err(git("read a snapshot blob"))?;
     let patch =

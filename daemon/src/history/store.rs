@@ -440,3 +440,73 @@ pub(crate) fn prune(repo: &Repository, env: &HistoryEnv) -> Result<Pruned, Histo
     }
     Ok(pruned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo() -> (tempfile::TempDir, Repository) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = Repository::init(dir.path()).expect("init");
+        (dir, repo)
+    }
+
+    fn env(segment_snapshots: u32, max_bytes: u64) -> HistoryEnv {
+        HistoryEnv {
+            max_bytes,
+            segment_snapshots,
+            ..HistoryEnv::default()
+        }
+    }
+
+    fn save(dir: &Path, repo: &Repository, env: &HistoryEnv, rel: &str, bytes: &[u8]) -> bool {
+        std::fs::write(dir.join(rel), bytes).expect("write");
+        snapshot(repo, dir, &[rel.to_owned()], "watch", env)
+            .expect("snapshot")
+            .is_some()
+    }
+
+    #[test]
+    fn unchanged_secret_and_binary_files_make_no_snapshot() {
+        let (dir, repo) = repo();
+        let env = env(256, u64::MAX);
+        assert!(save(dir.path(), &repo, &env, "a.txt", b"one\n"));
+        assert!(!save(dir.path(), &repo, &env, "a.txt", b"one\n"));
+        assert!(!save(dir.path(), &repo, &env, ".env", b"KEY=1\n"));
+        assert!(!save(dir.path(), &repo, &env, "b.bin", b"\0\x01"));
+        assert_eq!(chain(&repo).expect("chain").len(), 1);
+        std::fs::remove_file(dir.path().join("a.txt")).expect("rm");
+        let gone = snapshot(&repo, dir.path(), &["a.txt".into()], "watch", &env).expect("snap");
+        assert!(gone.is_some(), "a deletion is a snapshot");
+    }
+
+    #[test]
+    fn full_segments_close_and_the_size_budget_drops_the_oldest_refs() {
+        let (dir, repo) = repo();
+        // Two snapshots a segment; 1000-byte versions; room for about three segments.
+        let env = env(2, 3500);
+        for i in 0..8u8 {
+            assert!(save(dir.path(), &repo, &env, "f.txt", &[b'a' + i; 1000]));
+        }
+        let listed = chain(&repo).expect("chain");
+        let segments = closed_segments(&repo).expect("segments");
+        assert!(
+            segments.iter().map(|s| s.bytes).sum::<u64>() <= env.max_bytes,
+            "{segments:?}"
+        );
+        assert!(!segments.is_empty() && segments.len() < 4, "{segments:?}");
+        // Newest first, one after the other, and none of the oldest.
+        assert!(listed.windows(2).all(|w| w[0].at >= w[1].at));
+        let newest = repo.find_commit(listed[0].oid).expect("commit");
+        let blob = newest
+            .tree()
+            .expect("tree")
+            .get_path(Path::new("f.txt"))
+            .expect("f");
+        assert_eq!(
+            repo.find_blob(blob.id()).expect("blob").content(),
+            &[b'h'; 1000]
+        );
+        assert!(listed.len() < 8, "{} snapshots kept", listed.len());
+    }
+}
