@@ -18,6 +18,8 @@ use sparkctl::interrupt::CancelOnCtrlC;
 use sparkctl::output::ColorChoice;
 use sparkctl::{Client, ClientError};
 
+mod history;
+
 /// sparkctl talks to sparkd, spark's daemon for instant AI code edits. Any command starts the
 /// daemon if it is not running.
 #[derive(Debug, Parser)]
@@ -106,6 +108,17 @@ enum Command {
         /// Edit id (a unique prefix is enough).
         edit: Option<String>,
     },
+    /// List the local history of a file (its versions, newest first), or of the repository
+    /// (which files changed when).
+    #[command(after_help = history::HISTORY_AFTER_HELP)]
+    History(history::HistoryArgs),
+    /// Put a file back as it was at an earlier version of the local history (a recorded edit:
+    /// `sparkctl undo` reverts it).
+    #[command(after_help = history::RESTORE_AFTER_HELP)]
+    Restore(history::RestoreArgs),
+    /// Show what changed in the worktree since a time, all writers together, as a diff.
+    #[command(after_help = history::DIFF_AFTER_HELP)]
+    Diff(history::DiffArgs),
     /// Show the daemon: version, uptime, socket, repositories, sessions and cache.
     Status,
     /// Watch a repository (default: the one of the current directory): its context stays
@@ -318,6 +331,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Stash { edit } => stash(&ctx, edit),
         Command::Service { action } => run_service(action, &ctx.layout, ctx.json),
         Command::Hooks { action } => run_hooks(action, ctx.json),
+        Command::History(args) => {
+            history::history(args, ctx.connect()?, ctx.json, &ctx.style, |e| ctx.fail(e))
+        }
+        Command::Restore(args) => {
+            history::restore(args, ctx.connect()?, ctx.json, &ctx.style, |e| ctx.fail(e))
+        }
+        Command::Diff(args) => {
+            history::diff(args, ctx.connect()?, ctx.json, &ctx.style, |e| ctx.fail(e))
+        }
         Command::Hook { name, args } => {
             sparkctl::hooks::run_hook(&name, &args, &ctx.layout);
             Ok(())

@@ -28,6 +28,11 @@ pub const DEFAULT_REPAIR_ATTEMPTS: u32 = 1;
 pub const DEFAULT_TOOL_CALLS_PER_ASK: u32 = 8;
 /// Bytes of tool output one `ask` sends at most: a few whole files.
 pub const DEFAULT_TOOL_BYTES_PER_ASK: usize = 128 * 1024;
+/// Local history keeps snapshots this long (`history_max_age_days`): two weeks covers
+/// "what did this look like before the holidays" without growing for ever.
+pub const DEFAULT_HISTORY_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+/// …and at most this many bytes of file contents per repository (`history_max_mb`).
+pub const DEFAULT_HISTORY_MAX_BYTES: u64 = 500 * 1024 * 1024;
 
 /// `config.toml` as written by the user. Unknown keys are an error so typos are not silent.
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +59,10 @@ pub struct ConfigFile {
     /// Hard cap on the `prepare-commit-msg` hook's draft (default 5000); `sparkctl` reads the
     /// same key and gives up at this wall-clock deadline, so a commit is never held longer.
     pub hook_timeout_ms: Option<u64>,
+    /// Days local history keeps snapshots (default 14).
+    pub history_max_age_days: Option<u64>,
+    /// Megabytes of file contents local history keeps per repository (default 500).
+    pub history_max_mb: Option<u64>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -83,6 +92,17 @@ pub struct Config {
     pub tool_bytes_per_ask: usize,
     /// The draft turn's cap (`hook_timeout_ms`).
     pub hook_timeout: Duration,
+    /// Local history's retention: snapshots older than this are pruned…
+    pub history_max_age: Duration,
+    /// …and the oldest ones beyond this many bytes of contents per repository.
+    pub history_max_bytes: u64,
+    /// Snapshots per history segment, the unit retention drops (not a file key: tests shrink
+    /// it to see pruning after a few saves).
+    pub history_segment_snapshots: u32,
+    /// Test hook: local history dates its snapshots this many ms away from the real clock
+    /// (`SPARK_TEST_CLOCK_OFFSET_MS`, debug builds only), so retention is tested without
+    /// waiting two weeks.
+    pub history_clock_offset_ms: i64,
     /// Test hook: abort at this named point of an edit, or fail there with an error when named
     /// `fail_<point>` (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
@@ -108,6 +128,10 @@ impl fmt::Debug for Config {
             .field("tool_calls_per_ask", &self.tool_calls_per_ask)
             .field("tool_bytes_per_ask", &self.tool_bytes_per_ask)
             .field("hook_timeout", &self.hook_timeout)
+            .field("history_max_age", &self.history_max_age)
+            .field("history_max_bytes", &self.history_max_bytes)
+            .field("history_segment_snapshots", &self.history_segment_snapshots)
+            .field("history_clock_offset_ms", &self.history_clock_offset_ms)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
             .finish()
@@ -209,6 +233,24 @@ impl Config {
                 .hook_timeout_ms
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_HOOK_TIMEOUT),
+            history_max_age: file
+                .history_max_age_days
+                .map(|d| Duration::from_secs(d.saturating_mul(24 * 3600)))
+                .unwrap_or(DEFAULT_HISTORY_MAX_AGE),
+            history_max_bytes: file
+                .history_max_mb
+                .map(|mb| mb.saturating_mul(1024 * 1024))
+                .unwrap_or(DEFAULT_HISTORY_MAX_BYTES),
+            history_segment_snapshots: crate::history::SEGMENT_SNAPSHOTS,
+            history_clock_offset_ms: match env("SPARK_TEST_CLOCK_OFFSET_MS")
+                .filter(|_| cfg!(debug_assertions))
+            {
+                Some(v) => v.parse::<i64>().map_err(|e| ConfigError::Invalid {
+                    name: "SPARK_TEST_CLOCK_OFFSET_MS",
+                    message: format!("{v:?} is not a number of milliseconds ({e})"),
+                })?,
+                None => 0,
+            },
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
             } else {

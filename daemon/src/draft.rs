@@ -212,6 +212,7 @@ mod tests {
             journal_dir: dir.join(".git/spark-journal"),
             durability: Durability { fsync: false },
             failpoint: Failpoint(None),
+            history: Default::default(),
         };
         let ctx = RepoCtx {
             repo: &repo,

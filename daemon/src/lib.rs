@@ -24,6 +24,7 @@ mod clock;
 mod codec;
 mod draft;
 mod edit;
+mod history;
 mod provider;
 mod repo;
 mod watch;
@@ -133,6 +134,64 @@ pub mod bench {
             elapsed: s.elapsed,
             flush: s.flush,
         })
+    }
+
+    /// Local history's settings for a benchmark: retention, and segment length.
+    #[derive(Debug, Clone)]
+    pub struct HistorySettings {
+        pub max_bytes: u64,
+        pub max_age: std::time::Duration,
+        pub segment_snapshots: u32,
+        /// Added to the real clock, to simulate a day in a minute.
+        pub clock_offset_ms: i64,
+    }
+
+    /// One repository's local history, driven the way the watcher's settled batches drive it,
+    /// on the caller's thread.
+    pub struct HistoryRepo {
+        repo: git2::Repository,
+        dir: std::path::PathBuf,
+        env: crate::history::HistoryEnv,
+    }
+
+    impl std::fmt::Debug for HistoryRepo {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("HistoryRepo")
+                .field("dir", &self.dir)
+                .finish()
+        }
+    }
+
+    impl HistoryRepo {
+        pub fn open(dir: &std::path::Path, s: &HistorySettings) -> Result<HistoryRepo, String> {
+            let repo = git2::Repository::open(dir).map_err(|e| e.to_string())?;
+            let env = crate::history::HistoryEnv {
+                max_age_ms: u64::try_from(s.max_age.as_millis()).unwrap_or(u64::MAX),
+                max_bytes: s.max_bytes,
+                segment_snapshots: s.segment_snapshots.max(1),
+                clock_offset_ms: s.clock_offset_ms,
+            };
+            Ok(HistoryRepo {
+                repo,
+                dir: dir.to_owned(),
+                env,
+            })
+        }
+
+        /// Move the simulated clock.
+        pub fn set_clock_offset_ms(&mut self, ms: i64) {
+            self.env.clock_offset_ms = ms;
+        }
+
+        /// Snapshot `paths` (repo-relative) as they are on disk; false when nothing changed.
+        pub fn snapshot(&self, paths: &[String]) -> Result<bool, String> {
+            crate::history::snapshot_now(&self.repo, &self.dir, paths, &self.env)
+        }
+
+        /// Closed segments, newest first: (newest snapshot's unix ms, bytes introduced).
+        pub fn segments(&self) -> Result<Vec<(u64, u64)>, String> {
+            crate::history::segments(&self.repo)
+        }
     }
 }
 

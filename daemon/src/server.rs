@@ -71,6 +71,9 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         &shutdown,
         crate::watch::WatchOptions::default(),
     );
+    // Settled changes become local-history snapshots (started below, once `Shared` exists).
+    let (settled_tx, settled_rx) = mpsc::channel(crate::history::SETTLED_QUEUE);
+    watchers.on_settled(settled_tx);
     // Repositories watched before the restart are watched again, in the background.
     watchers.restore();
     let asks = Arc::new(crate::ask::Asks::new(
@@ -95,6 +98,10 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         config,
     });
     info!(socket = %instance.socket.display(), pid = std::process::id(), version = crate::VERSION, "sparkd serving");
+    let settled = shared.clone();
+    shared.tracker.spawn(async move {
+        crate::history::run_settled(&settled.repos, &settled.shutdown, settled_rx).await;
+    });
     if let Some(idle) = shared.config.idle_timeout {
         shared.tracker.spawn(idle_exit(shared.clone(), idle));
     }
@@ -335,6 +342,9 @@ impl Connection {
             ClientRequest::CommitDraft(p) => crate::draft::draft(&self.shared, p)
                 .await
                 .and_then(to_value),
+            ClientRequest::HistoryList(p) => self.history_list(p).await.and_then(to_value),
+            ClientRequest::HistoryRestore(p) => self.history_restore(p).await.and_then(to_value),
+            ClientRequest::HistoryDiff(p) => self.history_diff(p).await.and_then(to_value),
         };
         Some(answer)
     }
@@ -517,6 +527,59 @@ impl Connection {
             }),
             id: shown.edit,
             diff: shown.diff,
+        })
+    }
+
+    async fn history_list(
+        &self,
+        p: methods::HistoryListParams,
+    ) -> Result<methods::HistoryListResult, RpcError> {
+        let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let (path, versions) = repo
+            .run(move |ctx| {
+                crate::history::list(ctx, &prefix, p.path.as_deref(), p.since.as_deref(), p.limit)
+            })
+            .await?
+            .map_err(|e| e.to_rpc())?;
+        Ok(methods::HistoryListResult {
+            repo: repo.workdir().display().to_string(),
+            path,
+            versions,
+        })
+    }
+
+    /// A restore is an edit: the same after-edit path as `edit/apply`.
+    async fn history_restore(
+        &self,
+        p: methods::HistoryRestoreParams,
+    ) -> Result<methods::EditResult, RpcError> {
+        let started = Instant::now();
+        let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let outcome = repo
+            .run(move |ctx| crate::history::restore(ctx, &prefix, &p.path, &p.at, p.dry_run))
+            .await?
+            .map_err(|e| e.to_rpc())?;
+        self.shared
+            .asks
+            .after_edit(&repo, &outcome, Landed::Applied)
+            .await;
+        Ok(edit_result(&repo, outcome, started))
+    }
+
+    async fn history_diff(
+        &self,
+        p: methods::HistoryDiffParams,
+    ) -> Result<methods::HistoryDiffResult, RpcError> {
+        let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let changes = repo
+            .run(move |ctx| crate::history::diff(ctx, &prefix, &p.since, p.path.as_deref()))
+            .await?
+            .map_err(|e| e.to_rpc())?;
+        Ok(methods::HistoryDiffResult {
+            repo: repo.workdir().display().to_string(),
+            from: changes.from,
+            files: changes.files,
+            diff: changes.diff,
         })
     }
 

@@ -114,6 +114,15 @@ methods! {
     /// `commit/draft` → [`DraftResult`]: a commit message drafted from the staged diff (the
     /// `prepare-commit-msg` hook asks for it), in a one-off conversation of its own.
     CommitDraft, "commit/draft", DraftParams, DraftResult;
+    /// `history/list` → [`HistoryListResult`]: the local history of a file, or of the whole
+    /// repository (which files changed when), newest first.
+    HistoryList, "history/list", HistoryListParams, HistoryListResult;
+    /// `history/restore` → [`EditResult`]: put a file back as it was at a version of the
+    /// local history, as a recorded edit (`edit/undo` reverts it).
+    HistoryRestore, "history/restore", HistoryRestoreParams, EditResult;
+    /// `history/diff` → [`HistoryDiffResult`]: what changed in the worktree since a time, all
+    /// writers together, as a unified diff.
+    HistoryDiff, "history/diff", HistoryDiffParams, HistoryDiffResult;
 }
 
 /// Params of [`CommitDraft`].
@@ -609,6 +618,105 @@ pub struct AskTimings {
     pub bytes_sent: u64,
     /// Whether the turn continued the conversation (`previous_response_id`).
     pub chained: bool,
+}
+
+/// Params of [`HistoryList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryListParams {
+    /// Absolute directory inside the repository; `path` starts there.
+    pub cwd: String,
+    /// One file's versions; without it, every snapshot of the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Only versions since then: a duration back from now (`10m`, `2h`, `3d`) or a time
+    /// (`2026-05-01T14:30:00Z`, an offset instead of `Z` is fine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// At most this many versions (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// Result of [`HistoryList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryListResult {
+    pub repo: String,
+    /// The file asked about, relative to the repository root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Newest first.
+    pub versions: Vec<HistoryVersion>,
+}
+
+/// One snapshot of the local history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryVersion {
+    /// The snapshot's id (hex; `history/restore` takes any unique prefix of 6 or more digits).
+    pub id: String,
+    /// Unix ms when it was taken.
+    pub at: u64,
+    /// Who prompted it: `watch` (a settled change on disk) or `edit` (right before spark wrote).
+    pub source: String,
+    /// The files that changed in it (only the asked-for file when a path was given).
+    pub files: Vec<HistoryFile>,
+}
+
+/// A file as one snapshot changed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryFile {
+    pub path: String,
+    /// `added`, `modified` or `deleted`; `kept` for a file as the oldest retained snapshot
+    /// holds it (its earlier history was pruned).
+    pub change: String,
+    /// Its size in bytes at this version (`None` when deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Lines added and removed against the previous version.
+    pub added: u32,
+    pub removed: u32,
+}
+
+/// Params of [`HistoryRestore`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRestoreParams {
+    /// Absolute directory inside the repository; `path` starts there.
+    pub cwd: String,
+    pub path: String,
+    /// A version id (6+ hex digits), a duration back from now (`10m`) or a time
+    /// (`2026-05-01T14:30:00Z`): the file as the newest snapshot at or before then held it.
+    pub at: String,
+    /// Show the diff; write nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Params of [`HistoryDiff`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryDiffParams {
+    /// Absolute directory inside the repository; `path` starts there.
+    pub cwd: String,
+    /// A duration back from now (`10m`) or a time, as for [`HistoryListParams::since`].
+    pub since: String,
+    /// Only this file, or the files under this directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// Result of [`HistoryDiff`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryDiffResult {
+    pub repo: String,
+    /// Unix ms of the snapshot the diff starts from (`None`: history starts later, and files
+    /// are compared with their committed version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    /// Paths that changed, in order.
+    pub files: Vec<String>,
+    /// A unified diff (`git diff` style) from then to the worktree now.
+    pub diff: String,
 }
 
 #[cfg(test)]

@@ -775,6 +775,7 @@ mod tests {
             journal_dir: jdir.path().to_owned(),
             durability: Durability { fsync: true },
             failpoint: Failpoint(None),
+            history: Default::default(),
         };
         let ctx = super::super::RepoCtx {
             repo: &repo,

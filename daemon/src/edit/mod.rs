@@ -325,6 +325,8 @@ pub(crate) struct EditEnv {
     pub(crate) journal_dir: PathBuf,
     pub(crate) durability: Durability,
     pub(crate) failpoint: Failpoint,
+    /// Local history's settings: the engine snapshots files right before it writes them.
+    pub(crate) history: crate::history::HistoryEnv,
 }
 
 impl EditEnv {
@@ -336,6 +338,7 @@ impl EditEnv {
                 fsync: config.fsync,
             },
             failpoint: Failpoint(config.failpoint.clone()),
+            history: crate::history::HistoryEnv::from_config(config),
         }
     }
 }
@@ -484,6 +487,61 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             });
         }
     }
+    land(
+        ctx,
+        writes,
+        req.dry_run,
+        &req.source,
+        &req.message,
+        &req.buffers,
+    )
+}
+
+/// Put one file (repo-relative `rel`) in the given state, through the same checks, journal,
+/// record and ledger as an apply: `history/restore`, so `edit/undo` reverts it.
+pub(crate) fn write_file(
+    ctx: &RepoCtx<'_>,
+    rel: &RelPath,
+    bytes: Vec<u8>,
+    mode: u32,
+    dry_run: bool,
+    source: &str,
+    message: &str,
+) -> Result<Outcome, EditError> {
+    let mut targets = paths::Targets::new(ctx.workdir, ctx.repo);
+    let exists = std::fs::symlink_metadata(ctx.workdir.join(rel.to_path())).is_ok();
+    let intent = if exists {
+        Intent::Modify
+    } else {
+        Intent::Create
+    };
+    let real = targets.check_real(rel, intent)?;
+    let before = if exists {
+        let current = read_text(ctx, &real)?;
+        refuse_lfs_pointer(ctx, &real, &current)?;
+        Some(current)
+    } else {
+        None
+    };
+    let writes = vec![Write1 {
+        path: real.as_str().to_owned(),
+        before,
+        after: Some(FileState { bytes, mode }),
+    }];
+    land(ctx, writes, dry_run, source, message, &HashMap::new())
+}
+
+/// The common end of an apply: drop no-op writes, refuse filtered files, summarise, and
+/// unless a dry run, journal, write, record and ledger. Writes to files in `buffers` (unsaved
+/// editor buffers) go back to the editor instead.
+fn land(
+    ctx: &RepoCtx<'_>,
+    mut writes: Vec<Write1>,
+    dry_run: bool,
+    source: &str,
+    message: &str,
+    buffers: &HashMap<String, Vec<u8>>,
+) -> Result<Outcome, EditError> {
     writes.retain(|w| w.before != w.after);
     for w in &writes {
         if let Some(filter) = record::external_filter(ctx.repo, &w.path)? {
@@ -494,7 +552,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
         }
     }
     let (files, diff) = summarize(&writes, record::git_abbrev_len(ctx.repo))?;
-    if req.dry_run || writes.is_empty() {
+    if dry_run || writes.is_empty() {
         return Ok(Outcome {
             edit: None,
             files,
@@ -506,7 +564,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
     // Unsaved buffers go back to the editor: their files on disk stay as the user left them.
     let (buffered, writes): (Vec<Write1>, Vec<Write1>) = writes
         .into_iter()
-        .partition(|w| req.buffers.contains_key(&w.path));
+        .partition(|w| buffers.contains_key(&w.path));
     let buffer_edits: Vec<(String, Vec<u8>)> = buffered
         .into_iter()
         .filter_map(|w| w.after.map(|a| (w.path, a.bytes)))
@@ -525,8 +583,8 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
     refuse_stale_locks(ctx, &[record::EDITS_REF])?;
     let time_ms = now_ms() as i64;
     let operation = Operation::Apply {
-        source: req.source.clone(),
-        message: req.message.clone(),
+        source: source.to_owned(),
+        message: message.to_owned(),
         time_ms,
     };
     let pending = commit_writes(ctx, operation, &writes)?;
@@ -538,16 +596,8 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             after: w.after.clone(),
         })
         .collect();
-    let edit = finish_apply(
-        ctx,
-        false,
-        &pending.id,
-        &changes,
-        &req.source,
-        &req.message,
-        time_ms,
-    )
-    .map_err(|e| take_back(&pending, e))?;
+    let edit = finish_apply(ctx, false, &pending.id, &changes, source, message, time_ms)
+        .map_err(|e| take_back(&pending, e))?;
     journal::finish(&pending, &ctx.env.failpoint);
     // The edit has landed and is recorded: an error now would misreport it as failed, and the
     // full id is a valid id too.
@@ -582,6 +632,9 @@ fn commit_writes(
     operation: Operation,
     writes: &[Write1],
 ) -> Result<journal::Pending, EditError> {
+    // Every write of every operation passes here: history keeps what is about to be replaced.
+    let paths: Vec<String> = writes.iter().map(|w| w.path.clone()).collect();
+    crate::history::before_edit(ctx, &paths);
     journal::commit(
         ctx.workdir,
         &ctx.env.journal_dir,
@@ -1483,6 +1536,7 @@ mod buffer_tests {
                 journal_dir: journal.path().to_path_buf(),
                 durability: Durability { fsync: false },
                 failpoint: Failpoint(None),
+                history: Default::default(),
             };
             Fixture {
                 dir,

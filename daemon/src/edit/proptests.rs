@@ -333,6 +333,7 @@ impl Fixture {
             journal_dir: journal.path().to_path_buf(),
             durability: Durability { fsync: false },
             failpoint: Failpoint(None),
+            history: Default::default(),
         };
         let fixture = Fixture {
             dir,

@@ -238,6 +238,8 @@ struct Hub {
     /// first asked about): `status` lists them as watched but not indexed yet.
     restoring: Mutex<BTreeSet<PathBuf>>,
     budget: Arc<Budget>,
+    /// Where settled changes go for local history (set once at start; none in benchmarks).
+    settled: std::sync::OnceLock<mpsc::Sender<crate::history::Settled>>,
 }
 
 #[derive(Debug)]
@@ -272,9 +274,16 @@ impl Watchers {
             repos: Mutex::new(HashMap::new()),
             persisted: tokio::sync::Mutex::new(None),
             restoring: Mutex::new(BTreeSet::new()),
+            settled: std::sync::OnceLock::new(),
         });
         tracker.spawn(open_cache(hub.clone()));
         Watchers { hub }
+    }
+
+    /// Send every settled batch's changed paths (created, modified, deleted; the daemon's own
+    /// writes too) to `tx`, for local history. Call before the first `watch`.
+    pub(crate) fn on_settled(&self, tx: mpsc::Sender<crate::history::Settled>) {
+        let _ = self.hub.settled.set(tx);
     }
 
     /// Watch every repository of the persisted list again (at daemon start), one after the

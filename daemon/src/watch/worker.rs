@@ -240,12 +240,22 @@ pub(super) async fn run_repo(
                 let r = repo.clone();
                 let events = hub.events.clone();
                 let done = tokio::task::spawn_blocking(move || {
-                    r.process(&mut tree, batch, &events);
-                    tree
+                    let settled = r.process(&mut tree, batch, &events);
+                    (tree, settled)
                 })
                 .await;
                 match done {
-                    Ok(t) => tree = t,
+                    Ok((t, settled)) => {
+                        tree = t;
+                        if let (false, Some(tx)) = (settled.is_empty(), hub.settled.get()) {
+                            let batch = crate::history::Settled {
+                                workdir: repo.workdir.clone(),
+                                paths: settled,
+                            };
+                            // Waits when history is behind, rather than losing a batch.
+                            let _ = tx.send(batch).await;
+                        }
+                    }
                     Err(e) => {
                         warn!(repo = %repo.label, error = %e, "the watcher failed; no longer watching");
                         repo.progress
@@ -381,8 +391,14 @@ impl Repo {
         Ok(())
     }
 
-    /// Turn one debounced batch into rescans, and publish what changed.
-    pub(super) fn process(&self, tree: &mut Tree, batch: Batch, events: &broadcast::Sender<Event>) {
+    /// Turn one debounced batch into rescans, and publish what changed. Returns every path
+    /// whose content changed or that was deleted (own writes included), for local history.
+    pub(super) fn process(
+        &self,
+        tree: &mut Tree,
+        batch: Batch,
+        events: &broadcast::Sender<Event>,
+    ) -> Vec<String> {
         let mut full = batch.rescan;
         let mut recursive: BTreeSet<String> = BTreeSet::new();
         let mut shallow: BTreeSet<String> = BTreeSet::new();
@@ -453,11 +469,16 @@ impl Repo {
                 }
             }
             if targets.is_empty() {
-                return;
+                return Vec::new();
             }
             tree.rescan(targets, &mut found);
         }
         let changes = self.resolve(found, true);
+        let settled: Vec<String> = changes
+            .iter()
+            .filter(|(_, c)| !matches!(c, Change::Restat { .. }))
+            .map(|(rel, _)| rel.clone())
+            .collect();
         let reported = self.commit(tree, changes, false);
         if !reported.is_empty() {
             debug!(repo = %self.label, files = reported.len(), "files changed");
@@ -466,6 +487,7 @@ impl Repo {
                 paths: reported,
             });
         }
+        settled
     }
 
     /// Compare what the scan found with the view; read the files whose stat changed. With

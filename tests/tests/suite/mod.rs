@@ -5,6 +5,7 @@ mod daily;
 mod edits;
 mod fidelity;
 mod gateway;
+mod history;
 mod hooks;
 mod hostile;
 mod lifecycle;
