@@ -1203,6 +1203,12 @@ fn render_status(s: &StatusResult) -> String {
         if x.fell_back_to_http {
             out += ", HTTP + SSE (WebSocket mode failed here; retried later)";
         }
+        if let Some(lane) = &x.lane {
+            out += &format!(", lane {lane}");
+        }
+        if x.lanes_refused {
+            out += ", own connection (the provider refuses stream_id lanes)";
+        }
         out.push('\n');
         if x.failures > 0 {
             out += &format!(
@@ -1218,6 +1224,23 @@ fn render_status(s: &StatusResult) -> String {
                 (true, None) => out += "; reconnects paused until the next ask or watch\n",
                 (false, None) => out.push('\n'),
             }
+        }
+    }
+    for p in &s.provider_connections {
+        if p.lanes_refused {
+            out += &format!(
+                "provider  {} refuses stream_id lanes: one connection per session\n",
+                p.url
+            );
+        } else {
+            out += &format!(
+                "provider  {} {} shared connection{}, {} lane{}\n",
+                p.url,
+                p.connections,
+                if p.connections == 1 { "" } else { "s" },
+                p.lanes,
+                if p.lanes == 1 { "" } else { "s" }
+            );
         }
     }
     match &s.cache {
