@@ -6,6 +6,7 @@ mod fidelity;
 mod gateway;
 mod hooks;
 mod hostile;
+mod lanes;
 mod lifecycle;
 mod protocol;
 mod shapes;
