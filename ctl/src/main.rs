@@ -1337,4 +1337,44 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn status_shows_lanes_and_a_provider_that_refuses_them() {
+        let mut s = status(serde_json::json!([
+            {"repo": "<a>", "connected": true, "age_ms": 5000, "lane": "repo-0123.1"},
+            {"repo": "<b>", "connected": true, "age_ms": 5000, "lanes_refused": true},
+        ]));
+        s.provider_connections = vec![
+            spark_proto::methods::ProviderConnectionStatus {
+                url: "ws://127.0.0.1:1/v1/responses".into(),
+                connections: 1,
+                lanes: 10,
+                lanes_refused: false,
+            },
+            spark_proto::methods::ProviderConnectionStatus {
+                url: "wss://old.example/v1/responses".into(),
+                lanes_refused: true,
+                ..Default::default()
+            },
+        ];
+        let text = render_status(&s);
+        assert!(
+            text.contains("session   <a> connected, age 5s, lane repo-0123.1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("own connection (the provider refuses stream_id lanes)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "provider  ws://127.0.0.1:1/v1/responses 1 shared connection, 10 lanes\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("provider  wss://old.example/v1/responses refuses stream_id lanes: one connection per session\n"),
+            "{text}"
+        );
+    }
 }

@@ -116,8 +116,9 @@ pub(crate) struct Asks {
     /// One reconnect policy per provider URL, shared by its sessions of every repository, so a
     /// failing provider sees a few attempts a minute however many repositories are watched.
     backoffs: Mutex<HashMap<String, Arc<crate::provider::backoff::Backoff>>>,
-    /// One shared WebSocket connection per provider, a lane per session on it.
-    lanes: crate::provider::lanes::LanePool,
+    /// One shared WebSocket connection per provider, a lane per session on it; `None` when
+    /// configured off (a connection per session).
+    lanes: Option<crate::provider::lanes::LanePool>,
 }
 
 /// Clears a conversation's `current` when its ask ends, unless a newer ask replaced it.
@@ -190,7 +191,9 @@ impl Asks {
         watchers: Watchers,
         events: tokio::sync::broadcast::Sender<spark_proto::events::Event>,
     ) -> Asks {
-        let lanes = crate::provider::lanes::LanePool::new(tracker.clone(), shutdown.clone());
+        let lanes = config
+            .lanes
+            .then(|| crate::provider::lanes::LanePool::new(tracker.clone(), shutdown.clone()));
         Asks {
             url: config.provider_url.clone(),
             api_key: config.api_key.as_deref().map(Arc::from),
@@ -356,11 +359,13 @@ impl Asks {
         config.backoff = Some(self.backoff_for(&provider.url, &config));
         let cache_key = prompt_cache_key(workdir, provider);
         // The lane is named after the (opaque) cache key: no path leaves the machine.
-        config.lanes = Some(self.lanes.lane(
-            &provider.url,
-            provider.api_key.clone(),
-            &format!("repo-{}", cache_key.get(6..22).unwrap_or("x")),
-        ));
+        config.lanes = self.lanes.as_ref().map(|lanes| {
+            lanes.lane(
+                &provider.url,
+                provider.api_key.clone(),
+                &format!("repo-{}", cache_key.get(6..22).unwrap_or("x")),
+            )
+        });
         config.prompt_cache_key = Some(cache_key);
         let (events, repo) = (self.events.clone(), workdir.display().to_string());
         config.on_state = Some(Arc::new(move |state| {
@@ -411,7 +416,10 @@ impl Asks {
 
     /// Each provider's shared connection, for `status`.
     pub(crate) fn lanes_status(&self) -> Vec<crate::provider::lanes::ProviderLanes> {
-        self.lanes.status()
+        self.lanes
+            .as_ref()
+            .map(crate::provider::lanes::LanePool::status)
+            .unwrap_or_default()
     }
 
     /// A lane of its own on `provider`'s shared connection, and the provider's reconnect
@@ -422,12 +430,13 @@ impl Asks {
         name: &str,
         config: &SessionConfig,
     ) -> (
-        crate::provider::lanes::LaneSpec,
+        Option<crate::provider::lanes::LaneSpec>,
         Arc<crate::provider::backoff::Backoff>,
     ) {
         (
             self.lanes
-                .lane(&provider.url, provider.api_key.clone(), name),
+                .as_ref()
+                .map(|lanes| lanes.lane(&provider.url, provider.api_key.clone(), name)),
             self.backoff_for(&provider.url, config),
         )
     }

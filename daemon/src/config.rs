@@ -54,6 +54,9 @@ pub struct ConfigFile {
     /// Hard cap on the `prepare-commit-msg` hook's draft (default 5000); `sparkctl` reads the
     /// same key and gives up at this wall-clock deadline, so a commit is never held longer.
     pub hook_timeout_ms: Option<u64>,
+    /// Share one WebSocket per provider between repositories on `stream_id` lanes (default
+    /// true); false gives each repository (and each draft) a connection of its own.
+    pub lanes: Option<bool>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -83,6 +86,8 @@ pub struct Config {
     pub tool_bytes_per_ask: usize,
     /// The draft turn's cap (`hook_timeout_ms`).
     pub hook_timeout: Duration,
+    /// Sessions share one WebSocket per provider on `stream_id` lanes (`lanes`).
+    pub lanes: bool,
     /// Test hook: abort at this named point of an edit, or fail there with an error when named
     /// `fail_<point>` (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
@@ -108,6 +113,7 @@ impl fmt::Debug for Config {
             .field("tool_calls_per_ask", &self.tool_calls_per_ask)
             .field("tool_bytes_per_ask", &self.tool_bytes_per_ask)
             .field("hook_timeout", &self.hook_timeout)
+            .field("lanes", &self.lanes)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
             .finish()
@@ -209,6 +215,7 @@ impl Config {
                 .hook_timeout_ms
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_HOOK_TIMEOUT),
+            lanes: file.lanes.unwrap_or(true),
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
             } else {

@@ -106,7 +106,7 @@ pub(crate) async fn draft(shared: &Shared, params: DraftParams) -> Result<DraftR
     // Its own lane on the provider's shared connection: a draft neither waits behind an ask
     // nor pays for a connection of its own.
     let (lane, backoff) = shared.asks.side_lane(&provider, "draft", &config);
-    config.lanes = Some(lane);
+    config.lanes = lane;
     config.backoff = Some(backoff);
     let session = crate::provider::spawn(config, &shared.tracker, shared.shutdown.clone())
         .map_err(|e| {

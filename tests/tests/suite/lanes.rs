@@ -11,7 +11,7 @@ use spark_proto::methods::{
     StatusResult,
 };
 use spark_tests::fake_provider::{Gate, Recorded, Script, Turn};
-use spark_tests::{Provider, TestRepo};
+use spark_tests::{Home, InProcess, Provider, TestRepo};
 use sparkctl::{Client, ClientError};
 
 const LIB: &str = "fn one() {\n    1\n}\n";
@@ -332,5 +332,33 @@ fn a_drop_mid_stream_fails_both_asks_and_the_next_asks_work() {
         requests.iter().filter(|r| r.connection == last).count(),
         requests.len() - 4,
         "everything after the drop on one connection"
+    );
+}
+
+#[test]
+fn lanes_off_in_the_config_gives_each_repository_its_own_connection() {
+    let p = Provider::start(Script::new().default_turn(Turn::text("ok")));
+    let home = Home::new();
+    let mut config = home.config();
+    config.provider_url = p.fake.ws_url();
+    config.api_key = Some("sk-test-not-a-real-key".into());
+    config.fsync = false;
+    config.lanes = false;
+    let d = InProcess::start_with(home, config);
+    let (a, b) = (repo(), repo());
+    let mut c = d.client();
+    for r in [&a, &b] {
+        ask(&mut c, &params(r, "hello")).expect("ask");
+    }
+    let requests = p.fake.requests();
+    assert_eq!(requests.len(), 4);
+    assert!(requests.iter().all(|r| r.stream_id().is_none()));
+    assert_eq!(p.fake.connections_opened(), 2);
+    let s = status(&mut c);
+    assert!(s.provider_connections.is_empty(), "{s:?}");
+    assert!(
+        s.sessions
+            .iter()
+            .all(|x| x.lane.is_none() && !x.lanes_refused)
     );
 }
