@@ -339,12 +339,18 @@ impl LaneConn {
 
     pub(crate) async fn send(&mut self, body: String) -> Result<(), TransportError> {
         let (reply, written) = oneshot::channel();
-        let gone = || TransportError::WebSocket("the shared connection is closed".to_owned());
-        self.shared
+        if self
+            .shared
             .commands
             .send(Command::Send(body, reply))
-            .map_err(|_| gone())?;
-        written.await.map_err(|_| gone())?
+            .is_err()
+        {
+            // The connection ended before the write: the lane's events end with why (a close
+            // by the provider, a refusal of lanes), and the session recovers from that as it
+            // does from a socket the peer closed right after a write.
+            return Ok(());
+        }
+        written.await.unwrap_or(Ok(()))
     }
 
     pub(crate) async fn recv(&mut self) -> Incoming {
