@@ -1296,6 +1296,12 @@ fn render_status(s: &StatusResult) -> String {
         if x.fell_back_to_http {
             out += ", HTTP + SSE (WebSocket mode failed here; retried later)";
         }
+        if let Some(lane) = &x.lane {
+            out += &format!(", lane {lane}");
+        }
+        if x.lanes_refused {
+            out += ", own connection (the provider refuses stream_id lanes)";
+        }
         out.push('\n');
         if x.failures > 0 {
             out += &format!(
@@ -1311,6 +1317,23 @@ fn render_status(s: &StatusResult) -> String {
                 (true, None) => out += "; reconnects paused until the next ask or watch\n",
                 (false, None) => out.push('\n'),
             }
+        }
+    }
+    for p in &s.provider_connections {
+        if p.lanes_refused {
+            out += &format!(
+                "provider  {} refuses stream_id lanes: one connection per session\n",
+                p.url
+            );
+        } else {
+            out += &format!(
+                "provider  {} {} shared connection{}, {} lane{}\n",
+                p.url,
+                p.connections,
+                if p.connections == 1 { "" } else { "s" },
+                p.lanes,
+                if p.lanes == 1 { "" } else { "s" }
+            );
         }
     }
     match &s.cache {
@@ -1404,6 +1427,46 @@ mod tests {
         );
         assert!(
             text.contains("3 failed attempts in a row, last: connection refused; reconnects paused until the next ask or watch"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_shows_lanes_and_a_provider_that_refuses_them() {
+        let mut s = status(serde_json::json!([
+            {"repo": "<a>", "connected": true, "age_ms": 5000, "lane": "repo-0123.1"},
+            {"repo": "<b>", "connected": true, "age_ms": 5000, "lanes_refused": true},
+        ]));
+        s.provider_connections = vec![
+            spark_proto::methods::ProviderConnectionStatus {
+                url: "ws://127.0.0.1:1/v1/responses".into(),
+                connections: 1,
+                lanes: 10,
+                lanes_refused: false,
+            },
+            spark_proto::methods::ProviderConnectionStatus {
+                url: "wss://old.example/v1/responses".into(),
+                lanes_refused: true,
+                ..Default::default()
+            },
+        ];
+        let text = render_status(&s);
+        assert!(
+            text.contains("session   <a> connected, age 5s, lane repo-0123.1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("own connection (the provider refuses stream_id lanes)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "provider  ws://127.0.0.1:1/v1/responses 1 shared connection, 10 lanes\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("provider  wss://old.example/v1/responses refuses stream_id lanes: one connection per session\n"),
             "{text}"
         );
     }

@@ -63,6 +63,9 @@ pub struct ConfigFile {
     pub history_max_age_days: Option<u64>,
     /// Megabytes of file contents local history keeps per repository (default 500).
     pub history_max_mb: Option<u64>,
+    /// Share one WebSocket per provider between repositories on `stream_id` lanes (default
+    /// true); false gives each repository (and each draft) a connection of its own.
+    pub lanes: Option<bool>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -103,6 +106,8 @@ pub struct Config {
     /// (`SPARK_TEST_CLOCK_OFFSET_MS`, debug builds only), so retention is tested without
     /// waiting two weeks.
     pub history_clock_offset_ms: i64,
+    /// Sessions share one WebSocket per provider on `stream_id` lanes (`lanes`).
+    pub lanes: bool,
     /// Test hook: abort at this named point of an edit, or fail there with an error when named
     /// `fail_<point>` (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
@@ -132,6 +137,7 @@ impl fmt::Debug for Config {
             .field("history_max_bytes", &self.history_max_bytes)
             .field("history_segment_snapshots", &self.history_segment_snapshots)
             .field("history_clock_offset_ms", &self.history_clock_offset_ms)
+            .field("lanes", &self.lanes)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
             .finish()
@@ -251,6 +257,7 @@ impl Config {
                 })?,
                 None => 0,
             },
+            lanes: file.lanes.unwrap_or(true),
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
             } else {

@@ -103,6 +103,11 @@ pub(crate) async fn draft(shared: &Shared, params: DraftParams) -> Result<DraftR
     );
     config.instructions = DRAFT_INSTRUCTIONS.to_owned();
     config.tools = Vec::new();
+    // Its own lane on the provider's shared connection: a draft neither waits behind an ask
+    // nor pays for a connection of its own.
+    let (lane, backoff) = shared.asks.side_lane(&provider, "draft", &config);
+    config.lanes = lane;
+    config.backoff = Some(backoff);
     let session = crate::provider::spawn(config, &shared.tracker, shared.shutdown.clone())
         .map_err(|e| {
             RpcError::new(

@@ -666,9 +666,23 @@ impl Connection {
                     paused: c.paused,
                     last_error: c.last_error,
                     next_attempt_in_ms: c.next_attempt_in_ms,
+                    lane: c.lane,
+                    lanes_refused: c.lanes_refused,
                 })
                 .collect(),
             cache: Some(cache_status(self.shared.watchers.cache_status())),
+            provider_connections: self
+                .shared
+                .asks
+                .lanes_status()
+                .into_iter()
+                .map(|p| methods::ProviderConnectionStatus {
+                    url: p.url,
+                    connections: p.connections as u64,
+                    lanes: p.lanes as u64,
+                    lanes_refused: p.refused,
+                })
+                .collect(),
         }
     }
 }

@@ -209,6 +209,24 @@ pub struct StatusResult {
     pub repos: Vec<RepoStatus>,
     pub sessions: Vec<SessionStatus>,
     pub cache: Option<CacheStatus>,
+    /// Each provider's shared WebSocket connection (`stream_id` lanes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provider_connections: Vec<ProviderConnectionStatus>,
+}
+
+/// A provider's shared connection: the sessions of every repository (and drafts) talk to it
+/// over lanes of one WebSocket.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProviderConnectionStatus {
+    /// The provider URL (never the key).
+    pub url: String,
+    /// Shared connections open now (two for a moment while one is replaced).
+    pub connections: u64,
+    /// Lanes open on them.
+    pub lanes: u64,
+    /// The provider refused `stream_id` lanes: its sessions have a connection each.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lanes_refused: bool,
 }
 
 /// A repository the daemon knows about.
@@ -292,6 +310,12 @@ pub struct SessionStatus {
     /// waits for a request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_in_ms: Option<u64>,
+    /// Its lane (`stream_id`) on the provider's shared connection, while it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<String>,
+    /// The provider refused lanes: this session has a connection of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lanes_refused: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -960,6 +984,12 @@ mod tests {
             }],
             sessions: vec![],
             cache: None,
+            provider_connections: vec![ProviderConnectionStatus {
+                url: "ws://127.0.0.1:1/v1/responses".into(),
+                connections: 1,
+                lanes: 10,
+                lanes_refused: false,
+            }],
         };
         let text = serde_json::to_string(&s).expect("ser");
         assert_eq!(serde_json::from_str::<StatusResult>(&text).expect("de"), s);

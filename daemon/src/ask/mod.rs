@@ -118,6 +118,9 @@ pub(crate) struct Asks {
     /// One reconnect policy per provider URL, shared by its sessions of every repository, so a
     /// failing provider sees a few attempts a minute however many repositories are watched.
     backoffs: Mutex<HashMap<String, Arc<crate::provider::backoff::Backoff>>>,
+    /// One shared WebSocket connection per provider, a lane per session on it; `None` when
+    /// configured off (a connection per session).
+    lanes: Option<crate::provider::lanes::LanePool>,
 }
 
 /// What an edit did to the worktree, for [`Asks::after_edit`].
@@ -185,6 +188,10 @@ pub(crate) struct ConvStatus {
     pub(crate) paused: bool,
     pub(crate) last_error: Option<String>,
     pub(crate) next_attempt_in_ms: Option<u64>,
+    /// Its lane on the provider's shared connection, while it has one.
+    pub(crate) lane: Option<String>,
+    /// The provider refused lanes: the session has a connection of its own.
+    pub(crate) lanes_refused: bool,
 }
 
 impl Asks {
@@ -195,6 +202,9 @@ impl Asks {
         watchers: Watchers,
         events: tokio::sync::broadcast::Sender<spark_proto::events::Event>,
     ) -> Asks {
+        let lanes = config
+            .lanes
+            .then(|| crate::provider::lanes::LanePool::new(tracker.clone(), shutdown.clone()));
         Asks {
             url: config.provider_url.clone(),
             api_key: config.api_key.as_deref().map(Arc::from),
@@ -208,6 +218,7 @@ impl Asks {
             tool_calls: config.tool_calls_per_ask,
             tool_bytes: config.tool_bytes_per_ask,
             backoffs: Mutex::new(HashMap::new()),
+            lanes,
         }
     }
 
@@ -357,7 +368,16 @@ impl Asks {
         config.instructions = INSTRUCTIONS.to_owned();
         config.tools = Tool::offered();
         config.backoff = Some(self.backoff_for(&provider.url, &config));
-        config.prompt_cache_key = Some(prompt_cache_key(workdir, provider));
+        let cache_key = prompt_cache_key(workdir, provider);
+        // The lane is named after the (opaque) cache key: no path leaves the machine.
+        config.lanes = self.lanes.as_ref().map(|lanes| {
+            lanes.lane(
+                &provider.url,
+                provider.api_key.clone(),
+                &format!("repo-{}", cache_key.get(6..22).unwrap_or("x")),
+            )
+        });
+        config.prompt_cache_key = Some(cache_key);
         let (events, repo) = (self.events.clone(), workdir.display().to_string());
         config.on_state = Some(Arc::new(move |state| {
             let _ = events.send(spark_proto::events::Event::SessionState {
@@ -451,6 +471,33 @@ impl Asks {
         });
     }
 
+    /// Each provider's shared connection, for `status`.
+    pub(crate) fn lanes_status(&self) -> Vec<crate::provider::lanes::ProviderLanes> {
+        self.lanes
+            .as_ref()
+            .map(crate::provider::lanes::LanePool::status)
+            .unwrap_or_default()
+    }
+
+    /// A lane of its own on `provider`'s shared connection, and the provider's reconnect
+    /// policy, for work that must not wait behind an ask (a commit-message draft).
+    pub(crate) fn side_lane(
+        &self,
+        provider: &ProviderChoice,
+        name: &str,
+        config: &SessionConfig,
+    ) -> (
+        Option<crate::provider::lanes::LaneSpec>,
+        Arc<crate::provider::backoff::Backoff>,
+    ) {
+        (
+            self.lanes
+                .as_ref()
+                .map(|lanes| lanes.lane(&provider.url, provider.api_key.clone(), name)),
+            self.backoff_for(&provider.url, config),
+        )
+    }
+
     /// The provider's shared reconnect policy, made on first use.
     fn backoff_for(
         &self,
@@ -507,6 +554,8 @@ impl Asks {
                     .as_ref()
                     .and_then(|s| s.retry_in)
                     .map(|d| d.as_millis() as u64),
+                lane: s.as_ref().and_then(|s| s.lane.clone()),
+                lanes_refused: s.as_ref().is_some_and(|s| s.lanes_refused),
             });
         }
         out

@@ -8,6 +8,7 @@ mod gateway;
 mod history;
 mod hooks;
 mod hostile;
+mod lanes;
 mod lifecycle;
 mod mcp;
 mod nvim;
