@@ -116,6 +116,7 @@ pub(crate) struct Asks {
     /// One reconnect policy per provider URL, shared by its sessions of every repository, so a
     /// failing provider sees a few attempts a minute however many repositories are watched.
     backoffs: Mutex<HashMap<String, Arc<crate::provider::backoff::Backoff>>>,
+    timing: crate::config::ProviderTiming,
 }
 
 /// Clears a conversation's `current` when its ask ends, unless a newer ask replaced it.
@@ -197,6 +198,7 @@ impl Asks {
             tool_calls: config.tool_calls_per_ask,
             tool_bytes: config.tool_bytes_per_ask,
             backoffs: Mutex::new(HashMap::new()),
+            timing: config.provider_timing,
         }
     }
 
@@ -345,6 +347,10 @@ impl Asks {
         );
         config.instructions = INSTRUCTIONS.to_owned();
         config.tools = Tool::offered();
+        config.ping_interval = self.timing.ping_interval;
+        config.pong_timeout = self.timing.pong_timeout;
+        config.backoff_base = self.timing.backoff_base;
+        config.backoff_cap = self.timing.backoff_cap;
         config.backoff = Some(self.backoff_for(&provider.url, &config));
         config.prompt_cache_key = Some(prompt_cache_key(workdir, provider));
         let (events, repo) = (self.events.clone(), workdir.display().to_string());

@@ -10,6 +10,7 @@
 
 pub mod fake_chat;
 pub mod fake_provider;
+pub mod fault_proxy;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;

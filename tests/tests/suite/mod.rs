@@ -8,6 +8,7 @@ mod hooks;
 mod hostile;
 mod lifecycle;
 mod protocol;
+mod reliability;
 mod shapes;
 mod ssh;
 mod stash_fidelity;
