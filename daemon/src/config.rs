@@ -114,6 +114,33 @@ pub struct Config {
     /// The version this daemon reports to clients: its own, except that debug builds honour
     /// `SPARK_TEST_DAEMON_VERSION` so tests can exercise the client's version restart.
     pub reported_version: String,
+    /// Liveness and reconnect timing of provider sessions (embedders and tests compress it).
+    pub provider_timing: ProviderTiming,
+}
+
+/// How provider sessions detect a dead peer and space their reconnects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderTiming {
+    /// Silence after which a ping checks the connection.
+    pub ping_interval: Duration,
+    /// No frame at all this long after a ping: the connection is dead.
+    pub pong_timeout: Duration,
+    /// First reconnect delay after a failure (doubled per failure, full jitter).
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_cap: Duration,
+}
+
+impl Default for ProviderTiming {
+    fn default() -> Self {
+        use crate::provider::session as s;
+        ProviderTiming {
+            ping_interval: s::DEFAULT_PING_INTERVAL,
+            pong_timeout: s::DEFAULT_PONG_TIMEOUT,
+            backoff_base: s::DEFAULT_BACKOFF_BASE,
+            backoff_cap: s::DEFAULT_BACKOFF_CAP,
+        }
+    }
 }
 
 impl fmt::Debug for Config {
@@ -140,6 +167,7 @@ impl fmt::Debug for Config {
             .field("lanes", &self.lanes)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
+            .field("provider_timing", &self.provider_timing)
             .finish()
     }
 }
@@ -266,6 +294,7 @@ impl Config {
             reported_version: env("SPARK_TEST_DAEMON_VERSION")
                 .filter(|_| cfg!(debug_assertions))
                 .unwrap_or_else(|| crate::VERSION.to_owned()),
+            provider_timing: ProviderTiming::default(),
         })
     }
 

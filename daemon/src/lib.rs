@@ -31,7 +31,7 @@ mod watch;
 
 use std::path::Path;
 
-pub use config::{Config, ConfigError, Flags};
+pub use config::{Config, ConfigError, Flags, ProviderTiming};
 pub use instance::InstanceError;
 use tokio_util::sync::CancellationToken;
 

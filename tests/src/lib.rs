@@ -10,6 +10,8 @@
 
 pub mod fake_chat;
 pub mod fake_provider;
+pub mod fault_proxy;
+pub mod kill_rounds;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;

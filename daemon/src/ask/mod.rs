@@ -121,6 +121,7 @@ pub(crate) struct Asks {
     /// One shared WebSocket connection per provider, a lane per session on it; `None` when
     /// configured off (a connection per session).
     lanes: Option<crate::provider::lanes::LanePool>,
+    timing: crate::config::ProviderTiming,
 }
 
 /// What an edit did to the worktree, for [`Asks::after_edit`].
@@ -219,6 +220,7 @@ impl Asks {
             tool_bytes: config.tool_bytes_per_ask,
             backoffs: Mutex::new(HashMap::new()),
             lanes,
+            timing: config.provider_timing,
         }
     }
 
@@ -367,6 +369,10 @@ impl Asks {
         );
         config.instructions = INSTRUCTIONS.to_owned();
         config.tools = Tool::offered();
+        config.ping_interval = self.timing.ping_interval;
+        config.pong_timeout = self.timing.pong_timeout;
+        config.backoff_base = self.timing.backoff_base;
+        config.backoff_cap = self.timing.backoff_cap;
         config.backoff = Some(self.backoff_for(&provider.url, &config));
         let cache_key = prompt_cache_key(workdir, provider);
         // The lane is named after the (opaque) cache key: no path leaves the machine.

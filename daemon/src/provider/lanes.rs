@@ -503,10 +503,19 @@ fn route(shared: &Shared, event: super::wire::LaneEvent) -> Option<End> {
         None if event.refuses_lanes => Some(End::Refused),
         // About the connection itself (e.g. its lifetime): every lane learns it.
         None if matches!(event.event, ServerEvent::Error { .. }) => {
+            // The connection's lifetime is up: it ends here, so the lanes that reconnect
+            // open a new one instead of joining this one again.
+            let limit = matches!(
+                &event.event,
+                ServerEvent::Error { code: Some(code), .. } if code == super::wire::CONNECTION_LIMIT_REACHED
+            );
+            if limit {
+                shared.alive.store(false, Ordering::SeqCst);
+            }
             for lane in lanes.values() {
                 let _ = lane.send(Incoming::Event(event.event.clone()));
             }
-            None
+            limit.then(|| End::Lost("the provider's connection limit was reached".to_owned()))
         }
         // A response event without its lane: the provider ignores `stream_id`, so events of
         // different lanes could not be told apart.

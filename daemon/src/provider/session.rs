@@ -63,6 +63,9 @@ pub(crate) const DEFAULT_MAX_BACKGROUND_ATTEMPTS: u32 = 3;
 const MAX_REQUEST_WAIT: Duration = Duration::from_secs(2);
 /// Commands queued per session before callers wait.
 const COMMAND_CAPACITY: usize = 64;
+/// Ended response ids remembered to recognise late duplicates of their events.
+const ENDED_KEPT: usize = 16;
+
 /// Sends of one turn at most: the first, an unchained resend, a resend after reconnecting.
 const MAX_ATTEMPTS: u8 = 3;
 /// Output sent for a tool call the caller never answered: the API refuses a continuation that
@@ -533,6 +536,7 @@ pub(crate) fn spawn(
         last_rtt: None,
         last_error: None,
         ping_nonce: 0,
+        ended: VecDeque::new(),
     };
     tracker.spawn(session.run());
     Ok(SessionHandle {
@@ -725,6 +729,9 @@ struct Session {
     last_rtt: Option<Duration>,
     last_error: Option<String>,
     ping_nonce: u64,
+    /// Responses that already ended: a late duplicate of one of their events (a replayed
+    /// `response.completed`) must not end the request in flight now.
+    ended: VecDeque<String>,
 }
 
 async fn next_incoming(live: &mut Option<Live>) -> Result<Incoming, TransportError> {
@@ -1504,6 +1511,26 @@ impl Session {
             debug!(?event, "provider event outside any request ignored");
             return;
         };
+        if let Some(id) = event.response_id() {
+            // An event naming another response than the one in flight (a duplicate delivered
+            // late, a stray of an abandoned response) would otherwise end this request with
+            // that response's output: the caller would get an empty or an old answer.
+            let other = f.response_id.as_deref().is_some_and(|cur| cur != id);
+            if other || self.ended.iter().any(|e| e == id) {
+                warn!(
+                    response = id,
+                    kind = event.kind(),
+                    "event of another response ignored"
+                );
+                return;
+            }
+            if event.is_terminal() {
+                if self.ended.len() >= ENDED_KEPT {
+                    self.ended.pop_front();
+                }
+                self.ended.push_back(id.to_owned());
+            }
+        }
         let since = f.sent_at.elapsed();
         f.first_event.get_or_insert(since);
         match event {

@@ -476,6 +476,44 @@ pub(crate) enum ServerEvent {
 }
 
 impl ServerEvent {
+    /// The response this event names, when it names one (`response.created` and the
+    /// terminal events carrying the response object).
+    pub(crate) fn response_id(&self) -> Option<&str> {
+        let id = match self {
+            ServerEvent::Created { id } => id.as_str(),
+            ServerEvent::Completed { response }
+            | ServerEvent::Failed { response }
+            | ServerEvent::Incomplete { response } => response.id.as_str(),
+            ServerEvent::OutputItemAdded { .. }
+            | ServerEvent::OutputTextDelta { .. }
+            | ServerEvent::CustomToolCallInputDelta { .. }
+            | ServerEvent::FunctionCallArgumentsDelta { .. }
+            | ServerEvent::OutputItemDone { .. }
+            | ServerEvent::Error { .. }
+            | ServerEvent::Other(_) => "",
+        };
+        (!id.is_empty()).then_some(id)
+    }
+
+    /// The event's type, for logs.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            ServerEvent::Created { .. } => "response.created",
+            ServerEvent::OutputItemAdded { .. } => "response.output_item.added",
+            ServerEvent::OutputTextDelta { .. } => "response.output_text.delta",
+            ServerEvent::CustomToolCallInputDelta { .. } => "response.custom_tool_call_input.delta",
+            ServerEvent::FunctionCallArgumentsDelta { .. } => {
+                "response.function_call_arguments.delta"
+            }
+            ServerEvent::OutputItemDone { .. } => "response.output_item.done",
+            ServerEvent::Completed { .. } => "response.completed",
+            ServerEvent::Failed { .. } => "response.failed",
+            ServerEvent::Incomplete { .. } => "response.incomplete",
+            ServerEvent::Error { .. } => "error",
+            ServerEvent::Other(_) => "other",
+        }
+    }
+
     /// Whether this event ends the response it belongs to.
     pub(crate) fn is_terminal(&self) -> bool {
         matches!(

@@ -13,6 +13,7 @@ mod lifecycle;
 mod mcp;
 mod nvim;
 mod protocol;
+mod reliability;
 mod shapes;
 mod ssh;
 mod stash_fidelity;
