@@ -14,4 +14,5 @@ mod shapes;
 mod ssh;
 mod stash_fidelity;
 mod storm;
+mod vscode;
 mod watch;
