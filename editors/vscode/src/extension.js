@@ -26,6 +26,8 @@ const onDisk = new Map();
 // Events for a repository held back while our own ask there is in flight: its own
 // `edit_applied` is handled by the ask's result.
 const held = [];
+// Edits this window asked for (their results landed them).
+const ownEdits = new Set();
 
 function config() {
   return vscode.workspace.getConfiguration('spark');
@@ -130,8 +132,25 @@ async function landOnDisk(abs, base) {
     const edit = new vscode.WorkspaceEdit();
     replaceAll(edit, doc, merged.text);
     if (await vscode.workspace.applyEdit(edit)) return true;
+    await nextChange(doc);
   }
   return false;
+}
+
+/** Until the document changes (the keystroke that made VS Code refuse an edit reaches the
+ * extension host), or a second passes. */
+function nextChange(doc) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, 1000);
+    const sub = vscode.workspace.onDidChangeTextDocument((e) => {
+      if (e.document === doc) done();
+    });
+    function done() {
+      clearTimeout(timer);
+      sub.dispose();
+      resolve();
+    }
+  });
 }
 
 async function onEvent(ev) {
@@ -148,6 +167,8 @@ async function onEvent(ev) {
 }
 
 async function landEvent(ev) {
+  // An own edit's event that came after its result: the result brought it in already.
+  if (ev.type === 'edit_applied' && ownEdits.has(ev.edit)) return;
   for (const rel of ev.files || []) {
     const abs = path.join(ev.repo, rel);
     if (!(await landOnDisk(abs))) {
@@ -307,27 +328,35 @@ async function releaseHeld(ownEdit) {
 
 async function landResult(mine, result, sent) {
   const ms = Date.now() - mine.started;
+  if (result.edit) ownEdits.add(result.edit);
   const bufferEdits = result.buffer_edits || [];
-  // Unsaved documents: one WorkspaceEdit, merged with what was typed since the ask.
-  const edit = new vscode.WorkspaceEdit();
-  const refused = [];
-  for (const be of bufferEdits) {
-    const abs = path.resolve(mine.root, be.path);
-    const doc = docFor(abs);
-    if (!doc) continue;
-    const merged = merge3(sent.get(abs) ?? doc.getText(), be.text, doc.getText());
-    if (merged.ok) replaceAll(edit, doc, merged.text);
-    else refused.push(be.path);
+  // Unsaved documents: one WorkspaceEdit, merged with what was typed since the ask. It carries
+  // the versions it was computed on; a keystroke that lands first makes VS Code refuse it, and
+  // the merge runs again on the newer text.
+  let refused = [];
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const edit = new vscode.WorkspaceEdit();
+    refused = [];
+    for (const be of bufferEdits) {
+      const abs = path.resolve(mine.root, be.path);
+      const doc = docFor(abs);
+      if (!doc) continue;
+      const merged = merge3(sent.get(abs) ?? doc.getText(), be.text, doc.getText());
+      if (merged.ok) replaceAll(edit, doc, merged.text);
+      else refused.push(be.path);
+    }
+    if (edit.size === 0 || (await vscode.workspace.applyEdit(edit))) break;
+    await nextChange(docFor(path.resolve(mine.root, bufferEdits[0].path)) ?? vscode.window.activeTextEditor?.document);
   }
-  if (edit.size > 0) await vscode.workspace.applyEdit(edit);
   // Files written on disk.
   const inBuffers = new Set(bufferEdits.map((b) => b.path));
+  const refusedOnDisk = [];
   for (const f of result.files || []) {
     if (inBuffers.has(f.path)) continue;
     const abs = path.join(mine.root, f.path);
-    if (!(await landOnDisk(abs, sent.get(abs)))) refused.push(f.path);
+    if (!(await landOnDisk(abs, sent.get(abs)))) refusedOnDisk.push(f.path);
   }
-  if (refused.length && result.edit) {
+  if (refusedOnDisk.length && result.edit) {
     // The user's text wins: take the edit back on disk too, so the document and the file agree.
     try {
       await client.request('edit/undo', { cwd: mine.root, id: result.edit });
@@ -335,6 +364,7 @@ async function landResult(mine, result, sent) {
       fail(e);
     }
   }
+  refused = refused.concat(refusedOnDisk);
   await releaseHeld(result.edit);
   if (refused.length) {
     vscode.window.showWarningMessage(
