@@ -12,6 +12,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,7 +94,7 @@ fn copy_dir(from: &Path, to: &Path) {
 struct Workbench {
     server: Child,
     driver: Child,
-    to_driver: ChildStdin,
+    to_driver: Option<ChildStdin>,
     from_driver: BufReader<ChildStdout>,
     dir: tempfile::TempDir,
 }
@@ -192,6 +193,9 @@ impl Workbench {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
+            // Its own process group: code-server runs its server and extension host as
+            // children, which must go with it.
+            .process_group(0)
             .spawn()
             .expect("start code-server");
         // Ready when it says so; its output is drained afterwards so it never blocks on it.
@@ -215,6 +219,7 @@ impl Workbench {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            .process_group(0)
             .spawn()
             .expect("start the driver");
         let to_driver = driver.stdin.take().expect("stdin");
@@ -222,14 +227,15 @@ impl Workbench {
         Workbench {
             server,
             driver,
-            to_driver,
+            to_driver: Some(to_driver),
             from_driver,
             dir,
         }
     }
 
     fn call(&mut self, cmd: Value) -> Value {
-        writeln!(self.to_driver, "{cmd}").expect("write to the driver");
+        let to = self.to_driver.as_mut().expect("the driver is running");
+        writeln!(to, "{cmd}").expect("write to the driver");
         let mut line = String::new();
         self.from_driver
             .read_line(&mut line)
@@ -341,11 +347,21 @@ impl Workbench {
 
 impl Drop for Workbench {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let _ = &self.dir;
+        // The end of its input makes the driver close the browser (Chromium's processes are
+        // reaped by it) and exit; a driver that does not within seconds is killed below.
+        self.to_driver = None;
+        let start = Instant::now();
+        while matches!(self.driver.try_wait(), Ok(None))
+            && start.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for child in [&mut self.driver, &mut self.server] {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+        }
     }
 }
 
