@@ -12,6 +12,8 @@ const { merge3, minimalReplace } = require('./merge');
 const preview = require('./preview');
 
 const GIT_SCHEME = 'spark-git';
+// The daemon's size limit for a file shown to the model (docs/protocol.md, "Unsaved editor buffers").
+const MAX_BUFFER_BYTES = 256 * 1024;
 
 let client;
 let status;
@@ -291,7 +293,9 @@ async function ask() {
     if (!p.startsWith(root + path.sep)) continue;
     sent.set(p, d.getText());
     // Unsaved text goes to the model instead of the file's bytes, and comes back as text.
-    if (d.isDirty) buffers.push({ path: p, text: d.getText() });
+    // Over the daemon's limit it would fail the whole ask: such a file goes from disk, and an
+    // edit to it is merged into the document when it lands.
+    if (d.isDirty && Buffer.byteLength(d.getText()) <= MAX_BUFFER_BYTES) buffers.push({ path: p, text: d.getText() });
   }
   const params = { cwd: path.dirname(file), prompt, focus: [focus] };
   if (buffers.length) params.buffers = buffers;
