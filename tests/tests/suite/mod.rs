@@ -18,4 +18,5 @@ mod shapes;
 mod ssh;
 mod stash_fidelity;
 mod storm;
+mod vscode;
 mod watch;
