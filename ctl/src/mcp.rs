@@ -18,7 +18,8 @@ use serde::Deserialize;
 use spark_proto::layout::Layout;
 use spark_proto::methods::{
     ApplyParams, EditApply, EditLog, EditParams, EditResult, EditShow, EditState, EditUndo,
-    FileChange, LogEntry, LogParams, LogResult, Method, ShowResult,
+    FileChange, HistoryList, HistoryListParams, HistoryListResult, HistoryRestore,
+    HistoryRestoreParams, LogEntry, LogParams, LogResult, Method, ShowResult,
 };
 
 use crate::{ClientError, autostart};
@@ -157,6 +158,43 @@ pub struct LogArgs {
     pub cwd: Option<String>,
 }
 
+/// Arguments of `history`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct HistoryArgs {
+    /// A file (relative to `cwd`): its versions. Default: every snapshot of the repository
+    /// (which files changed when).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Only versions since then: a duration back from now (`10m`, `2h`, `3d`) or a time
+    /// (`2026-05-01T14:30:00Z`).
+    #[serde(default)]
+    pub since: Option<String>,
+    /// At most this many versions, newest first (default 20).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// A directory inside the repository (absolute, or relative to the server's directory).
+    /// Default: the directory the server runs in.
+    #[serde(default)]
+    pub cwd: Option<String>,
+}
+
+/// Arguments of `restore`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct RestoreArgs {
+    /// The file to put back (relative to `cwd`); a deleted file can be restored too.
+    pub path: String,
+    /// Which version: an id from `history` (6+ hex digits), a duration back from now (`10m`)
+    /// or a time (`2026-05-01T14:30:00Z`), meaning the newest version at or before then.
+    pub at: String,
+    /// true: return the diff the restore would make, writing nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// A directory inside the repository (absolute, or relative to the server's directory).
+    /// Default: the directory the server runs in.
+    #[serde(default)]
+    pub cwd: Option<String>,
+}
+
 #[tool_router]
 impl SparkTools {
     pub fn new(layout: Layout, dir: PathBuf) -> SparkTools {
@@ -235,6 +273,56 @@ impl SparkTools {
                 limit: Some(args.limit.unwrap_or(DEFAULT_LOG_LIMIT)),
             },
             move |r| render_log(&r, now),
+        )
+        .await
+    }
+
+    #[tool(
+        description = "List the local history spark keeps of the repository's files (every settled change by any writer, and each file right before spark edits it), newest first: version id, age, who prompted it, and the files with +/- line counts. With a path, only that file's versions.",
+        annotations(
+            title = "Local history",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn history(&self, Parameters(args): Parameters<HistoryArgs>) -> CallToolResult {
+        let now = now_ms();
+        self.forward::<HistoryList>(
+            args.cwd.as_deref(),
+            |cwd| HistoryListParams {
+                cwd,
+                path: args.path,
+                since: args.since,
+                limit: Some(args.limit.unwrap_or(DEFAULT_LOG_LIMIT)),
+            },
+            move |r| render_history(&r, now),
+        )
+        .await
+    }
+
+    // Not destructive: the restore is a recorded edit that `undo` reverts, and the content it
+    // replaces stays in the history.
+    #[tool(
+        description = "Put a file back as it was at a version of the local history (an id from `history`, or a time), as a recorded edit that the `undo` tool reverts. Works for deleted files too.",
+        annotations(
+            title = "Restore a file",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false,
+            open_world_hint = false
+        )
+    )]
+    async fn restore(&self, Parameters(args): Parameters<RestoreArgs>) -> CallToolResult {
+        let dry_run = args.dry_run;
+        self.forward::<HistoryRestore>(
+            args.cwd.as_deref(),
+            |cwd| HistoryRestoreParams {
+                cwd,
+                path: args.path,
+                at: args.at,
+                dry_run,
+            },
+            move |r| render_edit(&r, if dry_run { "would restore" } else { "restored" }),
         )
         .await
     }
@@ -378,6 +466,35 @@ fn render_log(r: &LogResult, now: u64) -> String {
         out.push('\n');
     }
     out.trim_end().to_owned()
+}
+
+fn render_history(r: &HistoryListResult, now: u64) -> String {
+    if r.versions.is_empty() {
+        return match &r.path {
+            Some(p) => format!("no versions of {p} in the local history"),
+            None => format!("no versions in the local history of {}", r.repo),
+        };
+    }
+    let mut out = match &r.path {
+        Some(p) => format!("versions of {p}, newest first:\n"),
+        None => format!("local history of {}, newest first:\n", r.repo),
+    };
+    for v in &r.versions {
+        let files: Vec<String> = v
+            .files
+            .iter()
+            .map(|f| format!("{} {} (+{} -{})", f.change, f.path, f.added, f.removed))
+            .collect();
+        out += &format!(
+            "{}  {} ago  {}  {}\n",
+            v.id,
+            age(now.saturating_sub(v.at)),
+            v.source,
+            files.join(", ")
+        );
+    }
+    out += "to put a version back: the `restore` tool with the path and `at` set to its id";
+    out
 }
 
 fn log_line(e: &LogEntry, now: u64) -> String {

@@ -160,7 +160,10 @@ fn python_sdk_lists_the_tools_and_calls_each() {
         .map(|tool| tool["name"].as_str().expect("name"))
         .collect();
     names.sort_unstable();
-    assert_eq!(names, ["apply_patch", "log", "show", "undo"]);
+    assert_eq!(
+        names,
+        ["apply_patch", "history", "log", "restore", "show", "undo"]
+    );
     for tool in t["tools"].as_array().expect("tools") {
         assert!(
             tool["description"].as_str().is_some_and(|d| d.len() > 40),
@@ -170,7 +173,7 @@ fn python_sdk_lists_the_tools_and_calls_each() {
     }
     // Hosts decide what to ask the user about from these: log and show only read.
     for tool in t["tools"].as_array().expect("tools") {
-        let read_only = matches!(tool["name"].as_str(), Some("log" | "show"));
+        let read_only = matches!(tool["name"].as_str(), Some("log" | "show" | "history"));
         assert_eq!(tool["annotations"]["readOnlyHint"], read_only, "{tool}");
         assert_eq!(tool["annotations"]["openWorldHint"], false, "{tool}");
     }
@@ -181,6 +184,13 @@ fn python_sdk_lists_the_tools_and_calls_each() {
         .find(|tool| tool["name"] == "apply_patch")
         .expect("apply_patch");
     assert_eq!(apply["input_schema"]["required"], json!(["patch"]));
+    let restore = t["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .find(|tool| tool["name"] == "restore")
+        .expect("restore");
+    assert_eq!(restore["input_schema"]["required"], json!(["path", "at"]));
     let patch_doc = apply["input_schema"]["properties"]["patch"]["description"]
         .as_str()
         .expect("the patch argument is described");
@@ -553,4 +563,60 @@ fn without_a_host_it_says_what_starts_it() {
     );
     // No session, so no daemon was started for one.
     assert_eq!(ctl.daemon_pid(), None);
+}
+
+#[test]
+fn python_sdk_restores_a_version_from_the_local_history_and_undo_takes_it_back() {
+    let Some(python) = python() else {
+        eprintln!(
+            "\n*** SKIPPED suite::mcp::python_sdk_restores_a_version_from_the_local_history_and_undo_takes_it_back: \
+             no MCP Python SDK (set SPARK_TEST_MCP_PYTHON; .ci/run does)\n"
+        );
+        return;
+    };
+    let ctl = Ctl::new();
+    let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
+    // The edit snapshots the file right before it writes: that version is what `0s` names.
+    let t = python_session(
+        &python,
+        &ctl,
+        repo.path(),
+        "pytest-agent",
+        json!([
+            {"tool": "apply_patch", "arguments": {"patch": PATCH}},
+            {"tool": "history", "arguments": {"path": "src/lib.rs"}},
+            {"tool": "restore", "arguments": {"path": "src/lib.rs", "at": "0s", "dry_run": true}},
+            {"tool": "restore", "arguments": {"path": "src/lib.rs", "at": "0s"}},
+            {"tool": "restore", "arguments": {"path": "src/nope.rs", "at": "0s"}},
+        ]),
+    );
+    // The calls ran in order before these checks: the file now holds what the restore put back.
+    let (text, is_error) = result(&t, 0);
+    assert!(!is_error, "{text}");
+    assert!(text.starts_with("applied edit "), "{text}");
+    let (text, is_error) = result(&t, 1);
+    assert!(!is_error, "{text}");
+    assert!(
+        text.starts_with("versions of src/lib.rs, newest first:\n"),
+        "{text}"
+    );
+    assert!(text.contains("  edit  "), "the pre-edit snapshot: {text}");
+    let (text, is_error) = result(&t, 2);
+    assert!(!is_error, "{text}");
+    assert!(
+        text.starts_with("would restore (dry run, nothing written): 1 file"),
+        "{text}"
+    );
+    let (text, is_error) = result(&t, 3);
+    assert!(!is_error, "{text}");
+    assert!(text.starts_with("restored edit "), "{text}");
+    assert_eq!(repo.read("src/lib.rs"), LIB.as_bytes());
+    let log = log_json(&ctl, &repo);
+    assert_eq!(log["edits"].as_array().map(Vec::len), Some(2), "{log}");
+    assert_eq!(log["edits"][0]["state"], "applied", "{log}");
+    let (text, is_error) = result(&t, 4);
+    assert!(is_error, "no version of a file never seen: {text}");
+    assert!(text.starts_with("refused, nothing was written: "), "{text}");
+    assert_eq!(repo.read("src/lib.rs"), LIB.as_bytes());
+    repo.git(&["fsck", "--strict"]);
 }
