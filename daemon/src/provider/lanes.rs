@@ -325,6 +325,13 @@ impl LaneConn {
         &self.stream_id
     }
 
+    /// The shared connection did not answer a ping: no lane joins it again (checked under the
+    /// lanes lock, as in `join`); it closes once its last lane has left.
+    pub(crate) fn give_up(&self) {
+        let _lanes = lock(&self.shared.lanes);
+        self.shared.alive.store(false, Ordering::SeqCst);
+    }
+
     pub(crate) fn connection_opened_at(&self) -> Instant {
         self.shared.opened_at
     }

@@ -1224,6 +1224,7 @@ impl Session {
             return;
         }
         if live.pong_deadline.is_some_and(|t| t <= now) {
+            live.conn.give_up();
             self.connection_lost(format!(
                 "no answer to a ping within {:?}",
                 self.config.pong_timeout

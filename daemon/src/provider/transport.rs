@@ -402,6 +402,15 @@ impl Connection {
         }
     }
 
+    /// The peer stopped answering: for a lane, no session may join its shared connection
+    /// again (the next one opens a new connection). A connection of its own just goes.
+    pub(crate) fn give_up(&self) {
+        match self {
+            Connection::Lane(lane) => lane.give_up(),
+            Connection::WebSocket(_) | Connection::Http(_) => {}
+        }
+    }
+
     /// Send one encoded request: a WebSocket text message, or a new HTTP POST.
     pub(crate) async fn send(&mut self, body: String) -> Result<(), TransportError> {
         match self {
