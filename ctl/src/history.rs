@@ -5,10 +5,9 @@ use spark_proto::methods::{
     HistoryDiff, HistoryDiffParams, HistoryList, HistoryListParams, HistoryRestore,
     HistoryRestoreParams, HistoryVersion,
 };
-use sparkctl::{Client, ClientError};
 
 use super::{
-    DIM, Failure, GREEN, RED, Style, YELLOW, cwd, human_age, now_ms, print_json, print_line,
+    Ctx, DIM, Failure, GREEN, RED, Style, YELLOW, call, cwd, human_age, now_ms, print_line,
     render_edit, write_long, write_stdout,
 };
 
@@ -85,92 +84,61 @@ pub(crate) struct DiffArgs {
     path: Option<String>,
 }
 
-pub(crate) fn history(
-    args: HistoryArgs,
-    client: Client,
-    json: bool,
-    style: &Style,
-    fail: impl Fn(ClientError) -> Failure,
-) -> Result<(), Failure> {
-    let mut client = client;
-    let r = client
-        .call::<HistoryList>(&HistoryListParams {
-            cwd: cwd()?,
-            path: args.path.clone(),
-            since: args.since,
-            limit: Some(args.limit),
-        })
-        .map_err(fail)?;
-    if json {
-        return print_json(&r);
-    }
-    if r.versions.is_empty() {
-        return print_line(&match &r.path {
-            Some(p) => format!("no versions of {p} in local history"),
-            None => "no local history yet (is the repository watched? `sparkctl watch`)".into(),
-        });
-    }
-    let text = match &r.path {
-        Some(_) => render_versions(&r.versions, now_ms(), style),
-        None => render_snapshots(&r.versions, now_ms(), style),
+pub(crate) fn history(ctx: &Ctx, args: HistoryArgs) -> Result<(), Failure> {
+    let params = HistoryListParams {
+        cwd: cwd()?,
+        path: args.path,
+        since: args.since,
+        limit: Some(args.limit),
     };
-    write_long(text.as_bytes())
+    ctx.print(&call::<HistoryList>(ctx, &params)?, |r| {
+        if r.versions.is_empty() {
+            return print_line(&match &r.path {
+                Some(p) => format!("no versions of {p} in local history"),
+                None => "no local history yet (is the repository watched? `sparkctl watch`)".into(),
+            });
+        }
+        let text = match &r.path {
+            Some(_) => render_versions(&r.versions, now_ms(), &ctx.style),
+            None => render_snapshots(&r.versions, now_ms(), &ctx.style),
+        };
+        write_long(text.as_bytes())
+    })
 }
 
-pub(crate) fn restore(
-    args: RestoreArgs,
-    client: Client,
-    json: bool,
-    style: &Style,
-    fail: impl Fn(ClientError) -> Failure,
-) -> Result<(), Failure> {
-    let mut client = client;
-    let r = client
-        .call::<HistoryRestore>(&HistoryRestoreParams {
-            cwd: cwd()?,
-            path: args.path,
-            at: args.at,
-            dry_run: args.dry_run,
-        })
-        .map_err(fail)?;
-    if json {
-        return print_json(&r);
-    }
-    if args.dry_run {
+pub(crate) fn restore(ctx: &Ctx, args: RestoreArgs) -> Result<(), Failure> {
+    let dry_run = args.dry_run;
+    let params = HistoryRestoreParams {
+        cwd: cwd()?,
+        path: args.path,
+        at: args.at,
+        dry_run,
+    };
+    ctx.print(&call::<HistoryRestore>(ctx, &params)?, |r| {
+        if !dry_run {
+            return print_line(&render_edit(r, "restored as", &ctx.style));
+        }
         if r.diff.is_empty() {
             return print_line("nothing to change: the file already holds that version");
         }
-        return write_stdout(style.diff(&r.diff).as_bytes());
-    }
-    print_line(&render_edit(&r, "restored as", style))
+        write_stdout(ctx.style.diff(&r.diff).as_bytes())
+    })
 }
 
-pub(crate) fn diff(
-    args: DiffArgs,
-    client: Client,
-    json: bool,
-    style: &Style,
-    fail: impl Fn(ClientError) -> Failure,
-) -> Result<(), Failure> {
-    let mut client = client;
-    let since = args.since.clone();
-    let r = client
-        .call::<HistoryDiff>(&HistoryDiffParams {
-            cwd: cwd()?,
-            since: args.since,
-            path: args.path,
-        })
-        .map_err(fail)?;
-    if json {
-        return print_json(&r);
-    }
-    if r.diff.is_empty() {
-        return print_line(&format!("no changes since {since}"));
-    }
-    write_long(style.diff(&r.diff).as_bytes())
+pub(crate) fn diff(ctx: &Ctx, args: DiffArgs) -> Result<(), Failure> {
+    let params = HistoryDiffParams {
+        cwd: cwd()?,
+        since: args.since.clone(),
+        path: args.path,
+    };
+    ctx.print(&call::<HistoryDiff>(ctx, &params)?, |r| {
+        if r.diff.is_empty() {
+            return print_line(&format!("no changes since {}", args.since));
+        }
+        write_long(ctx.style.diff(&r.diff).as_bytes())
+    })
 }
 
-/// One file's versions: id, age, source, size, +/−, change; columns as wide as their widest.
 fn render_versions(versions: &[HistoryVersion], now: u64, style: &Style) -> String {
     let rows: Vec<[String; 5]> = versions
         .iter()

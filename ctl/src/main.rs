@@ -331,15 +331,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Stash { edit } => stash(&ctx, edit),
         Command::Service { action } => run_service(action, &ctx.layout, ctx.json),
         Command::Hooks { action } => run_hooks(action, ctx.json),
-        Command::History(args) => {
-            history::history(args, ctx.connect()?, ctx.json, &ctx.style, |e| ctx.fail(e))
-        }
-        Command::Restore(args) => {
-            history::restore(args, ctx.connect()?, ctx.json, &ctx.style, |e| ctx.fail(e))
-        }
-        Command::Diff(args) => {
-            history::diff(args, ctx.connect()?, ctx.json, &ctx.style, |e| ctx.fail(e))
-        }
+        Command::History(args) => history::history(&ctx, args),
+        Command::Restore(args) => history::restore(&ctx, args),
+        Command::Diff(args) => history::diff(&ctx, args),
         Command::Hook { name, args } => {
             sparkctl::hooks::run_hook(&name, &args, &ctx.layout);
             Ok(())
