@@ -1339,7 +1339,16 @@ fn render_status(s: &StatusResult) -> String {
                     c.entries,
                     c.bytes / 1024,
                     c.dir
-                )
+                );
+                if let Some(why) = &c.rebuilding {
+                    out += &format!("\n          rebuilding in the background ({why})");
+                } else if let Some(why) = &c.last_rebuild {
+                    out += &format!(
+                        "\n          rebuilt {} time{} (last: {why})",
+                        c.rebuilds,
+                        if c.rebuilds == 1 { "" } else { "s" }
+                    );
+                }
             }
         },
         None => out += "cache     none",

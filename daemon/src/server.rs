@@ -69,7 +69,7 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         events.clone(),
         &tracker,
         &shutdown,
-        crate::watch::WatchOptions::default(),
+        crate::watch::WatchOptions::from_env(),
     );
     // Settled changes become local-history snapshots (started below, once `Shared` exists).
     let (settled_tx, settled_rx) = mpsc::channel(crate::history::SETTLED_QUEUE);
@@ -725,6 +725,8 @@ fn cache_status(c: crate::watch::CacheSummary) -> methods::CacheStatus {
         bytes: c.bytes,
         rebuilds: c.rebuilds,
         unavailable: c.unavailable,
+        last_rebuild: c.last_rebuild,
+        rebuilding: c.rebuilding,
     }
 }
 

@@ -335,6 +335,13 @@ pub struct CacheStatus {
     /// Why the daemon runs without it, if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<String>,
+    /// Why it was last discarded and rebuilt, if it ever was since the daemon started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebuild: Option<String>,
+    /// Present while a rebuilt cache is being filled again in the background (requests are
+    /// served meanwhile): why it was rebuilt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuilding: Option<String>,
 }
 
 /// Params of [`EditApply`].

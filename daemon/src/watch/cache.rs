@@ -251,6 +251,8 @@ pub(crate) struct CacheReport {
     pub(crate) bytes_on_disk: u64,
     /// How often the cache was discarded and rebuilt since the daemon started.
     pub(crate) rebuilds: u64,
+    /// Why it was last discarded, if it ever was.
+    pub(crate) last_rebuild: Option<String>,
 }
 
 /// A handle to the cache; clones share one database.
@@ -277,6 +279,32 @@ struct Inner {
     rebuilds: AtomicU64,
     bytes_on_disk: AtomicU64,
     unavailable: Mutex<Option<String>>,
+    last_rebuild: Mutex<Option<String>>,
+    /// What the files looked like when this process opened them (see [`Fingerprint`]).
+    fingerprint: Mutex<Option<Fingerprint>>,
+    /// The generation, for owners of in-memory state that rewrite it after a rebuild without
+    /// waiting for their next change.
+    generation_tx: tokio::sync::watch::Sender<u64>,
+}
+
+/// sled keeps serving from memory and from files it already has open, so neither a deleted
+/// directory nor garbage written over its files shows up as an error until much later (or at
+/// the next start). The `db` file's inode and the `conf` file's bytes (written once when the
+/// database is created, never again) are what a cheap periodic check compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    db_ino: u64,
+    conf: Vec<u8>,
+}
+
+impl Fingerprint {
+    fn of(dir: &Path) -> io::Result<Fingerprint> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(Fingerprint {
+            db_ino: std::fs::metadata(dir.join("db"))?.ino(),
+            conf: std::fs::read(dir.join("conf"))?,
+        })
+    }
 }
 
 impl Cache {
@@ -285,12 +313,14 @@ impl Cache {
     /// directory cannot be created or removed). Blocks: sled replays its log on open.
     pub(crate) fn open(dir: &Path) -> Result<Cache, CacheError> {
         let mut rebuilds = 0;
+        let mut last_rebuild = None;
         let db = match open_db(dir) {
             Ok(db) => db,
             Err(e @ (CacheError::Locked { .. } | CacheError::Create { .. })) => return Err(e),
             Err(e) => {
                 warn!(error = %e, "discarding the context cache and rebuilding it");
                 rebuilds = 1;
+                last_rebuild = Some(format!("found broken at start: {e}"));
                 remove_dir(dir)?;
                 open_db(dir)?
             }
@@ -303,6 +333,9 @@ impl Cache {
                 rebuilds: AtomicU64::new(rebuilds),
                 bytes_on_disk: AtomicU64::new(0),
                 unavailable: Mutex::new(None),
+                last_rebuild: Mutex::new(last_rebuild),
+                fingerprint: Mutex::new(Fingerprint::of(dir).ok()),
+                generation_tx: tokio::sync::watch::Sender::new(0),
             }),
         };
         cache.measure();
@@ -319,7 +352,13 @@ impl Cache {
             unavailable: self.inner.unavailable.lock().ok().and_then(|u| u.clone()),
             bytes_on_disk: self.inner.bytes_on_disk.load(Ordering::Relaxed),
             rebuilds: self.inner.rebuilds.load(Ordering::Relaxed),
+            last_rebuild: self.inner.last_rebuild.lock().ok().and_then(|u| u.clone()),
         }
+    }
+
+    /// Changes of [`Cache::generation`], as they happen.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.generation_tx.subscribe()
     }
 
     /// Record sled's size on disk for [`Cache::report`] (it stats files, so not on async threads).
@@ -334,14 +373,37 @@ impl Cache {
         let _ = self.with_db(|db| db.flush());
     }
 
-    /// Someone deleted the cache directory under the running daemon: sled would carry on
-    /// writing to unlinked files, so notice it and start a fresh cache.
-    pub(crate) fn check_present(&self) {
-        let gone = !self.inner.dir.join("db").exists();
+    /// Notice a cache deleted or overwritten under the running daemon (see [`Fingerprint`]) and
+    /// start a fresh one: sled would otherwise carry on writing to unlinked files, or serve
+    /// garbage once it reads back a page. A few syscalls; the daemon runs it periodically and
+    /// before each batch.
+    pub(crate) fn check(&self) {
         let open = self.inner.db.read().map(|g| g.is_some()).unwrap_or(false);
-        if gone && open {
-            self.rebuild(self.generation(), "its directory was deleted");
+        if !open {
+            return;
         }
+        let generation = self.generation();
+        let known = self.inner.fingerprint.lock().ok().and_then(|f| f.clone());
+        let why = match (Fingerprint::of(&self.inner.dir), known) {
+            (Err(e), _) if e.kind() == io::ErrorKind::NotFound => "its files were deleted",
+            (Err(_), _) => "its files cannot be read",
+            (Ok(now), Some(known)) if now.db_ino != known.db_ino => "its files were replaced",
+            (Ok(now), Some(known)) if now.conf != known.conf => "its files were overwritten",
+            (Ok(_), Some(_)) => return,
+            (Ok(now), None) => {
+                if let Ok(mut f) = self.inner.fingerprint.lock() {
+                    *f = Some(now);
+                }
+                return;
+            }
+        };
+        self.rebuild(generation, why);
+    }
+
+    /// Discard the cache because something read from it is wrong (a content whose blob id does
+    /// not match what was stored under that id).
+    pub(crate) fn discard(&self, why: &str) {
+        self.rebuild(self.generation(), why);
     }
 
     /// Every file of `workdir` as last saved by [`Cache::save_snapshot`], for a warm start.
@@ -441,6 +503,9 @@ impl Cache {
         let unavailable = match fresh {
             Ok(db) => {
                 *guard = Some(db);
+                if let Ok(mut f) = self.inner.fingerprint.lock() {
+                    *f = Fingerprint::of(&self.inner.dir).ok();
+                }
                 info!(dir = %self.inner.dir.display(), "context cache rebuilt");
                 None
             }
@@ -452,8 +517,12 @@ impl Cache {
         if let Ok(mut u) = self.inner.unavailable.lock() {
             *u = unavailable;
         }
+        if let Ok(mut l) = self.inner.last_rebuild.lock() {
+            *l = Some(why.to_owned());
+        }
         self.inner.rebuilds.fetch_add(1, Ordering::Relaxed);
-        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.inner.generation_tx.send_replace(generation);
     }
 }
 
@@ -871,13 +940,79 @@ mod tests {
         let cache = Cache::open(&path).expect("open");
         let g = cache.generation();
         std::fs::remove_dir_all(&path).expect("rm");
-        cache.check_present();
+        cache.check();
         assert_eq!(cache.generation(), g + 1);
         assert!(path.join("db").exists());
         put(&cache, Path::new("/r"), "a", b"1");
         assert_eq!(
             cache.load_snapshot(Path::new("/r")).map(|r| r.len()),
             Some(1)
+        );
+    }
+
+    #[test]
+    fn files_overwritten_under_a_running_cache_are_noticed_and_rebuilt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cache");
+        let cache = Cache::open(&path).expect("open");
+        put(&cache, Path::new("/r"), "a", b"1");
+        cache.flush();
+        let generations = cache.subscribe();
+        cache.check();
+        assert_eq!(cache.generation(), 0, "an intact cache is left alone");
+        for f in walk_files(&path) {
+            std::fs::write(&f, b"\x00garbage\xff").expect("clobber");
+        }
+        cache.check();
+        assert_eq!(cache.generation(), 1);
+        assert!(generations.has_changed().expect("sender alive"));
+        let r = cache.report();
+        assert_eq!(r.rebuilds, 1);
+        assert_eq!(
+            r.last_rebuild.as_deref(),
+            Some("its files were overwritten")
+        );
+        assert_eq!(r.unavailable, None);
+        assert_eq!(
+            cache.load_snapshot(Path::new("/r")),
+            None,
+            "fresh and empty"
+        );
+        put(&cache, Path::new("/r"), "a", b"1");
+        assert_eq!(
+            cache.content(Path::new("/r"), "a", BlobId::of(b"1")),
+            Some(b"1".to_vec()),
+            "works again"
+        );
+        cache.check();
+        assert_eq!(
+            cache.generation(),
+            1,
+            "the fresh files are the new reference"
+        );
+        drop(cache);
+        let again = reopen(&path);
+        assert_eq!(again.report().rebuilds, 0, "what was rebuilt opens cleanly");
+        assert_eq!(
+            again.load_snapshot(Path::new("/r")).map(|r| r.len()),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn a_replaced_directory_is_noticed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cache");
+        let cache = Cache::open(&path).expect("open");
+        let moved = dir.path().join("elsewhere");
+        std::fs::rename(&path, &moved).expect("mv");
+        std::fs::create_dir_all(&path).expect("mkdir");
+        std::fs::copy(moved.join("conf"), path.join("conf")).expect("cp conf");
+        std::fs::copy(moved.join("db"), path.join("db")).expect("cp db");
+        cache.check();
+        assert_eq!(
+            cache.report().last_rebuild.as_deref(),
+            Some("its files were replaced")
         );
     }
 

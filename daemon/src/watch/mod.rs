@@ -92,6 +92,12 @@ pub(crate) struct WatchOptions {
     pub(crate) max_watches: usize,
     /// How often a degraded repository is rescanned in full.
     pub(crate) degraded_rescan: Duration,
+    /// How often the cache's files are checked for deletion or overwriting under sled.
+    pub(crate) cache_check: Duration,
+    /// Test hook: the kernel refuses (`ENOSPC`, as when `fs.inotify.max_user_watches` is
+    /// reached) every inotify watch past this many, daemon-wide. Unlike `max_watches` it goes
+    /// through the very path a real refusal takes.
+    pub(crate) kernel_watch_limit: Option<usize>,
 }
 
 impl Default for WatchOptions {
@@ -100,7 +106,33 @@ impl Default for WatchOptions {
             timing: Timing::default(),
             max_watches: usize::MAX,
             degraded_rescan: Duration::from_secs(30),
+            cache_check: Duration::from_secs(5),
+            kernel_watch_limit: None,
         }
+    }
+}
+
+impl WatchOptions {
+    /// The defaults, with the test hooks debug builds read from the environment (tests of the
+    /// real binaries cannot reach into the daemon otherwise): `SPARK_TEST_INOTIFY_WATCHES` (a
+    /// simulated kernel watch limit), `SPARK_TEST_DEGRADED_RESCAN_MS` and
+    /// `SPARK_TEST_CACHE_CHECK_MS`. Release builds ignore them.
+    pub(crate) fn from_env() -> WatchOptions {
+        let mut o = WatchOptions::default();
+        if !cfg!(debug_assertions) {
+            return o;
+        }
+        let num = |name: &str| -> Option<u64> { std::env::var(name).ok()?.trim().parse().ok() };
+        if let Some(n) = num("SPARK_TEST_INOTIFY_WATCHES") {
+            o.kernel_watch_limit = usize::try_from(n).ok();
+        }
+        if let Some(ms) = num("SPARK_TEST_DEGRADED_RESCAN_MS") {
+            o.degraded_rescan = Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = num("SPARK_TEST_CACHE_CHECK_MS") {
+            o.cache_check = Duration::from_millis(ms.max(1));
+        }
+        o
     }
 }
 
@@ -199,6 +231,12 @@ pub(crate) struct CacheSummary {
     pub(crate) bytes: u64,
     /// Times the cache was discarded and rebuilt since the daemon started.
     pub(crate) rebuilds: u64,
+    /// Why it was last discarded.
+    pub(crate) last_rebuild: Option<String>,
+    /// Set while a rebuilt cache is being filled again (watched repositories whose snapshot
+    /// is not written into it yet): why it was rebuilt. Requests are served meanwhile, from
+    /// memory and the disk.
+    pub(crate) rebuilding: Option<String>,
 }
 
 /// A file's content as the cache serves it.
@@ -246,6 +284,8 @@ struct Hub {
 struct Budget {
     used: AtomicUsize,
     max: usize,
+    /// See [`WatchOptions::kernel_watch_limit`].
+    kernel_limit: Option<usize>,
 }
 
 impl Watchers {
@@ -268,6 +308,7 @@ impl Watchers {
             budget: Arc::new(Budget {
                 used: AtomicUsize::new(0),
                 max: options.max_watches,
+                kernel_limit: options.kernel_watch_limit,
             }),
             options,
             cache: watch::Sender::new(CacheSlot::Opening),
@@ -462,21 +503,38 @@ impl Watchers {
     pub(crate) fn cache_status(&self) -> CacheSummary {
         let entries = self.status().iter().map(|s| s.text_files).sum();
         let slot = self.hub.cache.borrow().clone();
-        let (unavailable, bytes, rebuilds) = match slot {
-            CacheSlot::Opening => (Some("opening".to_owned()), 0, 0),
-            CacheSlot::Unavailable(why) => (Some(why), 0, 0),
+        let mut summary = CacheSummary {
+            dir: self.hub.cache_dir.clone(),
+            unavailable: None,
+            entries,
+            bytes: 0,
+            rebuilds: 0,
+            last_rebuild: None,
+            rebuilding: None,
+        };
+        match slot {
+            CacheSlot::Opening => summary.unavailable = Some("opening".to_owned()),
+            CacheSlot::Unavailable(why) => summary.unavailable = Some(why),
             CacheSlot::Open(c) => {
                 let r = c.report();
-                (r.unavailable, r.bytes_on_disk, r.rebuilds)
+                let generation = c.generation();
+                let restoring = self.hub.restoring.lock().map(|r| !r.is_empty());
+                let behind = restoring.unwrap_or(false)
+                    || self.hub.repos.lock().is_ok_and(|m| {
+                        m.values()
+                            .any(|repo| repo.cache.is_some() && repo.snapshot_behind(generation))
+                    });
+                summary.rebuilding = r
+                    .last_rebuild
+                    .clone()
+                    .filter(|_| behind && r.unavailable.is_none());
+                summary.unavailable = r.unavailable;
+                summary.bytes = r.bytes_on_disk;
+                summary.rebuilds = r.rebuilds;
+                summary.last_rebuild = r.last_rebuild;
             }
-        };
-        CacheSummary {
-            dir: self.hub.cache_dir.clone(),
-            unavailable,
-            entries,
-            bytes,
-            rebuilds,
         }
+        summary
     }
 
     /// The edit engine is about to write `content` to `rel` (`None`: delete it). When the
@@ -721,6 +779,7 @@ pub(crate) fn index_once(workdir: &Path, cache_dir: Option<&Path>) -> Result<Ind
     let budget = Arc::new(Budget {
         used: AtomicUsize::new(0),
         max: usize::MAX,
+        kernel_limit: None,
     });
     let started = std::time::Instant::now();
     let mut tree = Tree::new(&repo.workdir, &repo.git, budget);
@@ -781,9 +840,20 @@ async fn open_cache(hub: Arc<Hub>) {
         _ => None,
     };
     hub.cache.send_replace(slot);
-    // Flush once at shutdown, after the repositories' last batches.
-    if let Some(cache) = cache {
-        hub.shutdown.cancelled().await;
-        let _ = tokio::task::spawn_blocking(move || cache.flush()).await;
+    let Some(cache) = cache else {
+        return;
+    };
+    // Check now and then that nobody deleted or overwrote the cache under sled; quiet
+    // repositories have no batch that would notice.
+    loop {
+        tokio::select! {
+            () = hub.shutdown.cancelled() => break,
+            () = tokio::time::sleep(hub.options.cache_check) => {
+                let c = cache.clone();
+                let _ = tokio::task::spawn_blocking(move || c.check()).await;
+            }
+        }
     }
+    // Flush once at shutdown, after the repositories' last batches.
+    let _ = tokio::task::spawn_blocking(move || cache.flush()).await;
 }

@@ -506,6 +506,124 @@ async fn a_spent_watch_budget_is_reported_and_rescanned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_watch_limit_degrades_with_a_hint_and_changes_are_still_found() {
+    let fx = Fixture::new();
+    fx.write("a/x.rs", "x\n");
+    fx.write("b/x.rs", "x\n");
+    let mut options = fast();
+    // .git, .git/info and the root are watched; `a` and `b` meet ENOSPC.
+    options.kernel_watch_limit = Some(3);
+    options.degraded_rescan = Duration::from_millis(100);
+    let mut d = fx.start(options);
+    let s = d.watchers.watch(&fx.repo).await.expect("watch");
+    assert_eq!(s.watches, 3);
+    let why = s.degraded.expect("degraded");
+    assert!(
+        why.contains("2 directories could not be watched (the inotify watch limit fs.inotify.max_user_watches is reached)"),
+        "{why}"
+    );
+    assert!(
+        why.contains("\nhint: raise the limit, e.g. `sudo sysctl fs.inotify.max_user_watches="),
+        "{why}"
+    );
+    assert_eq!(s.files, 2, "still indexed");
+    fx.write("b/new.rs", "n\n");
+    d.until_changed("b/new.rs").await;
+    assert!(d.status(&fx.repo).rescans >= 1);
+    assert_eq!(
+        d.watchers.file(&fx.repo, "b/new.rs").expect("served").bytes,
+        b"n\n"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_overwritten_while_idle_is_rebuilt_and_refilled_in_the_background() {
+    let fx = Fixture::new();
+    fx.write("src/lib.rs", "pub fn lib() {}\n");
+    let mut options = fast();
+    options.cache_check = Duration::from_millis(20);
+    let d = fx.start(options);
+    d.watchers.watch(&fx.repo).await.expect("watch");
+    assert_eq!(
+        d.watchers
+            .file(&fx.repo, "src/lib.rs")
+            .expect("served")
+            .bytes,
+        b"pub fn lib() {}\n"
+    );
+    let cache = d.cache().expect("cache");
+    cache.flush();
+    let mut generations = cache.subscribe();
+    let mut stack = vec![fx.cache_dir.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).expect("cache dir").flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                fs::write(e.path(), b"\x00garbage\xff").expect("clobber");
+            }
+        }
+    }
+    // No batch: the periodic check notices it.
+    tokio::time::timeout(TIMEOUT, generations.wait_for(|g| *g >= 1))
+        .await
+        .expect("rebuilt within the timeout")
+        .expect("cache alive");
+    // The repository writes its snapshot into the fresh cache without any change of its own.
+    let refilled = async {
+        loop {
+            if cache
+                .load_snapshot(&fx.repo)
+                .is_some_and(|rows| rows.len() == 1)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(TIMEOUT, refilled)
+        .await
+        .expect("snapshot rewritten");
+    let c = d.watchers.cache_status();
+    assert_eq!(c.rebuilds, 1, "{c:?}");
+    assert_eq!(
+        c.last_rebuild.as_deref(),
+        Some("its files were overwritten")
+    );
+    assert_eq!(c.unavailable, None);
+    assert_eq!(
+        d.watchers
+            .file(&fx.repo, "src/lib.rs")
+            .expect("served")
+            .bytes,
+        b"pub fn lib() {}\n"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_content_that_does_not_match_its_id_is_never_served() {
+    let fx = Fixture::new();
+    fx.write("src/lib.rs", "pub fn lib() {}\n");
+    let d = fx.start(fast());
+    d.watchers.watch(&fx.repo).await.expect("watch");
+    let served = d.watchers.file(&fx.repo, "src/lib.rs").expect("served");
+    let cache = d.cache().expect("cache");
+    // Same length, other bytes: what a page of garbage read back by sled would look like.
+    cache.put_content(&fx.repo, "src/lib.rs", served.blob, b"pub fn BAD() {}\n");
+    let again = d.watchers.file(&fx.repo, "src/lib.rs").expect("served");
+    assert_eq!(again.bytes, b"pub fn lib() {}\n");
+    let c = d.watchers.cache_status();
+    assert_eq!(c.rebuilds, 1, "{c:?}");
+    assert_eq!(
+        c.last_rebuild.as_deref(),
+        Some("a stored file did not match its blob id")
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_rescans_and_says_so() {
     let fx = Fixture::new();
     fx.write("src/lib.rs", "x\n");

@@ -22,6 +22,20 @@ pub(super) fn name_of(rel: &str) -> &str {
     rel.rsplit_once('/').map(|(_, n)| n).unwrap_or(rel)
 }
 
+/// What the user can do about a refused watch, as a `hint:` sentence (empty when nothing
+/// applies). The limits are per user and shared with editors and other tools.
+fn watch_hint(why: &str) -> &'static str {
+    if why.contains("max_user_watches") {
+        "\nhint: raise the limit, e.g. `sudo sysctl fs.inotify.max_user_watches=524288` (add it to /etc/sysctl.d/ to keep it); missing watches are retried at each rescan"
+    } else if why.contains("Too many open files") || why.contains("os error 24") {
+        "\nhint: the inotify instance limit is reached; raise it, e.g. `sudo sysctl fs.inotify.max_user_instances=1024`, or close other watching tools, then restart sparkd"
+    } else if why.contains("watch budget") {
+        "\nhint: unwatch repositories you do not need (`sparkctl unwatch`)"
+    } else {
+        ""
+    }
+}
+
 /// A directory the index descends into.
 #[derive(Debug)]
 pub(super) struct DirState {
@@ -104,14 +118,16 @@ impl Tree {
         }
         if let Some(e) = &self.watcher_error {
             return Some(format!(
-                "cannot start the file watcher ({e}); changes are seen only by periodic rescans"
+                "cannot start the file watcher ({e}); changes are seen only by periodic rescans{}",
+                watch_hint(e)
             ));
         }
         if !self.unwatched.is_empty() {
+            let why = self.unwatched_why.as_deref().unwrap_or("unknown reason");
             return Some(format!(
-                "{} directories could not be watched ({}); changes there are seen only by periodic rescans",
+                "{} directories could not be watched ({why}); changes there are seen only by periodic rescans{}",
                 self.unwatched.len(),
-                self.unwatched_why.as_deref().unwrap_or("unknown reason")
+                watch_hint(why)
             ));
         }
         None
@@ -134,14 +150,22 @@ impl Tree {
         let Some(watcher) = self.watcher.as_mut() else {
             return Err(WatchFail::Failed("no watcher".to_owned()));
         };
-        if self.budget.used.fetch_add(1, Ordering::AcqRel) >= self.budget.max {
+        let used = self.budget.used.fetch_add(1, Ordering::AcqRel);
+        if used >= self.budget.max {
             self.budget.used.fetch_sub(1, Ordering::AcqRel);
             return Err(WatchFail::Failed(format!(
                 "spark's watch budget of {} is used up",
                 self.budget.max
             )));
         }
-        match watcher.watch(abs, notify::RecursiveMode::NonRecursive) {
+        let added = match self.budget.kernel_limit {
+            // The test hook stands in for the kernel: the same error notify makes of ENOSPC.
+            Some(limit) if used >= limit => {
+                Err(notify::Error::new(notify::ErrorKind::MaxFilesWatch))
+            }
+            _ => watcher.watch(abs, notify::RecursiveMode::NonRecursive),
+        };
+        match added {
             Ok(()) => {
                 self.watched += 1;
                 Ok(())
@@ -154,7 +178,7 @@ impl Tree {
                         Err(WatchFail::Gone)
                     }
                     notify::ErrorKind::MaxFilesWatch => Err(WatchFail::Failed(
-                        "inotify watch limit reached: raise fs.inotify.max_user_watches".to_owned(),
+                        "the inotify watch limit fs.inotify.max_user_watches is reached".to_owned(),
                     )),
                     _ => Err(WatchFail::Failed(e.to_string())),
                 }

@@ -41,6 +41,15 @@ pub(super) struct Health {
     pub(super) index_ms: Option<u64>,
     pub(super) rescans: u64,
     pub(super) last_rescan: Option<String>,
+    /// The cache generation this repository's snapshot was last saved in: behind the cache's
+    /// own after a rebuild, until the snapshot is written again.
+    pub(super) snapshot_generation: Option<u64>,
+    /// The view's counts as of the last batch, so `status` never waits for the view's lock
+    /// (held for a while when a batch of 300k files is applied) nor walks every file.
+    pub(super) files: u64,
+    pub(super) text_files: u64,
+    pub(super) text_bytes: u64,
+    pub(super) seq: u64,
 }
 
 #[derive(Debug)]
@@ -122,19 +131,14 @@ impl Repo {
     }
 
     pub(super) fn status(&self) -> RepoWatchStatus {
-        let (files, (text_files, text_bytes), seq) = self
-            .view
-            .read()
-            .map(|v| (v.files.len() as u64, v.text_bytes(), v.seq))
-            .unwrap_or_default();
         let h = self.health.lock().ok();
         let h = h.as_deref();
         RepoWatchStatus {
             workdir: self.workdir.clone(),
             indexed: self.is_indexed(),
-            files,
-            text_files,
-            text_bytes,
+            files: h.map(|h| h.files).unwrap_or(0),
+            text_files: h.map(|h| h.text_files).unwrap_or(0),
+            text_bytes: h.map(|h| h.text_bytes).unwrap_or(0),
             watches: h.map(|h| h.watches as u64).unwrap_or(0),
             last_event_at: h.and_then(|h| h.last_event_at),
             indexed_at: h.and_then(|h| h.indexed_at),
@@ -142,8 +146,16 @@ impl Repo {
             degraded: h.and_then(|h| h.degraded.clone()),
             rescans: h.map(|h| h.rescans).unwrap_or(0),
             last_rescan: h.and_then(|h| h.last_rescan.clone()),
-            seq,
+            seq: h.map(|h| h.seq).unwrap_or(0),
         }
+    }
+
+    /// Whether the repository's snapshot is not (yet) in the cache's current generation.
+    pub(super) fn snapshot_behind(&self, generation: u64) -> bool {
+        self.health
+            .lock()
+            .map(|h| h.snapshot_generation != Some(generation))
+            .unwrap_or(false)
     }
 
     pub(super) fn file(&self, rel: &str) -> Option<CachedFile> {
@@ -157,13 +169,15 @@ impl Repo {
             return None;
         }
         if Stat::of(&now) == meta.stat
-            && let Some(bytes) = self
-                .cache
-                .as_ref()
-                .and_then(|c| c.content(&self.workdir, rel, blob))
-            && bytes.len() as u64 == meta.stat.size
+            && let Some(cache) = &self.cache
+            && let Some(bytes) = cache.content(&self.workdir, rel, blob)
         {
-            return Some(CachedFile { bytes, blob });
+            // What goes to the model must be the file's bytes: a cache overwritten under sled
+            // can hand back anything, so the stored bytes are checked against their own id.
+            if bytes.len() as u64 == meta.stat.size && BlobId::of(&bytes) == blob {
+                return Some(CachedFile { bytes, blob });
+            }
+            cache.discard("a stored file did not match its blob id");
         }
         // Changed since indexed, or not in sled (no cache, or rebuilt): read it, with the same
         // checks as the index applies. The watcher will index the new version itself.
@@ -234,6 +248,12 @@ pub(super) async fn run_repo(
     let mut degraded_tick = tokio::time::interval(hub.options.degraded_rescan);
     degraded_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     degraded_tick.reset();
+    // A rebuilt cache is empty: write this repository's snapshot into it at once rather than
+    // at the next change, so a restart after the rebuild is warm again.
+    let mut generations = repo.cache.as_ref().map(|c| c.subscribe());
+    if let Some(g) = generations.as_mut() {
+        g.mark_unchanged();
+    }
     loop {
         let due = match debounce.poll(Instant::now(), || repo.git.lock.exists()) {
             Poll::Ready(batch) => {
@@ -298,6 +318,28 @@ pub(super) async fn run_repo(
             _ = degraded_tick.tick(), if degraded => {
                 debounce.push_rescan(Instant::now(), Rescan::Degraded);
             }
+            changed = generation_changed(generations.as_mut()), if generations.is_some() => {
+                if changed.is_err() {
+                    generations = None;
+                    continue;
+                }
+                let r = repo.clone();
+                match tokio::task::spawn_blocking(move || {
+                    r.save_snapshot(&mut tree, true);
+                    tree
+                })
+                .await
+                {
+                    Ok(t) => tree = t,
+                    Err(e) => {
+                        warn!(repo = %repo.label, error = %e, "the watcher failed; no longer watching");
+                        repo.progress
+                            .send_replace(Progress::Failed(format!("the watcher failed: {e}")));
+                        return;
+                    }
+                }
+                info!(repo = %repo.label, "snapshot written to the rebuilt context cache");
+            }
         }
     }
     // Save what the last batches changed; dropping the tree drops the notify watcher and
@@ -309,6 +351,15 @@ pub(super) async fn run_repo(
     })
     .await;
     repo.progress.send_replace(Progress::Stopped);
+}
+
+async fn generation_changed(
+    rx: Option<&mut watch::Receiver<u64>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 pub(super) async fn sleep_until(at: Option<Instant>) {
@@ -342,7 +393,7 @@ impl Repo {
             return Err(format!("{} is not a directory", self.workdir.display()));
         }
         if let Some(cache) = &self.cache {
-            cache.check_present();
+            cache.check();
             let generation = cache.generation();
             if let Some(rows) = cache.load_snapshot(&self.workdir)
                 && let Ok(mut view) = self.view.write()
@@ -354,6 +405,7 @@ impl Repo {
             // Only if nothing was rebuilt meanwhile do the cached entries match sled.
             if cache.generation() == generation {
                 tree.cache_generation = Some(generation);
+                self.set_health(|h| h.snapshot_generation = Some(generation));
             }
         }
         match notify::recommended_watcher(sink) {
@@ -616,6 +668,7 @@ impl Repo {
         tree.cache_generation = Some(generation);
         tree.snapshot_dirty = false;
         tree.last_snapshot = Some(Instant::now());
+        self.set_health(|h| h.snapshot_generation = Some(generation));
     }
 
     /// Apply changes to the cache and the view; returns the paths to report (own writes and
@@ -668,7 +721,7 @@ impl Repo {
         }
         tree.snapshot_dirty |= !changes.is_empty();
         if let Some(cache) = &self.cache {
-            cache.check_present();
+            cache.check();
             // Contents no entry will refer to; new contents were stored while reading.
             let stale: Vec<(&str, BlobId)> = changes
                 .iter()
@@ -716,6 +769,14 @@ impl Repo {
             if !reported.is_empty() {
                 view.log_batch(reported.clone(), &deleted);
             }
+            let (text_files, text_bytes) = view.text_bytes();
+            let (files, seq) = (view.files.len() as u64, view.seq);
+            self.set_health(|h| {
+                h.files = files;
+                h.text_files = text_files;
+                h.text_bytes = text_bytes;
+                h.seq = seq;
+            });
             view.seq
         } else {
             0
