@@ -1163,6 +1163,7 @@ pub(crate) fn recover(
 ) -> Result<&'static str, EditError> {
     if ledger::mentions_journal(ctx.repo.path(), &journal.id)? {
         // Finished and in the ledger; only the journal's retirement was lost.
+        journal::settle(journal);
         return Ok("already finished");
     }
     if !journal::landed(journal)? {
@@ -1192,7 +1193,10 @@ pub(crate) fn recover(
             .and_then(|oid| finish_revert(ctx, oid, *stash, "", &journal.id, true)),
     };
     match finished {
-        Ok(()) => Ok("completed"),
+        Ok(()) => {
+            journal::settle(journal);
+            Ok("completed")
+        }
         // Recording fails the same way at every start: all-before is the settled state.
         Err(e) => {
             tracing::error!(error = %e, "cannot record the interrupted edit; rolling it back");
