@@ -44,6 +44,17 @@ impl Home {
         Home { dir }
     }
 
+    /// A `SPARK_HOME` inside `parent` (a test's own filesystem, say).
+    pub fn in_dir(parent: &Path) -> Home {
+        let dir = tempfile::Builder::new()
+            .prefix("sp")
+            .tempdir_in(parent)
+            .expect("create temp SPARK_HOME");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod SPARK_HOME");
+        Home { dir }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

@@ -896,13 +896,13 @@ fn write_temp(abs: &Path, id: &str, state: &FileState) -> Result<(PathBuf, File)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(|e| EditError::io("create temp file", &tmp, e))?;
+        .map_err(|e| EditError::io("create a temp file beside", abs, e))?;
     let done = f
         .write_all(&state.bytes)
         .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(perms)));
     if let Err(e) = done {
         let _ = std::fs::remove_file(&tmp);
-        return Err(EditError::io("write temp file", &tmp, e));
+        return Err(EditError::io("write the new content of", abs, e));
     }
     Ok((tmp, f))
 }

@@ -266,7 +266,10 @@ impl EditError {
                     "undo the conflicting lines by hand, or use `git stash show -p <id>` to see the edit",
                 ),
             ),
-            EditError::Io { .. } => (ErrorCode::Internal, "io".into(), None, None),
+            EditError::Io { source, .. } => {
+                let (kind, hint) = io_kind(source);
+                (ErrorCode::Internal, kind.into(), None, Some(hint))
+            }
             EditError::Git { .. } => (ErrorCode::Internal, "git".into(), None, None),
             EditError::Internal(_) => (ErrorCode::Internal, "internal".into(), None, None),
             EditError::Locked { hint, .. } => (
@@ -308,7 +311,13 @@ impl EditError {
                 ),
             ),
         };
-        let mut e = RpcError::new(code, self.to_string()).with_kind(kind);
+        // Every operation is all-or-nothing: a filesystem error reaching the client left the
+        // worktree as it was (a failed take-back is `NotRestored`, not this).
+        let message = match self {
+            EditError::Io { .. } => format!("{self}; nothing was changed"),
+            _ => self.to_string(),
+        };
+        let mut e = RpcError::new(code, message).with_kind(kind);
         if let Some(p) = path {
             e = e.with_path(p);
         }
@@ -316,6 +325,29 @@ impl EditError {
             e = e.with_hint(h);
         }
         e
+    }
+}
+
+/// The wire `kind` and hint of a filesystem error: the faults a user can fix get their own.
+fn io_kind(e: &std::io::Error) -> (&'static str, &'static str) {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => (
+            "disk_full",
+            "the filesystem is full (or a quota is reached): free some space, then retry",
+        ),
+        ErrorKind::ReadOnlyFilesystem => (
+            "read_only_filesystem",
+            "the filesystem is mounted read-only: remount it read-write, then retry",
+        ),
+        ErrorKind::PermissionDenied => (
+            "permission_denied",
+            "the daemon runs as you: check the permissions of the file and its directory",
+        ),
+        _ => (
+            "io",
+            "see the daemon log (`sparkctl status` shows where), then retry",
+        ),
     }
 }
 

@@ -2,6 +2,7 @@ mod ask;
 mod buffers;
 mod crash;
 mod daily;
+mod disk;
 mod edits;
 mod fidelity;
 mod gateway;
