@@ -268,3 +268,102 @@ fn a_full_state_disk_refuses_the_journal_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(std::fs::read(repo.join("a.txt")).unwrap(), b"A\n");
 }
+
+/// Runs the real binaries as `nobody` (with `setpriv`, environment kept), from a copy anyone
+/// can execute; the home and the repository belong to `nobody`.
+struct AsNobody {
+    bin: tempfile::TempDir,
+    ctl: Ctl,
+}
+
+impl AsNobody {
+    fn new() -> Option<AsNobody> {
+        let root =
+            std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+        if !matches!(root, Ok(true)) || Command::new("setpriv").arg("--version").output().is_err() {
+            eprintln!("SKIPPED: needs root and setpriv(1) to run the daemon as another user");
+            return None;
+        }
+        let bin = tempfile::Builder::new()
+            .prefix("spbin")
+            .tempdir_in("/tmp")
+            .expect("bin dir");
+        for name in ["sparkctl", "sparkd"] {
+            std::fs::copy(spark_tests::bin(name), bin.path().join(name)).expect("copy binary");
+        }
+        chmod(bin.path(), 0o755);
+        let ctl = Ctl::new();
+        chown_nobody(ctl.home.path());
+        Some(AsNobody { bin, ctl })
+    }
+
+    fn run(&self, repo: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+            .arg(self.bin.path().join("sparkctl"))
+            .args(args)
+            .current_dir(repo)
+            .env_clear()
+            .env(
+                "PATH",
+                format!("{}:/usr/bin:/bin", self.bin.path().display()),
+            )
+            .env("HOME", self.ctl.home.path())
+            .env("SPARK_HOME", self.ctl.home.path())
+            .env("SPARK_IDLE_TIMEOUT", "120");
+        match stdin {
+            Some(text) => output_with_stdin(&mut cmd, text.as_bytes()),
+            None => cmd.output().expect("setpriv"),
+        }
+    }
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .expect("chmod");
+}
+
+fn chown_nobody(path: &Path) {
+    let out = Command::new("chown")
+        .args(["-R", "nobody:nogroup"])
+        .arg(path)
+        .output()
+        .expect("chown");
+    assert!(out.status.success(), "chown: {}", stderr(&out));
+}
+
+#[test]
+fn a_directory_the_daemon_may_not_write_refuses_apply_cleanly_until_it_may() {
+    let Some(nobody) = AsNobody::new() else {
+        return;
+    };
+    let parent = tempfile::Builder::new()
+        .prefix("repo")
+        .tempdir_in("/tmp")
+        .expect("repo dir");
+    chmod(parent.path(), 0o755);
+    let repo = repo_at(parent.path());
+    chown_nobody(&repo);
+    let out = nobody.run(&repo, &["status"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The worktree's top directory read-only for its owner: no temp file can be made beside
+    // a.txt, while .git stays writable.
+    chmod(&repo, 0o555);
+    let before = snapshot(&repo);
+    let out = nobody.run(&repo, &["apply", "-"], Some(&patch(0)));
+    refused_cleanly(&out, "Permission denied", &repo, &before);
+    assert!(
+        stderr(&out).contains("hint: the daemon runs as you: check the permissions"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        nobody.run(&repo, &["status"], None).status.success(),
+        "still serving"
+    );
+
+    chmod(&repo, 0o755);
+    let out = nobody.run(&repo, &["apply", "-"], Some(&patch(0)));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(std::fs::read(repo.join("a.txt")).unwrap(), b"A\n");
+}
