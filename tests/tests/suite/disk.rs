@@ -367,3 +367,67 @@ fn a_directory_the_daemon_may_not_write_refuses_apply_cleanly_until_it_may() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(std::fs::read(repo.join("a.txt")).unwrap(), b"A\n");
 }
+
+#[test]
+fn a_full_cache_disk_leaves_watching_and_asking_working() {
+    use spark_proto::methods::{Ask, AskParams, Focus, Status, Watch, WatchParams};
+    use spark_tests::fake_provider::{Script, Turn};
+    use spark_tests::{InProcess, Provider, TestRepo};
+
+    let Some(disk) = SmallDisk::mount(1024) else {
+        return;
+    };
+    const LIB: &str = "fn one() {\n    1\n}\n";
+    const PATCH: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn one() {\n-    1\n+    100\n*** End Patch\n";
+    let provider = Provider::start(Script::new().default_turn(Turn::apply_patch(PATCH)));
+    let home = Home::new();
+    let mut config = home.config();
+    // Only the context cache on the small disk, full before the daemon starts.
+    config.layout.cache_dir = disk.path().join("cache");
+    config.provider_url = provider.fake.ws_url();
+    config.api_key = Some("sk-test-not-a-real-key".into());
+    config.fsync = false;
+    let _ballast = disk.fill(0);
+    let daemon = InProcess::start_with(home, config);
+    let mut files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|n| {
+            (
+                format!("src/m{n}.rs"),
+                format!("pub fn f{n}() {{}}\n").into_bytes(),
+            )
+        })
+        .collect();
+    files.push(("src/lib.rs".into(), LIB.as_bytes().to_vec()));
+    let borrowed: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    let repo = TestRepo::with_files(&borrowed);
+    let mut client = daemon.client();
+    client
+        .call::<Watch>(&WatchParams { dir: repo.cwd() })
+        .expect("watch with a full cache disk");
+    let result = client
+        .call::<Ask>(&AskParams {
+            cwd: repo.cwd(),
+            prompt: "make one bigger".into(),
+            focus: vec![Focus {
+                path: "src/lib.rs".into(),
+                start_line: None,
+                end_line: None,
+            }],
+            dry_run: false,
+            new_conversation: false,
+            provider: None,
+            buffers: Vec::new(),
+        })
+        .expect("ask with a full cache disk");
+    assert!(result.edit.is_some(), "{result:?}");
+    assert_eq!(repo.read("src/lib.rs"), b"fn one() {\n    100\n}\n");
+    // The model saw the focus file's text although nothing could be cached.
+    let requests = provider.wait_for_requests(1);
+    let sent = &requests.last().expect("a request").raw;
+    assert!(sent.contains("fn one()"), "context sent: {sent}");
+    let status = client.call::<Status>(&Default::default()).expect("status");
+    assert!(!status.repos.is_empty(), "still serving");
+}
