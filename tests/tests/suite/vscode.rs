@@ -494,6 +494,24 @@ fn ask_previews_lands_merges_typing_undoes_in_one_step_follows_the_terminal_and_
     );
     assert_eq!(wb.call(json!({"op": "dirty"})), json!(true));
     wb.assert_no_prompt();
+    // Ctrl+Z takes back exactly the edit, keeping the typing; Ctrl+Shift+Z brings it back.
+    let typed = EDITED.replacen("fn one() {", &format!("fn one() {{{TYPED}"), 1);
+    wb.call(json!({"op": "key", "key": "Control+z"}));
+    wb.wait_text("the undo of the merged edit", &typed);
+    wb.call(json!({"op": "key", "key": "Control+Shift+z"}));
+    wb.wait_text("the redo of the merged edit", &typed_and_edited);
+    // Saving writes exactly the merged text, with no "the content of the file is newer"
+    // conflict: the edit landed on disk under the unsaved document.
+    wb.call(json!({"op": "key", "key": "Control+s"}));
+    wb.wait_for("the save", json!({"op": "dirty"}), |v| v == &json!(false));
+    wb.assert_no_prompt();
+    assert_eq!(
+        String::from_utf8(repo.read("src/lib.rs")).expect("utf-8"),
+        typed_and_edited,
+        "the save wrote the typing and the edit"
+    );
+    let on_disk = typed_and_edited.clone();
+
     // 4. Asking with unsaved changes: the model sees them, the edit comes back as text and is
     // applied in the editor as one undo step; the file on disk is not touched.
     wb.call(json!({"op": "cursor", "line": 3, "end": true}));
