@@ -93,8 +93,24 @@ function docFor(abs) {
   return fileDocs().find((d) => d.uri.fsPath === abs);
 }
 
+/** A document just opened or saved holds its file's text. */
 function remember(doc) {
   if (doc.uri.scheme === 'file' && !doc.isDirty) onDisk.set(doc.uri.fsPath, doc.getText());
+}
+
+/** A document changed and not dirty: reloaded from its file, or typed back to it. The change
+ * event of a first keystroke can come before VS Code says the document is dirty, so only a text
+ * the file holds is taken as the file's. */
+function rememberChange(e) {
+  const doc = e.document;
+  if (doc.uri.scheme !== 'file' || doc.isDirty) return;
+  let disk;
+  try {
+    disk = fs.readFileSync(doc.uri.fsPath, 'utf8');
+  } catch {
+    return;
+  }
+  if (disk === doc.getText()) onDisk.set(doc.uri.fsPath, disk);
 }
 
 function summary(files) {
@@ -535,7 +551,7 @@ function activate(context) {
   context.subscriptions.push(
     vscode.workspace.onDidOpenTextDocument(remember),
     vscode.workspace.onDidSaveTextDocument(remember),
-    vscode.workspace.onDidChangeTextDocument((e) => remember(e.document)),
+    vscode.workspace.onDidChangeTextDocument(rememberChange),
     vscode.workspace.onDidCloseTextDocument((d) => onDisk.delete(d.uri.fsPath)),
     vscode.workspace.registerTextDocumentContentProvider(GIT_SCHEME, gitContent),
     vscode.commands.registerCommand('spark.ask', command(ask)),

@@ -26,7 +26,7 @@ const PATCH_TWO: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two
 const EDITED: &str =
     "fn one() {\n    1\n}\n\nfn two() {\n    200\n    // doubled\n}\n\nfn three() {\n    3\n}\n";
 const PATCH_THREE: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn three() {\n-    3\n+    300\n*** End Patch\n";
-const PATCH_CANCELLED: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two() {\n-    200\n+    2000\n*** End Patch\n";
+const PATCH_CANCELLED: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn three() {\n-    300\n+    3000\n*** End Patch\n";
 const PATCH_ONE: &str =
     "*** Begin Patch\n*** Update File: src/lib.rs\n@@\n-    1\n+    100\n*** End Patch\n";
 const TYPED: &str = " // mine";
@@ -557,7 +557,39 @@ fn ask_previews_lands_merges_typing_undoes_in_one_step_follows_the_terminal_and_
     wb.wait_for("the revert", json!({"op": "dirty"}), |v| v == &json!(false));
     wb.wait_text("the file as on disk", &on_disk);
 
-    // 5. An edit from the terminal reaches the open editor, with no dialog.
+    // 5. An edit from the terminal reaches the open editor, with no dialog: merged into
+    // unsaved changes (Ctrl+Z takes back exactly it; saving asks nothing and writes both),
+    // and reloaded into a document without any.
+    wb.call(json!({"op": "cursor", "line": 12, "end": true}));
+    wb.call(json!({"op": "type", "text": TYPED}));
+    let typed = on_disk.replace("    300\n}\n", &format!("    300\n}}{TYPED}\n"));
+    wb.wait_text("the typing", &typed);
+    sparkctl_apply(
+        &ctl,
+        &repo,
+        "*** Begin Patch\n*** Update File: src/lib.rs\n@@\n-    200\n+    201\n*** End Patch\n",
+    );
+    let merged = typed.replacen("    200\n", "    201\n", 1);
+    wb.wait_text("the terminal's edit merged", &merged);
+    assert_eq!(
+        String::from_utf8(repo.read("src/lib.rs")).expect("utf-8"),
+        on_disk.replacen("    200\n", "    201\n", 1),
+        "the terminal's edit is on disk, the typing is not"
+    );
+    assert_eq!(wb.call(json!({"op": "dirty"})), json!(true));
+    wb.assert_no_prompt();
+    wb.call(json!({"op": "key", "key": "Control+z"}));
+    wb.wait_text("the undo of the terminal's edit", &typed);
+    wb.call(json!({"op": "key", "key": "Control+Shift+z"}));
+    wb.wait_text("its redo", &merged);
+    wb.call(json!({"op": "key", "key": "Control+s"}));
+    wb.wait_for("the save", json!({"op": "dirty"}), |v| v == &json!(false));
+    wb.assert_no_prompt();
+    assert_eq!(
+        String::from_utf8(repo.read("src/lib.rs")).expect("utf-8"),
+        merged
+    );
+    let on_disk = merged;
     sparkctl_apply(
         &ctl,
         &repo,
@@ -601,7 +633,7 @@ fn ask_previews_lands_merges_typing_undoes_in_one_step_follows_the_terminal_and_
     wb.wait_for(
         "the preview of the ask to cancel",
         json!({"op": "decorations"}),
-        |v| v.to_string().contains("2000"),
+        |v| v.to_string().contains("3000"),
     );
     wb.call(json!({"op": "command", "title": "Spark: Cancel"}));
     wb.wait_for("the preview to go", json!({"op": "decorations"}), |v| {
