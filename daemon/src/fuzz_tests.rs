@@ -667,3 +667,32 @@ fn a_line_over_the_limit_by_its_carriage_return_is_too_long_in_any_chunking() {
     assert_eq!(whole, expected);
     assert_eq!(split, expected);
 }
+
+/// A line far over the protocol's limit, arriving in 64 KiB reads as from a socket: the
+/// decoder never holds more than the limit plus one read, skips the line, and the connection's
+/// next line still decodes.
+#[test]
+fn an_oversized_line_is_skipped_holding_no_more_than_the_limit() {
+    let max = spark_proto::MAX_LINE_BYTES;
+    let read = vec![b'x'; 64 * 1024];
+    let mut decoder = LineDecoder::new(max);
+    let mut buf = BytesMut::new();
+    let mut held = 0;
+    let mut sent = 0;
+    while sent < 2 * max {
+        buf.extend_from_slice(&read);
+        sent += read.len();
+        assert_eq!(decoder.decode(&mut buf).expect("decode"), None);
+        held = held.max(buf.len());
+    }
+    assert!(held <= max + read.len(), "held {held} bytes");
+    buf.extend_from_slice(b"\n{}\n");
+    assert_eq!(
+        decoder.decode(&mut buf).expect("decode"),
+        Some(Frame::TooLong { len: sent })
+    );
+    assert_eq!(
+        decoder.decode(&mut buf).expect("decode"),
+        Some(Frame::Line(b"{}".to_vec()))
+    );
+}

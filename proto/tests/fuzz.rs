@@ -272,3 +272,25 @@ fn fuzz_every_method_with_arbitrary_params_never_panics() {
         },
     );
 }
+
+/// A line twice the protocol's limit is reported with its length and skipped, and the next line
+/// still reads (the reader keeps at most the limit of it, see `read_frame`).
+#[test]
+fn a_line_twice_the_limit_is_skipped_and_the_next_one_reads() {
+    use std::io::Read as _;
+    let len = 2 * spark_proto::MAX_LINE_BYTES;
+    let input = std::io::repeat(b'x')
+        .take(len as u64)
+        .chain(&b"\r\n{}\n"[..]);
+    let mut reader = BufReader::with_capacity(64 * 1024, input);
+    let max = spark_proto::MAX_LINE_BYTES;
+    assert_eq!(
+        read_frame(&mut reader, max).expect("read"),
+        Frame::TooLong { len: len + 1 }
+    );
+    assert_eq!(
+        read_frame(&mut reader, max).expect("read"),
+        Frame::Line(b"{}".to_vec())
+    );
+    assert_eq!(read_frame(&mut reader, max).expect("read"), Frame::Eof);
+}

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::session::{SessionConfig, TurnEvent, TurnRequest, spawn};
-use super::sse::{ChunkedDecoder, SseEvent, SseParser};
+use super::sse::{ChunkedDecoder, DecodeError, SseEvent, SseParser};
 use super::wire::{InputItem, OutputItem, ServerEvent, parse_event};
 use crate::fuzz_tests::{fail, fuzz};
 
@@ -508,4 +508,50 @@ fn fuzz_session_event_sequences_end_each_turn_with_its_own_response() {
     fuzz("provider session events", 48, script(), |script| {
         rt.block_on(play(script))
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded memory.
+
+/// Found while bounding the SSE parser's memory: `data:` lines without the blank line that ends
+/// an event were gathered without limit, so a broken or hostile peer could grow the daemon's
+/// memory for as long as it kept sending. Now the event's data is capped like a line.
+#[test]
+fn sse_data_lines_without_an_end_are_refused_past_the_limit() {
+    let line = format!("data: {}\n", "x".repeat(1 << 20));
+    let mut parser = SseParser::default();
+    let mut out = Vec::new();
+    let mut fed = 0usize;
+    let result = loop {
+        if let Err(e) = parser.feed(line.as_bytes(), &mut out) {
+            break e;
+        }
+        fed += line.len();
+        assert!(fed < 40 << 20, "still gathering after {fed} bytes");
+    };
+    assert_eq!(result, DecodeError::EventTooLong);
+    assert!(out.is_empty());
+    assert!(
+        (15 << 20..=17 << 20).contains(&fed),
+        "refused after {fed} bytes"
+    );
+}
+
+#[test]
+fn a_chunk_size_of_u64_max_streams_without_allocating_ahead() {
+    let mut decoder = ChunkedDecoder::default();
+    let mut out = Vec::new();
+    let done = decoder
+        .feed(b"ffffffffffffffff\r\nabc", &mut out)
+        .expect("a valid size line");
+    assert!(!done);
+    assert_eq!(out, b"abc");
+    assert!(out.capacity() < 1024, "capacity {}", out.capacity());
+    // And a size line that never ends is refused, not gathered.
+    let mut decoder = ChunkedDecoder::default();
+    let endless = vec![b'f'; 8192];
+    assert_eq!(
+        decoder.feed(&endless, &mut out),
+        Err(DecodeError::LineTooLong)
+    );
 }
