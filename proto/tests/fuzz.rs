@@ -222,6 +222,7 @@ fn fuzz_envelopes_and_method_params_parse_or_fail_with_the_right_code() {
             let Ok(request) = serde_json::from_value::<Request>(value.clone()) else {
                 return Ok(());
             };
+            prop_assert!(value.is_object(), "a request read from {}", value);
             prop_assert!(matches!(
                 request.id,
                 Id::Number(_) | Id::String(_) | Id::Null
@@ -293,4 +294,27 @@ fn a_line_twice_the_limit_is_skipped_and_the_next_one_reads() {
         Frame::Line(b"{}".to_vec())
     );
     assert_eq!(read_frame(&mut reader, max).expect("read"), Frame::Eof);
+}
+
+/// Found by `fuzz_envelopes_and_method_params_parse_or_fail_with_the_right_code`: serde filled a
+/// request from an array, so `["2.0", 7, "status"]` was served as a status request (JSON-RPC 2.0
+/// reads an array as a batch, which spark does not take), and an unknown method's name went
+/// into the error message raw, newline and all.
+#[test]
+fn an_array_is_not_a_request_and_an_unknown_method_is_named_escaped() {
+    for array in [
+        serde_json::json!(["2.0", 7, "status"]),
+        serde_json::json!(["2.0", 0, "\n"]),
+    ] {
+        assert!(
+            serde_json::from_value::<Request>(array.clone()).is_err(),
+            "{array}"
+        );
+    }
+    let request: Request =
+        serde_json::from_str(r#"{"jsonrpc":"2.0","id":7,"method":"status","params":null}"#)
+            .expect("an object still reads");
+    assert_eq!((request.id, request.params), (Id::Number(7), None));
+    let err = ClientRequest::parse("a\nb\u{7}", None).expect_err("unknown");
+    assert_eq!(err.message, "unknown method `a\\nb\\u{7}`");
 }

@@ -4,6 +4,7 @@ mod crash;
 mod daily;
 mod edits;
 mod fidelity;
+mod fuzz;
 mod gateway;
 mod history;
 mod hooks;
