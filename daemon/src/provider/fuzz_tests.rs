@@ -555,3 +555,85 @@ fn a_chunk_size_of_u64_max_streams_without_allocating_ahead() {
         Err(DecodeError::LineTooLong)
     );
 }
+
+/// A provider that answers with `response.created`, then a WebSocket frame header claiming
+/// `claimed` bytes and nothing more: the header alone must fail the turn, with nothing of that
+/// size allocated (a claimed 2^63 bytes would abort the process if it were). Returns the
+/// failure as the caller sees it.
+async fn claim_huge_frame(claimed: u64) -> Result<String, TestCaseError> {
+    use tokio::io::AsyncWriteExt as _;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("ws://{}/v1/responses", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                while let Some(Ok(message)) = ws.next().await {
+                    if matches!(message, Message::Text(_)) {
+                        // Heard from: a failure now is not taken for a refused upgrade.
+                        let created = created("resp_big").to_string();
+                        if ws.send(Message::text(created)).await.is_err() {
+                            break;
+                        }
+                        // FIN + text, 64-bit length, unmasked (server to client).
+                        let mut header = vec![0x81, 127];
+                        header.extend_from_slice(&claimed.to_be_bytes());
+                        let _ = ws.get_mut().write_all(&header).await;
+                        let _ = ws.get_mut().flush().await;
+                    }
+                }
+            });
+        }
+    });
+    let mut config = SessionConfig::new(url, Some(Arc::from("sk-test")), "m");
+    config.backoff_base = Duration::from_millis(1);
+    config.backoff_cap = Duration::from_millis(5);
+    config.connect_timeout = Duration::from_secs(5);
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let handle = spawn(config, &tracker, shutdown.clone()).map_err(|e| fail(e.to_string()))?;
+    let ask = InputItem::user_text("go");
+    let mut events = handle
+        .turn(TurnRequest {
+            new_input: vec![ask.clone()],
+            full_context: vec![ask],
+            tool_choice: None,
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let outcome = loop {
+        let event = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .map_err(|_| fail("the turn never ended (hang)"))?
+            .ok_or_else(|| fail("the turn's channel closed without a terminal event"))?;
+        match event {
+            TurnEvent::Failed(failure) => break Ok(failure.to_string()),
+            TurnEvent::Done(_) => break Err(fail("a turn of bare frame headers succeeded")),
+            _ => {}
+        }
+    };
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    outcome
+}
+
+#[test]
+fn a_websocket_frame_claiming_a_huge_length_fails_the_turn_without_allocating_it() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for claimed in [1u64 << 30, u64::MAX >> 1] {
+        let message = rt
+            .block_on(claim_huge_frame(claimed))
+            .unwrap_or_else(|e| panic!("claimed {claimed}: {e}"));
+        assert!(
+            message.contains("Message too long"),
+            "claimed {claimed}: {message}"
+        );
+    }
+}
