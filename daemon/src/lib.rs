@@ -29,6 +29,9 @@ mod provider;
 mod repo;
 mod watch;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::path::Path;
 
 pub use config::{Config, ConfigError, Flags, ProviderTiming};

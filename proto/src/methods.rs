@@ -46,7 +46,8 @@ macro_rules! methods {
                     $($name => parse_params::<$ty>(params).map(ClientRequest::$ty),)*
                     other => Err(RpcError::new(
                         ErrorCode::MethodNotFound,
-                        format!("unknown method `{other}`"),
+                        // Escaped: the name is the client's, and may hold a newline or a control character.
+                        format!("unknown method `{}`", other.escape_debug()),
                     )
                     .with_hint("see docs/protocol.md for the methods of this protocol version")),
                 }

@@ -5,6 +5,7 @@ mod daily;
 mod disk;
 mod edits;
 mod fidelity;
+mod fuzz;
 mod gateway;
 mod history;
 mod hooks;
