@@ -13,6 +13,7 @@ use spark_proto::methods::{
     EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty, Focus, LogParams,
     Refresh, Status, StatusResult, Unwatch, Watch, WatchParams,
 };
+use spark_proto::methods::{TriggersParams, TriggersSet};
 use sparkctl::autostart::{self, Started};
 use sparkctl::interrupt::CancelOnCtrlC;
 use sparkctl::output::ColorChoice;
@@ -113,6 +114,13 @@ enum Command {
     Watch {
         /// A directory inside the repository.
         dir: Option<PathBuf>,
+        /// Also run `spark!` comment triggers there: a saved own-line comment ending in
+        /// `spark!` becomes an edit (remembered across restarts).
+        #[arg(long, conflicts_with = "no_triggers")]
+        triggers: bool,
+        /// Stop running `spark!` comment triggers there (the watch stays).
+        #[arg(long)]
+        no_triggers: bool,
     },
     /// Stop watching a repository.
     Unwatch {
@@ -401,19 +409,51 @@ fn run(cli: Cli) -> Result<(), Failure> {
             clap_complete::generate(shell, &mut Cli::command(), "sparkctl", &mut out);
             write_stdout(&out)
         }
-        Command::Watch { dir } => {
-            let r = connect()?
-                .call::<Watch>(&WatchParams {
-                    dir: dir_param(dir)?,
-                })
+        Command::Watch {
+            dir,
+            triggers,
+            no_triggers,
+        } => {
+            let dir = dir_param(dir)?;
+            let mut client = connect()?;
+            let r = client
+                .call::<Watch>(&WatchParams { dir: dir.clone() })
                 .map_err(fail)?;
+            let set = if triggers || no_triggers {
+                Some(
+                    client
+                        .call::<TriggersSet>(&TriggersParams {
+                            dir,
+                            enabled: triggers,
+                        })
+                        .map_err(fail)?,
+                )
+            } else {
+                None
+            };
             if cli.json {
-                return print_json(&r);
+                let mut v = serde_json::to_value(&r).map_err(|e| Failure {
+                    message: e.to_string(),
+                    hint: None,
+                    code: 2,
+                    kind: None,
+                })?;
+                if let (Some(set), Some(obj)) = (&set, v.as_object_mut()) {
+                    obj.insert("triggers".to_owned(), set.enabled.into());
+                }
+                return print_json(&v);
             }
             let mut line = format!(
                 "watching {} ({} files, {} watches)",
                 r.repo.path, r.repo.files, r.repo.watches
             );
+            if let Some(set) = &set {
+                line += if set.enabled {
+                    "; spark! triggers on"
+                } else {
+                    "; spark! triggers off"
+                };
+            }
             if let Some(why) = &r.repo.degraded {
                 line += &format!("\nwarning: degraded: {why}");
             }
@@ -1078,11 +1118,19 @@ fn render_log(edits: &[spark_proto::methods::LogEntry], now: u64, style: &Style)
     let id_w = edits.iter().map(|e| e.id.len()).max().unwrap_or(0);
     let mut out = String::new();
     for ((e, age), state) in edits.iter().zip(&ages).zip(&states) {
-        let what = if e.message.is_empty() {
-            &e.source
+        let mut what = if e.message.is_empty() {
+            e.source.clone()
         } else {
-            &e.message
+            e.message.clone()
         };
+        // A trigger's message is its comment's instruction: say where it came from, and why
+        // one that failed left its comment in place.
+        if e.source == "trigger" {
+            what = format!("spark! {}", first_line(&what));
+        }
+        if let Some(reason) = &e.reason {
+            what = format!("{} ({})", first_line(&what), first_line(reason));
+        }
         let files = match e.files.len() {
             1 => e.files[0].clone(),
             n => format!("{n} files"),
@@ -1092,7 +1140,7 @@ fn render_log(edits: &[spark_proto::methods::LogEntry], now: u64, style: &Style)
         out += &format!(
             "{}{id_pad}  {age:>age_w$}  {state:<state_w$}  {}  {}\n",
             style.paint(YELLOW, &e.id),
-            first_line(what),
+            first_line(&what),
             style.paint(DIM, &format!("({files})"))
         );
     }
@@ -1107,6 +1155,7 @@ fn state_label(state: spark_proto::methods::EditState) -> &'static str {
         EditState::Undone => "undone",
         EditState::Stashed => "stashed",
         EditState::RevertedOutside => "reverted outside spark",
+        EditState::Failed => "failed",
     }
 }
 

@@ -54,6 +54,9 @@ pub struct ConfigFile {
     /// Hard cap on the `prepare-commit-msg` hook's draft (default 5000); `sparkctl` reads the
     /// same key and gives up at this wall-clock deadline, so a commit is never held longer.
     pub hook_timeout_ms: Option<u64>,
+    /// Run `spark!` comment triggers in every watched repository (default false; `sparkctl
+    /// watch --triggers` turns them on for one repository).
+    pub triggers: Option<bool>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -83,6 +86,8 @@ pub struct Config {
     pub tool_bytes_per_ask: usize,
     /// The draft turn's cap (`hook_timeout_ms`).
     pub hook_timeout: Duration,
+    /// `spark!` comment triggers in every watched repository (`triggers`).
+    pub triggers: bool,
     /// Test hook: abort at this named point of an edit, or fail there with an error when named
     /// `fail_<point>` (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
@@ -108,6 +113,7 @@ impl fmt::Debug for Config {
             .field("tool_calls_per_ask", &self.tool_calls_per_ask)
             .field("tool_bytes_per_ask", &self.tool_bytes_per_ask)
             .field("hook_timeout", &self.hook_timeout)
+            .field("triggers", &self.triggers)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
             .finish()
@@ -209,6 +215,7 @@ impl Config {
                 .hook_timeout_ms
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_HOOK_TIMEOUT),
+            triggers: file.triggers.unwrap_or(false),
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
             } else {

@@ -11,6 +11,7 @@
 //! - `context`: what the model sees, and the guard on every byte that leaves the machine.
 //! - `ask`: one model call per edit, streamed, applied through the edit engine.
 //! - `draft`: a commit message drafted from the staged diff, for the `prepare-commit-msg` hook.
+//! - `trigger`: `spark!` comments in watched files run as asks, the comment removed in the edit.
 //! - `watch`: one watcher per repository keeping its outline and file contents current.
 //! - `cache`: the sled context cache (disposable: rebuilt whenever it is unreadable).
 
@@ -26,6 +27,7 @@ mod draft;
 mod edit;
 mod provider;
 mod repo;
+mod trigger;
 mod watch;
 
 use std::path::Path;

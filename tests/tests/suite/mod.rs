@@ -12,4 +12,5 @@ mod shapes;
 mod ssh;
 mod stash_fidelity;
 mod storm;
+mod triggers;
 mod watch;
