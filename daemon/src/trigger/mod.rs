@@ -151,7 +151,8 @@ impl Triggers {
                 set.remove(workdir)
             };
             if !changed {
-                return Ok(self.enabled(workdir));
+                // Not `self.enabled`: that locks the list this guard holds.
+                return Ok(self.inner.everywhere || set.contains(workdir));
             }
             set.iter().cloned().collect()
         };
@@ -617,6 +618,8 @@ mod tests {
         assert!(t.set(Path::new("/r"), true).expect("set"));
         assert!(Triggers::new(dir.path(), false).enabled(Path::new("/r")));
         assert!(!t.set(Path::new("/r"), false).expect("unset"));
+        // Unchanged (what `unwatch` does for a repository without triggers): answered at once.
+        assert!(!t.set(Path::new("/r"), false).expect("unset again"));
         assert!(!Triggers::new(dir.path(), false).enabled(Path::new("/r")));
         // Configured for every repository: on whatever the list says.
         assert!(Triggers::new(dir.path(), true).enabled(Path::new("/other")));
