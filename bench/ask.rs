@@ -169,6 +169,7 @@ fn main() {
         dry_run: false,
         new_conversation: false,
         provider: None,
+        buffers: Vec::new(),
     };
     let mut overhead = Vec::new();
     for i in 0..(n / 4).max(20) + 1 {

@@ -102,6 +102,7 @@ fn main() {
         dry_run: false,
         new_conversation: false,
         provider: None,
+        buffers: Vec::new(),
     };
     let mut assembly = Vec::new();
     for i in 0..201 {

@@ -7,6 +7,7 @@
 //!   be ready, and restart a daemon whose version differs from this client's.
 //! - [`gitenv`]: `GIT_DIR`/`GIT_WORK_TREE` accepted only when they name what discovery finds.
 //! - [`hooks`]: git hooks that reach the daemon: install, chain, restore, and what they run.
+//! - [`mcp`]: `sparkctl mcp`, a Model Context Protocol server on stdio forwarding to the daemon.
 //! - [`output`]: colour and pager choices, as git makes them.
 //! - [`service`]: the daemon as a systemd user unit or a launchd agent.
 //! - [`settings`]: the asking shell's provider settings, sent with each `ask`.
@@ -17,6 +18,7 @@ mod client;
 pub mod gitenv;
 pub mod hooks;
 pub mod interrupt;
+pub mod mcp;
 pub mod output;
 pub mod service;
 pub mod settings;

@@ -10,14 +10,16 @@ use serde::Serialize;
 use spark_proto::layout::Layout;
 use spark_proto::methods::{
     ASK_PROGRESS, ApplyParams, Ask, AskEvent, AskParams, AskProgress, AskResult, EditApply,
-    EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty, Focus, LogParams,
-    Refresh, Status, StatusResult, Unwatch, Watch, WatchParams,
+    EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty, FileChange, Focus,
+    LogParams, Method, Refresh, Status, StatusResult, Unwatch, Watch, WatchParams,
 };
-use spark_proto::methods::{TriggersParams, TriggersSet};
+use spark_proto::methods::{TriggersParams, TriggersSet, WatchResult};
 use sparkctl::autostart::{self, Started};
 use sparkctl::interrupt::CancelOnCtrlC;
 use sparkctl::output::ColorChoice;
 use sparkctl::{Client, ClientError};
+
+mod history;
 
 /// sparkctl talks to sparkd, spark's daemon for instant AI code edits. Any command starts the
 /// daemon if it is not running.
@@ -107,6 +109,17 @@ enum Command {
         /// Edit id (a unique prefix is enough).
         edit: Option<String>,
     },
+    /// List the local history of a file (its versions, newest first), or of the repository
+    /// (which files changed when).
+    #[command(after_help = history::HISTORY_AFTER_HELP)]
+    History(history::HistoryArgs),
+    /// Put a file back as it was at an earlier version of the local history (a recorded edit:
+    /// `sparkctl undo` reverts it).
+    #[command(after_help = history::RESTORE_AFTER_HELP)]
+    Restore(history::RestoreArgs),
+    /// Show what changed in the worktree since a time, all writers together, as a diff.
+    #[command(after_help = history::DIFF_AFTER_HELP)]
+    Diff(history::DiffArgs),
     /// Show the daemon: version, uptime, socket, repositories, sessions and cache.
     Status,
     /// Watch a repository (default: the one of the current directory): its context stays
@@ -156,6 +169,15 @@ enum Command {
         /// The arguments git gave the hook.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Serve the Model Context Protocol on stdio, so that another agent (Codex CLI, Claude Code,
+    /// Zed, …) makes its edits through spark: tools apply_patch, undo, log and show. Every edit
+    /// is recorded with the source `mcp:<client>`. Logs go to stderr; stdout is the protocol.
+    Mcp {
+        /// A directory inside the repository that tool calls without a `cwd` use (default: the
+        /// current directory).
+        #[arg(long, value_name = "DIR")]
+        repo: Option<PathBuf>,
     },
     /// Print a shell completion script, e.g. `sparkctl completions bash > ~/.local/share/bash-completion/completions/sparkctl`.
     Completions {
@@ -249,6 +271,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// What every subcommand shares: where the daemon is, and how to print.
+struct Ctx {
+    layout: Layout,
+    json: bool,
+    style: Style,
+}
+
+impl Ctx {
+    /// A client of the daemon, started if nobody answers (and said so on stderr).
+    fn connect(&self) -> Result<Client, Failure> {
+        let conn = autostart::connect(&self.layout, "sparkctl").map_err(|e| self.fail(e))?;
+        note_started(&conn.started, self.json);
+        Ok(conn.client)
+    }
+
+    fn fail(&self, e: ClientError) -> Failure {
+        Failure::from_client(e, &self.layout)
+    }
+
+    /// Prints `result` as JSON with `--json`, else as `human` renders it.
+    fn print<T: Serialize>(
+        &self,
+        result: &T,
+        human: impl FnOnce(&T) -> Result<(), Failure>,
+    ) -> Result<(), Failure> {
+        if self.json {
+            print_json(result)
+        } else {
+            human(result)
+        }
+    }
+}
+
+/// One function per subcommand, as the dispatch below shows.
 fn run(cli: Cli) -> Result<(), Failure> {
     let mut layout = Layout::from_env(|k| std::env::var_os(k), rustix::process::geteuid().as_raw())
         .map_err(|e| Failure {
@@ -260,13 +316,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
     if let Some(s) = cli.socket {
         layout.socket = std::path::absolute(&s).unwrap_or(s);
     }
-    let fail = |e: ClientError| Failure::from_client(e, &layout);
-    let style = Style::detect(cli.color);
-    let connect = || -> Result<Client, Failure> {
-        let conn = autostart::connect(&layout, "sparkctl")
-            .map_err(|e| Failure::from_client(e, &layout))?;
-        note_started(&conn.started, cli.json);
-        Ok(conn.client)
+    let ctx = Ctx {
+        layout,
+        json: cli.json,
+        style: Style::detect(cli.color),
     };
     match cli.command {
         Command::Ask {
@@ -274,136 +327,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
             focus,
             dry_run,
             new,
-        } => {
-            let focus = focus
-                .iter()
-                .map(|f| parse_focus(f))
-                .collect::<Result<Vec<_>, _>>()?;
-            let params = AskParams {
-                cwd: cwd()?,
-                prompt: prompt.join(" "),
-                focus,
-                dry_run,
-                new_conversation: new,
-                provider: sparkctl::settings::from_env(|k| std::env::var(k).ok()),
-            };
-            let mut client = connect()?;
-            let mut view = AskView::new(cli.json, style);
-            // Ctrl-C now cancels in the daemon, and we report what it did.
-            let mut ctrl_c = CancelOnCtrlC::install(layout.socket.clone(), params.cwd.clone());
-            let result = client
-                .call_with_sent::<Ask>(
-                    &params,
-                    || ctrl_c.as_mut().map_or((), CancelOnCtrlC::listen),
-                    |n| view.on_notification(n),
-                )
-                .map_err(fail);
-            view.finish_stream();
-            let interrupted = ctrl_c.as_ref().is_some_and(CancelOnCtrlC::interrupted);
-            drop(ctrl_c);
-            let result = result?;
-            if cli.json {
-                print_json(&result)?;
-            } else {
-                view.print_result(&result, dry_run)?;
-            }
-            if interrupted {
-                // The edit landed before the cancel reached it: say so, and how to take it back.
-                if let Some(id) = &result.edit {
-                    eprintln!(
-                        "sparkctl: interrupted, but the edit had already landed as {id}; `sparkctl undo {id}` reverts it"
-                    );
-                }
-                let _ = std::io::stdout().flush();
-                std::process::exit(sparkctl::interrupt::INTERRUPTED);
-            }
-            Ok(())
-        }
+        } => ask(&ctx, prompt, &focus, dry_run, new),
         Command::Apply {
             file,
             dry_run,
             message,
-        } => {
-            let patch = read_patch(file.as_deref())?;
-            let params = ApplyParams {
-                cwd: cwd()?,
-                patch,
-                dry_run,
-                source: Some("sparkctl apply".into()),
-                message,
-            };
-            let result = connect()?.call::<EditApply>(&params).map_err(fail)?;
-            if cli.json {
-                return print_json(&result);
-            }
-            if dry_run {
-                return write_stdout(style.diff(&result.diff).as_bytes());
-            }
-            print_line(&render_edit(&result, "applied", &style))
-        }
-        Command::Log { limit } => {
-            let result = connect()?
-                .call::<EditLog>(&LogParams {
-                    cwd: cwd()?,
-                    limit: Some(limit),
-                })
-                .map_err(fail)?;
-            if cli.json {
-                return print_json(&result);
-            }
-            if result.edits.is_empty() {
-                return print_line("no edits yet in this repository");
-            }
-            write_long(render_log(&result.edits, now_ms(), &style).as_bytes())
-        }
-        Command::Show { edit } => {
-            let result = connect()?
-                .call::<EditShow>(&EditParams {
-                    cwd: cwd()?,
-                    id: edit,
-                })
-                .map_err(fail)?;
-            if cli.json {
-                print_json(&result)
-            } else {
-                write_long(style.diff(&result.diff).as_bytes())
-            }
-        }
-        Command::Undo { edit } => {
-            let result = connect()?
-                .call::<EditUndo>(&EditParams {
-                    cwd: cwd()?,
-                    id: edit,
-                })
-                .map_err(fail)?;
-            if cli.json {
-                print_json(&result)
-            } else {
-                print_line(&render_edit(&result, "undid", &style))
-            }
-        }
-        Command::Stash { edit } => {
-            let result = connect()?
-                .call::<EditStash>(&EditParams {
-                    cwd: cwd()?,
-                    id: edit,
-                })
-                .map_err(fail)?;
-            if cli.json {
-                print_json(&result)
-            } else {
-                print_line(&format!(
-                    "{}\n`git stash pop` brings it back",
-                    render_edit(&result, "stashed", &style)
-                ))
-            }
-        }
-        Command::Service { action } => run_service(action, &layout, cli.json),
-        Command::Hooks { action } => run_hooks(action, cli.json),
+        } => apply(&ctx, file.as_deref(), dry_run, message),
+        Command::Log { limit } => log(&ctx, limit),
+        Command::Show { edit } => show(&ctx, edit),
+        Command::Undo { edit } => undo(&ctx, edit),
+        Command::Stash { edit } => stash(&ctx, edit),
+        Command::Service { action } => run_service(action, &ctx.layout, ctx.json),
+        Command::Hooks { action } => run_hooks(action, ctx.json),
+        Command::History(args) => history::history(&ctx, args),
+        Command::Restore(args) => history::restore(&ctx, args),
+        Command::Diff(args) => history::diff(&ctx, args),
         Command::Hook { name, args } => {
-            sparkctl::hooks::run_hook(&name, &args, &layout);
+            sparkctl::hooks::run_hook(&name, &args, &ctx.layout);
             Ok(())
         }
+        Command::Mcp { repo } => mcp(ctx, repo),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sparkctl", &mut out);
@@ -413,96 +356,234 @@ fn run(cli: Cli) -> Result<(), Failure> {
             dir,
             triggers,
             no_triggers,
-        } => {
-            let dir = dir_param(dir)?;
-            let mut client = connect()?;
-            let r = client
-                .call::<Watch>(&WatchParams { dir: dir.clone() })
-                .map_err(fail)?;
-            let set = if triggers || no_triggers {
-                Some(
-                    client
-                        .call::<TriggersSet>(&TriggersParams {
-                            dir,
-                            enabled: triggers,
-                        })
-                        .map_err(fail)?,
-                )
-            } else {
-                None
-            };
-            if cli.json {
-                let mut v = serde_json::to_value(&r).map_err(|e| Failure {
-                    message: e.to_string(),
-                    hint: None,
-                    code: 2,
-                    kind: None,
-                })?;
-                if let (Some(set), Some(obj)) = (&set, v.as_object_mut()) {
-                    obj.insert("triggers".to_owned(), set.enabled.into());
-                }
-                return print_json(&v);
-            }
-            let mut line = format!(
-                "watching {} ({} files, {} watches)",
-                r.repo.path, r.repo.files, r.repo.watches
-            );
-            if let Some(set) = &set {
-                line += if set.enabled {
-                    "; spark! triggers on"
-                } else {
-                    "; spark! triggers off"
-                };
-            }
-            if let Some(why) = &r.repo.degraded {
-                line += &format!("\nwarning: degraded: {why}");
-            }
-            print_line(&line)
-        }
+        } => watch(&ctx, dir, (triggers || no_triggers).then_some(triggers)),
         Command::Unwatch { dir } => {
-            let r = connect()?
-                .call::<Unwatch>(&WatchParams {
+            let r = call::<Unwatch>(
+                &ctx,
+                &WatchParams {
                     dir: dir_param(dir)?,
-                })
-                .map_err(fail)?;
-            print_watch_change(&r, cli.json, "stopped watching", "was not watched")
+                },
+            )?;
+            print_watch_change(&r, ctx.json, "stopped watching", "was not watched")
         }
         Command::Refresh { dir } => {
-            let r = connect()?
-                .call::<Refresh>(&WatchParams {
+            let r = call::<Refresh>(
+                &ctx,
+                &WatchParams {
                     dir: dir_param(dir)?,
-                })
-                .map_err(fail)?;
-            print_watch_change(&r, cli.json, "rescanning", "is not watched")
+                },
+            )?;
+            print_watch_change(&r, ctx.json, "rescanning", "is not watched")
         }
-        Command::Status => {
-            let status = connect()?.call::<Status>(&Empty {}).map_err(fail)?;
-            if cli.json {
-                print_json(&status)
-            } else {
-                print_line(&render_status(&status))
-            }
+        Command::Status => ctx.print(&call::<Status>(&ctx, &Empty {})?, |s| {
+            print_line(&render_status(s))
+        }),
+        Command::Stop => stop(&ctx),
+    }
+}
+
+/// `sparkctl mcp`: an MCP server on stdio until the host closes it.
+fn mcp(ctx: Ctx, repo: Option<PathBuf>) -> Result<(), Failure> {
+    let dir = PathBuf::from(dir_param(repo)?);
+    sparkctl::mcp::run(ctx.layout, dir).map_err(|e| Failure {
+        hint: Some(e.hint().to_owned()),
+        message: e.to_string(),
+        code: 2,
+        kind: None,
+    })
+}
+
+/// One request to the daemon (started if needed).
+fn call<M: Method>(ctx: &Ctx, params: &M::Params) -> Result<M::Result, Failure> {
+    ctx.connect()?.call::<M>(params).map_err(|e| ctx.fail(e))
+}
+
+/// `sparkctl ask`: streams progress, Ctrl-C cancels in the daemon and reports what it did.
+fn ask(
+    ctx: &Ctx,
+    prompt: Vec<String>,
+    focus: &[String],
+    dry_run: bool,
+    new: bool,
+) -> Result<(), Failure> {
+    let focus = focus
+        .iter()
+        .map(|f| parse_focus(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let params = AskParams {
+        cwd: cwd()?,
+        prompt: prompt.join(" "),
+        focus,
+        dry_run,
+        new_conversation: new,
+        provider: sparkctl::settings::from_env(|k| std::env::var(k).ok()),
+        buffers: Vec::new(),
+    };
+    let mut client = ctx.connect()?;
+    let mut view = AskView::new(ctx.json, ctx.style);
+    // Ctrl-C now cancels in the daemon, and we report what it did.
+    let mut ctrl_c = CancelOnCtrlC::install(ctx.layout.socket.clone(), params.cwd.clone());
+    let result = client
+        .call_with_sent::<Ask>(
+            &params,
+            || ctrl_c.as_mut().map_or((), CancelOnCtrlC::listen),
+            |n| view.on_notification(n),
+        )
+        .map_err(|e| ctx.fail(e));
+    view.finish_stream();
+    let interrupted = ctrl_c.as_ref().is_some_and(CancelOnCtrlC::interrupted);
+    drop(ctrl_c);
+    let result = result?;
+    ctx.print(&result, |r| view.print_result(r, dry_run))?;
+    if interrupted {
+        // The edit landed before the cancel reached it: say so, and how to take it back.
+        if let Some(id) = &result.edit {
+            eprintln!(
+                "sparkctl: interrupted, but the edit had already landed as {id}; `sparkctl undo {id}` reverts it"
+            );
         }
-        Command::Stop => {
-            let client = match Client::open(&layout.socket, "sparkctl") {
-                Ok((c, init)) => Some((c, init.pid)),
-                Err(e) if e.is_not_running() => None,
-                Err(e) => return Err(fail(e)),
-            };
-            let Some((client, pid)) = client else {
-                return if cli.json {
-                    print_json(&serde_json::json!({"stopped": false, "running": false}))
-                } else {
-                    print_line("sparkd is not running")
-                };
-            };
-            autostart::stop_and_wait(client, pid, &layout).map_err(fail)?;
-            if cli.json {
-                print_json(&serde_json::json!({"stopped": true, "pid": pid}))
-            } else {
-                print_line(&format!("sparkd (pid {pid}) stopped"))
-            }
+        let _ = std::io::stdout().flush();
+        std::process::exit(sparkctl::interrupt::INTERRUPTED);
+    }
+    Ok(())
+}
+
+/// `sparkctl apply [FILE|-]`.
+fn apply(
+    ctx: &Ctx,
+    file: Option<&std::path::Path>,
+    dry_run: bool,
+    message: Option<String>,
+) -> Result<(), Failure> {
+    let params = ApplyParams {
+        cwd: cwd()?,
+        patch: read_patch(file)?,
+        dry_run,
+        source: Some("sparkctl apply".into()),
+        message,
+    };
+    let result = call::<EditApply>(ctx, &params)?;
+    ctx.print(&result, |r| {
+        if dry_run {
+            write_stdout(ctx.style.diff(&r.diff).as_bytes())
+        } else {
+            print_line(&render_edit(r, "applied", &ctx.style))
         }
+    })
+}
+
+/// `sparkctl log`: the newest edits, through the pager on a terminal.
+fn log(ctx: &Ctx, limit: u32) -> Result<(), Failure> {
+    let params = LogParams {
+        cwd: cwd()?,
+        limit: Some(limit),
+    };
+    ctx.print(&call::<EditLog>(ctx, &params)?, |r| {
+        if r.edits.is_empty() {
+            return print_line("no edits yet in this repository");
+        }
+        write_long(render_log(&r.edits, now_ms(), &ctx.style).as_bytes())
+    })
+}
+
+/// `sparkctl show [ID]`: the diff, as `git stash show -p` prints it.
+fn show(ctx: &Ctx, edit: Option<String>) -> Result<(), Failure> {
+    let params = EditParams {
+        cwd: cwd()?,
+        id: edit,
+    };
+    ctx.print(&call::<EditShow>(ctx, &params)?, |r| {
+        write_long(ctx.style.diff(&r.diff).as_bytes())
+    })
+}
+
+/// `sparkctl undo [ID]`.
+fn undo(ctx: &Ctx, edit: Option<String>) -> Result<(), Failure> {
+    let params = EditParams {
+        cwd: cwd()?,
+        id: edit,
+    };
+    ctx.print(&call::<EditUndo>(ctx, &params)?, |r| {
+        print_line(&render_edit(r, "undid", &ctx.style))
+    })
+}
+
+/// `sparkctl stash [ID]`.
+fn stash(ctx: &Ctx, edit: Option<String>) -> Result<(), Failure> {
+    let params = EditParams {
+        cwd: cwd()?,
+        id: edit,
+    };
+    ctx.print(&call::<EditStash>(ctx, &params)?, |r| {
+        print_line(&format!(
+            "{}\n`git stash pop` brings it back",
+            render_edit(r, "stashed", &ctx.style)
+        ))
+    })
+}
+
+/// `sparkctl watch [DIR]`.
+/// `sparkctl watch`: with `--triggers`/`--no-triggers` (`triggers` set), also `triggers/set`.
+fn watch(ctx: &Ctx, dir: Option<PathBuf>, triggers: Option<bool>) -> Result<(), Failure> {
+    /// `--json`: the watch's result, with `triggers` when a flag set them.
+    #[derive(Serialize)]
+    struct Watched {
+        #[serde(flatten)]
+        watch: WatchResult,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        triggers: Option<bool>,
+    }
+    let dir = dir_param(dir)?;
+    let mut client = ctx.connect()?;
+    let watch = client
+        .call::<Watch>(&WatchParams { dir: dir.clone() })
+        .map_err(|e| ctx.fail(e))?;
+    let triggers = match triggers {
+        Some(enabled) => Some(
+            client
+                .call::<TriggersSet>(&TriggersParams { dir, enabled })
+                .map_err(|e| ctx.fail(e))?
+                .enabled,
+        ),
+        None => None,
+    };
+    ctx.print(&Watched { watch, triggers }, |w| {
+        let r = &w.watch;
+        let mut line = format!(
+            "watching {} ({} files, {} watches)",
+            r.repo.path, r.repo.files, r.repo.watches
+        );
+        match w.triggers {
+            Some(true) => line += "; spark! triggers on",
+            Some(false) => line += "; spark! triggers off",
+            None => {}
+        }
+        if let Some(why) = &r.repo.degraded {
+            line += &format!("\nwarning: degraded: {why}");
+        }
+        print_line(&line)
+    })
+}
+
+/// `sparkctl stop`: never starts a daemon to stop it.
+fn stop(ctx: &Ctx) -> Result<(), Failure> {
+    let client = match Client::open(&ctx.layout.socket, "sparkctl") {
+        Ok((c, init)) => Some((c, init.pid)),
+        Err(e) if e.is_not_running() => None,
+        Err(e) => return Err(ctx.fail(e)),
+    };
+    let Some((client, pid)) = client else {
+        return if ctx.json {
+            print_json(&serde_json::json!({"stopped": false, "running": false}))
+        } else {
+            print_line("sparkd is not running")
+        };
+    };
+    autostart::stop_and_wait(client, pid, &ctx.layout).map_err(|e| ctx.fail(e))?;
+    if ctx.json {
+        print_json(&serde_json::json!({"stopped": true, "pid": pid}))
+    } else {
+        print_line(&format!("sparkd (pid {pid}) stopped"))
     }
 }
 
@@ -908,7 +989,7 @@ impl AskView {
 
 /// The answer of `unwatch` or `refresh`: JSON, or one line saying what happened.
 fn print_watch_change(
-    r: &spark_proto::methods::UnwatchResult,
+    r: &spark_proto::methods::WatchChange,
     json: bool,
     done: &str,
     not_watched: &str,
@@ -1008,6 +1089,7 @@ const DIM: &str = "2";
 const BOLD: &str = "1";
 
 /// Colour on a terminal, plain text elsewhere (and with NO_COLOR set).
+#[derive(Debug, Clone, Copy)]
 struct Style {
     color: bool,
 }
@@ -1077,10 +1159,10 @@ fn render_edit(r: &EditResult, verb: &str, style: &Style) -> String {
     for f in &r.files {
         add += f.added;
         del += f.removed;
-        let mark = match f.change.as_str() {
-            "added" => style.paint(GREEN, "A"),
-            "deleted" => style.paint(RED, "D"),
-            _ => style.paint(YELLOW, "M"),
+        let mark = match f.change {
+            FileChange::Added => style.paint(GREEN, "A"),
+            FileChange::Deleted => style.paint(RED, "D"),
+            FileChange::Modified => style.paint(YELLOW, "M"),
         };
         let plus = style.paint(GREEN, &"+".repeat(f.added.min(30) as usize));
         let minus = style.paint(RED, &"-".repeat(f.removed.min(30) as usize));
@@ -1252,6 +1334,12 @@ fn render_status(s: &StatusResult) -> String {
         if x.fell_back_to_http {
             out += ", HTTP + SSE (WebSocket mode failed here; retried later)";
         }
+        if let Some(lane) = &x.lane {
+            out += &format!(", lane {lane}");
+        }
+        if x.lanes_refused {
+            out += ", own connection (the provider refuses stream_id lanes)";
+        }
         out.push('\n');
         if x.failures > 0 {
             out += &format!(
@@ -1267,6 +1355,23 @@ fn render_status(s: &StatusResult) -> String {
                 (true, None) => out += "; reconnects paused until the next ask or watch\n",
                 (false, None) => out.push('\n'),
             }
+        }
+    }
+    for p in &s.provider_connections {
+        if p.lanes_refused {
+            out += &format!(
+                "provider  {} refuses stream_id lanes: one connection per session\n",
+                p.url
+            );
+        } else {
+            out += &format!(
+                "provider  {} {} shared connection{}, {} lane{}\n",
+                p.url,
+                p.connections,
+                if p.connections == 1 { "" } else { "s" },
+                p.lanes,
+                if p.lanes == 1 { "" } else { "s" }
+            );
         }
     }
     match &s.cache {
@@ -1360,6 +1465,46 @@ mod tests {
         );
         assert!(
             text.contains("3 failed attempts in a row, last: connection refused; reconnects paused until the next ask or watch"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_shows_lanes_and_a_provider_that_refuses_them() {
+        let mut s = status(serde_json::json!([
+            {"repo": "<a>", "connected": true, "age_ms": 5000, "lane": "repo-0123.1"},
+            {"repo": "<b>", "connected": true, "age_ms": 5000, "lanes_refused": true},
+        ]));
+        s.provider_connections = vec![
+            spark_proto::methods::ProviderConnectionStatus {
+                url: "ws://127.0.0.1:1/v1/responses".into(),
+                connections: 1,
+                lanes: 10,
+                lanes_refused: false,
+            },
+            spark_proto::methods::ProviderConnectionStatus {
+                url: "wss://old.example/v1/responses".into(),
+                lanes_refused: true,
+                ..Default::default()
+            },
+        ];
+        let text = render_status(&s);
+        assert!(
+            text.contains("session   <a> connected, age 5s, lane repo-0123.1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("own connection (the provider refuses stream_id lanes)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "provider  ws://127.0.0.1:1/v1/responses 1 shared connection, 10 lanes\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("provider  wss://old.example/v1/responses refuses stream_id lanes: one connection per session\n"),
             "{text}"
         );
     }

@@ -28,6 +28,11 @@ pub const DEFAULT_REPAIR_ATTEMPTS: u32 = 1;
 pub const DEFAULT_TOOL_CALLS_PER_ASK: u32 = 8;
 /// Bytes of tool output one `ask` sends at most: a few whole files.
 pub const DEFAULT_TOOL_BYTES_PER_ASK: usize = 128 * 1024;
+/// Local history keeps snapshots this long (`history_max_age_days`): two weeks covers
+/// "what did this look like before the holidays" without growing for ever.
+pub const DEFAULT_HISTORY_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+/// …and at most this many bytes of file contents per repository (`history_max_mb`).
+pub const DEFAULT_HISTORY_MAX_BYTES: u64 = 500 * 1024 * 1024;
 
 /// `config.toml` as written by the user. Unknown keys are an error so typos are not silent.
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +59,13 @@ pub struct ConfigFile {
     /// Hard cap on the `prepare-commit-msg` hook's draft (default 5000); `sparkctl` reads the
     /// same key and gives up at this wall-clock deadline, so a commit is never held longer.
     pub hook_timeout_ms: Option<u64>,
+    /// Days local history keeps snapshots (default 14).
+    pub history_max_age_days: Option<u64>,
+    /// Megabytes of file contents local history keeps per repository (default 500).
+    pub history_max_mb: Option<u64>,
+    /// Share one WebSocket per provider between repositories on `stream_id` lanes (default
+    /// true); false gives each repository (and each draft) a connection of its own.
+    pub lanes: Option<bool>,
     /// Run `spark!` comment triggers in every watched repository (default false; `sparkctl
     /// watch --triggers` turns them on for one repository).
     pub triggers: Option<bool>,
@@ -86,6 +98,19 @@ pub struct Config {
     pub tool_bytes_per_ask: usize,
     /// The draft turn's cap (`hook_timeout_ms`).
     pub hook_timeout: Duration,
+    /// Local history's retention: snapshots older than this are pruned…
+    pub history_max_age: Duration,
+    /// …and the oldest ones beyond this many bytes of contents per repository.
+    pub history_max_bytes: u64,
+    /// Snapshots per history segment, the unit retention drops (not a file key: tests shrink
+    /// it to see pruning after a few saves).
+    pub history_segment_snapshots: u32,
+    /// Test hook: local history dates its snapshots this many ms away from the real clock
+    /// (`SPARK_TEST_CLOCK_OFFSET_MS`, debug builds only), so retention is tested without
+    /// waiting two weeks.
+    pub history_clock_offset_ms: i64,
+    /// Sessions share one WebSocket per provider on `stream_id` lanes (`lanes`).
+    pub lanes: bool,
     /// `spark!` comment triggers in every watched repository (`triggers`).
     pub triggers: bool,
     /// Test hook: abort at this named point of an edit, or fail there with an error when named
@@ -94,6 +119,33 @@ pub struct Config {
     /// The version this daemon reports to clients: its own, except that debug builds honour
     /// `SPARK_TEST_DAEMON_VERSION` so tests can exercise the client's version restart.
     pub reported_version: String,
+    /// Liveness and reconnect timing of provider sessions (embedders and tests compress it).
+    pub provider_timing: ProviderTiming,
+}
+
+/// How provider sessions detect a dead peer and space their reconnects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderTiming {
+    /// Silence after which a ping checks the connection.
+    pub ping_interval: Duration,
+    /// No frame at all this long after a ping: the connection is dead.
+    pub pong_timeout: Duration,
+    /// First reconnect delay after a failure (doubled per failure, full jitter).
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_cap: Duration,
+}
+
+impl Default for ProviderTiming {
+    fn default() -> Self {
+        use crate::provider::session as s;
+        ProviderTiming {
+            ping_interval: s::DEFAULT_PING_INTERVAL,
+            pong_timeout: s::DEFAULT_PONG_TIMEOUT,
+            backoff_base: s::DEFAULT_BACKOFF_BASE,
+            backoff_cap: s::DEFAULT_BACKOFF_CAP,
+        }
+    }
 }
 
 impl fmt::Debug for Config {
@@ -113,9 +165,15 @@ impl fmt::Debug for Config {
             .field("tool_calls_per_ask", &self.tool_calls_per_ask)
             .field("tool_bytes_per_ask", &self.tool_bytes_per_ask)
             .field("hook_timeout", &self.hook_timeout)
+            .field("history_max_age", &self.history_max_age)
+            .field("history_max_bytes", &self.history_max_bytes)
+            .field("history_segment_snapshots", &self.history_segment_snapshots)
+            .field("history_clock_offset_ms", &self.history_clock_offset_ms)
+            .field("lanes", &self.lanes)
             .field("triggers", &self.triggers)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
+            .field("provider_timing", &self.provider_timing)
             .finish()
     }
 }
@@ -215,6 +273,25 @@ impl Config {
                 .hook_timeout_ms
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_HOOK_TIMEOUT),
+            history_max_age: file
+                .history_max_age_days
+                .map(|d| Duration::from_secs(d.saturating_mul(24 * 3600)))
+                .unwrap_or(DEFAULT_HISTORY_MAX_AGE),
+            history_max_bytes: file
+                .history_max_mb
+                .map(|mb| mb.saturating_mul(1024 * 1024))
+                .unwrap_or(DEFAULT_HISTORY_MAX_BYTES),
+            history_segment_snapshots: crate::history::SEGMENT_SNAPSHOTS,
+            history_clock_offset_ms: match env("SPARK_TEST_CLOCK_OFFSET_MS")
+                .filter(|_| cfg!(debug_assertions))
+            {
+                Some(v) => v.parse::<i64>().map_err(|e| ConfigError::Invalid {
+                    name: "SPARK_TEST_CLOCK_OFFSET_MS",
+                    message: format!("{v:?} is not a number of milliseconds ({e})"),
+                })?,
+                None => 0,
+            },
+            lanes: file.lanes.unwrap_or(true),
             triggers: file.triggers.unwrap_or(false),
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
@@ -224,6 +301,7 @@ impl Config {
             reported_version: env("SPARK_TEST_DAEMON_VERSION")
                 .filter(|_| cfg!(debug_assertions))
                 .unwrap_or_else(|| crate::VERSION.to_owned()),
+            provider_timing: ProviderTiming::default(),
         })
     }
 

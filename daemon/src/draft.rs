@@ -13,11 +13,11 @@ use spark_proto::methods::{DraftParams, DraftResult};
 use spark_proto::{ErrorCode, RpcError};
 use tracing::info;
 
-use crate::context::MAX_FILE_BYTES;
 use crate::edit::RepoCtx;
 use crate::edit::paths;
 use crate::provider::{InputItem, SessionConfig, TurnEvent, TurnFailure, TurnRequest};
 use crate::server::Shared;
+use crate::watch::MAX_FILE_BYTES;
 
 /// What the model is told for a draft.
 const DRAFT_INSTRUCTIONS: &str = "You write git commit messages. Given a staged diff, answer with only the commit message: \
@@ -103,6 +103,11 @@ pub(crate) async fn draft(shared: &Shared, params: DraftParams) -> Result<DraftR
     );
     config.instructions = DRAFT_INSTRUCTIONS.to_owned();
     config.tools = Vec::new();
+    // Its own lane on the provider's shared connection: a draft neither waits behind an ask
+    // nor pays for a connection of its own.
+    let (lane, backoff) = shared.asks.side_lane(&provider, "draft", &config);
+    config.lanes = lane;
+    config.backoff = Some(backoff);
     let session = crate::provider::spawn(config, &shared.tracker, shared.shutdown.clone())
         .map_err(|e| {
             RpcError::new(
@@ -212,6 +217,7 @@ mod tests {
             journal_dir: dir.join(".git/spark-journal"),
             durability: Durability { fsync: false },
             failpoint: Failpoint(None),
+            history: Default::default(),
         };
         let ctx = RepoCtx {
             repo: &repo,

@@ -3,28 +3,29 @@
 //!
 //! - [`config`]: defaults < `config.toml` < environment < flags → a validated [`Config`].
 //! - [`instance`]: the private socket directory, the single-instance lock, stale sockets.
-//! - [`server`]: the accept loop, one task per connection, request dispatch, events, shutdown.
+//! - `server`: the accept loop, one task per connection, request dispatch, events, shutdown.
 //! - `codec`: NDJSON line framing on tokio with a maximum line length.
 //! - `edit`: the edit engine (parse, check, apply all-or-nothing, record, undo, stash).
 //! - `repo`: one actor thread per repository owning its `git2::Repository`.
 //! - `provider`: warm Responses-API sessions (WebSocket mode, HTTP + SSE fallback).
-//! - `context`: what the model sees, and the guard on every byte that leaves the machine.
-//! - `ask`: one model call per edit, streamed, applied through the edit engine.
+//! - `ask`: one model call per edit, streamed, applied through the edit engine; `ask::context`
+//!   is what the model sees, and the guard on every byte that leaves the machine.
 //! - `draft`: a commit message drafted from the staged diff, for the `prepare-commit-msg` hook.
 //! - `trigger`: `spark!` comments in watched files run as asks, the comment removed in the edit.
-//! - `watch`: one watcher per repository keeping its outline and file contents current.
-//! - `cache`: the sled context cache (disposable: rebuilt whenever it is unreadable).
+//! - `watch`: one watcher per repository keeping its outline and file contents current, and
+//!   `watch::cache`, the sled context cache (disposable: rebuilt whenever it is unreadable).
+//! - `clock`: wall-clock milliseconds for the ledger, the watcher and `status`.
 
 pub mod config;
 pub mod instance;
-pub mod server;
+mod server;
 
 mod ask;
-mod cache;
+mod clock;
 mod codec;
-mod context;
 mod draft;
 mod edit;
+mod history;
 mod provider;
 mod repo;
 mod trigger;
@@ -32,7 +33,7 @@ mod watch;
 
 use std::path::Path;
 
-pub use config::{Config, ConfigError, Flags};
+pub use config::{Config, ConfigError, Flags, ProviderTiming};
 pub use instance::InstanceError;
 use tokio_util::sync::CancellationToken;
 
@@ -84,7 +85,7 @@ impl Daemon {
                 source,
             })?;
         // Interrupted edits are settled before any client can see the worktree through us.
-        repo::recover_all(&server::edit_env(&config));
+        repo::recover_all(&edit::EditEnv::from_config(&config));
         Ok(Daemon { config, instance })
     }
 
@@ -135,6 +136,64 @@ pub mod bench {
             elapsed: s.elapsed,
             flush: s.flush,
         })
+    }
+
+    /// Local history's settings for a benchmark: retention, and segment length.
+    #[derive(Debug, Clone)]
+    pub struct HistorySettings {
+        pub max_bytes: u64,
+        pub max_age: std::time::Duration,
+        pub segment_snapshots: u32,
+        /// Added to the real clock, to simulate a day in a minute.
+        pub clock_offset_ms: i64,
+    }
+
+    /// One repository's local history, driven the way the watcher's settled batches drive it,
+    /// on the caller's thread.
+    pub struct HistoryRepo {
+        repo: git2::Repository,
+        dir: std::path::PathBuf,
+        env: crate::history::HistoryEnv,
+    }
+
+    impl std::fmt::Debug for HistoryRepo {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("HistoryRepo")
+                .field("dir", &self.dir)
+                .finish()
+        }
+    }
+
+    impl HistoryRepo {
+        pub fn open(dir: &std::path::Path, s: &HistorySettings) -> Result<HistoryRepo, String> {
+            let repo = git2::Repository::open(dir).map_err(|e| e.to_string())?;
+            let env = crate::history::HistoryEnv {
+                max_age_ms: u64::try_from(s.max_age.as_millis()).unwrap_or(u64::MAX),
+                max_bytes: s.max_bytes,
+                segment_snapshots: s.segment_snapshots.max(1),
+                clock_offset_ms: s.clock_offset_ms,
+            };
+            Ok(HistoryRepo {
+                repo,
+                dir: dir.to_owned(),
+                env,
+            })
+        }
+
+        /// Move the simulated clock.
+        pub fn set_clock_offset_ms(&mut self, ms: i64) {
+            self.env.clock_offset_ms = ms;
+        }
+
+        /// Snapshot `paths` (repo-relative) as they are on disk; false when nothing changed.
+        pub fn snapshot(&self, paths: &[String]) -> Result<bool, String> {
+            crate::history::snapshot_now(&self.repo, &self.dir, paths, &self.env)
+        }
+
+        /// Closed segments, newest first: (newest snapshot's unix ms, bytes introduced).
+        pub fn segments(&self) -> Result<Vec<(u64, u64)>, String> {
+            crate::history::segments(&self.repo)
+        }
     }
 }
 

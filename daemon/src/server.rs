@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use interprocess::local_socket::tokio::Stream;
@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::Value;
 use spark_proto::events::{EVENT_METHOD, Event};
 use spark_proto::frame::{Frame, encode};
-use spark_proto::methods::{self, Empty, InitializeResult, Method, StatusResult};
+use spark_proto::methods::{self, ClientRequest, Empty, InitializeResult, Method, StatusResult};
 use spark_proto::{
     ErrorCode, Id, MAX_LINE_BYTES, Notification, PROTOCOL_VERSION, Request, Response, RpcError,
 };
@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::ask::Landed;
 use crate::codec::LineDecoder;
 use crate::config::Config;
-use crate::edit::journal::{Durability, Failpoint};
 use crate::edit::{self, EditEnv};
 use crate::instance::Instance;
 use crate::repo::Repos;
@@ -61,17 +61,6 @@ pub(crate) struct Shared {
     pub(crate) triggers: crate::trigger::Triggers,
 }
 
-/// The edit engine's settings, from the daemon's configuration.
-pub(crate) fn edit_env(config: &Config) -> EditEnv {
-    EditEnv {
-        journal_dir: config.layout.state_dir.join("journal"),
-        durability: Durability {
-            fsync: config.fsync,
-        },
-        failpoint: Failpoint(config.failpoint.clone()),
-    }
-}
-
 pub(crate) async fn serve(config: Config, instance: Instance, shutdown: CancellationToken) {
     let (events, _) = broadcast::channel(EVENT_CAPACITY);
     let tracker = TaskTracker::new();
@@ -83,6 +72,9 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         &shutdown,
         crate::watch::WatchOptions::default(),
     );
+    // Settled changes become local-history snapshots (started below, once `Shared` exists).
+    let (settled_tx, settled_rx) = mpsc::channel(crate::history::SETTLED_QUEUE);
+    watchers.on_settled(settled_tx);
     // Repositories watched before the restart are watched again, in the background.
     watchers.restore();
     let asks = Arc::new(crate::ask::Asks::new(
@@ -95,13 +87,13 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
     asks.spawn_idle_sweeper();
     let shared = Arc::new(Shared {
         started: Instant::now(),
-        started_at_ms: unix_ms(),
+        started_at_ms: crate::clock::unix_ms(),
         events,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         connections: watch::Sender::new(0),
         next_conn: AtomicU64::new(1),
-        repos: Repos::new(edit_env(&config)),
+        repos: Repos::new(EditEnv::from_config(&config)),
         asks,
         watchers,
         triggers: crate::trigger::Triggers::new(&config.layout.state_dir, config.triggers),
@@ -109,6 +101,10 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
     });
     crate::trigger::Triggers::start(&shared);
     info!(socket = %instance.socket.display(), pid = std::process::id(), version = crate::VERSION, "sparkd serving");
+    let settled = shared.clone();
+    shared.tracker.spawn(async move {
+        crate::history::run_settled(&settled.repos, &settled.shutdown, settled_rx).await;
+    });
     if let Some(idle) = shared.config.idle_timeout {
         shared.tracker.spawn(idle_exit(shared.clone(), idle));
     }
@@ -288,170 +284,177 @@ impl Connection {
                 return self.send(&Response::err(id, err)).await;
             }
         };
-        if req.method == methods::Ask::NAME && self.initialized {
-            self.spawn_ask(req.id, req.params);
-            return true;
-        }
-        let response = match self.dispatch(&req.method, req.params).await {
-            Ok(result) => Response::ok(req.id, result),
-            Err(err) => Response::err(req.id, err),
+        let answer = match self.gate(&req.method) {
+            Ok(()) => match ClientRequest::parse(&req.method, req.params) {
+                Ok(request) => self.dispatch(&req.id, request).await,
+                Err(err) => Some(Err(err)),
+            },
+            Err(err) => Some(Err(err)),
         };
-        self.send(&response).await
+        match answer {
+            Some(Ok(result)) => self.send(&Response::ok(req.id, result)).await,
+            Some(Err(err)) => self.send(&Response::err(req.id, err)).await,
+            // Answered later by its own task.
+            None => true,
+        }
     }
 
-    async fn dispatch(&mut self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-        if method == methods::Initialize::NAME {
-            let p = parse_params::<methods::Initialize>(params)?;
-            if p.protocol_version != PROTOCOL_VERSION {
-                return Err(RpcError::new(
-                    ErrorCode::VersionMismatch,
-                    format!(
-                        "protocol version mismatch: client {} {} speaks {}, sparkd {} speaks {}",
-                        p.client.name,
-                        p.client.version,
-                        p.protocol_version,
-                        crate::VERSION,
-                        PROTOCOL_VERSION
-                    ),
-                )
-                .with_hint("restart the daemon with `sparkctl stop`, or upgrade the client"));
-            }
-            debug!(conn = self.id, client = %p.client.name, version = %p.client.version, "initialized");
-            self.initialized = true;
-            return to_value(InitializeResult {
-                protocol_version: PROTOCOL_VERSION,
-                daemon_version: self.shared.config.reported_version.clone(),
-                pid: std::process::id(),
-            });
+    /// Every request but `initialize` waits for the handshake.
+    fn gate(&self, method: &str) -> Result<(), RpcError> {
+        if self.initialized || method == methods::Initialize::NAME {
+            return Ok(());
         }
-        if !self.initialized {
-            return Err(RpcError::new(
-                ErrorCode::NotInitialized,
-                format!("`{method}` before `initialize`: the first request must be `initialize`"),
-            )
-            .with_hint("see docs/protocol.md, \"Handshake\""));
-        }
-        match method {
-            methods::Status::NAME => {
-                parse_params::<methods::Status>(params)?;
-                to_value(self.status().await)
+        Err(RpcError::new(
+            ErrorCode::NotInitialized,
+            format!("`{method}` before `initialize`: the first request must be `initialize`"),
+        )
+        .with_hint("see docs/protocol.md, \"Handshake\""))
+    }
+
+    /// Answers a request, or returns `None` for an `ask`, which its own task answers.
+    async fn dispatch(
+        &mut self,
+        id: &Id,
+        request: ClientRequest,
+    ) -> Option<Result<Value, RpcError>> {
+        let answer = match request {
+            ClientRequest::Initialize(p) => self.initialize(p),
+            ClientRequest::Ask(p) => {
+                self.spawn_ask(id.clone(), p);
+                return None;
             }
-            methods::Shutdown::NAME => {
-                parse_params::<methods::Shutdown>(params)?;
+            ClientRequest::Status(Empty {}) => to_value(self.status().await),
+            ClientRequest::Shutdown(Empty {}) => {
                 info!(conn = self.id, "shutdown requested");
                 self.shared.shutdown.cancel();
                 to_value(Empty {})
             }
-            methods::Subscribe::NAME => {
-                parse_params::<methods::Subscribe>(params)?;
-                if !self.subscribed {
-                    self.subscribed = true;
-                    let rx = self.shared.events.subscribe();
-                    self.shared.tracker.spawn(forward_events(
-                        rx,
-                        self.out.clone(),
-                        self.closed.clone(),
-                        self.shared.shutdown.clone(),
-                    ));
-                }
+            ClientRequest::Subscribe(Empty {}) => {
+                self.subscribe();
                 to_value(Empty {})
             }
-            methods::Watch::NAME => {
-                let p = parse_params::<methods::Watch>(params)?;
-                to_value(self.watch(p).await?)
-            }
-            methods::Unwatch::NAME => {
-                let p = parse_params::<methods::Unwatch>(params)?;
-                let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
-                let was_watched = self
-                    .shared
-                    .watchers
-                    .unwatch(repo.workdir())
-                    .await
-                    .map_err(|e| e.to_rpc())?;
-                // Triggers are part of the watch: a later watch starts without them.
-                if let Err(e) = self.shared.triggers.set(repo.workdir(), false) {
-                    warn!(error = %e, "cannot save the repositories with triggers on");
-                }
-                to_value(methods::UnwatchResult {
-                    repo: repo.workdir().display().to_string(),
-                    was_watched,
-                })
-            }
-            methods::Refresh::NAME => {
-                let p = parse_params::<methods::Refresh>(params)?;
-                let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
-                let was_watched = self.shared.watchers.refresh(repo.workdir());
-                to_value(methods::UnwatchResult {
-                    repo: repo.workdir().display().to_string(),
-                    was_watched,
-                })
-            }
-            methods::Cancel::NAME => {
-                let p = parse_params::<methods::Cancel>(params)?;
-                let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
-                let cancelled = self.shared.asks.cancel(repo.workdir());
-                if cancelled {
-                    info!(conn = self.id, repo = %repo.workdir().display(), "ask cancelled by request");
-                }
-                to_value(methods::CancelResult {
-                    repo: repo.workdir().display().to_string(),
-                    cancelled,
-                })
-            }
-            methods::EditApply::NAME => {
-                let p = parse_params::<methods::EditApply>(params)?;
-                to_value(self.edit_apply(p).await?)
-            }
-            methods::EditUndo::NAME => {
-                let p = parse_params::<methods::EditUndo>(params)?;
-                to_value(self.edit_revert(p, false).await?)
-            }
-            methods::EditStash::NAME => {
-                let p = parse_params::<methods::EditStash>(params)?;
-                to_value(self.edit_revert(p, true).await?)
-            }
-            methods::EditLog::NAME => {
-                let p = parse_params::<methods::EditLog>(params)?;
-                to_value(self.edit_log(p).await?)
-            }
-            methods::EditShow::NAME => {
-                let p = parse_params::<methods::EditShow>(params)?;
-                to_value(self.edit_show(p).await?)
-            }
-            methods::TriggersSet::NAME => {
-                let p = parse_params::<methods::TriggersSet>(params)?;
-                let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
-                if p.enabled {
-                    // Triggers see only what a watch sees.
-                    self.shared.watchers.ensure_watched(repo.workdir());
-                }
-                let enabled = self
-                    .shared
-                    .triggers
-                    .set(repo.workdir(), p.enabled)
-                    .map_err(|e| {
-                        RpcError::new(
-                            ErrorCode::Internal,
-                            format!("cannot save the repositories with triggers on: {e}"),
-                        )
-                        .with_hint("check that the daemon's state directory is writable")
-                    })?;
-                to_value(methods::TriggersResult {
-                    repo: repo.workdir().display().to_string(),
-                    enabled,
-                })
-            }
-            methods::CommitDraft::NAME => {
-                let p = parse_params::<methods::CommitDraft>(params)?;
-                to_value(crate::draft::draft(&self.shared, p).await?)
-            }
-            other => Err(RpcError::new(
-                ErrorCode::MethodNotFound,
-                format!("unknown method `{other}`"),
+            ClientRequest::Watch(p) => self.watch(p).await.and_then(to_value),
+            ClientRequest::Unwatch(p) => self.unwatch(p).await.and_then(to_value),
+            ClientRequest::Refresh(p) => self.refresh(p).await.and_then(to_value),
+            ClientRequest::Cancel(p) => self.cancel(p).await.and_then(to_value),
+            ClientRequest::EditApply(p) => self.edit_apply(p).await.and_then(to_value),
+            ClientRequest::EditUndo(p) => self.edit_revert(p, false).await.and_then(to_value),
+            ClientRequest::EditStash(p) => self.edit_revert(p, true).await.and_then(to_value),
+            ClientRequest::EditLog(p) => self.edit_log(p).await.and_then(to_value),
+            ClientRequest::EditShow(p) => self.edit_show(p).await.and_then(to_value),
+            ClientRequest::CommitDraft(p) => crate::draft::draft(&self.shared, p)
+                .await
+                .and_then(to_value),
+            ClientRequest::HistoryList(p) => self.history_list(p).await.and_then(to_value),
+            ClientRequest::HistoryRestore(p) => self.history_restore(p).await.and_then(to_value),
+            ClientRequest::HistoryDiff(p) => self.history_diff(p).await.and_then(to_value),
+            ClientRequest::TriggersSet(p) => self.triggers_set(p).await.and_then(to_value),
+        };
+        Some(answer)
+    }
+
+    fn initialize(&mut self, p: methods::InitializeParams) -> Result<Value, RpcError> {
+        if p.protocol_version != PROTOCOL_VERSION {
+            return Err(RpcError::new(
+                ErrorCode::VersionMismatch,
+                format!(
+                    "protocol version mismatch: client {} {} speaks {}, sparkd {} speaks {}",
+                    p.client.name,
+                    p.client.version,
+                    p.protocol_version,
+                    crate::VERSION,
+                    PROTOCOL_VERSION
+                ),
             )
-            .with_hint("see docs/protocol.md for the methods of this protocol version")),
+            .with_hint("restart the daemon with `sparkctl stop`, or upgrade the client"));
         }
+        debug!(conn = self.id, client = %p.client.name, version = %p.client.version, "initialized");
+        self.initialized = true;
+        to_value(InitializeResult {
+            protocol_version: PROTOCOL_VERSION,
+            daemon_version: self.shared.config.reported_version.clone(),
+            pid: std::process::id(),
+        })
+    }
+
+    /// From now on this connection also receives `event` notifications.
+    fn subscribe(&mut self) {
+        if self.subscribed {
+            return;
+        }
+        self.subscribed = true;
+        let rx = self.shared.events.subscribe();
+        self.shared.tracker.spawn(forward_events(
+            rx,
+            self.out.clone(),
+            self.closed.clone(),
+            self.shared.shutdown.clone(),
+        ));
+    }
+
+    async fn unwatch(&self, p: methods::WatchParams) -> Result<methods::WatchChange, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
+        let was_watched = self
+            .shared
+            .watchers
+            .unwatch(repo.workdir())
+            .await
+            .map_err(|e| e.to_rpc())?;
+        // Triggers are part of the watch: a later watch starts without them.
+        if let Err(e) = self.shared.triggers.set(repo.workdir(), false) {
+            warn!(error = %e, "cannot save the repositories with triggers on");
+        }
+        Ok(methods::WatchChange {
+            repo: repo.workdir().display().to_string(),
+            was_watched,
+        })
+    }
+
+    async fn triggers_set(
+        &self,
+        p: methods::TriggersParams,
+    ) -> Result<methods::TriggersResult, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
+        if p.enabled {
+            // Triggers see only what a watch sees.
+            self.shared.watchers.ensure_watched(repo.workdir());
+        }
+        let enabled = self
+            .shared
+            .triggers
+            .set(repo.workdir(), p.enabled)
+            .map_err(|e| {
+                RpcError::new(
+                    ErrorCode::Internal,
+                    format!("cannot save the repositories with triggers on: {e}"),
+                )
+                .with_hint("check that the daemon's state directory is writable")
+            })?;
+        Ok(methods::TriggersResult {
+            repo: repo.workdir().display().to_string(),
+            enabled,
+        })
+    }
+
+    async fn refresh(&self, p: methods::WatchParams) -> Result<methods::WatchChange, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
+        let was_watched = self.shared.watchers.refresh(repo.workdir());
+        Ok(methods::WatchChange {
+            repo: repo.workdir().display().to_string(),
+            was_watched,
+        })
+    }
+
+    async fn cancel(&self, p: methods::CancelParams) -> Result<methods::CancelResult, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let cancelled = self.shared.asks.cancel(repo.workdir());
+        if cancelled {
+            info!(conn = self.id, repo = %repo.workdir().display(), "ask cancelled by request");
+        }
+        Ok(methods::CancelResult {
+            repo: repo.workdir().display().to_string(),
+            cancelled,
+        })
     }
 
     async fn watch(&self, p: methods::WatchParams) -> Result<methods::WatchResult, RpcError> {
@@ -479,24 +482,16 @@ impl Connection {
             source: p.source.unwrap_or_else(|| "apply".to_owned()),
             message: p.message.unwrap_or_default(),
             bases: Default::default(),
+            buffers: Default::default(),
         };
-        let outcome = repo
-            .run(move |ctx| edit::apply(ctx, &req))
-            .await?
-            .map_err(|e| e.to_rpc())?;
+        let outcome = match repo.run(move |ctx| edit::apply(ctx, &req)).await? {
+            Ok(outcome) => outcome,
+            Err(e) => return Err(with_closest_lines(repo.workdir(), &e).await),
+        };
         self.shared
-            .watchers
-            .note_own_writes(repo.workdir(), &outcome.after);
-        if let Some(id) = &outcome.edit {
-            repo.count_edit();
-            let paths: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
-            self.shared.asks.forget(repo.workdir(), &paths).await;
-            let _ = self.shared.events.send(Event::EditApplied {
-                repo: repo.workdir().display().to_string(),
-                edit: id.clone(),
-                files: outcome.files.iter().map(|f| f.path.clone()).collect(),
-            });
-        }
+            .asks
+            .after_edit(&repo, &outcome, Landed::Applied)
+            .await;
         Ok(edit_result(&repo, outcome, started))
     }
 
@@ -512,15 +507,9 @@ impl Connection {
             .await?
             .map_err(|e| e.to_rpc())?;
         self.shared
-            .watchers
-            .note_own_writes(repo.workdir(), &outcome.after);
-        let paths: Vec<String> = outcome.files.iter().map(|f| f.path.clone()).collect();
-        self.shared.asks.forget(repo.workdir(), &paths).await;
-        let _ = self.shared.events.send(Event::EditReverted {
-            repo: repo.workdir().display().to_string(),
-            edit: outcome.edit.clone().unwrap_or_default(),
-            files: outcome.files.iter().map(|f| f.path.clone()).collect(),
-        });
+            .asks
+            .after_edit(&repo, &outcome, Landed::Reverted)
+            .await;
         Ok(edit_result(&repo, outcome, started))
     }
 
@@ -582,15 +571,67 @@ impl Connection {
         })
     }
 
+    async fn history_list(
+        &self,
+        p: methods::HistoryListParams,
+    ) -> Result<methods::HistoryListResult, RpcError> {
+        let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let (path, versions) = repo
+            .run(move |ctx| {
+                crate::history::list(ctx, &prefix, p.path.as_deref(), p.since.as_deref(), p.limit)
+            })
+            .await?
+            .map_err(|e| e.to_rpc())?;
+        Ok(methods::HistoryListResult {
+            repo: repo.workdir().display().to_string(),
+            path,
+            versions,
+        })
+    }
+
+    /// A restore is an edit: the same after-edit path as `edit/apply`.
+    async fn history_restore(
+        &self,
+        p: methods::HistoryRestoreParams,
+    ) -> Result<methods::EditResult, RpcError> {
+        let started = Instant::now();
+        let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let outcome = repo
+            .run(move |ctx| crate::history::restore(ctx, &prefix, &p.path, &p.at, p.dry_run))
+            .await?
+            .map_err(|e| e.to_rpc())?;
+        self.shared
+            .asks
+            .after_edit(&repo, &outcome, Landed::Applied)
+            .await;
+        Ok(edit_result(&repo, outcome, started))
+    }
+
+    async fn history_diff(
+        &self,
+        p: methods::HistoryDiffParams,
+    ) -> Result<methods::HistoryDiffResult, RpcError> {
+        let (repo, prefix) = self.shared.repos.for_cwd(&p.cwd).await?;
+        let changes = repo
+            .run(move |ctx| crate::history::diff(ctx, &prefix, &p.since, p.path.as_deref()))
+            .await?
+            .map_err(|e| e.to_rpc())?;
+        Ok(methods::HistoryDiffResult {
+            repo: repo.workdir().display().to_string(),
+            from: changes.from,
+            files: changes.files,
+            diff: changes.diff,
+        })
+    }
+
     /// `ask` runs as its own task so this connection keeps reading: a closed connection (Ctrl-C
     /// in the client) cancels it, and its progress streams as `ask/progress` notifications.
-    fn spawn_ask(&self, id: Id, params: Option<Value>) {
+    fn spawn_ask(&self, id: Id, p: methods::AskParams) {
         let shared = self.shared.clone();
         let out = self.out.clone();
         let cancel = self.closed.child_token();
         self.shared.tracker.spawn(async move {
             let result = async {
-                let p = parse_params::<methods::Ask>(params)?;
                 let (repo, prefix) = shared.repos.for_cwd(&p.cwd).await?;
                 let emit = |event: methods::AskEvent| {
                     let progress = methods::AskProgress {
@@ -606,17 +647,7 @@ impl Connection {
                         let _ = out.send(line).await;
                     }
                 };
-                let result = shared
-                    .asks
-                    .ask(repo.clone(), prefix, p, cancel, emit)
-                    .await?;
-                if let Some(edit) = &result.edit {
-                    let _ = shared.events.send(Event::EditApplied {
-                        repo: repo.workdir().display().to_string(),
-                        edit: edit.clone(),
-                        files: result.files.iter().map(|f| f.path.clone()).collect(),
-                    });
-                }
+                let result = shared.asks.ask(repo, prefix, p, cancel, emit).await?;
                 to_value(result)
             }
             .await;
@@ -676,9 +707,23 @@ impl Connection {
                     paused: c.paused,
                     last_error: c.last_error,
                     next_attempt_in_ms: c.next_attempt_in_ms,
+                    lane: c.lane,
+                    lanes_refused: c.lanes_refused,
                 })
                 .collect(),
             cache: Some(cache_status(self.shared.watchers.cache_status())),
+            provider_connections: self
+                .shared
+                .asks
+                .lanes_status()
+                .into_iter()
+                .map(|p| methods::ProviderConnectionStatus {
+                    url: p.url,
+                    connections: p.connections as u64,
+                    lanes: p.lanes as u64,
+                    lanes_refused: p.refused,
+                })
+                .collect(),
         }
     }
 }
@@ -732,16 +777,7 @@ fn edit_result(
     methods::EditResult {
         edit: o.edit,
         repo: repo.workdir().display().to_string(),
-        files: o
-            .files
-            .into_iter()
-            .map(|f| methods::FileChangeSummary {
-                path: f.path,
-                change: f.change.to_owned(),
-                added: f.added,
-                removed: f.removed,
-            })
-            .collect(),
+        files: o.files,
         diff: o.diff,
         total_ms: started.elapsed().as_secs_f64() * 1000.0,
     }
@@ -830,31 +866,23 @@ async fn forward_events(
     }
 }
 
-fn parse_params<M: Method>(params: Option<Value>) -> Result<M::Params, RpcError> {
-    let params = params.unwrap_or_else(|| Value::Object(Default::default()));
-    if !params.is_object() {
-        // serde would read a struct from an array; spark's methods take named params only.
-        return Err(RpcError::new(
-            ErrorCode::InvalidParams,
-            format!("params of `{}` must be an object (named params)", M::NAME),
-        ));
-    }
-    serde_json::from_value::<M::Params>(params).map_err(|e| {
-        RpcError::new(
-            ErrorCode::InvalidParams,
-            format!("invalid params for `{}`: {e}", M::NAME),
-        )
-    })
-}
-
 fn to_value<T: Serialize>(v: T) -> Result<Value, RpcError> {
     serde_json::to_value(v)
         .map_err(|e| RpcError::new(ErrorCode::Internal, format!("cannot encode result: {e}")))
 }
 
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// The wire error of a refused `edit/apply`; a patch that did not match also carries the lines of
+/// the file as it is now closest to what it looked for, so a client (or a model) can correct it.
+async fn with_closest_lines(workdir: &std::path::Path, error: &edit::EditError) -> RpcError {
+    let rpc = error.to_rpc();
+    let edit::EditError::Match { path, source } = error else {
+        return rpc;
+    };
+    let Ok(bytes) = tokio::fs::read(workdir.join(path)).await else {
+        return rpc;
+    };
+    match edit::matcher::repair_hint(&bytes, source) {
+        Some(lines) => rpc.with_closest(lines),
+        None => rpc,
+    }
 }

@@ -122,8 +122,9 @@ pub enum Message {
 pub struct RpcError {
     pub code: i64,
     pub message: String,
+    /// Boxed: every `Result<_, RpcError>` stays small however much detail an error carries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<ErrorData>,
+    pub data: Option<Box<ErrorData>>,
 }
 
 /// Structured detail of an [`RpcError`].
@@ -138,6 +139,10 @@ pub struct ErrorData {
     /// What the user can do about it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
+    /// For a patch that does not match: the numbered lines of the file as it is now that come
+    /// closest to what the patch looked for (`  12 | text`), so the patch can be corrected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closest: Option<String>,
 }
 
 impl RpcError {
@@ -150,18 +155,27 @@ impl RpcError {
     }
 
     pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
-        self.data.get_or_insert_with(ErrorData::default).kind = Some(kind.into());
+        self.data.get_or_insert_with(Box::default).kind = Some(kind.into());
         self
     }
 
     pub fn with_path(mut self, path: impl Into<String>) -> Self {
-        self.data.get_or_insert_with(ErrorData::default).path = Some(path.into());
+        self.data.get_or_insert_with(Box::default).path = Some(path.into());
         self
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
-        self.data.get_or_insert_with(ErrorData::default).hint = Some(hint.into());
+        self.data.get_or_insert_with(Box::default).hint = Some(hint.into());
         self
+    }
+
+    pub fn with_closest(mut self, lines: impl Into<String>) -> Self {
+        self.data.get_or_insert_with(Box::default).closest = Some(lines.into());
+        self
+    }
+
+    pub fn closest(&self) -> Option<&str> {
+        self.data.as_ref().and_then(|d| d.closest.as_deref())
     }
 
     /// The typed code, if the number is one this version knows.

@@ -4,6 +4,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::{ErrorCode, RpcError};
+
 /// A JSON-RPC method of the local socket.
 pub trait Method {
     /// The wire name, e.g. `"status"`.
@@ -12,91 +14,119 @@ pub trait Method {
     type Result: Serialize + DeserializeOwned;
 }
 
-macro_rules! method {
-    ($(#[$doc:meta])* $ty:ident, $name:literal, $params:ty, $result:ty) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy)]
-        pub enum $ty {}
-        impl Method for $ty {
-            const NAME: &'static str = $name;
-            type Params = $params;
-            type Result = $result;
+macro_rules! methods {
+    ($($(#[$doc:meta])* $ty:ident, $name:literal, $params:ty, $result:ty;)*) => {
+        $(
+            $(#[$doc])*
+            #[derive(Debug, Clone, Copy)]
+            pub enum $ty {}
+            impl Method for $ty {
+                const NAME: &'static str = $name;
+                type Params = $params;
+                type Result = $result;
+            }
+        )*
+
+        /// A request with its params parsed, one variant per method of the list above, so a
+        /// server's `match` on it is exhaustive: a method added to the list does not compile
+        /// until it has a handler.
+        #[derive(Debug, Clone)]
+        pub enum ClientRequest {
+            $($ty($params),)*
+        }
+
+        impl ClientRequest {
+            /// The names of every method, in the order of the list.
+            pub const NAMES: &'static [&'static str] = &[$($name),*];
+
+            /// Parses a request's params by its method name. Params must be an object (named
+            /// params) or absent (read as `{}`).
+            pub fn parse(method: &str, params: Option<serde_json::Value>) -> Result<Self, RpcError> {
+                match method {
+                    $($name => parse_params::<$ty>(params).map(ClientRequest::$ty),)*
+                    other => Err(RpcError::new(
+                        ErrorCode::MethodNotFound,
+                        format!("unknown method `{other}`"),
+                    )
+                    .with_hint("see docs/protocol.md for the methods of this protocol version")),
+                }
+            }
+
+            /// The request's wire name.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(ClientRequest::$ty(_) => $ty::NAME,)*
+                }
+            }
         }
     };
 }
 
-method!(
+fn parse_params<M: Method>(params: Option<serde_json::Value>) -> Result<M::Params, RpcError> {
+    let params = params.unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+    if !params.is_object() {
+        // serde would read a struct from an array; spark's methods take named params only.
+        return Err(RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("params of `{}` must be an object (named params)", M::NAME),
+        ));
+    }
+    serde_json::from_value::<M::Params>(params).map_err(|e| {
+        RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("invalid params for `{}`: {e}", M::NAME),
+        )
+    })
+}
+
+methods! {
     /// `initialize` → [`InitializeResult`]. Must be the first request on a connection.
-    Initialize, "initialize", InitializeParams, InitializeResult
-);
-method!(
+    Initialize, "initialize", InitializeParams, InitializeResult;
     /// `status` → [`StatusResult`]: the daemon, its repositories, sessions and cache.
-    Status, "status", Empty, StatusResult
-);
-method!(
+    Status, "status", Empty, StatusResult;
     /// `shutdown` → [`Empty`]: answered, then the daemon drains and exits.
-    Shutdown, "shutdown", Empty, Empty
-);
-method!(
+    Shutdown, "shutdown", Empty, Empty;
     /// `subscribe` → [`Empty`]: the connection then receives `event` notifications.
-    Subscribe, "subscribe", Empty, Empty
-);
-
-method!(
+    Subscribe, "subscribe", Empty, Empty;
     /// `edit/apply` → [`EditResult`]: apply a patch (apply_patch or SEARCH/REPLACE) and record it.
-    EditApply, "edit/apply", ApplyParams, EditResult
-);
-method!(
+    EditApply, "edit/apply", ApplyParams, EditResult;
     /// `edit/log` → [`LogResult`]: the repository's edits, newest first.
-    EditLog, "edit/log", LogParams, LogResult
-);
-method!(
+    EditLog, "edit/log", LogParams, LogResult;
     /// `edit/show` → [`ShowResult`]: one edit's diff.
-    EditShow, "edit/show", EditParams, ShowResult
-);
-method!(
+    EditShow, "edit/show", EditParams, ShowResult;
     /// `edit/undo` → [`EditResult`]: revert an edit in the worktree, keeping later changes.
-    EditUndo, "edit/undo", EditParams, EditResult
-);
-method!(
+    EditUndo, "edit/undo", EditParams, EditResult;
     /// `edit/stash` → [`EditResult`]: move an edit onto `git stash` (worktree reverted).
-    EditStash, "edit/stash", EditParams, EditResult
-);
-
-method!(
+    EditStash, "edit/stash", EditParams, EditResult;
     /// `watch` → [`WatchResult`]: keep a repository's context current (and its session warm).
-    Watch, "watch", WatchParams, WatchResult
-);
-method!(
-    /// `unwatch` → [`UnwatchResult`]: stop watching a repository.
-    Unwatch, "unwatch", WatchParams, UnwatchResult
-);
-method!(
-    /// `refresh` → [`UnwatchResult`]: rescan a watched repository now (git hooks call it after
+    Watch, "watch", WatchParams, WatchResult;
+    /// `unwatch` → [`WatchChange`]: stop watching a repository.
+    Unwatch, "unwatch", WatchParams, WatchChange;
+    /// `refresh` → [`WatchChange`]: rescan a watched repository now (git hooks call it after
     /// a checkout, merge or rebase); `was_watched` tells whether it was watched.
-    Refresh, "refresh", WatchParams, UnwatchResult
-);
-method!(
+    Refresh, "refresh", WatchParams, WatchChange;
     /// `ask` → [`AskResult`]: ask the model for an edit; streams `ask/progress` notifications.
-    Ask, "ask", AskParams, AskResult
-);
-method!(
+    Ask, "ask", AskParams, AskResult;
     /// `cancel` → [`CancelResult`]: stop the `ask` in flight in a repository, whichever
     /// connection sent it. That `ask` then answers `cancelled` if it stopped before applying
     /// anything, or with its edit if the edit had already landed.
-    Cancel, "cancel", CancelParams, CancelResult
-);
-method!(
+    Cancel, "cancel", CancelParams, CancelResult;
     /// `commit/draft` → [`DraftResult`]: a commit message drafted from the staged diff (the
     /// `prepare-commit-msg` hook asks for it), in a one-off conversation of its own.
-    CommitDraft, "commit/draft", DraftParams, DraftResult
-);
-
-method!(
+    CommitDraft, "commit/draft", DraftParams, DraftResult;
+    /// `history/list` → [`HistoryListResult`]: the local history of a file, or of the whole
+    /// repository (which files changed when), newest first.
+    HistoryList, "history/list", HistoryListParams, HistoryListResult;
+    /// `history/restore` → [`EditResult`]: put a file back as it was at a version of the
+    /// local history, as a recorded edit (`edit/undo` reverts it).
+    HistoryRestore, "history/restore", HistoryRestoreParams, EditResult;
+    /// `history/diff` → [`HistoryDiffResult`]: what changed in the worktree since a time, all
+    /// writers together, as a unified diff.
+    HistoryDiff, "history/diff", HistoryDiffParams, HistoryDiffResult;
     /// `triggers/set` → [`TriggersResult`]: turn `spark!` comment triggers on or off for a
     /// repository (remembered across restarts; `unwatch` turns them off).
-    TriggersSet, "triggers/set", TriggersParams, TriggersResult
-);
+    TriggersSet, "triggers/set", TriggersParams, TriggersResult;
+}
 
 /// Params of [`TriggersSet`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +229,24 @@ pub struct StatusResult {
     pub repos: Vec<RepoStatus>,
     pub sessions: Vec<SessionStatus>,
     pub cache: Option<CacheStatus>,
+    /// Each provider's shared WebSocket connection (`stream_id` lanes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provider_connections: Vec<ProviderConnectionStatus>,
+}
+
+/// A provider's shared connection: the sessions of every repository (and drafts) talk to it
+/// over lanes of one WebSocket.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProviderConnectionStatus {
+    /// The provider URL (never the key).
+    pub url: String,
+    /// Shared connections open now (two for a moment while one is replaced).
+    pub connections: u64,
+    /// Lanes open on them.
+    pub lanes: u64,
+    /// The provider refused `stream_id` lanes: its sessions have a connection each.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lanes_refused: bool,
 }
 
 /// A repository the daemon knows about.
@@ -241,9 +289,9 @@ pub struct WatchResult {
     pub repo: RepoStatus,
 }
 
-/// Result of [`Unwatch`].
+/// Result of [`Unwatch`] and [`Refresh`]: the repository, and whether it was watched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UnwatchResult {
+pub struct WatchChange {
     pub repo: String,
     /// False if it was not watched.
     pub was_watched: bool,
@@ -282,6 +330,12 @@ pub struct SessionStatus {
     /// waits for a request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_in_ms: Option<u64>,
+    /// Its lane (`stream_id`) on the provider's shared connection, while it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<String>,
+    /// The provider refused lanes: this session has a connection of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lanes_refused: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -328,10 +382,27 @@ pub struct ApplyParams {
 pub struct FileChangeSummary {
     /// Repository-relative, `/`-separated.
     pub path: String,
-    /// `added`, `modified` or `deleted`.
-    pub change: String,
+    pub change: FileChange,
     pub added: u32,
     pub removed: u32,
+}
+
+/// How an edit changed a file (`"added"`, `"modified"` or `"deleted"` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileChange {
+    Added,
+    Modified,
+    Deleted,
+}
+
+/// What a streaming patch does to a file (`"add"`, `"update"` or `"delete"` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchOp {
+    Add,
+    Update,
+    Delete,
 }
 
 /// Result of [`EditApply`], [`EditUndo`] and [`EditStash`].
@@ -448,7 +519,7 @@ pub struct ShowResult {
 pub const ASK_PROGRESS: &str = "ask/progress";
 
 /// Params of [`Ask`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AskParams {
     /// Absolute directory the client runs in: selects the repository; focus paths start there.
@@ -466,6 +537,29 @@ pub struct AskParams {
     /// The asking shell's provider settings; each one set wins over the daemon's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<ProviderSettings>,
+    /// An editor's unsaved buffers: the model sees their text instead of the files' bytes, and
+    /// an edit to one comes back in [`AskResult::buffer_edits`] instead of being written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buffers: Vec<Buffer>,
+}
+
+/// An editor buffer's unsaved text, sent with an `ask`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Buffer {
+    /// Absolute, or relative to the ask's `cwd`; inside the repository.
+    pub path: String,
+    /// The buffer's full text.
+    pub text: String,
+}
+
+/// The text of an unsaved buffer after an `ask`'s edit, for the editor to apply (the file on
+/// disk is untouched).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferEdit {
+    /// Repository-relative.
+    pub path: String,
+    pub text: String,
 }
 
 /// Provider settings sent with an `ask` (from the client's `SPARK_PROVIDER_URL`, `SPARK_MODEL`,
@@ -529,7 +623,7 @@ pub enum AskEvent {
     /// Patch text as it streams (the apply_patch tool's input).
     Patch { delta: String },
     /// A file the streaming patch is about to touch.
-    PatchFile { path: String, op: String },
+    PatchFile { path: String, op: PatchOp },
     /// Output tokens so far.
     Tokens {
         output_tokens: u64,
@@ -551,6 +645,10 @@ pub struct AskResult {
     /// The diff applied (or proposed, for a dry run).
     pub diff: String,
     pub timings: AskTimings,
+    /// New text of each buffer sent in [`AskParams::buffers`] that the edit changed; those
+    /// files were not written (`edit` records only what was written to disk).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buffer_edits: Vec<BufferEdit>,
 }
 
 /// Where an `ask`'s time went, in milliseconds.
@@ -573,10 +671,179 @@ pub struct AskTimings {
     pub chained: bool,
 }
 
+/// Params of [`HistoryList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryListParams {
+    /// Absolute directory inside the repository; `path` starts there.
+    pub cwd: String,
+    /// One file's versions; without it, every snapshot of the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Only versions since then: a duration back from now (`10m`, `2h`, `3d`) or a time
+    /// (`2026-05-01T14:30:00Z`, an offset instead of `Z` is fine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// At most this many versions (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// Result of [`HistoryList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryListResult {
+    pub repo: String,
+    /// The file asked about, relative to the repository root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Newest first.
+    pub versions: Vec<HistoryVersion>,
+}
+
+/// One snapshot of the local history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryVersion {
+    /// The snapshot's id (hex; `history/restore` takes any unique prefix of 6 or more digits).
+    pub id: String,
+    /// Unix ms when it was taken.
+    pub at: u64,
+    /// Who prompted it: `watch` (a settled change on disk) or `edit` (right before spark wrote).
+    pub source: String,
+    /// The files that changed in it (only the asked-for file when a path was given).
+    pub files: Vec<HistoryFile>,
+}
+
+/// A file as one snapshot changed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryFile {
+    pub path: String,
+    /// `added`, `modified` or `deleted`; `kept` for a file as the oldest retained snapshot
+    /// holds it (its earlier history was pruned).
+    pub change: String,
+    /// Its size in bytes at this version (`None` when deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Lines added and removed against the previous version.
+    pub added: u32,
+    pub removed: u32,
+}
+
+/// Params of [`HistoryRestore`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRestoreParams {
+    /// Absolute directory inside the repository; `path` starts there.
+    pub cwd: String,
+    pub path: String,
+    /// A version id (6+ hex digits), a duration back from now (`10m`) or a time
+    /// (`2026-05-01T14:30:00Z`): the file as the newest snapshot at or before then held it.
+    pub at: String,
+    /// Show the diff; write nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Params of [`HistoryDiff`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryDiffParams {
+    /// Absolute directory inside the repository; `path` starts there.
+    pub cwd: String,
+    /// A duration back from now (`10m`) or a time, as for [`HistoryListParams::since`].
+    pub since: String,
+    /// Only this file, or the files under this directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// Result of [`HistoryDiff`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryDiffResult {
+    pub repo: String,
+    /// Unix ms of the snapshot the diff starts from (`None`: history starts later, and files
+    /// are compared with their committed version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    /// Paths that changed, in order.
+    pub files: Vec<String>,
+    /// A unified diff (`git diff` style) from then to the worktree now.
+    pub diff: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_listed_method_parses_to_its_own_variant() {
+        let mut seen = std::collections::HashSet::new();
+        for name in ClientRequest::NAMES {
+            assert!(seen.insert(name), "{name} listed twice");
+            // Wrong params are refused by that method's own parser, naming it.
+            let err = ClientRequest::parse(name, Some(json!([]))).expect_err("array params");
+            assert_eq!(err.code, ErrorCode::InvalidParams.code(), "{name}");
+            assert!(
+                err.message.contains(&format!("`{name}`")),
+                "{}",
+                err.message
+            );
+        }
+        let r = ClientRequest::parse("status", None).expect("absent params read as {}");
+        assert!(matches!(r, ClientRequest::Status(Empty {})));
+        assert_eq!(r.name(), Status::NAME);
+        let r = ClientRequest::parse("edit/show", Some(json!({"cwd": "/r", "id": "abc"})))
+            .expect("edit/show");
+        assert_eq!(r.name(), "edit/show");
+        let ClientRequest::EditShow(p) = r else {
+            panic!("edit/show parsed as {}", r.name());
+        };
+        assert_eq!(p.id.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn change_kinds_and_patch_ops_keep_their_wire_names() {
+        let names = |v: Vec<serde_json::Value>| -> Vec<String> {
+            v.into_iter()
+                .map(|v| v.as_str().expect("a string").to_owned())
+                .collect()
+        };
+        let changes = [FileChange::Added, FileChange::Modified, FileChange::Deleted];
+        let ops = [PatchOp::Add, PatchOp::Update, PatchOp::Delete];
+        assert_eq!(
+            names(changes.iter().map(|c| json!(c)).collect()),
+            ["added", "modified", "deleted"]
+        );
+        assert_eq!(
+            names(ops.iter().map(|o| json!(o)).collect()),
+            ["add", "update", "delete"]
+        );
+        let event: AskEvent =
+            serde_json::from_value(json!({"type": "patch_file", "path": "a.rs", "op": "update"}))
+                .expect("patch_file");
+        assert_eq!(
+            event,
+            AskEvent::PatchFile {
+                path: "a.rs".into(),
+                op: PatchOp::Update
+            }
+        );
+    }
+
+    #[test]
+    fn an_unknown_method_or_field_is_refused_with_its_name() {
+        let err = ClientRequest::parse("edit/frobnicate", None).expect_err("unknown");
+        assert_eq!(err.code, ErrorCode::MethodNotFound.code());
+        assert_eq!(err.message, "unknown method `edit/frobnicate`");
+        let err =
+            ClientRequest::parse("status", Some(json!({"verbose": true}))).expect_err("extra");
+        assert_eq!(err.code, ErrorCode::InvalidParams.code());
+        assert!(
+            err.message.starts_with("invalid params for `status`: "),
+            "{}",
+            err.message
+        );
+    }
 
     #[test]
     fn empty_params_accept_object_and_refuse_extra_fields() {
@@ -661,6 +928,48 @@ mod tests {
     }
 
     #[test]
+    fn buffers_are_optional_on_the_wire_and_strict() {
+        let p: AskParams = serde_json::from_value(json!({"cwd":"/r","prompt":"x"})).expect("de");
+        assert!(p.buffers.is_empty());
+        assert!(
+            !serde_json::to_value(&p)
+                .expect("ser")
+                .to_string()
+                .contains("buffers")
+        );
+        let p: AskParams = serde_json::from_value(json!({
+            "cwd":"/r","prompt":"x","buffers":[{"path":"src/a.rs","text":"fn a() {}\n"}]
+        }))
+        .expect("buffers");
+        assert_eq!(
+            p.buffers,
+            vec![Buffer {
+                path: "src/a.rs".into(),
+                text: "fn a() {}\n".into()
+            }]
+        );
+        assert!(
+            serde_json::from_value::<AskParams>(
+                json!({"cwd":"/r","prompt":"x","buffers":[{"path":"a","text":"","dirty":true}]})
+            )
+            .is_err(),
+            "an unknown buffer field is refused"
+        );
+        let r: AskResult = serde_json::from_value(json!({
+            "edit":null,"files":[],"answer":"","diff":"",
+            "timings":{"request_ms":0.0,"total_ms":0.0,"output_tokens":0,"bytes_sent":0,"chained":false}
+        }))
+        .expect("a result without buffer edits");
+        assert!(r.buffer_edits.is_empty());
+        assert!(
+            !serde_json::to_value(&r)
+                .expect("ser")
+                .to_string()
+                .contains("buffer_edits")
+        );
+    }
+
+    #[test]
     fn draft_params_take_only_cwd_and_provider() {
         let p: DraftParams = serde_json::from_value(json!({"cwd":"/r"})).expect("de");
         assert_eq!(p.provider, None);
@@ -702,6 +1011,12 @@ mod tests {
             }],
             sessions: vec![],
             cache: None,
+            provider_connections: vec![ProviderConnectionStatus {
+                url: "ws://127.0.0.1:1/v1/responses".into(),
+                connections: 1,
+                lanes: 10,
+                lanes_refused: false,
+            }],
         };
         let text = serde_json::to_string(&s).expect("ser");
         assert_eq!(serde_json::from_str::<StatusResult>(&text).expect("de"), s);

@@ -94,8 +94,13 @@ pub enum Item {
     Message(String),
     /// A `custom_tool_call` (freeform input, e.g. Codex's `apply_patch` grammar).
     CustomToolCall { name: String, input: String },
-    /// A JSON `function_call`; `arguments` is the JSON text streamed as deltas.
-    FunctionCall { name: String, arguments: String },
+    /// A JSON `function_call`; `arguments` is the JSON text streamed as deltas. `namespace`
+    /// names the `namespace` tool it belongs to (Codex groups each MCP server's tools in one).
+    FunctionCall {
+        name: String,
+        arguments: String,
+        namespace: Option<String>,
+    },
 }
 
 /// How a scripted response ends.
@@ -133,6 +138,9 @@ pub struct Turn {
     pub delta_chars: usize,
     /// Hold every event of the response until the test opens this gate.
     pub gate: Option<Gate>,
+    /// WebSocket mode: send the events before the first one of this `type`, then hold the
+    /// rest until the gate opens (a response stopped mid-stream at a known point).
+    pub hold_before: Option<(String, Gate)>,
 }
 
 /// Holds a scripted response back until the test opens it: lets a test act (e.g. edit a file)
@@ -179,7 +187,15 @@ impl Turn {
             drop_after: None,
             delta_chars: DEFAULT_DELTA_CHARS,
             gate: None,
+            hold_before: None,
         }
+    }
+
+    /// Stream this response up to (not including) its first event of type `event_type`, then
+    /// hold the rest until `gate` is opened. WebSocket mode only.
+    pub fn hold_before(mut self, event_type: impl Into<String>, gate: Gate) -> Turn {
+        self.hold_before = Some((event_type.into(), gate));
+        self
     }
 
     /// Hold this response until `gate` is opened.
@@ -222,6 +238,20 @@ impl Turn {
         Turn::items(vec![Item::FunctionCall {
             name: name.into(),
             arguments: arguments.into(),
+            namespace: None,
+        }])
+    }
+
+    /// A completed response with one function call of a tool in a `namespace` tool.
+    pub fn namespaced_function_call(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        arguments: impl Into<String>,
+    ) -> Turn {
+        Turn::items(vec![Item::FunctionCall {
+            name: name.into(),
+            arguments: arguments.into(),
+            namespace: Some(namespace.into()),
         }])
     }
 
@@ -347,6 +377,8 @@ pub struct Settings {
     /// Accept WebSocket upgrades, then close each socket with 1011 at its first request,
     /// before any event (as some gateways do); HTTP + SSE keeps working.
     pub drop_websocket_after_upgrade: bool,
+    /// `stream_id` lanes (see the lanes section below).
+    pub lanes: LaneSettings,
 }
 
 impl Default for Settings {
@@ -359,6 +391,7 @@ impl Default for Settings {
             in_flight: InFlightPolicy::Reject,
             keyless: false,
             drop_websocket_after_upgrade: false,
+            lanes: LaneSettings::default(),
         }
     }
 }
@@ -433,6 +466,18 @@ impl Script {
     /// Need no API key, like a local model server.
     pub fn keyless(mut self) -> Script {
         self.settings.keyless = true;
+        self
+    }
+
+    /// Refuse `stream_id` as an older service does (`unknown_parameter`).
+    pub fn refuse_lanes(mut self) -> Script {
+        self.settings.lanes.refuse = true;
+        self
+    }
+
+    /// At most `max` lanes with work (in flight or queued) per connection.
+    pub fn max_streams(mut self, max: usize) -> Script {
+        self.settings.lanes.max_streams = max;
         self
     }
 }
@@ -566,6 +611,8 @@ struct Shared {
     ws_open_now: AtomicUsize,
     /// Bumped to drop every open connection.
     kill: watch::Sender<u64>,
+    /// Every WebSocket event sent (lanes section).
+    sent: Mutex<Vec<SentEvent>>,
     /// Responses created with `store` true (the default): continuable from any connection.
     stored: Mutex<HashMap<String, Conversation>>,
     next_connection: AtomicU64,
@@ -589,6 +636,7 @@ impl FakeProvider {
             ws_opened: watch::Sender::new(0),
             ws_open_now: AtomicUsize::new(0),
             kill: watch::Sender::new(0),
+            sent: Mutex::new(Vec::new()),
             stored: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             next_id: AtomicU64::new(1),
@@ -1140,6 +1188,7 @@ enum Commit {
 #[derive(Debug)]
 struct Plan {
     gate: Option<Gate>,
+    hold_before: Option<(String, Gate)>,
     /// Events with their offsets from the request's arrival.
     events: Vec<(Duration, Value)>,
     /// Set for [`Outcome::Error`] turns: no events, just this error after `ttft`.
@@ -1265,6 +1314,7 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
     {
         return Plan {
             gate: turn.gate.clone(),
+            hold_before: None,
             events: Vec::new(),
             error: Some((turn.ttft, ApiError::scripted(*status, code, message))),
             drop_after: None,
@@ -1311,6 +1361,7 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
         w.emit(json!({ "type": "response.completed", "response": completed }));
         return Plan {
             gate: None,
+            hold_before: None,
             events: w.events,
             error: None,
             drop_after: None,
@@ -1401,13 +1452,20 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
                 pending.push((CallKind::Custom, call_id.clone()));
                 json!({ "id": id, "type": "custom_tool_call", "call_id": call_id, "name": name, "input": input })
             }
-            Item::FunctionCall { name, arguments } => {
+            Item::FunctionCall {
+                name,
+                arguments,
+                namespace,
+            } => {
                 let id = shared.next_id("fc");
                 let call_id = shared.next_id("call");
+                let mut added = json!({ "id": id, "type": "function_call", "status": "in_progress",
+                                        "arguments": "", "call_id": call_id, "name": name });
+                if let Some(ns) = namespace {
+                    added["namespace"] = json!(ns);
+                }
                 w.emit(json!({
-                    "type": "response.output_item.added", "output_index": index,
-                    "item": { "id": id, "type": "function_call", "status": "in_progress",
-                              "arguments": "", "call_id": call_id, "name": name },
+                    "type": "response.output_item.added", "output_index": index, "item": added,
                 }));
                 for piece in split_tokens(arguments, turn.delta_chars) {
                     w.clock = token_time(token);
@@ -1423,8 +1481,12 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
                 }));
                 calls.insert((CallKind::Function, call_id.clone()));
                 pending.push((CallKind::Function, call_id.clone()));
-                json!({ "id": id, "type": "function_call", "status": done_status,
-                        "arguments": arguments, "call_id": call_id, "name": name })
+                let mut done = json!({ "id": id, "type": "function_call", "status": done_status,
+                                       "arguments": arguments, "call_id": call_id, "name": name });
+                if let Some(ns) = namespace {
+                    done["namespace"] = json!(ns);
+                }
+                done
             }
         };
         w.emit(json!({ "type": "response.output_item.done", "output_index": index, "item": done_item }));
@@ -1468,6 +1530,7 @@ fn plan_turn(shared: &Shared, accepted: &Accepted, turn: &Turn, response_id: &st
     };
     Plan {
         gate: turn.gate.clone(),
+        hold_before: turn.hold_before.clone(),
         events: w.events,
         error: None,
         drop_after: turn.drop_after,
@@ -2041,23 +2104,76 @@ impl Drop for OpenGuard {
     }
 }
 
-/// One scheduled action of the response in flight.
+/// One scheduled action of a response in flight.
 #[derive(Debug)]
 enum Step {
     Send(Value),
-    /// Close the TCP connection without a close frame.
+    /// Close the TCP connection without a close frame (every lane dies with it).
     Drop,
-    /// The response is over: update the cache and start any queued request.
-    Commit(Commit),
+    /// The response is over: update its lane's cache and start the lane's next queued request.
+    Commit {
+        lane: String,
+        commit: Commit,
+    },
+    /// Flush what was sent and wait for the test to open the gate (holds the connection).
+    Hold(Gate),
 }
 
+/// One lane of a connection; the default lane ("", requests without `stream_id`) is the
+/// whole connection of the older guide.
 #[derive(Debug, Default)]
-struct WsState {
-    /// The connection-local cache: the most recent response only (the guide).
+struct LaneState {
+    /// The lane's most recent response (the connection-local cache, per lane).
     cache: Option<Conversation>,
-    schedule: VecDeque<(Instant, Step)>,
     in_flight: bool,
     queued: VecDeque<(usize, Value)>,
+}
+
+impl LaneState {
+    fn busy(&self) -> bool {
+        self.in_flight || !self.queued.is_empty()
+    }
+}
+
+/// A planned response waiting for its gate (named lanes only: the others keep running).
+#[derive(Debug)]
+struct Gated {
+    lane: String,
+    index: usize,
+    response_id: String,
+    plan: Plan,
+    generate: bool,
+}
+
+#[derive(Debug)]
+struct WsState {
+    connection: u64,
+    lanes: HashMap<String, LaneState>,
+    /// Every lane's steps, in time order (FIFO among equal times).
+    schedule: VecDeque<(Instant, Step)>,
+    gated: tokio::sync::mpsc::UnboundedSender<Gated>,
+}
+
+impl WsState {
+    fn lane(&mut self, lane: &str) -> &mut LaneState {
+        self.lanes.entry(lane.to_owned()).or_default()
+    }
+
+    fn schedule(&mut self, at: Instant, step: Step) {
+        let position = self.schedule.partition_point(|(t, _)| *t <= at);
+        self.schedule.insert(position, (at, step));
+    }
+
+    /// The cached response `previous_response_id` names, whichever lane holds it (naming
+    /// another lane's response forks that conversation onto the requesting lane).
+    fn cached(&self, body: &Value) -> Option<Conversation> {
+        let id = body.get("previous_response_id").and_then(Value::as_str)?;
+        self.lanes
+            .values()
+            .filter_map(|l| l.cache.as_ref())
+            .find(|c| c.response_id == id)
+            .cloned()
+    }
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -2079,7 +2195,13 @@ async fn until(at: Instant) {
 
 async fn serve_ws(shared: &Shared, mut ws: Ws, connection: u64) {
     let opened_at = Instant::now();
-    let mut state = WsState::default();
+    let (gated_tx, mut gated_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut state = WsState {
+        connection,
+        lanes: HashMap::new(),
+        schedule: VecDeque::new(),
+        gated: gated_tx,
+    };
     loop {
         let next_at = state.schedule.front().map(|(at, _)| *at);
         tokio::select! {
@@ -2088,6 +2210,9 @@ async fn serve_ws(shared: &Shared, mut ws: Ws, connection: u64) {
                 if let Flow::Stop = run_due_steps(shared, &mut ws, &mut state).await {
                     return;
                 }
+            }
+            Some(gated) = gated_rx.recv() => {
+                schedule_plan(shared, &mut state, gated);
             }
             message = ws.next() => {
                 let flow = match message {
@@ -2173,7 +2298,21 @@ async fn on_frame(
         shared.record(connection, Transport::WebSocket, text, bytes, outcome);
         return send_now(ws, &error.ws_event()).await;
     };
-    if state.in_flight {
+    let lane = match lane_of(&body, &settings.lanes) {
+        Ok(lane) => lane,
+        Err(error) => {
+            let outcome = RequestOutcome::Rejected {
+                status: error.status,
+                code: error.code.clone(),
+            };
+            shared.record(connection, Transport::WebSocket, text, bytes, outcome);
+            return send_now(ws, &error.ws_event()).await;
+        }
+    };
+    if !lane.is_empty() {
+        return on_lane_frame(shared, ws, state, lane, text, body).await;
+    }
+    if state.lane("").in_flight {
         match settings.in_flight {
             InFlightPolicy::Queue => {
                 let index = shared.record(
@@ -2183,7 +2322,7 @@ async fn on_frame(
                     bytes,
                     RequestOutcome::Queued,
                 );
-                state.queued.push_back((index, body));
+                state.lane("").queued.push_back((index, body));
                 return Flow::Continue;
             }
             InFlightPolicy::Reject => {
@@ -2209,18 +2348,20 @@ async fn on_frame(
         bytes,
         RequestOutcome::Queued,
     );
-    start_ws_request(shared, ws, state, index, body).await
+    start_ws_request(shared, ws, state, String::new(), index, body).await
 }
 
-/// Start one request: refuse it at once, or schedule its events.
+/// Start one request on `lane`: refuse it at once, or schedule its events.
 async fn start_ws_request(
     shared: &Shared,
     ws: &mut Ws,
     state: &mut WsState,
+    lane: String,
     index: usize,
     body: Value,
 ) -> Flow {
-    match start_request(shared, Transport::WebSocket, body, state.cache.as_ref()) {
+    let cache = state.cached(&body);
+    match start_request(shared, Transport::WebSocket, body, cache.as_ref()) {
         Err(refused) => {
             let (error, previous_id) = *refused;
             shared.set_outcome(
@@ -2231,61 +2372,113 @@ async fn start_ws_request(
                 },
             );
             evict(state, previous_id.as_deref());
-            send_now(ws, &error.ws_event()).await
+            let event = with_stream_id(error.ws_event(), &lane);
+            shared.record_sent(state.connection, &event);
+            send_now(ws, &event).await
         }
         Ok((response_id, plan, generate)) => {
-            if let Some(gate) = &plan.gate {
-                gate.wait().await;
-            }
-            let now = Instant::now();
-            state.in_flight = true;
-            if let Some((delay, error)) = plan.error {
-                shared.set_outcome(
-                    index,
-                    RequestOutcome::Rejected {
-                        status: error.status,
-                        code: error.code.clone(),
-                    },
-                );
-                state
-                    .schedule
-                    .push_back((now + delay, Step::Send(error.ws_event())));
-                state
-                    .schedule
-                    .push_back((now + delay, Step::Commit(plan.commit)));
-                return Flow::Continue;
-            }
-            let outcome = if generate {
-                RequestOutcome::Response { id: response_id }
-            } else {
-                RequestOutcome::Prewarm { id: response_id }
+            state.lane(&lane).in_flight = true;
+            let gated = Gated {
+                lane,
+                index,
+                response_id,
+                plan,
+                generate,
             };
-            shared.set_outcome(index, outcome);
-            if plan.drop_after == Some(0) {
-                state.schedule.push_back((now, Step::Drop));
-                return Flow::Continue;
-            }
-            let mut last = now;
-            for (n, (offset, event)) in plan.events.into_iter().enumerate() {
-                last = now + offset;
-                state.schedule.push_back((last, Step::Send(event)));
-                if plan.drop_after.is_some_and(|limit| n + 1 >= limit) {
-                    state.schedule.push_back((last, Step::Drop));
-                    return Flow::Continue;
+            match gated.plan.gate.clone() {
+                // The default lane is the whole connection: holding it holds everything.
+                Some(gate) if gated.lane.is_empty() => {
+                    gate.wait().await;
+                    schedule_plan(shared, state, gated);
                 }
+                Some(gate) => {
+                    let tx = state.gated.clone();
+                    tokio::spawn(async move {
+                        gate.wait().await;
+                        let _ = tx.send(gated);
+                    });
+                }
+                None => schedule_plan(shared, state, gated),
             }
-            state.schedule.push_back((last, Step::Commit(plan.commit)));
             Flow::Continue
         }
     }
 }
 
+/// Schedule a started response's events from now on.
+fn schedule_plan(shared: &Shared, state: &mut WsState, gated: Gated) {
+    let Gated {
+        lane,
+        index,
+        response_id,
+        plan,
+        generate,
+    } = gated;
+    let now = Instant::now();
+    if let Some((delay, error)) = plan.error {
+        shared.set_outcome(
+            index,
+            RequestOutcome::Rejected {
+                status: error.status,
+                code: error.code.clone(),
+            },
+        );
+        let event = with_stream_id(error.ws_event(), &lane);
+        state.schedule(now + delay, Step::Send(event));
+        state.schedule(
+            now + delay,
+            Step::Commit {
+                lane,
+                commit: plan.commit,
+            },
+        );
+        return;
+    }
+    let outcome = if generate {
+        RequestOutcome::Response { id: response_id }
+    } else {
+        RequestOutcome::Prewarm { id: response_id }
+    };
+    shared.set_outcome(index, outcome);
+    if plan.drop_after == Some(0) {
+        state.schedule(now, Step::Drop);
+        return;
+    }
+    let mut last = now;
+    let mut hold = plan.hold_before;
+    for (n, (offset, event)) in plan.events.into_iter().enumerate() {
+        last = now + offset;
+        if hold
+            .as_ref()
+            .is_some_and(|(ty, _)| event.get("type").and_then(Value::as_str) == Some(ty))
+            && let Some((_, gate)) = hold.take()
+        {
+            state.schedule(last, Step::Hold(gate));
+        }
+        state.schedule(last, Step::Send(with_stream_id(event, &lane)));
+        if plan.drop_after.is_some_and(|limit| n + 1 >= limit) {
+            state.schedule(last, Step::Drop);
+            return;
+        }
+    }
+    state.schedule(
+        last,
+        Step::Commit {
+            lane,
+            commit: plan.commit,
+        },
+    );
+}
+
 fn evict(state: &mut WsState, previous_id: Option<&str>) {
     // The guide: a failed turn evicts the referenced previous_response_id from the cache.
-    if let Some(id) = previous_id
-        && state.cache.as_ref().is_some_and(|c| c.response_id == id)
-    {
-        state.cache = None;
+    let Some(id) = previous_id else {
+        return;
+    };
+    for lane in state.lanes.values_mut() {
+        if lane.cache.as_ref().is_some_and(|c| c.response_id == id) {
+            lane.cache = None;
+        }
     }
 }
 
@@ -2298,6 +2491,7 @@ async fn run_due_steps(shared: &Shared, ws: &mut Ws, state: &mut WsState) -> Flo
         };
         match step {
             Step::Send(event) => {
+                shared.record_sent(state.connection, &event);
                 // Batch everything due into one flush.
                 if ws.feed(Message::text(event.to_string())).await.is_err() {
                     return Flow::Stop;
@@ -2308,7 +2502,14 @@ async fn run_due_steps(shared: &Shared, ws: &mut Ws, state: &mut WsState) -> Flo
                 let _ = ws.flush().await;
                 return Flow::Stop;
             }
-            Step::Commit(commit) => {
+            Step::Hold(gate) => {
+                if ws.flush().await.is_err() {
+                    return Flow::Stop;
+                }
+                wrote = false;
+                gate.wait().await;
+            }
+            Step::Commit { lane, commit } => {
                 match commit {
                     Commit::Keep {
                         conversation,
@@ -2317,21 +2518,24 @@ async fn run_due_steps(shared: &Shared, ws: &mut Ws, state: &mut WsState) -> Flo
                         if store {
                             shared.store(&conversation);
                         }
-                        state.cache = Some(conversation);
+                        state.lane(&lane).cache = Some(conversation);
                     }
                     Commit::Evict { previous_id } => evict(state, previous_id.as_deref()),
                 }
-                state.in_flight = false;
+                state.lane(&lane).in_flight = false;
                 if wrote && ws.flush().await.is_err() {
                     return Flow::Stop;
                 }
                 wrote = false;
-                // Run queued requests; refusals answer at once, a started one schedules events.
-                while !state.in_flight {
-                    let Some((index, body)) = state.queued.pop_front() else {
+                // Run the lane's queued requests, in order; refusals answer at once, a started
+                // one schedules events.
+                while !state.lane(&lane).in_flight {
+                    let Some((index, body)) = state.lane(&lane).queued.pop_front() else {
                         break;
                     };
-                    if let Flow::Stop = start_ws_request(shared, ws, state, index, body).await {
+                    if let Flow::Stop =
+                        start_ws_request(shared, ws, state, lane.clone(), index, body).await
+                    {
                         return Flow::Stop;
                     }
                 }
@@ -2343,6 +2547,197 @@ async fn run_due_steps(shared: &Shared, ws: &mut Ws, state: &mut WsState) -> Flo
         return Flow::Stop;
     }
     Flow::Continue
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanes: `stream_id` multiplexing (the current WebSocket-mode guide)
+// ---------------------------------------------------------------------------------------------
+//
+// Rules served here (docs/protocol.md, "Provider lanes", says which come from the guide and
+// which are assumptions):
+// - `stream_id` on `response.create` names a lane; lanes of one connection run in parallel,
+//   requests of one lane strictly in order (a request on a busy lane is queued, FIFO);
+// - every event of a lane's response, errors included, echoes its `stream_id`; errors about
+//   the connection itself (its lifetime) carry none;
+// - `previous_response_id` may name the most recent response of any lane of the connection:
+//   naming another lane's forks that conversation onto the requesting lane;
+// - limits: at most `max_streams` lanes with work at once (`stream_limit_reached`), at most
+//   `max_queued_per_stream` requests waiting on one lane (`stream_queue_full`), and a
+//   `stream_id` is 1–64 characters of `[A-Za-z0-9_.:-]` (`invalid_value`);
+// - `refuse`: an older service, for which `stream_id` is an `unknown_parameter`.
+
+/// The assumed per-connection lane limits (the stored guide names the errors, not numbers).
+pub const DEFAULT_MAX_STREAMS: usize = 32;
+pub const DEFAULT_MAX_QUEUED_PER_STREAM: usize = 16;
+const MAX_STREAM_ID_CHARS: usize = 64;
+
+/// How the fake treats `stream_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneSettings {
+    /// Answer `stream_id` with `unknown_parameter`, as a service predating lanes does.
+    pub refuse: bool,
+    pub max_streams: usize,
+    pub max_queued_per_stream: usize,
+}
+
+impl Default for LaneSettings {
+    fn default() -> LaneSettings {
+        LaneSettings {
+            refuse: false,
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_queued_per_stream: DEFAULT_MAX_QUEUED_PER_STREAM,
+        }
+    }
+}
+
+/// One event the fake sent over WebSocket mode.
+#[derive(Debug, Clone)]
+pub struct SentEvent {
+    pub connection: u64,
+    pub stream_id: Option<String>,
+    pub kind: String,
+}
+
+impl FakeProvider {
+    /// Every WebSocket event sent so far, in order.
+    pub fn sent_events(&self) -> Vec<SentEvent> {
+        lock(&self.shared.sent).clone()
+    }
+
+    /// Refuse (or accept again) `stream_id` from now on.
+    pub fn set_refuse_lanes(&self, refuse: bool) {
+        self.update_settings(|s| s.lanes.refuse = refuse);
+    }
+}
+
+impl Recorded {
+    /// The lane this request was sent on (`None`: the default lane).
+    pub fn stream_id(&self) -> Option<&str> {
+        self.json.get("stream_id").and_then(Value::as_str)
+    }
+}
+
+impl Shared {
+    fn record_sent(&self, connection: u64, event: &Value) {
+        lock(&self.sent).push(SentEvent {
+            connection,
+            stream_id: event
+                .get("stream_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            kind: event
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+        });
+    }
+}
+
+impl ApiError {
+    fn lane(status: u16, code: &str, message: String) -> ApiError {
+        ApiError {
+            status,
+            ..ApiError::invalid(Some(code), message, Some("stream_id"))
+        }
+    }
+}
+
+/// The lane a request names ("" for none), or why it is refused.
+fn lane_of(body: &Value, settings: &LaneSettings) -> Result<String, ApiError> {
+    let Some(id) = body.get("stream_id") else {
+        return Ok(String::new());
+    };
+    if settings.refuse {
+        return Err(ApiError::invalid(
+            Some("unknown_parameter"),
+            "Unknown parameter: 'stream_id'.",
+            Some("stream_id"),
+        ));
+    }
+    let valid = id.as_str().filter(|s| {
+        (1..=MAX_STREAM_ID_CHARS).contains(&s.chars().count())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
+    });
+    match valid {
+        Some(s) => Ok(s.to_owned()),
+        None => Err(ApiError::lane(
+            400,
+            "invalid_value",
+            format!(
+                "Invalid 'stream_id': expected 1 to {MAX_STREAM_ID_CHARS} characters of letters, digits, '_', '.', ':' or '-'."
+            ),
+        )),
+    }
+}
+
+fn with_stream_id(mut event: Value, lane: &str) -> Value {
+    if !lane.is_empty()
+        && let Some(object) = event.as_object_mut()
+    {
+        object.insert("stream_id".to_owned(), json!(lane));
+    }
+    event
+}
+
+/// A `response.create` on a named lane: run it now, queue it behind the lane's work, or
+/// refuse it over a limit.
+async fn on_lane_frame(
+    shared: &Shared,
+    ws: &mut Ws,
+    state: &mut WsState,
+    lane: String,
+    text: String,
+    body: Value,
+) -> Flow {
+    let bytes = text.len();
+    let limits = shared.settings().lanes;
+    let busy_lanes = state.lanes.values().filter(|l| l.busy()).count();
+    let this = state.lane(&lane);
+    let refusal = if this.busy() && this.queued.len() >= limits.max_queued_per_stream {
+        Some(ApiError::lane(
+            429,
+            "stream_queue_full",
+            format!(
+                "Stream '{lane}' already has {} requests waiting; wait for its responses to finish.",
+                limits.max_queued_per_stream
+            ),
+        ))
+    } else if !this.busy() && busy_lanes >= limits.max_streams {
+        Some(ApiError::lane(
+            429,
+            "stream_limit_reached",
+            format!(
+                "This connection already has {} active streams; wait for one to finish or open another connection.",
+                limits.max_streams
+            ),
+        ))
+    } else {
+        None
+    };
+    if let Some(error) = refusal {
+        let outcome = RequestOutcome::Rejected {
+            status: error.status,
+            code: error.code.clone(),
+        };
+        shared.record(state.connection, Transport::WebSocket, text, bytes, outcome);
+        let event = with_stream_id(error.ws_event(), &lane);
+        shared.record_sent(state.connection, &event);
+        return send_now(ws, &event).await;
+    }
+    let index = shared.record(
+        state.connection,
+        Transport::WebSocket,
+        text,
+        bytes,
+        RequestOutcome::Queued,
+    );
+    if state.lane(&lane).busy() {
+        state.lane(&lane).queued.push_back((index, body));
+        return Flow::Continue;
+    }
+    start_ws_request(shared, ws, state, lane, index, body).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3202,5 +3597,142 @@ mod tests {
         assert_eq!(split_tokens("abcdefghi", 4), ["abcd", "efgh", "i"]);
         assert_eq!(split_tokens("ééééé", 2), ["éé", "éé", "é"]);
         assert!(split_tokens("", 4).is_empty());
+    }
+
+    // --- lanes (`stream_id`) ---
+
+    fn on_lane(lane: &str, previous: Option<&str>, input: Vec<Value>) -> Value {
+        let mut body = create(previous, input);
+        body["stream_id"] = json!(lane);
+        body
+    }
+
+    /// Events of one connection up to the terminal event of every lane in `lanes`.
+    async fn until_lanes_done(ws: &mut Client, lanes: &[&str]) -> Vec<Value> {
+        let mut events = Vec::new();
+        let mut open: Vec<&str> = lanes.to_vec();
+        while !open.is_empty() {
+            let event = next_event(ws).await.expect("connection ended early");
+            let kind = event["type"].as_str().unwrap_or_default();
+            if matches!(
+                kind,
+                "response.completed" | "response.failed" | "response.incomplete" | "error"
+            ) {
+                let lane = event["stream_id"].as_str().unwrap_or_default();
+                open.retain(|l| *l != lane);
+            }
+            events.push(event);
+        }
+        events
+    }
+
+    #[tokio::test]
+    async fn lanes_run_in_parallel_on_one_connection_and_echo_their_stream_id() {
+        let gate = Gate::new();
+        let script = Script::new()
+            .turn(Turn::text("held answer").with_gate(gate.clone()))
+            .turn(Turn::text("quick answer"));
+        let provider = FakeProvider::start(script).await;
+        let mut ws = connect(&provider).await;
+        send(&mut ws, &on_lane("a", None, vec![user("slow one")])).await;
+        provider.wait_for_requests(1).await;
+        send(&mut ws, &on_lane("b", None, vec![user("quick one")])).await;
+        // Lane b completes while lane a is held: lanes do not wait for each other.
+        let b = until_lanes_done(&mut ws, &["b"]).await;
+        assert!(b.iter().all(|e| e["stream_id"] == "b"), "{b:?}");
+        assert_eq!(last_item(&b)["content"][0]["text"], "quick answer");
+        gate.open();
+        let a = until_lanes_done(&mut ws, &["a"]).await;
+        assert!(a.iter().all(|e| e["stream_id"] == "a"), "{a:?}");
+        assert_eq!(last_item(&a)["content"][0]["text"], "held answer");
+        assert_eq!(provider.connections_opened(), 1);
+        let sent = provider.sent_events();
+        let first_a = sent
+            .iter()
+            .position(|e| e.stream_id.as_deref() == Some("a"));
+        let last_b = sent
+            .iter()
+            .rposition(|e| e.stream_id.as_deref() == Some("b"));
+        assert!(last_b < first_a, "b answered before a's first event");
+    }
+
+    #[tokio::test]
+    async fn one_lane_runs_its_requests_in_order_and_forks_across_lanes() {
+        let script = Script::new()
+            .turn(Turn::text("first").with_tokens_per_sec(2000.0))
+            .turn(Turn::text("second"))
+            .turn(Turn::text("forked"));
+        let provider = FakeProvider::start(script).await;
+        let mut ws = connect(&provider).await;
+        send(&mut ws, &on_lane("a", None, vec![user("one")])).await;
+        send(&mut ws, &on_lane("a", None, vec![user("two")])).await;
+        let first = until_terminal(&mut ws).await;
+        let second = until_terminal(&mut ws).await;
+        assert_eq!(last_item(&first)["content"][0]["text"], "first");
+        assert_eq!(last_item(&second)["content"][0]["text"], "second");
+        let requests = provider.wait_for_requests(2).await;
+        assert!(matches!(
+            requests[1].outcome,
+            RequestOutcome::Response { .. }
+        ));
+        // Lane b continues lane a's conversation: a fork, served from the connection cache.
+        let head = response_id(&second);
+        send(&mut ws, &on_lane("b", Some(&head), vec![user("three")])).await;
+        let forked = until_terminal(&mut ws).await;
+        assert_eq!(forked.last().expect("terminal")["stream_id"], "b");
+        let usage = &forked.last().expect("terminal")["response"]["usage"];
+        assert!(usage["input_tokens_details"]["cached_tokens"].as_u64() > Some(0));
+        // A new connection has no lane caches.
+        let mut other = connect(&provider).await;
+        send(&mut other, &on_lane("b", Some(&head), vec![user("four")])).await;
+        let refused = until_terminal(&mut other).await;
+        assert_eq!(refused[0]["error"]["code"], "previous_response_not_found");
+        assert_eq!(refused[0]["stream_id"], "b");
+    }
+
+    #[tokio::test]
+    async fn lane_limits_and_the_refusing_service() {
+        let gate = Gate::new();
+        let script = Script::new()
+            .max_streams(1)
+            .turn(Turn::text("held").with_gate(gate.clone()));
+        let provider = FakeProvider::start(script).await;
+        provider.update_settings(|s| s.lanes.max_queued_per_stream = 1);
+        let mut ws = connect(&provider).await;
+        send(&mut ws, &on_lane("a", None, vec![user("one")])).await;
+        send(&mut ws, &on_lane("b", None, vec![user("two")])).await;
+        let over = next_event(&mut ws).await.expect("error");
+        assert_eq!(over["error"]["code"], "stream_limit_reached");
+        assert_eq!(over["stream_id"], "b");
+        send(&mut ws, &on_lane("a", None, vec![user("queued")])).await;
+        send(&mut ws, &on_lane("a", None, vec![user("too many")])).await;
+        let full = next_event(&mut ws).await.expect("error");
+        assert_eq!(full["error"]["code"], "stream_queue_full");
+        send(&mut ws, &on_lane("no spaces", None, vec![user("bad")])).await;
+        let bad = next_event(&mut ws).await.expect("error");
+        assert_eq!(
+            (
+                bad["error"]["code"].as_str(),
+                bad["error"]["param"].as_str()
+            ),
+            (Some("invalid_value"), Some("stream_id"))
+        );
+        gate.open();
+        until_lanes_done(&mut ws, &["a"]).await;
+        until_lanes_done(&mut ws, &["a"]).await;
+
+        provider.set_refuse_lanes(true);
+        send(&mut ws, &on_lane("a", None, vec![user("old service")])).await;
+        let refused = next_event(&mut ws).await.expect("error");
+        assert_eq!(refused["error"]["code"], "unknown_parameter");
+        assert_eq!(refused["error"]["param"], "stream_id");
+        assert!(refused.get("stream_id").is_none(), "{refused}");
+        // Without a lane the older service answers as before.
+        send(&mut ws, &create(None, vec![user("plain")])).await;
+        let plain = until_terminal(&mut ws).await;
+        assert_eq!(
+            plain.last().expect("terminal")["type"],
+            "response.completed"
+        );
     }
 }

@@ -4,12 +4,14 @@
 //! - [`InProcess`]: `sparkd` running inside the test process on its own runtime thread.
 //! - [`bin`]: the real `sparkd` / `sparkctl` binaries, built on demand when missing.
 //! - [`Ctl`]: runs `sparkctl` in a hermetic environment and stops any daemon it started.
-//! - [`TestRepo`]: a hermetic git repository; [`snapshot`] proves nothing changed on disk.
+//! - [`TestRepo`], [`hermetic_git`], [`snapshot`]: from the shared test kit (`spark-testkit`).
 //! - [`fake_provider`]: a Responses-API provider on loopback (WebSocket mode and HTTP + SSE).
 //! - [`fake_chat`]: an OpenAI chat-completions endpoint for peers that speak only that (aider).
 
 pub mod fake_chat;
 pub mod fake_provider;
+pub mod fault_proxy;
+pub mod kill_rounds;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
@@ -19,6 +21,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use spark_proto::layout::Layout;
+pub use spark_testkit::{
+    TestRepo, git_ok, hermetic, hermetic_git, output_with_stdin, snapshot, stderr, stdout,
+};
 use sparkctl::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +38,17 @@ impl Home {
         let dir = tempfile::Builder::new()
             .prefix("sp")
             .tempdir_in("/tmp")
+            .expect("create temp SPARK_HOME");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod SPARK_HOME");
+        Home { dir }
+    }
+
+    /// A `SPARK_HOME` inside `parent` (a test's own filesystem, say).
+    pub fn in_dir(parent: &Path) -> Home {
+        let dir = tempfile::Builder::new()
+            .prefix("sp")
+            .tempdir_in(parent)
             .expect("create temp SPARK_HOME");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
             .expect("chmod SPARK_HOME");
@@ -264,134 +280,6 @@ pub fn wait_dead(pid: i32, limit: Duration) -> bool {
     sparkctl::autostart::wait_exit(pid, limit) || !pid_alive(pid)
 }
 
-/// Text of a process's stderr, for assertions.
-pub fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Text of a process's stdout.
-pub fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A hermetic git repository in a temporary directory: no global or system git config.
-#[derive(Debug)]
-pub struct TestRepo {
-    dir: tempfile::TempDir,
-}
-
-impl TestRepo {
-    /// `git init` with a local identity; no commits yet.
-    pub fn empty() -> TestRepo {
-        let dir = tempfile::Builder::new()
-            .prefix("repo")
-            .tempdir_in("/tmp")
-            .expect("temp repo");
-        let r = TestRepo { dir };
-        r.git(&["init", "-q", "-b", "main"]);
-        r.git(&["config", "user.name", "Spark Test"]);
-        r.git(&["config", "user.email", "test@spark.invalid"]);
-        r
-    }
-
-    /// A repository with one commit holding `files`.
-    pub fn with_files(files: &[(&str, &[u8])]) -> TestRepo {
-        let r = TestRepo::empty();
-        for (path, bytes) in files {
-            r.write(path, bytes);
-        }
-        r.git(&["add", "-A"]);
-        r.git(&["commit", "-q", "-m", "initial"]);
-        r
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    pub fn cwd(&self) -> String {
-        self.path().display().to_string()
-    }
-
-    pub fn write(&self, rel: &str, bytes: &[u8]) {
-        let p = self.path().join(rel);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).expect("mkdir");
-        }
-        std::fs::write(p, bytes).expect("write file");
-    }
-
-    pub fn read(&self, rel: &str) -> Vec<u8> {
-        std::fs::read(self.path().join(rel)).expect("read file")
-    }
-
-    pub fn exists(&self, rel: &str) -> bool {
-        self.path().join(rel).exists()
-    }
-
-    /// Run git in the repository; panics with its stderr on failure.
-    pub fn git(&self, args: &[&str]) -> String {
-        let out = self.git_output(args);
-        assert!(
-            out.status.success(),
-            "git {args:?} failed: {}",
-            stderr(&out)
-        );
-        stdout(&out)
-    }
-
-    pub fn git_output(&self, args: &[&str]) -> Output {
-        hermetic_git(self.path())
-            .args(args)
-            .output()
-            .expect("run git")
-    }
-}
-
-/// `git` with no user or system configuration, in `dir`.
-pub fn hermetic_git(dir: &Path) -> Command {
-    let mut cmd = Command::new("git");
-    cmd.current_dir(dir)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE");
-    cmd
-}
-
-/// Every file under `dir` (`.git` included) with its bytes and mode: compare two snapshots to
-/// prove nothing changed.
-pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, (u32, Vec<u8>)> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            let rel = p
-                .strip_prefix(dir)
-                .expect("under dir")
-                .display()
-                .to_string();
-            let meta = std::fs::symlink_metadata(&p).expect("metadata");
-            let mode = meta.permissions().mode();
-            if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(&p).expect("readlink");
-                out.insert(rel, (mode, target.display().to_string().into_bytes()));
-            } else if meta.is_dir() {
-                out.insert(format!("{rel}/"), (mode, Vec::new()));
-                stack.push(p);
-            } else {
-                out.insert(rel, (mode, std::fs::read(&p).unwrap_or_default()));
-            }
-        }
-    }
-    out
-}
-
 /// The fake provider on its own runtime, for synchronous tests; plus a daemon pointed at it.
 #[derive(Debug)]
 pub struct Provider {
@@ -413,6 +301,17 @@ impl Provider {
     /// Block until the provider has received `n` requests in all; returns them.
     pub fn wait_for_requests(&self, n: usize) -> Vec<fake_provider::Recorded> {
         self.rt.block_on(self.fake.wait_for_requests(n))
+    }
+
+    /// As [`Provider::wait_for_requests`], giving up (`None`) after `limit`.
+    pub fn wait_for_requests_within(
+        &self,
+        n: usize,
+        limit: Duration,
+    ) -> Option<Vec<fake_provider::Recorded>> {
+        self.rt
+            .block_on(async { tokio::time::timeout(limit, self.fake.wait_for_requests(n)).await })
+            .ok()
     }
 
     /// A daemon configured to use this provider over WebSocket (`ws`) or HTTP + SSE.

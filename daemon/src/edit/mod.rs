@@ -21,12 +21,13 @@ pub(crate) mod record;
 #[cfg(test)]
 mod proptests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use git2::{Oid, Repository};
 use spark_proto::ErrorCode;
 use spark_proto::RpcError;
+use spark_proto::methods::{self as wire, FileChangeSummary};
 
 use journal::{Durability, Failpoint, Operation, Write1};
 use ledger::EventKind;
@@ -110,6 +111,8 @@ pub(crate) enum EditError {
     ExternalFilter { path: String, filter: String },
     #[error("recording failed, so the change was taken back and nothing changed: {source}")]
     NotRecorded { source: Box<EditError> },
+    #[error("refusing to {op} {path}: it has unsaved changes in the editor; nothing was written")]
+    UnsavedBuffer { path: String, op: &'static str },
     #[error(
         "recording failed ({source}), and putting the files back failed ({restore}); the daemon's next start puts them back"
     )]
@@ -263,7 +266,10 @@ impl EditError {
                     "undo the conflicting lines by hand, or use `git stash show -p <id>` to see the edit",
                 ),
             ),
-            EditError::Io { .. } => (ErrorCode::Internal, "io".into(), None, None),
+            EditError::Io { source, .. } => {
+                let (kind, hint) = io_kind(source);
+                (ErrorCode::Internal, kind.into(), None, Some(hint))
+            }
             EditError::Git { .. } => (ErrorCode::Internal, "git".into(), None, None),
             EditError::Internal(_) => (ErrorCode::Internal, "internal".into(), None, None),
             EditError::Locked { hint, .. } => (
@@ -284,6 +290,12 @@ impl EditError {
                 Some(path.clone()),
                 Some("edit the file yourself, or remove the filter attribute for it"),
             ),
+            EditError::UnsavedBuffer { path, .. } => (
+                ErrorCode::EditRejected,
+                "unsaved_buffer".into(),
+                Some(path.clone()),
+                Some("save the buffer, then ask again"),
+            ),
             EditError::NotRecorded { .. } => (
                 ErrorCode::Internal,
                 "not_recorded".into(),
@@ -299,7 +311,13 @@ impl EditError {
                 ),
             ),
         };
-        let mut e = RpcError::new(code, self.to_string()).with_kind(kind);
+        // Every operation is all-or-nothing: a filesystem error reaching the client left the
+        // worktree as it was (a failed take-back is `NotRestored`, not this).
+        let message = match self {
+            EditError::Io { .. } => format!("{self}; nothing was changed"),
+            _ => self.to_string(),
+        };
+        let mut e = RpcError::new(code, message).with_kind(kind);
         if let Some(p) = path {
             e = e.with_path(p);
         }
@@ -310,12 +328,51 @@ impl EditError {
     }
 }
 
+/// The wire `kind` and hint of a filesystem error: the faults a user can fix get their own.
+fn io_kind(e: &std::io::Error) -> (&'static str, &'static str) {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => (
+            "disk_full",
+            "the filesystem is full (or a quota is reached): free some space, then retry",
+        ),
+        ErrorKind::ReadOnlyFilesystem => (
+            "read_only_filesystem",
+            "the filesystem is mounted read-only: remount it read-write, then retry",
+        ),
+        ErrorKind::PermissionDenied => (
+            "permission_denied",
+            "the daemon runs as you: check the permissions of the file and its directory",
+        ),
+        _ => (
+            "io",
+            "see the daemon log (`sparkctl status` shows where), then retry",
+        ),
+    }
+}
+
 /// Daemon-wide settings of the engine.
 #[derive(Debug, Clone)]
 pub(crate) struct EditEnv {
     pub(crate) journal_dir: PathBuf,
     pub(crate) durability: Durability,
     pub(crate) failpoint: Failpoint,
+    /// Local history's settings: the engine snapshots files right before it writes them.
+    pub(crate) history: crate::history::HistoryEnv,
+}
+
+impl EditEnv {
+    /// The engine's settings from the daemon's configuration.
+    pub(crate) fn from_config(config: &crate::Config) -> Self {
+        Self {
+            journal_dir: config.layout.state_dir.join("journal"),
+            durability: Durability {
+                fsync: config.fsync,
+            },
+            failpoint: Failpoint(config.failpoint.clone()),
+            history: crate::history::HistoryEnv::from_config(config),
+        }
+    }
 }
 
 /// One repository as the engine sees it.
@@ -337,15 +394,9 @@ pub(crate) struct ApplyRequest {
     /// The content the patch was computed against, per repo-relative path (what the model saw);
     /// files not listed use their content at apply time.
     pub(crate) bases: HashMap<String, Vec<u8>>,
-}
-
-/// A file touched by an edit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct FileSummary {
-    pub(crate) path: String,
-    pub(crate) change: &'static str,
-    pub(crate) added: u32,
-    pub(crate) removed: u32,
+    /// Unsaved editor buffers (repo-relative path → text): the patch applies to this text in
+    /// place of the file's, and the result goes to [`Outcome::buffer_edits`], not to disk.
+    pub(crate) buffers: HashMap<String, Vec<u8>>,
 }
 
 /// What an apply, undo or stash did.
@@ -353,10 +404,12 @@ pub(crate) struct FileSummary {
 pub(crate) struct Outcome {
     /// Short id of the edit (None for a dry run or a no-op).
     pub(crate) edit: Option<String>,
-    pub(crate) files: Vec<FileSummary>,
+    pub(crate) files: Vec<FileChangeSummary>,
     pub(crate) diff: String,
     /// Each written file's new content (`None` = deleted).
     pub(crate) after: Vec<(String, Option<Vec<u8>>)>,
+    /// New text of each unsaved buffer the apply changed (not written, not recorded).
+    pub(crate) buffer_edits: Vec<(String, Vec<u8>)>,
 }
 
 /// Parse, check and (unless dry-run) apply and record a patch.
@@ -378,6 +431,9 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                         }
                         Err(e) => return Err(e),
                     };
+                if before.is_some() {
+                    refuse_buffer(req, rel.as_str(), "replace")?;
+                }
                 let mode = before.as_ref().map_or(0o100644, |b: &FileState| b.mode);
                 writes.push(Write1 {
                     path: rel.as_str().to_owned(),
@@ -387,6 +443,7 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             }
             patch::FileOp::Delete { path } => {
                 let (_, rel) = resolve(&mut targets, &req.cwd_prefix, path, Intent::Delete)?;
+                refuse_buffer(req, rel.as_str(), "delete")?;
                 let current = read_text(ctx, &rel)?;
                 refuse_lfs_pointer(ctx, &rel, &current)?;
                 writes.push(Write1 {
@@ -401,8 +458,14 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
                 chunks,
             } => {
                 let (written, rel) = resolve(&mut targets, &req.cwd_prefix, path, Intent::Modify)?;
-                let current = read_text(ctx, &rel)?;
+                let mut current = read_text(ctx, &rel)?;
                 refuse_lfs_pointer(ctx, &rel, &current)?;
+                if let Some(text) = req.buffers.get(rel.as_str()) {
+                    if move_to.is_some() {
+                        refuse_buffer(req, rel.as_str(), "move")?;
+                    }
+                    current.bytes = text.clone();
+                }
                 // The model saw the file under the name it was given, which may go through a
                 // symlinked directory.
                 let base = req
@@ -456,6 +519,61 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             });
         }
     }
+    land(
+        ctx,
+        writes,
+        req.dry_run,
+        &req.source,
+        &req.message,
+        &req.buffers,
+    )
+}
+
+/// Put one file (repo-relative `rel`) in the given state, through the same checks, journal,
+/// record and ledger as an apply: `history/restore`, so `edit/undo` reverts it.
+pub(crate) fn write_file(
+    ctx: &RepoCtx<'_>,
+    rel: &RelPath,
+    bytes: Vec<u8>,
+    mode: u32,
+    dry_run: bool,
+    source: &str,
+    message: &str,
+) -> Result<Outcome, EditError> {
+    let mut targets = paths::Targets::new(ctx.workdir, ctx.repo);
+    let exists = std::fs::symlink_metadata(ctx.workdir.join(rel.to_path())).is_ok();
+    let intent = if exists {
+        Intent::Modify
+    } else {
+        Intent::Create
+    };
+    let real = targets.check_real(rel, intent)?;
+    let before = if exists {
+        let current = read_text(ctx, &real)?;
+        refuse_lfs_pointer(ctx, &real, &current)?;
+        Some(current)
+    } else {
+        None
+    };
+    let writes = vec![Write1 {
+        path: real.as_str().to_owned(),
+        before,
+        after: Some(FileState { bytes, mode }),
+    }];
+    land(ctx, writes, dry_run, source, message, &HashMap::new())
+}
+
+/// The common end of an apply: drop no-op writes, refuse filtered files, summarise, and
+/// unless a dry run, journal, write, record and ledger. Writes to files in `buffers` (unsaved
+/// editor buffers) go back to the editor instead.
+fn land(
+    ctx: &RepoCtx<'_>,
+    mut writes: Vec<Write1>,
+    dry_run: bool,
+    source: &str,
+    message: &str,
+    buffers: &HashMap<String, Vec<u8>>,
+) -> Result<Outcome, EditError> {
     writes.retain(|w| w.before != w.after);
     for w in &writes {
         if let Some(filter) = record::external_filter(ctx.repo, &w.path)? {
@@ -465,13 +583,31 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             });
         }
     }
-    let (files, diff) = summarize(&writes)?;
-    if req.dry_run || writes.is_empty() {
+    let (files, diff) = summarize(&writes, record::git_abbrev_len(ctx.repo))?;
+    if dry_run || writes.is_empty() {
         return Ok(Outcome {
             edit: None,
             files,
             diff,
             after: Vec::new(),
+            buffer_edits: Vec::new(),
+        });
+    }
+    // Unsaved buffers go back to the editor: their files on disk stay as the user left them.
+    let (buffered, writes): (Vec<Write1>, Vec<Write1>) = writes
+        .into_iter()
+        .partition(|w| buffers.contains_key(&w.path));
+    let buffer_edits: Vec<(String, Vec<u8>)> = buffered
+        .into_iter()
+        .filter_map(|w| w.after.map(|a| (w.path, a.bytes)))
+        .collect();
+    if writes.is_empty() {
+        return Ok(Outcome {
+            edit: None,
+            files,
+            diff,
+            after: Vec::new(),
+            buffer_edits,
         });
     }
 
@@ -479,8 +615,8 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
     refuse_stale_locks(ctx, &[record::EDITS_REF])?;
     let time_ms = now_ms() as i64;
     let operation = Operation::Apply {
-        source: req.source.clone(),
-        message: req.message.clone(),
+        source: source.to_owned(),
+        message: message.to_owned(),
         time_ms,
     };
     let pending = commit_writes(ctx, operation, &writes)?;
@@ -492,16 +628,8 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             after: w.after.clone(),
         })
         .collect();
-    let edit = finish_apply(
-        ctx,
-        false,
-        &pending.id,
-        &changes,
-        &req.source,
-        &req.message,
-        time_ms,
-    )
-    .map_err(|e| take_back(&pending, e))?;
+    let edit = finish_apply(ctx, false, &pending.id, &changes, source, message, time_ms)
+        .map_err(|e| take_back(&pending, e))?;
     journal::finish(&pending, &ctx.env.failpoint);
     // The edit has landed and is recorded: an error now would misreport it as failed, and the
     // full id is a valid id too.
@@ -514,7 +642,20 @@ pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, Ed
             .into_iter()
             .map(|c| (c.path, c.after.map(|a| a.bytes)))
             .collect(),
+        buffer_edits,
     })
+}
+
+/// Refuse to `op` (delete, move, replace) a file the editor holds unsaved changes of: only an
+/// update can go back to the buffer, and the others would act on bytes the user has not saved.
+fn refuse_buffer(req: &ApplyRequest, path: &str, op: &'static str) -> Result<(), EditError> {
+    if req.buffers.contains_key(path) {
+        return Err(EditError::UnsavedBuffer {
+            path: path.to_owned(),
+            op,
+        });
+    }
+    Ok(())
 }
 
 /// Write `writes` to the worktree all-or-nothing, journalled (see [`journal::commit`]).
@@ -523,6 +664,9 @@ fn commit_writes(
     operation: Operation,
     writes: &[Write1],
 ) -> Result<journal::Pending, EditError> {
+    // Every write of every operation passes here: history keeps what is about to be replaced.
+    let paths: Vec<String> = writes.iter().map(|w| w.path.clone()).collect();
+    crate::history::before_edit(ctx, &paths);
     journal::commit(
         ctx.workdir,
         &ctx.env.journal_dir,
@@ -553,7 +697,23 @@ fn finish_apply(
     };
     ctx.env.failpoint.fail("record")?;
     let edits_before = ctx.repo.refname_to_id(record::EDITS_REF).ok();
-    let edit = record::record_edit(ctx.repo, changes, &meta)?;
+    // Read only when an identical record exists already; unreadable counts as known, which
+    // costs nothing but a later timestamp.
+    let ledger_ids = std::cell::OnceCell::new();
+    let edit = record::record_new_edit(ctx.repo, changes, &meta, |w| {
+        ledger_ids
+            .get_or_init(|| {
+                ledger::summaries(ctx.repo.path())
+                    .map(|all| {
+                        all.into_iter()
+                            .map(|s| s.applied.edit)
+                            .collect::<HashSet<String>>()
+                    })
+                    .ok()
+            })
+            .as_ref()
+            .is_none_or(|ids| ids.contains(&w.to_string()))
+    })?;
     ctx.env.failpoint.hit("after_record");
     // From here a failure leaves a record without its ledger line: take the record back too, so
     // the edit is recorded exactly once or not at all.
@@ -565,8 +725,8 @@ fn finish_apply(
     };
     ctx.env.failpoint.fail("after_record").map_err(unrecord)?;
     let hex = edit.to_string();
-    // Recovery may run after the ledger line was written; a live apply always appends (the
-    // same edit re-applied within one millisecond has the same commit id, and is applied again).
+    // Recovery may run after the ledger line was written; a live apply always appends (its
+    // record has an id no ledger line names yet).
     let known = recovering
         && ledger::summaries(ctx.repo.path())
             .map_err(unrecord)?
@@ -801,7 +961,7 @@ pub(crate) fn revert(
     if writes.is_empty() {
         return Err(EditError::NothingChanges { id: short, what });
     }
-    let (files, diff) = summarize(&writes)?;
+    let (files, diff) = summarize(&writes, record::git_abbrev_len(ctx.repo))?;
     if stash {
         refuse_stale_locks(ctx, &["refs/stash"])?;
     }
@@ -836,6 +996,7 @@ pub(crate) fn revert(
             .into_iter()
             .map(|w| (w.path, w.after.map(|a| a.bytes)))
             .collect(),
+        buffer_edits: Vec::new(),
     })
 }
 
@@ -1034,6 +1195,7 @@ pub(crate) fn recover(
 ) -> Result<&'static str, EditError> {
     if ledger::mentions_journal(ctx.repo.path(), &journal.id)? {
         // Finished and in the ledger; only the journal's retirement was lost.
+        journal::settle(journal);
         return Ok("already finished");
     }
     if !journal::landed(journal)? {
@@ -1063,7 +1225,10 @@ pub(crate) fn recover(
             .and_then(|oid| finish_revert(ctx, oid, *stash, "", &journal.id, true)),
     };
     match finished {
-        Ok(()) => Ok("completed"),
+        Ok(()) => {
+            journal::settle(journal);
+            Ok("completed")
+        }
         // Recording fails the same way at every start: all-before is the settled state.
         Err(e) => {
             tracing::error!(error = %e, "cannot record the interrupted edit; rolling it back");
@@ -1189,9 +1354,12 @@ fn merge3(base: &[u8], ours: &[u8], theirs: &[u8], path: &str) -> Result<Vec<u8>
     Ok(merged)
 }
 
-/// Per-file summaries and the unified diff of the writes (as `git diff` shows them), from one
-/// diff per file.
-fn summarize(writes: &[Write1]) -> Result<(Vec<FileSummary>, String), EditError> {
+/// Per-file summaries and the unified diff of the writes (as `git diff` shows them, blob ids
+/// abbreviated to `abbrev` digits like `show`'s), from one diff per file.
+fn summarize(
+    writes: &[Write1],
+    abbrev: u16,
+) -> Result<(Vec<FileChangeSummary>, String), EditError> {
     let mut files = Vec::with_capacity(writes.len());
     let mut diff = Vec::new();
     for w in writes {
@@ -1202,17 +1370,17 @@ fn summarize(writes: &[Write1]) -> Result<(Vec<FileSummary>, String), EditError>
                 .map_err(|e| EditError::git("diff", e))?;
         let (_, added, removed) = p.line_stats().map_err(|e| EditError::git("diff", e))?;
         let text = p.to_buf().map_err(|e| EditError::git("diff", e))?;
-        diff.extend_from_slice(&git_header(w)?);
+        diff.extend_from_slice(&git_header(w, usize::from(abbrev))?);
         // libgit2 diffs two buffers as a modification; keep its hunks, not its header.
         if let Some(at) = find_hunks(&text) {
             diff.extend_from_slice(&text[at..]);
         }
         let change = match (&w.before, &w.after) {
-            (None, _) => "added",
-            (_, None) => "deleted",
-            _ => "modified",
+            (None, _) => wire::FileChange::Added,
+            (_, None) => wire::FileChange::Deleted,
+            _ => wire::FileChange::Modified,
         };
-        files.push(FileSummary {
+        files.push(FileChangeSummary {
             path: w.path.clone(),
             change,
             added: added as u32,
@@ -1224,12 +1392,14 @@ fn summarize(writes: &[Write1]) -> Result<(Vec<FileSummary>, String), EditError>
 
 /// The header `git diff` prints for one file of an edit: `new file mode`/`deleted file mode`,
 /// `old mode`/`new mode`, abbreviated blob ids, and `/dev/null` sides.
-fn git_header(w: &Write1) -> Result<Vec<u8>, EditError> {
-    const NONE: &str = "0000000";
+fn git_header(w: &Write1, abbrev_len: usize) -> Result<Vec<u8>, EditError> {
+    let none = "0".repeat(abbrev_len);
     let abbrev = |s: &FileState| -> Result<String, EditError> {
         let oid = git2::Oid::hash_object(git2::ObjectType::Blob, &s.bytes)
             .map_err(|e| EditError::git("hash", e))?;
-        Ok(oid.to_string()[..7].to_owned())
+        let mut hex = oid.to_string();
+        hex.truncate(abbrev_len);
+        Ok(hex)
     };
     let path = &w.path;
     let mut h = format!("diff --git a/{path} b/{path}\n");
@@ -1237,7 +1407,7 @@ fn git_header(w: &Write1) -> Result<Vec<u8>, EditError> {
     match (&w.before, &w.after) {
         (None, Some(after)) => {
             h += &format!(
-                "new file mode {:o}\nindex {NONE}..{}\n",
+                "new file mode {:o}\nindex {none}..{}\n",
                 after.mode,
                 abbrev(after)?
             );
@@ -1247,7 +1417,7 @@ fn git_header(w: &Write1) -> Result<Vec<u8>, EditError> {
         }
         (Some(before), None) => {
             h += &format!(
-                "deleted file mode {:o}\nindex {}..{NONE}\n",
+                "deleted file mode {:o}\nindex {}..{none}\n",
                 before.mode,
                 abbrev(before)?
             );
@@ -1285,7 +1455,7 @@ fn content(s: &Option<FileState>) -> &[u8] {
 }
 
 fn now_ms() -> u64 {
-    crate::server::unix_ms()
+    crate::clock::unix_ms()
 }
 
 #[cfg(test)]
@@ -1380,5 +1550,207 @@ mod merge_tests {
         let merged =
             merge3(base.as_bytes(), edited.as_bytes(), dropped.as_bytes(), "f").expect("merges");
         assert_eq!(merged, b"a\nB\n");
+    }
+}
+
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        journal: tempfile::TempDir,
+        repo: Repository,
+        env: EditEnv,
+    }
+
+    impl Fixture {
+        /// A repository with `a.txt` and `b.txt` committed.
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let journal = tempfile::tempdir().expect("journal dir");
+            let repo = Repository::init(dir.path()).expect("init");
+            std::fs::write(dir.path().join("a.txt"), "one\ntwo\nthree\n").expect("write a");
+            std::fs::write(dir.path().join("b.txt"), "alpha\nbeta\n").expect("write b");
+            {
+                let mut index = repo.index().expect("index");
+                index.add_path(Path::new("a.txt")).expect("add a");
+                index.add_path(Path::new("b.txt")).expect("add b");
+                index.write().expect("write index");
+                let tree = repo
+                    .find_tree(index.write_tree().expect("tree"))
+                    .expect("find tree");
+                let sig = git2::Signature::now("t", "t@example.invalid").expect("sig");
+                repo.commit(Some("HEAD"), &sig, &sig, "initial", &tree, &[])
+                    .expect("commit");
+            }
+            let env = EditEnv {
+                journal_dir: journal.path().to_path_buf(),
+                durability: Durability { fsync: false },
+                failpoint: Failpoint(None),
+                history: Default::default(),
+            };
+            Fixture {
+                dir,
+                journal,
+                repo,
+                env,
+            }
+        }
+
+        fn apply(&self, patch: &str, buffers: &[(&str, &str)]) -> Result<Outcome, EditError> {
+            let _ = &self.journal;
+            let ctx = RepoCtx {
+                repo: &self.repo,
+                workdir: self.dir.path(),
+                env: &self.env,
+            };
+            let req = ApplyRequest {
+                patch: patch.to_owned(),
+                source: "ask".to_owned(),
+                buffers: buffers
+                    .iter()
+                    .map(|(p, t)| ((*p).to_owned(), t.as_bytes().to_vec()))
+                    .collect(),
+                ..ApplyRequest::default()
+            };
+            apply(&ctx, &req)
+        }
+
+        fn read(&self, rel: &str) -> String {
+            std::fs::read_to_string(self.dir.path().join(rel)).expect("read")
+        }
+
+        fn ledger_len(&self) -> usize {
+            ledger::summaries(self.repo.path()).expect("ledger").len()
+        }
+    }
+
+    const UPDATE_A: &str =
+        "*** Begin Patch\n*** Update File: a.txt\n@@\n one\n-two\n+TWO\n three\n*** End Patch\n";
+
+    /// The same patch applied, stashed and applied again (within one second, as a script or a
+    /// retrying client does) is two edits: the log must not fold the stashed one into the new.
+    #[test]
+    fn reapplying_a_stashed_patch_at_once_records_a_second_edit() {
+        let f = Fixture::new();
+        let ctx = RepoCtx {
+            repo: &f.repo,
+            workdir: f.dir.path(),
+            env: &f.env,
+        };
+        let first = f
+            .apply(UPDATE_A, &[])
+            .expect("first apply")
+            .edit
+            .expect("id");
+        revert(&ctx, Some(&first), true).expect("stash");
+        assert_eq!(f.read("a.txt"), "one\ntwo\nthree\n");
+        let second = f
+            .apply(UPDATE_A, &[])
+            .expect("second apply")
+            .edit
+            .expect("id");
+        assert_ne!(first, second, "a second application has an id of its own");
+        let summaries = ledger::summaries(f.repo.path()).expect("ledger");
+        let states: Vec<(String, EventKind)> = summaries
+            .iter()
+            .map(|s| (s.applied.edit[..first.len()].to_owned(), s.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (second.clone(), EventKind::Applied),
+                (first.clone(), EventKind::Stashed)
+            ]
+        );
+        let stash = f.repo.refname_to_id("refs/stash").expect("stash");
+        assert!(
+            stash.to_string().starts_with(&first),
+            "the stash holds the first"
+        );
+        assert_eq!(f.repo.reflog("refs/stash").expect("reflog").len(), 1);
+        // Undoing the second leaves the stashed first alone.
+        revert(&ctx, None, false).expect("undo");
+        assert_eq!(f.read("a.txt"), "one\ntwo\nthree\n");
+        assert_eq!(f.repo.refname_to_id("refs/stash").expect("stash"), stash);
+    }
+
+    #[test]
+    fn an_update_to_a_buffer_comes_back_as_text_and_touches_neither_disk_nor_ledger() {
+        let f = Fixture::new();
+        // The buffer holds typing the file on disk does not have; the patch applies to it.
+        let out = f
+            .apply(UPDATE_A, &[("a.txt", "zero\none\ntwo\nthree\n")])
+            .expect("applies to the buffer");
+        assert_eq!(out.edit, None, "nothing was recorded");
+        assert_eq!(
+            out.buffer_edits,
+            vec![("a.txt".to_owned(), b"zero\none\nTWO\nthree\n".to_vec())]
+        );
+        assert!(out.after.is_empty());
+        assert!(out.diff.contains("-two\n+TWO"), "{}", out.diff);
+        assert_eq!(
+            f.read("a.txt"),
+            "one\ntwo\nthree\n",
+            "the file is untouched"
+        );
+        assert_eq!(f.ledger_len(), 0);
+        assert!(f.repo.find_reference(record::EDITS_REF).is_err());
+    }
+
+    #[test]
+    fn a_mixed_edit_records_only_its_disk_part() {
+        let f = Fixture::new();
+        let patch = "*** Begin Patch\n*** Update File: a.txt\n@@\n one\n-two\n+TWO\n three\n\
+                     *** Update File: b.txt\n@@\n alpha\n-beta\n+BETA\n*** End Patch\n";
+        let out = f
+            .apply(patch, &[("a.txt", "one\ntwo\nthree\nfour\n")])
+            .expect("applies");
+        let id = out.edit.expect("the disk part is recorded");
+        assert_eq!(
+            out.buffer_edits,
+            vec![("a.txt".to_owned(), b"one\nTWO\nthree\nfour\n".to_vec())]
+        );
+        assert_eq!(f.read("a.txt"), "one\ntwo\nthree\n");
+        assert_eq!(f.read("b.txt"), "alpha\nBETA\n");
+        let entries = ledger::summaries(f.repo.path()).expect("ledger");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].applied.files, vec!["b.txt".to_owned()]);
+        assert!(entries[0].applied.edit.starts_with(&id));
+        let paths: Vec<&str> = out.after.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["b.txt"]);
+    }
+
+    #[test]
+    fn deleting_moving_or_replacing_a_buffered_file_is_refused_and_nothing_changes() {
+        let f = Fixture::new();
+        let buffers = [("a.txt", "one\ntwo\nthree\n")];
+        for (patch, op) in [
+            (
+                "*** Begin Patch\n*** Delete File: a.txt\n*** End Patch\n",
+                "delete",
+            ),
+            (
+                "*** Begin Patch\n*** Update File: a.txt\n*** Move to: c.txt\n@@\n-one\n+ONE\n*** End Patch\n",
+                "move",
+            ),
+            (
+                "*** Begin Patch\n*** Add File: a.txt\n+new\n*** End Patch\n",
+                "replace",
+            ),
+        ] {
+            let e = f.apply(patch, &buffers).expect_err(op);
+            assert!(
+                matches!(&e, EditError::UnsavedBuffer { path, op: o } if path == "a.txt" && *o == op),
+                "{e}"
+            );
+            let rpc = e.to_rpc();
+            assert_eq!(rpc.kind(), Some("unsaved_buffer"));
+            assert!(rpc.hint().is_some());
+        }
+        assert_eq!(f.read("a.txt"), "one\ntwo\nthree\n");
+        assert!(!f.dir.path().join("c.txt").exists());
+        assert_eq!(f.ledger_len(), 0);
     }
 }

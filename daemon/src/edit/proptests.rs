@@ -333,6 +333,7 @@ impl Fixture {
             journal_dir: journal.path().to_path_buf(),
             durability: Durability { fsync: false },
             failpoint: Failpoint(None),
+            history: Default::default(),
         };
         let fixture = Fixture {
             dir,
@@ -408,6 +409,7 @@ impl Fixture {
             source: "proptest".to_owned(),
             message: String::new(),
             bases,
+            buffers: HashMap::new(),
         };
         apply(&self.ctx(), &req)
             .map_err(|e| TestCaseError::fail(format!("apply failed: {e}\npatch:\n{patch}")))
@@ -425,28 +427,8 @@ impl Fixture {
             ("worktree", self.workdir()),
             ("journal", self.journal.path()),
         ] {
-            let mut stack = vec![root.to_path_buf()];
-            while let Some(dir) = stack.pop() {
-                for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
-                    let path = entry.path();
-                    let meta = std::fs::symlink_metadata(&path).expect("lstat");
-                    let key = format!(
-                        "{tag}:{}",
-                        path.strip_prefix(root).expect("under root").display()
-                    );
-                    if meta.is_dir() {
-                        out.insert(format!("{key}/"), (meta.permissions().mode(), Vec::new()));
-                        stack.push(path);
-                    } else {
-                        out.insert(
-                            key,
-                            (
-                                meta.permissions().mode(),
-                                std::fs::read(&path).expect("read"),
-                            ),
-                        );
-                    }
-                }
+            for (rel, entry) in spark_testkit::snapshot(root) {
+                out.insert(format!("{tag}:{rel}"), entry);
             }
         }
         out

@@ -113,11 +113,31 @@ impl<T> During<T> for Result<T, git2::Error> {
 }
 
 /// Records `changes` (already applied to the worktree) as a stash-shaped commit and pins it.
-/// Returns W, the commit whose id is the edit id.
+/// Returns W, the commit whose id is the edit id. Identical content recorded within one second
+/// yields the same W; [`record_new_edit`] keeps such re-applications apart.
+#[cfg(test)]
 pub(crate) fn record_edit(
     repo: &Repository,
     changes: &[FileChange],
     meta: &EditMeta,
+) -> Result<Oid, RecordError> {
+    record_new_edit(repo, changes, meta, |_| false)
+}
+
+/// W timestamps tried at most for an edit whose identical twins are all known.
+const MAX_TWINS: i64 = 64;
+
+/// [`record_edit`] for an application that must get an id of its own: `known(w)` says whether
+/// a pinned W already stands for another application (the ledger names it). The same patch
+/// applied, stashed and applied again within one second would otherwise get the stashed
+/// edit's id, and the log would show one edit where `git stash list` holds another. W's
+/// timestamp then moves on by whole seconds until the id is free, or pinned but unknown: a
+/// record whose ledger line a crash lost, which recovery re-records as the same W.
+pub(crate) fn record_new_edit(
+    repo: &Repository,
+    changes: &[FileChange],
+    meta: &EditMeta,
+    known: impl Fn(Oid) -> bool,
 ) -> Result<Oid, RecordError> {
     validate(changes)?;
 
@@ -224,16 +244,33 @@ pub(crate) fn record_edit(
         parents.push(untracked_commit(repo, &untracked, &b, &sig, &summary)?);
     }
     let parents: Vec<&Commit<'_>> = parents.iter().collect();
-    let w_id = repo
-        .commit(
-            None,
-            &sig,
-            &sig,
-            &commit_message(&meta.message),
-            &w_tree,
-            &parents,
-        )
-        .during("write the edit commit")?;
+    let mut twin = 0;
+    let w_id = loop {
+        let w_sig = if twin == 0 {
+            sig.clone()
+        } else {
+            signature(repo, meta.time_ms + twin * 1000)?
+        };
+        let w_id = repo
+            .commit(
+                None,
+                &w_sig,
+                &w_sig,
+                &commit_message(&meta.message),
+                &w_tree,
+                &parents,
+            )
+            .during("write the edit commit")?;
+        let pinned = match repo.find_reference(&format!("{PINS_PREFIX}{w_id}")) {
+            Ok(_) => true,
+            Err(e) if e.code() == ErrorCode::NotFound => false,
+            Err(e) => return Err(e).during("read a pin"),
+        };
+        twin += 1;
+        if !pinned || twin >= MAX_TWINS || !known(w_id) {
+            break w_id;
+        }
+    };
 
     let log_message = format!("spark: {summary}");
     // Pin before advancing the ledger: once the reflog names an edit, its pin already exists.
@@ -459,7 +496,7 @@ fn file_header(delta: &git2::DiffDelta<'_>, header: &[u8], out: &mut Vec<u8>) {
 /// The length git abbreviates the `index` line's blob ids to: `core.abbrev`, or by default one
 /// that grows with the number of packed objects (git's `find_unique_abbrev` heuristic), where
 /// libgit2 would always print 7 digits.
-fn git_abbrev_len(repo: &Repository) -> u16 {
+pub(crate) fn git_abbrev_len(repo: &Repository) -> u16 {
     let configured = repo
         .config()
         .and_then(|config| config.get_string("core.abbrev"));
@@ -1164,30 +1201,27 @@ mod tests {
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
-    use std::process::{Command, Output};
+    use std::process::Output;
     use std::time::SystemTime;
+
+    use spark_testkit::{git_ok, stdout};
 
     const TIME_MS: i64 = 1_700_000_000_123;
 
-    /// A hermetic repository in a temp dir, driven by the real git CLI.
+    /// The test kit's hermetic repository, driven by the real git CLI, opened with git2 too.
     struct TestRepo {
-        _dir: tempfile::TempDir,
+        _kit: spark_testkit::TestRepo,
         path: PathBuf,
         repo: Repository,
     }
 
     impl TestRepo {
         fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().to_path_buf();
-            let repo_path = path.clone();
-            let run = |args: &[&str]| git_ok(&repo_path, args);
-            run(&["init", "-q", "-b", "main"]);
-            run(&["config", "user.name", "Test User"]);
-            run(&["config", "user.email", "test@example.com"]);
+            let kit = spark_testkit::TestRepo::empty();
+            let path = kit.path().to_path_buf();
             let repo = Repository::open(&path).unwrap();
             TestRepo {
-                _dir: dir,
+                _kit: kit,
                 path,
                 repo,
             }
@@ -1294,30 +1328,10 @@ mod tests {
     }
 
     fn git(dir: &Path, args: &[&str]) -> Output {
-        Command::new("git")
+        spark_testkit::hermetic_git(dir)
             .args(args)
-            .current_dir(dir)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env_remove("GIT_DIR")
-            .env_remove("GIT_WORK_TREE")
-            .env_remove("GIT_INDEX_FILE")
             .output()
             .unwrap()
-    }
-
-    fn git_ok(dir: &Path, args: &[&str]) -> String {
-        let out = git(dir, args);
-        assert!(
-            out.status.success(),
-            "git {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout(&out)
-    }
-
-    fn stdout(out: &Output) -> String {
-        String::from_utf8(out.stdout.clone()).unwrap()
     }
 
     fn file(bytes: &[u8]) -> Option<FileState> {
@@ -1802,11 +1816,8 @@ mod tests {
             let data = format!("filler {i}\n");
             stream.extend_from_slice(format!("blob\ndata {}\n{data}\n", data.len()).as_bytes());
         }
-        let mut import = Command::new("git")
+        let mut import = spark_testkit::hermetic_git(&t.path)
             .args(["fast-import", "--quiet"])
-            .current_dir(&t.path)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_CONFIG_NOSYSTEM", "1")
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();

@@ -5,6 +5,7 @@
 //! - [`transport`]: WebSocket and HTTP + SSE connections, chosen by the URL's scheme.
 //! - `http`: the small HTTP/1.1 client behind the SSE fallback.
 //! - `sse`: incremental SSE and chunked-transfer decoders.
+//! - [`lanes`]: one WebSocket connection per provider shared by sessions on `stream_id` lanes.
 //! - [`session`]: one task per session owning one connection: prewarm, chained turns, cancel,
 //!   recovery, rotation, timings, status.
 //!
@@ -15,6 +16,7 @@
 
 pub(crate) mod arguments;
 pub(crate) mod backoff;
+pub(crate) mod lanes;
 pub(crate) mod session;
 pub(crate) mod transport;
 pub(crate) mod wire;

@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::backoff::{Backoff, BackoffStatus, Permit};
+use super::lanes::LaneSpec;
 use super::transport::{
     ConnectTimeouts, Connection, Endpoint, Incoming, TransportError, TransportKind,
 };
@@ -62,6 +63,9 @@ pub(crate) const DEFAULT_MAX_BACKGROUND_ATTEMPTS: u32 = 3;
 const MAX_REQUEST_WAIT: Duration = Duration::from_secs(2);
 /// Commands queued per session before callers wait.
 const COMMAND_CAPACITY: usize = 64;
+/// Ended response ids remembered to recognise late duplicates of their events.
+const ENDED_KEPT: usize = 16;
+
 /// Sends of one turn at most: the first, an unchained resend, a resend after reconnecting.
 const MAX_ATTEMPTS: u8 = 3;
 /// Output sent for a tool call the caller never answered: the API refuses a continuation that
@@ -125,6 +129,9 @@ pub(crate) struct SessionConfig {
     /// policy of this session's own, from the three fields above.
     pub(crate) backoff: Option<Arc<Backoff>>,
     pub(crate) on_state: Option<StateHook>,
+    /// Open WebSocket connections as a lane of the provider's shared connection; `None`: a
+    /// connection of the session's own.
+    pub(crate) lanes: Option<LaneSpec>,
 }
 
 impl SessionConfig {
@@ -150,6 +157,7 @@ impl SessionConfig {
             max_background_attempts: DEFAULT_MAX_BACKGROUND_ATTEMPTS,
             backoff: None,
             on_state: None,
+            lanes: None,
         }
     }
 }
@@ -346,6 +354,10 @@ pub(crate) struct SessionStatus {
     /// This session will look at connecting again in this long (a background reconnect, or
     /// a request waiting for the policy); `None`: it waits for a request.
     pub(crate) retry_in: Option<Duration>,
+    /// The `stream_id` of its lane on the provider's shared connection, while it has one.
+    pub(crate) lane: Option<String>,
+    /// The provider refused lanes: this session has a connection of its own.
+    pub(crate) lanes_refused: bool,
 }
 
 /// Reconnect delay: uniformly random in `[0, min(cap, base·2^attempt)]` ("full jitter"), so
@@ -524,6 +536,7 @@ pub(crate) fn spawn(
         last_rtt: None,
         last_error: None,
         ping_nonce: 0,
+        ended: VecDeque::new(),
     };
     tracker.spawn(session.run());
     Ok(SessionHandle {
@@ -716,6 +729,9 @@ struct Session {
     last_rtt: Option<Duration>,
     last_error: Option<String>,
     ping_nonce: u64,
+    /// Responses that already ended: a late duplicate of one of their events (a replayed
+    /// `response.completed`) must not end the request in flight now.
+    ended: VecDeque<String>,
 }
 
 async fn next_incoming(live: &mut Option<Live>) -> Result<Incoming, TransportError> {
@@ -846,6 +862,12 @@ impl Session {
             retry_in: self
                 .retry_at
                 .map(|t| t.saturating_duration_since(Instant::now())),
+            lane: self
+                .live
+                .as_ref()
+                .and_then(|l| l.conn.stream_id())
+                .map(str::to_owned),
+            lanes_refused: self.config.lanes.as_ref().is_some_and(LaneSpec::refused),
         }
     }
 
@@ -1009,11 +1031,15 @@ impl Session {
         let timeouts = ConnectTimeouts {
             connect: self.config.connect_timeout,
         };
-        self.connecting = Some(Box::pin(Connection::open(
-            self.endpoint.clone(),
-            self.config.api_key.clone(),
-            timeouts,
-        )));
+        let (endpoint, api_key) = (self.endpoint.clone(), self.config.api_key.clone());
+        self.connecting = Some(match &self.config.lanes {
+            Some(lanes) if endpoint.kind() == TransportKind::WebSocket => Box::pin(
+                lanes
+                    .clone()
+                    .open(endpoint, api_key, timeouts, self.config.rotate_after),
+            ),
+            _ => Box::pin(Connection::open(endpoint, api_key, timeouts)),
+        });
     }
 
     /// WebSocket mode or HTTP + SSE for the next connection: HTTP while the provider's policy
@@ -1062,14 +1088,16 @@ impl Session {
                 self.backoff.opened(ws);
                 let now = Instant::now();
                 self.live = Some(Live {
+                    // A lane's age is its shared connection's: that is what the provider's
+                    // lifetime limit counts.
+                    connected_at: conn.opened_at().unwrap_or(now),
+                    answered: conn.answered(),
+                    heard: conn.heard(),
                     conn,
                     epoch: self.epoch,
-                    connected_at: now,
                     last_rx: now,
                     ping: None,
                     pong_deadline: None,
-                    answered: false,
-                    heard: false,
                 });
                 self.report(if ws {
                     SessionState::ConnectedWebSocket
@@ -1196,6 +1224,7 @@ impl Session {
             return;
         }
         if live.pong_deadline.is_some_and(|t| t <= now) {
+            live.conn.give_up();
             self.connection_lost(format!(
                 "no answer to a ping within {:?}",
                 self.config.pong_timeout
@@ -1243,6 +1272,7 @@ impl Session {
             }
             Incoming::Heartbeat => {}
             Incoming::Closed(reason) => self.connection_lost(reason),
+            Incoming::LanesRefused => self.lanes_refused(),
             Incoming::StreamEnd => {
                 if self.inflight.is_some() {
                     self.connection_lost("the response stream ended before completion".to_owned());
@@ -1258,8 +1288,11 @@ impl Session {
         self.report(SessionState::Lost);
         self.last_error = Some(reason.clone());
         let mut falls_back = false;
-        if let Some(live) = self.live.take() {
+        if let Some(mut live) = self.live.take() {
             let ws = live.conn.kind() == TransportKind::WebSocket;
+            // On a shared connection, what happened on other lanes counts too.
+            live.heard |= live.conn.heard();
+            live.answered |= live.conn.answered();
             if ws && !live.heard && self.configured.http_fallback().is_some() {
                 // A WebSocket that opened and closed before its first event: treated like a
                 // refused upgrade. The request is retried over HTTP + SSE, and the provider's
@@ -1293,6 +1326,35 @@ impl Session {
         if !self.queue.is_empty() {
             self.start_connect();
         } else if self.warm.is_some() && self.endpoint.kind() == TransportKind::WebSocket {
+            self.schedule_reconnect();
+        }
+    }
+
+    /// The provider refused `stream_id` lanes (the shared connection is gone): resend what was
+    /// in flight on a connection of this session's own. Not a failure of the provider.
+    fn lanes_refused(&mut self) {
+        info!("the provider refuses stream_id lanes: reconnecting on a connection of its own");
+        self.report(SessionState::Lost);
+        self.drop_live();
+        if let Some(f) = self.inflight.take() {
+            match f.work {
+                Work::Turn(mut job) if job.attempts < MAX_ATTEMPTS => {
+                    job.force_unchained = true;
+                    self.queue.push_front(Work::Turn(job));
+                }
+                work @ Work::Prewarm(_) if work.has_caller() => self.queue.push_front(work),
+                work @ Work::Turn(_) => fail_work(
+                    work,
+                    TurnFailure::Transport("the provider refused stream_id lanes".to_owned()),
+                ),
+                // A background re-prewarm: `rewarm_on_connect` redoes it.
+                _ => {}
+            }
+        }
+        self.rewarm_on_connect = true;
+        if !self.queue.is_empty() {
+            self.start_connect();
+        } else if self.warm.is_some() {
             self.schedule_reconnect();
         }
     }
@@ -1353,6 +1415,7 @@ impl Session {
             previous_response_id: None,
             prompt_cache_key: self.config.prompt_cache_key.as_deref(),
             generate: false,
+            stream_id: live.conn.stream_id(),
         }
         .encode(Framing::WebSocket);
         let body = match body {
@@ -1414,6 +1477,7 @@ impl Session {
             previous_response_id: chain.as_deref(),
             prompt_cache_key: self.config.prompt_cache_key.as_deref(),
             generate: true,
+            stream_id: live.conn.stream_id(),
         }
         .encode(framing);
         let body = match body {
@@ -1448,6 +1512,26 @@ impl Session {
             debug!(?event, "provider event outside any request ignored");
             return;
         };
+        if let Some(id) = event.response_id() {
+            // An event naming another response than the one in flight (a duplicate delivered
+            // late, a stray of an abandoned response) would otherwise end this request with
+            // that response's output: the caller would get an empty or an old answer.
+            let other = f.response_id.as_deref().is_some_and(|cur| cur != id);
+            if other || self.ended.iter().any(|e| e == id) {
+                warn!(
+                    response = id,
+                    kind = event.kind(),
+                    "event of another response ignored"
+                );
+                return;
+            }
+            if event.is_terminal() {
+                if self.ended.len() >= ENDED_KEPT {
+                    self.ended.pop_front();
+                }
+                self.ended.push_back(id.to_owned());
+            }
+        }
         let since = f.sent_at.elapsed();
         f.first_event.get_or_insert(since);
         match event {

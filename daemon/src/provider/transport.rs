@@ -25,7 +25,14 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tracing::{debug, warn};
 
 use super::http;
-use super::wire::{ServerEvent, parse_event};
+use super::wire::{LaneEvent, ServerEvent, parse_event, parse_lane_event};
+
+/// A frame of a shared connection.
+#[derive(Debug)]
+pub(crate) enum LaneIncoming {
+    Event(LaneEvent),
+    Other(Incoming),
+}
 
 /// Most of an upgrade-refusal body kept for the error message.
 const REFUSAL_BODY_BYTES: usize = 512;
@@ -256,6 +263,35 @@ pub(crate) enum TransportError {
 }
 
 impl TransportError {
+    /// The same error again, for every session that waited on one shared connection attempt.
+    pub(crate) fn duplicate(&self) -> TransportError {
+        match self {
+            TransportError::InvalidUrl { url, reason } => TransportError::InvalidUrl {
+                url: url.clone(),
+                reason,
+            },
+            TransportError::BadApiKey => TransportError::BadApiKey,
+            TransportError::UpgradeRefused { status, body } => TransportError::UpgradeRefused {
+                status: *status,
+                body: body.clone(),
+            },
+            TransportError::Connect { addr, source } => TransportError::Connect {
+                addr: addr.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            TransportError::Timeout { what, after } => TransportError::Timeout {
+                what,
+                after: *after,
+            },
+            TransportError::Tls(e) => TransportError::Tls(e.clone()),
+            TransportError::WebSocket(e) => TransportError::WebSocket(e.clone()),
+            TransportError::Http(e) => TransportError::Http(e.clone()),
+            TransportError::Io(e) => {
+                TransportError::Io(std::io::Error::new(e.kind(), e.to_string()))
+            }
+        }
+    }
+
     /// Whether the provider answered the upgrade in a way that means "no WebSocket mode here"
     /// (426, 404, 405, 200, …) rather than a transient or credential problem, where HTTP would
     /// fail the same way (401/403/407: credentials, 429: rate limit, 5xx: overload).
@@ -283,6 +319,9 @@ pub(crate) enum Incoming {
     Heartbeat,
     /// The WebSocket closed (with the reason, if any).
     Closed(String),
+    /// The shared connection ended because the provider refuses `stream_id` lanes: reconnect
+    /// on a connection of one's own (not a failure of the provider).
+    LanesRefused,
     /// The HTTP response stream ended (normal after a terminal event, an error before one).
     StreamEnd,
 }
@@ -330,6 +369,8 @@ pub(crate) struct ConnectTimeouts {
 pub(crate) enum Connection {
     WebSocket(WsConnection),
     Http(HttpConnection),
+    /// A lane of a WebSocket connection shared by several sessions (see `lanes`).
+    Lane(super::lanes::LaneConn),
 }
 
 impl Connection {
@@ -356,8 +397,17 @@ impl Connection {
 
     pub(crate) fn kind(&self) -> TransportKind {
         match self {
-            Connection::WebSocket(_) => TransportKind::WebSocket,
+            Connection::WebSocket(_) | Connection::Lane(_) => TransportKind::WebSocket,
             Connection::Http(_) => TransportKind::HttpSse,
+        }
+    }
+
+    /// The peer stopped answering: for a lane, no session may join its shared connection
+    /// again (the next one opens a new connection). A connection of its own just goes.
+    pub(crate) fn give_up(&self) {
+        match self {
+            Connection::Lane(lane) => lane.give_up(),
+            Connection::WebSocket(_) | Connection::Http(_) => {}
         }
     }
 
@@ -369,6 +419,7 @@ impl Connection {
                 h.start(body);
                 Ok(())
             }
+            Connection::Lane(lane) => lane.send(body).await,
         }
     }
 
@@ -378,6 +429,7 @@ impl Connection {
         match self {
             Connection::WebSocket(ws) => ws.recv().await,
             Connection::Http(h) => h.recv().await,
+            Connection::Lane(lane) => Ok(lane.recv().await),
         }
     }
 
@@ -386,6 +438,7 @@ impl Connection {
         match self {
             Connection::WebSocket(ws) => ws.send(Message::Ping(payload)).await,
             Connection::Http(_) => Ok(()),
+            Connection::Lane(lane) => lane.ping(payload),
         }
     }
 
@@ -408,6 +461,41 @@ impl Connection {
                 });
             }
             Connection::Http(_) => {}
+            // Dropping the lane leaves the shared connection (its later events are dropped).
+            Connection::Lane(_) => {}
+        }
+    }
+
+    /// The lane's `stream_id`, on a shared connection.
+    pub(crate) fn stream_id(&self) -> Option<&str> {
+        match self {
+            Connection::Lane(lane) => Some(lane.stream_id()),
+            Connection::WebSocket(_) | Connection::Http(_) => None,
+        }
+    }
+
+    /// When the underlying connection opened, if it is older than this handle (a lane of a
+    /// shared connection): its age is what the provider's lifetime limit counts.
+    pub(crate) fn opened_at(&self) -> Option<std::time::Instant> {
+        match self {
+            Connection::Lane(lane) => Some(lane.connection_opened_at()),
+            Connection::WebSocket(_) | Connection::Http(_) => None,
+        }
+    }
+
+    /// The underlying connection carried an event / completed a response, perhaps for
+    /// another lane: it is a working connection, not an upgrade that goes nowhere.
+    pub(crate) fn heard(&self) -> bool {
+        match self {
+            Connection::Lane(lane) => lane.connection_heard(),
+            Connection::WebSocket(_) | Connection::Http(_) => false,
+        }
+    }
+
+    pub(crate) fn answered(&self) -> bool {
+        match self {
+            Connection::Lane(lane) => lane.connection_answered(),
+            Connection::WebSocket(_) | Connection::Http(_) => false,
         }
     }
 }
@@ -425,7 +513,7 @@ impl fmt::Debug for WsConnection {
 }
 
 impl WsConnection {
-    async fn connect(
+    pub(super) async fn connect(
         endpoint: &Endpoint,
         api_key: Option<&str>,
         timeouts: ConnectTimeouts,
@@ -484,11 +572,34 @@ impl WsConnection {
         }
     }
 
-    async fn send(&mut self, message: Message) -> Result<(), TransportError> {
+    pub(super) async fn send(&mut self, message: Message) -> Result<(), TransportError> {
         self.stream
             .send(message)
             .await
             .map_err(|e| TransportError::WebSocket(e.to_string()))
+    }
+
+    /// The next frame of a shared connection: a text frame with its lane, or anything else.
+    pub(super) async fn recv_lane(&mut self) -> Result<LaneIncoming, TransportError> {
+        let Some(message) = self.stream.next().await else {
+            return Ok(LaneIncoming::Other(Incoming::Closed(
+                "connection ended".to_owned(),
+            )));
+        };
+        match message {
+            Ok(Message::Text(text)) => match parse_lane_event(text.as_str()) {
+                Ok(event) => Ok(LaneIncoming::Event(event)),
+                Err(e) => {
+                    warn!(error = %e, "unparsable provider event ignored");
+                    Ok(LaneIncoming::Other(Incoming::Heartbeat))
+                }
+            },
+            other => Self::non_text(other).map(LaneIncoming::Other),
+        }
+    }
+
+    pub(super) fn close(self) {
+        Connection::WebSocket(self).close();
     }
 
     async fn recv(&mut self) -> Result<Incoming, TransportError> {
@@ -503,6 +614,13 @@ impl WsConnection {
                     Ok(Incoming::Heartbeat)
                 }
             },
+            other => Self::non_text(other),
+        }
+    }
+
+    fn non_text(message: Result<Message, tungstenite::Error>) -> Result<Incoming, TransportError> {
+        match message {
+            Ok(Message::Text(_)) => Ok(Incoming::Heartbeat),
             Ok(Message::Pong(payload)) => Ok(Incoming::Pong(payload)),
             Ok(Message::Close(frame)) => Ok(Incoming::Closed(
                 frame

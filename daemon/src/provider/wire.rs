@@ -224,6 +224,9 @@ pub(crate) struct CreateRequest<'a> {
     prompt_cache_key: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     generate: Option<bool>,
+    /// The lane (WebSocket mode with `stream_id` lanes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_id: Option<&'a str>,
 }
 
 /// Everything a request is built from; [`RequestParts::encode`] turns it into bytes.
@@ -238,6 +241,8 @@ pub(crate) struct RequestParts<'a> {
     pub(crate) prompt_cache_key: Option<&'a str>,
     /// `false` for a prewarm (WebSocket mode only: prepares state, generates nothing).
     pub(crate) generate: bool,
+    /// The lane the request runs on, when the connection is shared (WebSocket mode only).
+    pub(crate) stream_id: Option<&'a str>,
 }
 
 impl RequestParts<'_> {
@@ -257,6 +262,7 @@ impl RequestParts<'_> {
             previous_response_id: self.previous_response_id,
             prompt_cache_key: self.prompt_cache_key,
             generate: (ws && !self.generate).then_some(false),
+            stream_id: self.stream_id.filter(|_| ws),
         };
         serde_json::to_string(&request)
     }
@@ -470,6 +476,44 @@ pub(crate) enum ServerEvent {
 }
 
 impl ServerEvent {
+    /// The response this event names, when it names one (`response.created` and the
+    /// terminal events carrying the response object).
+    pub(crate) fn response_id(&self) -> Option<&str> {
+        let id = match self {
+            ServerEvent::Created { id } => id.as_str(),
+            ServerEvent::Completed { response }
+            | ServerEvent::Failed { response }
+            | ServerEvent::Incomplete { response } => response.id.as_str(),
+            ServerEvent::OutputItemAdded { .. }
+            | ServerEvent::OutputTextDelta { .. }
+            | ServerEvent::CustomToolCallInputDelta { .. }
+            | ServerEvent::FunctionCallArgumentsDelta { .. }
+            | ServerEvent::OutputItemDone { .. }
+            | ServerEvent::Error { .. }
+            | ServerEvent::Other(_) => "",
+        };
+        (!id.is_empty()).then_some(id)
+    }
+
+    /// The event's type, for logs.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            ServerEvent::Created { .. } => "response.created",
+            ServerEvent::OutputItemAdded { .. } => "response.output_item.added",
+            ServerEvent::OutputTextDelta { .. } => "response.output_text.delta",
+            ServerEvent::CustomToolCallInputDelta { .. } => "response.custom_tool_call_input.delta",
+            ServerEvent::FunctionCallArgumentsDelta { .. } => {
+                "response.function_call_arguments.delta"
+            }
+            ServerEvent::OutputItemDone { .. } => "response.output_item.done",
+            ServerEvent::Completed { .. } => "response.completed",
+            ServerEvent::Failed { .. } => "response.failed",
+            ServerEvent::Incomplete { .. } => "response.incomplete",
+            ServerEvent::Error { .. } => "error",
+            ServerEvent::Other(_) => "other",
+        }
+    }
+
     /// Whether this event ends the response it belongs to.
     pub(crate) fn is_terminal(&self) -> bool {
         matches!(
@@ -680,6 +724,51 @@ impl Tool {
     }
 }
 
+/// A WebSocket-mode event with what lanes need to route it.
+#[derive(Debug)]
+pub(crate) struct LaneEvent {
+    /// The lane it belongs to; `None` for an event about the connection (or from a provider
+    /// that does not know lanes).
+    pub(crate) stream_id: Option<String>,
+    pub(crate) event: ServerEvent,
+    /// The provider refused the `stream_id` field itself: it predates lanes.
+    pub(crate) refuses_lanes: bool,
+}
+
+#[derive(Deserialize)]
+struct LaneFields {
+    #[serde(default)]
+    stream_id: Option<String>,
+    #[serde(default)]
+    error: Option<LaneErrorFields>,
+}
+
+#[derive(Deserialize)]
+struct LaneErrorFields {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    param: Option<String>,
+}
+
+/// Parse an event of a shared connection (docs/protocol.md, "Provider lanes").
+pub(crate) fn parse_lane_event(text: &str) -> Result<LaneEvent, serde_json::Error> {
+    let event = parse_event(text)?;
+    let fields: LaneFields = serde_json::from_str(text)?;
+    let refuses_lanes = fields.stream_id.is_none()
+        && fields.error.is_some_and(|e| {
+            e.code.as_deref() == Some(UNKNOWN_PARAMETER) && e.param.as_deref() == Some("stream_id")
+        });
+    Ok(LaneEvent {
+        stream_id: fields.stream_id,
+        event,
+        refuses_lanes,
+    })
+}
+
+/// The code a provider that predates lanes answers `stream_id` with.
+pub(crate) const UNKNOWN_PARAMETER: &str = "unknown_parameter";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -695,6 +784,7 @@ mod tests {
             previous_response_id: Some("resp_1"),
             prompt_cache_key: None,
             generate: true,
+            stream_id: None,
         }
     }
 
@@ -975,5 +1065,38 @@ mod tests {
             })
         );
         assert_eq!(OutputItem::Reasoning { id: "r".into() }.to_input(), None);
+    }
+
+    #[test]
+    fn lane_events_carry_their_stream_id_and_refusals_are_recognised() {
+        let mut body = parts(vec![], &[]);
+        body.stream_id = Some("repo-1.2");
+        let ws = body.encode(Framing::WebSocket).expect("encode");
+        assert!(ws.ends_with(r#","stream_id":"repo-1.2"}"#), "{ws}");
+        let mut body = parts(vec![], &[]);
+        body.stream_id = Some("repo-1.2");
+        let http = body.encode(Framing::Http).expect("encode");
+        assert!(!http.contains("stream_id"), "{http}");
+
+        let e = parse_lane_event(
+            r#"{"type":"response.created","stream_id":"a.1","response":{"id":"resp_9"}}"#,
+        )
+        .expect("parse");
+        assert_eq!(e.stream_id.as_deref(), Some("a.1"));
+        assert!(matches!(e.event, ServerEvent::Created { ref id } if id == "resp_9"));
+        assert!(!e.refuses_lanes);
+
+        let refused = r#"{"type":"error","status":400,"error":{"type":"invalid_request_error","code":"unknown_parameter","message":"Unknown parameter: 'stream_id'.","param":"stream_id"}}"#;
+        let e = parse_lane_event(refused).expect("parse");
+        assert!(e.refuses_lanes && e.stream_id.is_none());
+        // Another unknown parameter is an ordinary refusal of that request.
+        let other = refused.replace(r#""param":"stream_id""#, r#""param":"frobnicate""#);
+        assert!(!parse_lane_event(&other).expect("parse").refuses_lanes);
+        let limit = r#"{"type":"error","stream_id":"a.1","error":{"code":"stream_limit_reached","message":"m","param":"stream_id"}}"#;
+        let e = parse_lane_event(limit).expect("parse");
+        assert!(!e.refuses_lanes);
+        assert!(
+            matches!(e.event, ServerEvent::Error { ref code, .. } if code.as_deref() == Some("stream_limit_reached"))
+        );
     }
 }

@@ -30,11 +30,11 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::ask::{AskAs, Shape};
-use crate::context::MAX_FILE_BYTES;
 use crate::edit::paths::{self, Intent};
 use crate::edit::{EditError, RepoCtx};
 use crate::repo::RepoHandle;
 use crate::server::Shared;
+use crate::watch::MAX_FILE_BYTES;
 
 /// The list of repositories with triggers on, in the state directory next to `watched.json`.
 const ENABLED_FILE: &str = "triggers.json";
@@ -405,6 +405,7 @@ async fn run_one(shared: &Arc<Shared>, repo: &RepoHandle, t: Pending) {
         dry_run: false,
         new_conversation: false,
         provider: None,
+        buffers: Vec::new(),
     };
     let how = AskAs {
         source: "trigger",
@@ -425,14 +426,8 @@ async fn run_one(shared: &Arc<Shared>, repo: &RepoHandle, t: Pending) {
         .await;
     let (edit, error) = match result {
         Ok(r) => match r.edit {
-            Some(edit) => {
-                let _ = shared.events.send(Event::EditApplied {
-                    repo: label.clone(),
-                    edit: edit.clone(),
-                    files: r.files.iter().map(|f| f.path.clone()).collect(),
-                });
-                (Some(edit), None)
-            }
+            // The ask's after-edit step told subscribers (`edit_applied`).
+            Some(edit) => (Some(edit), None),
             None => {
                 let said = r.answer.lines().find(|l| !l.trim().is_empty());
                 let why = match said {
@@ -454,7 +449,7 @@ async fn run_one(shared: &Arc<Shared>, repo: &RepoHandle, t: Pending) {
     }
     let ran = Ran {
         id: t.id.clone(),
-        at: crate::server::unix_ms(),
+        at: crate::clock::unix_ms(),
         path: t.path.clone(),
         line,
         text: t.found.text.clone(),
@@ -504,7 +499,7 @@ fn new_id(path: &str, text: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let mut h = std::hash::DefaultHasher::new();
     (path, text, NEXT.fetch_add(1, Ordering::Relaxed)).hash(&mut h);
-    crate::server::unix_ms().hash(&mut h);
+    crate::clock::unix_ms().hash(&mut h);
     std::process::id().hash(&mut h);
     format!("t-{:08x}", h.finish() as u32)
 }

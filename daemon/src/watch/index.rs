@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use crate::cache::{FileMeta, Kind};
+use crate::watch::cache::{FileMeta, Kind};
 
 /// The outline is sent at the start of every conversation: about 12k tokens at most, leaving
 /// the rest of a 128k context for files and the conversation.
@@ -371,7 +371,7 @@ pub(crate) fn outline(files: &BTreeMap<String, Entry>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{BlobId, Stat};
+    use crate::watch::cache::{BlobId, Stat};
 
     fn entry(symbols: &[&str], since: u64) -> Entry {
         Entry {

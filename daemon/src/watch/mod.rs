@@ -21,6 +21,7 @@
 //! Correctness never depends on this module: the edit engine re-hashes every file before it
 //! applies anything, and [`Watchers::file`] re-checks `lstat` before serving cached bytes.
 
+mod cache;
 mod debounce;
 mod index;
 mod persist;
@@ -43,8 +44,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::cache::{BlobId, Cache};
 use crate::edit::paths;
+use crate::watch::cache::{BlobId, Cache};
 use debounce::Rescan;
 pub(crate) use debounce::Timing;
 pub(crate) use index::Changes;
@@ -74,6 +75,10 @@ const PARALLEL_READ_MIN: usize = 256;
 /// budget (`index::OUTLINE_MAX_BYTES`) has room for file names only, and symbols for 10k files
 /// would cost several MB per repository for nothing.
 const SYMBOLS_MAX_FILES: usize = 1500;
+
+/// Largest file kept in the index and sent to the model whole; bigger files are listed by name
+/// only, and a bigger focus file is refused with a clear error.
+pub(crate) const MAX_FILE_BYTES: usize = 256 * 1024;
 /// A repository's metadata snapshot is written to sled at most this often while it changes
 /// (and at once after the first index, and when watching stops).
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);
@@ -233,6 +238,8 @@ struct Hub {
     /// first asked about): `status` lists them as watched but not indexed yet.
     restoring: Mutex<BTreeSet<PathBuf>>,
     budget: Arc<Budget>,
+    /// Where settled changes go for local history (set once at start; none in benchmarks).
+    settled: std::sync::OnceLock<mpsc::Sender<crate::history::Settled>>,
 }
 
 #[derive(Debug)]
@@ -267,9 +274,16 @@ impl Watchers {
             repos: Mutex::new(HashMap::new()),
             persisted: tokio::sync::Mutex::new(None),
             restoring: Mutex::new(BTreeSet::new()),
+            settled: std::sync::OnceLock::new(),
         });
         tracker.spawn(open_cache(hub.clone()));
         Watchers { hub }
+    }
+
+    /// Send every settled batch's changed paths (created, modified, deleted; the daemon's own
+    /// writes too) to `tx`, for local history. Call before the first `watch`.
+    pub(crate) fn on_settled(&self, tx: mpsc::Sender<crate::history::Settled>) {
+        let _ = self.hub.settled.set(tx);
     }
 
     /// Watch every repository of the persisted list again (at daemon start), one after the
@@ -687,7 +701,7 @@ pub(crate) fn index_once(workdir: &Path, cache_dir: Option<&Path>) -> Result<Ind
                 match Cache::open(dir) {
                     Ok(c) => break Some(c),
                     // A previous call's sled lets go of its lock a moment after the drop.
-                    Err(crate::cache::CacheError::Locked { .. })
+                    Err(crate::watch::cache::CacheError::Locked { .. })
                         if attempt < CACHE_LOCK_ATTEMPTS =>
                     {
                         std::thread::sleep(CACHE_LOCK_RETRY)
@@ -743,7 +757,7 @@ async fn open_cache(hub: Arc<Hub>) {
         let opened = tokio::task::spawn_blocking(move || Cache::open(&dir)).await;
         match opened {
             Ok(Ok(cache)) => break CacheSlot::Open(cache),
-            Ok(Err(e @ crate::cache::CacheError::Locked { .. }))
+            Ok(Err(e @ crate::watch::cache::CacheError::Locked { .. }))
                 if attempt < CACHE_LOCK_ATTEMPTS =>
             {
                 debug!(error = %e, attempt, "context cache busy; retrying");

@@ -19,9 +19,9 @@ use std::sync::Arc;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
-use crate::cache::{BlobId, FileMeta, Kind, NAMES, Names, Stat};
-use crate::context::MAX_FILE_BYTES;
+use super::MAX_FILE_BYTES;
 use crate::edit::paths;
+use crate::watch::cache::{BlobId, FileMeta, Kind, NAMES, Names, Stat};
 
 /// At most this many symbols per file in the outline: enough to recognise a file.
 const MAX_SYMBOLS: usize = 8;

@@ -380,7 +380,7 @@ async fn secrets_ignored_binary_and_large_files_never_reach_the_cache() {
     fx.write("blob.bin", format!("\0{canary}"));
     fx.write(
         "huge.txt",
-        format!("{canary}\n{}", "x".repeat(crate::context::MAX_FILE_BYTES)),
+        format!("{canary}\n{}", "x".repeat(super::MAX_FILE_BYTES)),
     );
     let mut d = fx.start(fast());
     d.watchers.watch(&fx.repo).await.expect("watch");

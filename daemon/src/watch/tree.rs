@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::Budget;
 use super::scan::{DirRules, GitPaths, Rules, join_rel, list_dir};
-use crate::cache::Stat;
+use crate::watch::cache::Stat;
 
 pub(super) fn parent_of(rel: &str) -> &str {
     rel.rsplit_once('/').map(|(p, _)| p).unwrap_or("")

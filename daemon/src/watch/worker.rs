@@ -2,11 +2,11 @@
 //! queue ([`Sink`]), and the task that turns events into batches and batches into an updated
 //! view, cache and `FilesChanged` events ([`run_repo`]).
 
+use crate::clock::unix_ms;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use spark_proto::events::Event;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
@@ -22,7 +22,7 @@ use super::{
     CachedFile, Hub, MEASURE_EVERY, OWN_WRITE_TTL, PARALLEL_READ_MIN, READ_THREADS,
     RepoWatchStatus, SNAPSHOT_EVERY, SYMBOLS_MAX_FILES,
 };
-use crate::cache::{BlobId, Cache, FileMeta, Kind, Stat};
+use crate::watch::cache::{BlobId, Cache, FileMeta, Kind, Stat};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Progress {
@@ -240,12 +240,22 @@ pub(super) async fn run_repo(
                 let r = repo.clone();
                 let events = hub.events.clone();
                 let done = tokio::task::spawn_blocking(move || {
-                    r.process(&mut tree, batch, &events);
-                    tree
+                    let settled = r.process(&mut tree, batch, &events);
+                    (tree, settled)
                 })
                 .await;
                 match done {
-                    Ok(t) => tree = t,
+                    Ok((t, settled)) => {
+                        tree = t;
+                        if let (false, Some(tx)) = (settled.is_empty(), hub.settled.get()) {
+                            let batch = crate::history::Settled {
+                                workdir: repo.workdir.clone(),
+                                paths: settled,
+                            };
+                            // Waits when history is behind, rather than losing a batch.
+                            let _ = tx.send(batch).await;
+                        }
+                    }
                     Err(e) => {
                         warn!(repo = %repo.label, error = %e, "the watcher failed; no longer watching");
                         repo.progress
@@ -305,13 +315,6 @@ pub(super) async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at).await;
     }
-}
-
-pub(super) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// A change to apply to the view and the cache.
@@ -388,8 +391,14 @@ impl Repo {
         Ok(())
     }
 
-    /// Turn one debounced batch into rescans, and publish what changed.
-    pub(super) fn process(&self, tree: &mut Tree, batch: Batch, events: &broadcast::Sender<Event>) {
+    /// Turn one debounced batch into rescans, and publish what changed. Returns every path
+    /// whose content changed or that was deleted (own writes included), for local history.
+    pub(super) fn process(
+        &self,
+        tree: &mut Tree,
+        batch: Batch,
+        events: &broadcast::Sender<Event>,
+    ) -> Vec<String> {
         let mut full = batch.rescan;
         let mut recursive: BTreeSet<String> = BTreeSet::new();
         let mut shallow: BTreeSet<String> = BTreeSet::new();
@@ -460,11 +469,16 @@ impl Repo {
                 }
             }
             if targets.is_empty() {
-                return;
+                return Vec::new();
             }
             tree.rescan(targets, &mut found);
         }
         let changes = self.resolve(found, true);
+        let settled: Vec<String> = changes
+            .iter()
+            .filter(|(_, c)| !matches!(c, Change::Restat { .. }))
+            .map(|(rel, _)| rel.clone())
+            .collect();
         let reported = self.commit(tree, changes, false);
         if !reported.is_empty() {
             debug!(repo = %self.label, files = reported.len(), "files changed");
@@ -473,6 +487,7 @@ impl Repo {
                 paths: reported,
             });
         }
+        settled
     }
 
     /// Compare what the scan found with the view; read the files whose stat changed. With

@@ -9,6 +9,8 @@
 //! Prints one JSON line with the URLs, then reads commands from stdin, one per line, answering
 //! each with one JSON line:
 //! - `arm`: queue one patch turn unless one is already queued (with `--armed`, see below);
+//! - `call [NAMESPACE/]NAME {JSON}`: queue one turn calling the function tool NAME (of the
+//!   `namespace` tool NAMESPACE, as Codex offers an MCP server's tools) with those arguments;
 //! - `stats`: request counts per transport, WebSocket connections, refusals;
 //! - `last`: the body of the last Responses request (for debugging a peer's requests).
 //!
@@ -404,9 +406,29 @@ async fn serve(args: Args) -> Result<(), String> {
                 json!({"armed": provider.remaining_turns()})
             }
             "stats" => stats(&provider, &chat, &dropped),
+            // `call [NAMESPACE/]NAME ARGUMENTS`: queue one turn calling the function tool NAME
+            // (in a `namespace` tool, as Codex offers an MCP server's tools) with ARGUMENTS, a
+            // JSON object on one line.
+            call if call.starts_with("call ") => {
+                let rest = call["call ".len()..].trim_start();
+                let (name, arguments) = rest.split_once(' ').unwrap_or((rest, "{}"));
+                match serde_json::from_str::<Value>(arguments) {
+                    Ok(v) if v.is_object() && !name.is_empty() => {
+                        let turn = match name.split_once('/') {
+                            Some((ns, name)) => {
+                                Turn::namespaced_function_call(ns, name, arguments.trim())
+                            }
+                            None => Turn::function_call(name, arguments.trim()),
+                        };
+                        provider.push_turn(pace(turn));
+                        json!({"queued": provider.remaining_turns()})
+                    }
+                    _ => json!({"error": "usage: call [NAMESPACE/]NAME {JSON arguments}"}),
+                }
+            }
             "last" => json!({"last": provider.requests().last().map(|r| r.json.clone())}),
             "" => continue,
-            other => json!({"error": format!("unknown command {other:?}: arm, stats, last")}),
+            other => json!({"error": format!("unknown command {other:?}: arm, call, stats, last")}),
         };
         say(&mut out, &answer).await.map_err(|e| e.to_string())?;
     }

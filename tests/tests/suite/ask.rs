@@ -31,6 +31,7 @@ fn params(repo: &TestRepo, prompt: &str, focus: &[&str]) -> AskParams {
         dry_run: false,
         new_conversation: false,
         provider: None,
+        buffers: Vec::new(),
     }
 }
 

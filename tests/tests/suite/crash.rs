@@ -2,7 +2,9 @@
 //! apply; the next daemon's recovery must leave the worktree all-before or all-after, with the
 //! record and ledger matching, and no temp files or journals behind.
 
-use spark_tests::{Ctl, TestRepo, pid_alive, snapshot, stderr, stdout, wait_dead};
+use spark_tests::{
+    Ctl, TestRepo, output_with_stdin, pid_alive, snapshot, stderr, stdout, wait_dead,
+};
 
 const PATCH: &str = "*** Begin Patch
 *** Update File: a.txt
@@ -47,13 +49,7 @@ fn recovery_after_a_crash_at_every_step_is_all_before_or_all_after() {
         cmd.current_dir(repo.path())
             .env("SPARK_FAILPOINT", point)
             .args(["apply", "-"]);
-        cmd.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn");
-        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), PATCH.as_bytes())
-            .expect("stdin");
-        let out = child.wait_with_output().expect("wait");
+        let out = output_with_stdin(&mut cmd, PATCH.as_bytes());
         assert_eq!(
             out.status.code(),
             Some(2),

@@ -681,6 +681,7 @@ fn a_newer_ask_steers_away_an_ask_in_flight_under_other_provider_settings() {
         dry_run: false,
         new_conversation: false,
         provider,
+        buffers: Vec::new(),
     };
     let from_b = params(Some(ProviderSettings {
         url: Some(b.fake.ws_url()),

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use spark_proto::ErrorCode;
 use spark_proto::methods::{
     ApplyParams, EditApply, EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo,
-    LogParams,
+    FileChange, LogParams,
 };
 use spark_tests::{Ctl, InProcess, TestRepo, snapshot, stderr, stdout};
 use sparkctl::{Client, ClientError};
@@ -70,18 +70,15 @@ fn apply_lands_exactly_and_git_accepts_the_record() {
     assert_eq!(repo.read("src/new.rs"), b"pub fn added() {}\n");
     assert!(!repo.exists("old.txt"));
     assert_eq!(repo.read("keep.txt"), b"user edit\n");
-    let mut files: Vec<(String, String)> = r
-        .files
-        .iter()
-        .map(|f| (f.path.clone(), f.change.clone()))
-        .collect();
-    files.sort();
+    let mut files: Vec<(String, FileChange)> =
+        r.files.iter().map(|f| (f.path.clone(), f.change)).collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
         files,
         vec![
-            ("old.txt".into(), "deleted".into()),
-            ("src/lib.rs".into(), "modified".into()),
-            ("src/new.rs".into(), "added".into())
+            ("old.txt".into(), FileChange::Deleted),
+            ("src/lib.rs".into(), FileChange::Modified),
+            ("src/new.rs".into(), FileChange::Added)
         ]
     );
 

@@ -3,7 +3,7 @@
 //! the bytes the strict patch would land, or are refused with nothing written.
 
 use spark_proto::ErrorCode;
-use spark_proto::methods::{ApplyParams, EditApply, EditParams, EditResult, EditUndo};
+use spark_proto::methods::{ApplyParams, EditApply, EditParams, EditResult, EditUndo, FileChange};
 use spark_tests::{InProcess, TestRepo, snapshot};
 use sparkctl::{Client, ClientError};
 
@@ -173,9 +173,9 @@ fn add_file_over_a_committed_unmodified_file_rewrites_it_and_undo_restores_it() 
     assert_eq!(
         r.files
             .iter()
-            .map(|f| (f.path.as_str(), f.change.as_str()))
+            .map(|f| (f.path.as_str(), f.change))
             .collect::<Vec<_>>(),
-        vec![("src/lib.rs", "modified")]
+        vec![("src/lib.rs", FileChange::Modified)]
     );
     // Recorded as a stash-shaped commit git can show; the diff is the rewrite.
     let shown = repo.git(&["stash", "show", "-p", &id]);
@@ -255,6 +255,7 @@ mod repair {
             dry_run: false,
             new_conversation: false,
             provider: None,
+            buffers: Vec::new(),
         }
     }
 
@@ -553,6 +554,7 @@ mod reads {
             dry_run: false,
             new_conversation: false,
             provider: None,
+            buffers: Vec::new(),
         }
     }
 

@@ -140,6 +140,7 @@ fn params(repo: &TestRepo, prompt: &str, model: Option<&str>) -> AskParams {
             model: Some(m.into()),
             api_key: None,
         }),
+        buffers: Vec::new(),
     }
 }
 

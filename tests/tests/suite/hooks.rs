@@ -8,7 +8,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use spark_tests::fake_provider::{Script, Turn};
-use spark_tests::{Home, Provider, TestRepo, bin, hermetic_git, snapshot, stderr, stdout};
+use spark_tests::{
+    Home, Provider, TestRepo, bin, hermetic, hermetic_git, snapshot, stderr, stdout,
+};
 
 const DRAFT: &str = "Greet the whole world\n\nThe greeting now names everyone it is meant for.";
 
@@ -56,13 +58,9 @@ fn git(repo: &Path, home: &Path, path_var: &str) -> Command {
 
 /// `sparkctl args…` run in `dir`.
 fn sparkctl(dir: &Path, home: &Path, args: &[&str]) -> Output {
-    let out = Command::new(bin("sparkctl"))
+    let out = hermetic(&mut Command::new(bin("sparkctl")))
         .current_dir(dir)
         .env("SPARK_HOME", home)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
         .args(args)
         .output()
         .expect("run sparkctl");
@@ -463,11 +461,9 @@ fn install_outside_a_repository_is_refused_with_a_hint_and_writes_nothing() {
         .tempdir_in("/tmp")
         .expect("temp dir");
     let before = snapshot(dir.path());
-    let out = Command::new(bin("sparkctl"))
+    let out = hermetic(&mut Command::new(bin("sparkctl")))
         .current_dir(dir.path())
         .env("SPARK_HOME", home.path())
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CEILING_DIRECTORIES", "/tmp")
         .args(["hooks", "install"])
         .output()

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use spark_proto::methods::{ApplyParams, EditApply, EditResult};
-use spark_tests::{Ctl, InProcess, TestRepo, hermetic_git, snapshot, stderr, stdout};
+use spark_tests::{
+    Ctl, InProcess, TestRepo, hermetic_git, output_with_stdin, snapshot, stderr, stdout,
+};
 use sparkctl::{Client, ClientError};
 
 fn apply(c: &mut Client, cwd: &Path, patch: &str) -> Result<EditResult, ClientError> {
@@ -328,13 +330,7 @@ fn git_dir_in_the_shell_is_honoured_when_it_is_the_same_repository_and_refused_o
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn");
-        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), patch.as_bytes())
-            .expect("stdin");
-        child.wait_with_output().expect("wait")
+        output_with_stdin(&mut cmd, patch.as_bytes())
     };
     let before = (snapshot(repo.path()), snapshot(other.path()));
     let other_git: PathBuf = other.path().join(".git");
@@ -389,13 +385,7 @@ fn sparkctl(ctl: &Ctl, cwd: &Path, env: &[(&str, &str)], args: &[&str], stdin: &
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn sparkctl");
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("wait for sparkctl")
+    output_with_stdin(&mut cmd, stdin.as_bytes())
 }
 
 /// `sparkctl --json log` in `repo`: each edit's (id, state).

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use spark_tests::{Ctl, TestRepo, hermetic_git, snapshot, stderr, stdout};
+use spark_tests::{Ctl, TestRepo, hermetic_git, output_with_stdin, snapshot, stderr, stdout};
 
 /// Run git in `dir` (hermetic), panicking with its stderr on failure.
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -24,15 +24,8 @@ fn git(dir: &Path, args: &[&str]) -> String {
 /// Run `sparkctl args…` in `cwd` with `stdin` as its input.
 fn sparkctl(ctl: &Ctl, cwd: &Path, args: &[&str], stdin: &str) -> Output {
     let mut cmd = ctl.command("sparkctl");
-    cmd.current_dir(cwd)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn sparkctl");
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("wait for sparkctl")
+    cmd.current_dir(cwd).args(args);
+    output_with_stdin(&mut cmd, stdin.as_bytes())
 }
 
 /// `sparkctl --json apply -` in `cwd`; returns the edit id.
@@ -380,4 +373,34 @@ fn show_of_a_move_is_byte_identical_to_git_stash_show_with_its_similarity_index(
     let git_shows = git(dir, &["stash", "show", "-p", &id]);
     assert!(git_shows.contains("similarity index 83%\n"), "{git_shows}");
     assert_eq!(stdout(&out), git_shows);
+}
+
+/// The `index` lines of a unified diff.
+fn index_lines(diff: &str) -> Vec<&str> {
+    diff.lines().filter(|l| l.starts_with("index ")).collect()
+}
+
+#[test]
+fn the_diff_apply_prints_abbreviates_blob_ids_as_git_stash_show_does() {
+    let repo = TestRepo::with_files(&[("a.txt", b"a\n"), ("gone.txt", b"g\n")]);
+    git(repo.path(), &["config", "core.abbrev", "12"]);
+    let ctl = Ctl::new();
+    let patch = "*** Begin Patch\n*** Update File: a.txt\n-a\n+b\n*** Delete File: gone.txt\n*** Add File: new.txt\n+n\n*** End Patch\n";
+    let out = sparkctl(&ctl, repo.path(), &["--json", "apply", "-"], patch);
+    assert!(out.status.success(), "apply: {}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let printed = v["diff"].as_str().expect("diff").to_owned();
+    let id = v["edit"].as_str().expect("edit id");
+    let git_shown = git(repo.path(), &["stash", "show", "-p", id]);
+    let mut expected = index_lines(&git_shown);
+    let mut got = index_lines(&printed);
+    expected.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got.len(), 3, "{printed}");
+    assert_eq!(
+        got, expected,
+        "apply printed:\n{printed}\ngit shows:\n{git_shown}"
+    );
+    assert!(got.contains(&"index 000000000000..8ba3a16384aa"), "{got:?}");
+    assert!(ctl.run(["stop"]).status.success());
 }

@@ -94,6 +94,7 @@ fn a_gateway_that_drops_every_connection_sees_a_few_attempts_whatever_the_reposi
             dry_run: false,
             new_conversation: false,
             provider: None,
+            buffers: Vec::new(),
         })
         .expect_err("the gateway never answers");
     let ClientError::Rpc(e) = err else {
@@ -164,6 +165,7 @@ fn a_websocket_closed_before_its_first_event_falls_back_to_http_and_the_ask_land
         dry_run: false,
         new_conversation: false,
         provider: None,
+        buffers: Vec::new(),
     };
     let r = c
         .call::<Ask>(&params("make one bigger"))

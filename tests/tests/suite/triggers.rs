@@ -9,7 +9,7 @@ use std::process::Output;
 use serde_json::Value;
 use spark_proto::methods::{Subscribe, TriggersParams, TriggersSet, Watch, WatchParams};
 use spark_tests::fake_provider::{Script, Turn};
-use spark_tests::{Home, InProcess, Provider, TestRepo, bin, stderr, stdout};
+use spark_tests::{Home, InProcess, Provider, TestRepo, bin, hermetic, stderr, stdout};
 use sparkctl::Client;
 
 const CALC: &str = "def first(xs):\n    # handle the empty list spark!\n    return xs[0]\n\n\ndef other():\n    return 2\n";
@@ -20,14 +20,10 @@ const CALC_PATCH: &str = "*** Begin Patch\n*** Update File: src/calc.py\n@@ def 
 
 /// `sparkctl args…` in `dir` against the daemon of `home`.
 fn sparkctl(dir: &Path, home: &Path, args: &[&str]) -> Output {
-    let out = std::process::Command::new(bin("sparkctl"))
+    let out = hermetic(&mut std::process::Command::new(bin("sparkctl")))
         .current_dir(dir)
         .env("SPARK_HOME", home)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
         .env_remove("SPARK_SOCKET")
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
         .args(args)
         .output()
         .expect("run sparkctl");

@@ -57,6 +57,7 @@ fn a_file_in_a_fresh_nested_directory_reaches_the_next_request_as_news() {
         dry_run: false,
         new_conversation: false,
         provider: None,
+        buffers: Vec::new(),
     })
     .expect("ask");
     let reqs = p.fake.requests();
@@ -216,6 +217,7 @@ fn without_focus_the_files_the_prompt_points_at_are_sent_and_edited() {
             dry_run: false,
             new_conversation: false,
             provider: None,
+            buffers: Vec::new(),
         })
         .expect("ask");
     assert!(result.edit.is_some(), "{result:?}");

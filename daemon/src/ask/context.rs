@@ -9,16 +9,15 @@
 //! names it. Runs on the repository actor.
 
 use std::collections::HashMap;
+use std::path::Path;
 
-use spark_proto::methods::Focus;
+use spark_proto::methods::{Buffer, Focus};
 use spark_proto::{ErrorCode, RpcError};
 
 use crate::edit::paths::{self, Intent};
 use crate::edit::{RepoCtx, journal};
-use crate::watch::Watchers;
+use crate::watch::{MAX_FILE_BYTES, Watchers};
 
-/// Largest file sent to the model whole; bigger focus files are refused with a clear error.
-pub(crate) const MAX_FILE_BYTES: usize = 256 * 1024;
 /// The outline lists at most this many paths (the model can ask for more through tools).
 const OUTLINE_MAX_PATHS: usize = 2000;
 /// Recently changed files named when the user focuses none.
@@ -31,6 +30,8 @@ const AUTO_FILES: usize = 3;
 const AUTO_MAX_FILE_BYTES: usize = 32 * 1024;
 /// …and until this much has been added for them in one request.
 const AUTO_MAX_BYTES: usize = 48 * 1024;
+/// The hint of a refused binary file.
+const TEXT_ONLY: &str = "spark shows the model UTF-8 text without NUL bytes only";
 /// Lines of context shown around a focused line range.
 const RANGE_MARGIN: u32 = 3;
 
@@ -45,18 +46,111 @@ pub(crate) struct Assembled {
     pub(crate) audit: Vec<(String, usize)>,
 }
 
+/// Unsaved editor buffers of one ask, by repository-relative path: their text stands in for
+/// the files' bytes, both in what the model sees and as what its patch applies to.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Buffers {
+    /// Repository-relative path → the buffer's text.
+    pub(crate) text: HashMap<String, Vec<u8>>,
+    /// How the client named each (for error messages), in the order sent.
+    shown: Vec<(String, String)>,
+}
+
+impl Buffers {
+    /// Map each buffer's path (absolute, or relative to the ask's cwd) into the repository.
+    /// The guards on the bytes run when they are added to the context ([`assemble`]).
+    pub(crate) fn resolve(
+        ctx: &RepoCtx<'_>,
+        cwd_prefix: &str,
+        buffers: &[Buffer],
+    ) -> Result<Buffers, RpcError> {
+        let mut out = Buffers::default();
+        for b in buffers {
+            let joined = repo_relative(ctx.workdir, cwd_prefix, &b.path)?;
+            let rel = paths::validate_rel_path(&joined).map_err(|e| {
+                RpcError::new(
+                    ErrorCode::EditRejected,
+                    format!("cannot show the buffer {} to the model: {e}", b.path),
+                )
+                .with_kind(format!("path_{}", e.code()))
+                .with_path(b.path.clone())
+                .with_hint(e.hint())
+            })?;
+            let key = rel.as_str().to_owned();
+            if out
+                .text
+                .insert(key.clone(), b.text.clone().into_bytes())
+                .is_some()
+            {
+                return Err(RpcError::new(
+                    ErrorCode::InvalidParams,
+                    format!("the buffer {} is sent twice", b.path),
+                )
+                .with_kind("duplicate_buffer")
+                .with_path(b.path.clone())
+                .with_hint("send each file's buffer once"));
+            }
+            out.shown.push((key, b.path.clone()));
+        }
+        Ok(out)
+    }
+}
+
+/// A buffer path as the repository names it: absolute paths must lie in the worktree (also
+/// through a symlink to it); relative ones start at the ask's cwd.
+fn repo_relative(workdir: &Path, cwd_prefix: &str, raw: &str) -> Result<String, RpcError> {
+    let path = Path::new(raw);
+    if !path.is_absolute() {
+        return Ok(if cwd_prefix.is_empty() {
+            raw.to_owned()
+        } else {
+            format!("{cwd_prefix}/{raw}")
+        });
+    }
+    let inside = |p: &Path| {
+        p.strip_prefix(workdir)
+            .ok()
+            .and_then(|r| r.to_str())
+            .map(str::to_owned)
+    };
+    inside(path)
+        .or_else(|| std::fs::canonicalize(path).ok().and_then(|c| inside(&c)))
+        .ok_or_else(|| {
+            RpcError::new(
+                ErrorCode::EditRejected,
+                format!(
+                    "cannot show the buffer {raw} to the model: it is outside the repository {}",
+                    workdir.display()
+                ),
+            )
+            .with_kind("path_outside_repo")
+            .with_path(raw.to_owned())
+            .with_hint("send only buffers of files inside the repository the ask runs in")
+        })
+}
+
 /// Build the user message for `prompt` with `focus` (paths relative to `cwd_prefix`), given
 /// what the model has already `seen` in this conversation and whether to include the outline.
+/// Unsaved editor `buffers` stand in for their files: every buffer is shown (after the focus
+/// files), through the same checks as a focus file.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn assemble(
     ctx: &RepoCtx<'_>,
     watchers: &Watchers,
     cwd_prefix: &str,
     prompt: &str,
     focus: &[Focus],
+    buffers: &Buffers,
     seen: &HashMap<String, Vec<u8>>,
     news: Option<String>,
 ) -> Result<Assembled, RpcError> {
     let mut out = Assembled::default();
+    let view = View {
+        ctx,
+        watchers,
+        seen,
+        buffers: &buffers.text,
+    };
     if let Some(news) = news {
         out.audit.push(("<outline changes>".into(), news.len()));
         out.text += &news;
@@ -68,16 +162,12 @@ pub(crate) fn assemble(
             format!("{cwd_prefix}/{}", f.path)
         };
         let range = f.start_line.zip(f.end_line);
-        add_file(
-            &mut out,
-            ctx,
-            watchers,
-            &joined,
-            &f.path,
-            seen,
-            range,
-            MAX_FILE_BYTES,
-        )?;
+        add_file(&mut out, &view, &joined, &f.path, range, MAX_FILE_BYTES)?;
+    }
+    for (path, shown) in &buffers.shown {
+        if !out.seen.contains_key(path) {
+            add_file(&mut out, &view, path, shown, None, MAX_FILE_BYTES)?;
+        }
     }
     if focus.is_empty() {
         // No file named: the files the prompt points at, then the ones the user changed most
@@ -90,16 +180,7 @@ pub(crate) fn assemble(
                 continue;
             }
             let before = out.text.len();
-            match add_file(
-                &mut out,
-                ctx,
-                watchers,
-                path,
-                path,
-                seen,
-                None,
-                AUTO_MAX_FILE_BYTES,
-            ) {
+            match add_file(&mut out, &view, path, path, None, AUTO_MAX_FILE_BYTES) {
                 Ok(()) => sent += out.text.len() - before,
                 // Chosen by spark, not the user: a file that cannot be shown is just left out.
                 Err(e) => tracing::debug!(path, error = %e.message, "not adding a related file"),
@@ -121,20 +202,26 @@ pub(crate) fn assemble(
     Ok(out)
 }
 
+/// Where [`add_file`] reads from: the repository, what the model saw, the editor's buffers.
+struct View<'a, 'c> {
+    ctx: &'a RepoCtx<'c>,
+    watchers: &'a Watchers,
+    seen: &'a HashMap<String, Vec<u8>>,
+    buffers: &'a HashMap<String, Vec<u8>>,
+}
+
 /// Add the file at `joined` (repo-relative; `shown` is how the user wrote it) to `out`: whole
 /// the first time, as a diff against what the model saw, or as "unchanged"; through the same
-/// checks as an edit target.
-#[allow(clippy::too_many_arguments)]
+/// checks as an edit target. An unsaved buffer's text stands in for the file's bytes.
 fn add_file(
     out: &mut Assembled,
-    ctx: &RepoCtx<'_>,
-    watchers: &Watchers,
+    view: &View<'_, '_>,
     joined: &str,
     shown: &str,
-    seen: &HashMap<String, Vec<u8>>,
     range: Option<(u32, u32)>,
     max_bytes: usize,
 ) -> Result<(), RpcError> {
+    let (ctx, watchers, seen) = (view.ctx, view.watchers, view.seen);
     let refuse = |e: paths::PathError| {
         RpcError::new(
             ErrorCode::EditRejected,
@@ -147,7 +234,10 @@ fn add_file(
     let rel = paths::validate_rel_path(joined).map_err(refuse)?;
     let abs = paths::check_target(ctx.workdir, ctx.repo, &rel, Intent::Modify).map_err(refuse)?;
     // Watched: the cache serves it from memory (it re-checks the file's metadata first).
-    let cached = watchers.file(ctx.workdir, rel.as_str()).map(|f| f.bytes);
+    let cached = match view.buffers.get(rel.as_str()) {
+        Some(text) => Some(text.clone()),
+        None => watchers.file(ctx.workdir, rel.as_str()).map(|f| f.bytes),
+    };
     let bytes = match cached {
         Some(b) => b,
         None => journal::read_state(&abs)
@@ -170,13 +260,14 @@ fn add_file(
                 bytes.len()
             ),
             "too_large",
-        ));
+        )
+        .with_hint("spark shows the model text files up to that size; ask about a smaller file"));
     }
     let Ok(text) = std::str::from_utf8(&bytes) else {
-        return Err(reject("it is not text", "binary_target"));
+        return Err(reject("it is not text", "binary_target").with_hint(TEXT_ONLY));
     };
     if bytes.contains(&0) {
-        return Err(reject("it is not text", "binary_target"));
+        return Err(reject("it is not text", "binary_target").with_hint(TEXT_ONLY));
     }
     let path = rel.as_str();
     let before = out.text.len();

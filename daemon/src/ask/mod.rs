@@ -8,21 +8,23 @@
 //! kept typing), and the tool call's output goes at the head of the next turn instead of costing
 //! a second round trip now. A newer ask in the same repository cancels the one in flight.
 
+mod context;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use spark_proto::methods::{AskEvent, AskParams, AskResult, AskTimings, FileChangeSummary};
+use spark_proto::events::Event;
+use spark_proto::methods::{AskEvent, AskParams, AskResult, AskTimings, BufferEdit, PatchOp};
 use spark_proto::{ErrorCode, RpcError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::config::Config;
-use crate::context;
-use crate::edit::{self, patch::StreamEvent, patch::StreamingParser};
+use crate::edit::{self, patch::OpKind, patch::StreamEvent, patch::StreamingParser};
 use crate::provider::{
     InputItem, OutputItem, SessionConfig, SessionHandle, Tool, TurnEvent, TurnFailure, TurnRequest,
 };
@@ -116,15 +118,28 @@ pub(crate) struct Asks {
     /// One reconnect policy per provider URL, shared by its sessions of every repository, so a
     /// failing provider sees a few attempts a minute however many repositories are watched.
     backoffs: Mutex<HashMap<String, Arc<crate::provider::backoff::Backoff>>>,
+    /// One shared WebSocket connection per provider, a lane per session on it; `None` when
+    /// configured off (a connection per session).
+    lanes: Option<crate::provider::lanes::LanePool>,
+    timing: crate::config::ProviderTiming,
+}
+
+/// What an edit did to the worktree, for [`Asks::after_edit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Landed {
+    /// Applied (`ask`, `edit/apply`).
+    Applied,
+    /// Reverted (`edit/undo`, `edit/stash`).
+    Reverted,
 }
 
 /// Clears a conversation's `current` when its ask ends, unless a newer ask replaced it.
-struct InFlight<'c> {
+struct CurrentAsk<'c> {
     conv: &'c Conversation,
     number: u64,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for CurrentAsk<'_> {
     fn drop(&mut self) {
         if let Ok(mut current) = self.conv.current.lock()
             && current.as_ref().is_some_and(|(n, _)| *n == self.number)
@@ -174,6 +189,10 @@ pub(crate) struct ConvStatus {
     pub(crate) paused: bool,
     pub(crate) last_error: Option<String>,
     pub(crate) next_attempt_in_ms: Option<u64>,
+    /// Its lane on the provider's shared connection, while it has one.
+    pub(crate) lane: Option<String>,
+    /// The provider refused lanes: the session has a connection of its own.
+    pub(crate) lanes_refused: bool,
 }
 
 impl Asks {
@@ -184,6 +203,9 @@ impl Asks {
         watchers: Watchers,
         events: tokio::sync::broadcast::Sender<spark_proto::events::Event>,
     ) -> Asks {
+        let lanes = config
+            .lanes
+            .then(|| crate::provider::lanes::LanePool::new(tracker.clone(), shutdown.clone()));
         Asks {
             url: config.provider_url.clone(),
             api_key: config.api_key.as_deref().map(Arc::from),
@@ -197,6 +219,8 @@ impl Asks {
             tool_calls: config.tool_calls_per_ask,
             tool_bytes: config.tool_bytes_per_ask,
             backoffs: Mutex::new(HashMap::new()),
+            lanes,
+            timing: config.provider_timing,
         }
     }
 
@@ -345,8 +369,21 @@ impl Asks {
         );
         config.instructions = INSTRUCTIONS.to_owned();
         config.tools = Tool::offered();
+        config.ping_interval = self.timing.ping_interval;
+        config.pong_timeout = self.timing.pong_timeout;
+        config.backoff_base = self.timing.backoff_base;
+        config.backoff_cap = self.timing.backoff_cap;
         config.backoff = Some(self.backoff_for(&provider.url, &config));
-        config.prompt_cache_key = Some(prompt_cache_key(workdir, provider));
+        let cache_key = prompt_cache_key(workdir, provider);
+        // The lane is named after the (opaque) cache key: no path leaves the machine.
+        config.lanes = self.lanes.as_ref().map(|lanes| {
+            lanes.lane(
+                &provider.url,
+                provider.api_key.clone(),
+                &format!("repo-{}", cache_key.get(6..22).unwrap_or("x")),
+            )
+        });
+        config.prompt_cache_key = Some(cache_key);
         let (events, repo) = (self.events.clone(), workdir.display().to_string());
         config.on_state = Some(Arc::new(move |state| {
             let _ = events.send(spark_proto::events::Event::SessionState {
@@ -382,16 +419,89 @@ impl Asks {
         any
     }
 
-    /// Files changed outside the conversation (undo, stash, `edit/apply`): the model's view of
-    /// them is stale, so the next ask shows them whole instead of as a diff against it, and the
-    /// compare-and-swap base becomes their content at apply time.
-    pub(crate) async fn forget(&self, workdir: &Path, paths: &[String]) {
-        for conv in self.conversations_in(workdir) {
+    /// The bookkeeping every edit that lands, is undone or is stashed shares, whoever made it
+    /// (`edit/apply`, `ask`, `edit/undo`, `edit/stash`): the watcher takes the writes as the
+    /// daemon's own, an applied edit is counted, each conversation of the repository forgets
+    /// its view of the files (the next ask shows them whole, and the compare-and-swap base
+    /// becomes their content at apply time), and subscribers hear of it.
+    pub(crate) async fn after_edit(
+        &self,
+        repo: &RepoHandle,
+        outcome: &edit::Outcome,
+        landed: Landed,
+    ) {
+        self.after_edit_by(repo, outcome, landed, None).await;
+    }
+
+    /// [`Self::after_edit`] for an edit made by `asker`'s ask: the caller holds that
+    /// conversation's state and records there what the model now knows instead.
+    async fn after_edit_by(
+        &self,
+        repo: &RepoHandle,
+        outcome: &edit::Outcome,
+        landed: Landed,
+        asker: Option<&Conversation>,
+    ) {
+        self.watchers
+            .note_own_writes(repo.workdir(), &outcome.after);
+        let edit = match (landed, &outcome.edit) {
+            // A dry run, or a patch that changed nothing.
+            (Landed::Applied, None) => return,
+            (Landed::Applied, Some(id)) => {
+                repo.count_edit();
+                id.clone()
+            }
+            (Landed::Reverted, id) => id.clone().unwrap_or_default(),
+        };
+        // Edited buffers were not written: no client should reload them from disk.
+        let in_buffer = |p: &str| outcome.buffer_edits.iter().any(|(b, _)| b == p);
+        let files: Vec<String> = outcome
+            .files
+            .iter()
+            .filter(|f| !in_buffer(&f.path))
+            .map(|f| f.path.clone())
+            .collect();
+        for conv in self.conversations_in(repo.workdir()) {
+            if asker.is_some_and(|a| std::ptr::eq(a, Arc::as_ptr(&conv))) {
+                continue;
+            }
             let mut state = conv.state.lock().await;
-            for p in paths {
+            for p in &files {
                 state.seen.remove(p);
             }
         }
+        let repo = repo.workdir().display().to_string();
+        let _ = self.events.send(match landed {
+            Landed::Applied => Event::EditApplied { repo, edit, files },
+            Landed::Reverted => Event::EditReverted { repo, edit, files },
+        });
+    }
+
+    /// Each provider's shared connection, for `status`.
+    pub(crate) fn lanes_status(&self) -> Vec<crate::provider::lanes::ProviderLanes> {
+        self.lanes
+            .as_ref()
+            .map(crate::provider::lanes::LanePool::status)
+            .unwrap_or_default()
+    }
+
+    /// A lane of its own on `provider`'s shared connection, and the provider's reconnect
+    /// policy, for work that must not wait behind an ask (a commit-message draft).
+    pub(crate) fn side_lane(
+        &self,
+        provider: &ProviderChoice,
+        name: &str,
+        config: &SessionConfig,
+    ) -> (
+        Option<crate::provider::lanes::LaneSpec>,
+        Arc<crate::provider::backoff::Backoff>,
+    ) {
+        (
+            self.lanes
+                .as_ref()
+                .map(|lanes| lanes.lane(&provider.url, provider.api_key.clone(), name)),
+            self.backoff_for(&provider.url, config),
+        )
     }
 
     /// The provider's shared reconnect policy, made on first use.
@@ -450,6 +560,8 @@ impl Asks {
                     .as_ref()
                     .and_then(|s| s.retry_in)
                     .map(|d| d.as_millis() as u64),
+                lane: s.as_ref().and_then(|s| s.lane.clone()),
+                lanes_refused: s.as_ref().is_some_and(|s| s.lanes_refused),
             });
         }
         out
@@ -513,7 +625,7 @@ impl Asks {
         {
             old.cancel();
         }
-        let _in_flight = InFlight {
+        let _current = CurrentAsk {
             conv: &conv,
             number,
         };
@@ -538,11 +650,16 @@ impl Asks {
         let prefix = cwd_prefix.clone();
         let watchers = self.watchers.clone();
         let outline_seq = state.outline_seq;
-        let (assembled, new_seq) = repo
+        let sent_buffers = params.buffers.clone();
+        let (assembled, new_seq, buffers) = repo
             .run(move |ctx| {
+                // A refused buffer fails the ask here, before anything is sent.
+                let buffers = context::Buffers::resolve(ctx, &prefix, &sent_buffers)?;
                 let news = context::outline_news(ctx, &watchers, outline_seq);
-                context::assemble(ctx, &watchers, &prefix, &prompt, &focus, &seen, news.text)
-                    .map(|a| (a, news.seq))
+                context::assemble(
+                    ctx, &watchers, &prefix, &prompt, &focus, &buffers, &seen, news.text,
+                )
+                .map(|a| (a, news.seq, buffers))
             })
             .await??;
         if new_seq.is_some() {
@@ -699,6 +816,7 @@ impl Asks {
                 answer,
                 diff: String::new(),
                 timings,
+                buffer_edits: Vec::new(),
             });
         };
         // The streamed patch was parsed as it arrived: a malformed one is refused right away.
@@ -735,6 +853,7 @@ impl Asks {
             source: how.source.to_owned(),
             message: how.message.clone().unwrap_or_else(|| params.prompt.clone()),
             bases,
+            buffers: buffers.text,
         };
         let (applied, req) = apply_shaped(&repo, req, how.shape.clone()).await?;
         timings.apply_ms = Some(ms(apply_started.elapsed()));
@@ -757,13 +876,15 @@ impl Asks {
                 let output = match (&outcome.edit, params.dry_run) {
                     (_, true) => "Not applied: the user asked for a dry run.".to_owned(),
                     (Some(id), false) => format!("Applied as edit {id}."),
+                    (None, false) if !outcome.buffer_edits.is_empty() => {
+                        "Applied to the user's unsaved editor buffers.".to_owned()
+                    }
                     (None, false) => "Nothing changed: the files already matched.".to_owned(),
                 };
                 answer_tool(&conv.session, &mut state.history, &call, &output).await;
-                self.watchers
-                    .note_own_writes(repo.workdir(), &outcome.after);
+                self.after_edit_by(&repo, &outcome, Landed::Applied, Some(&conv))
+                    .await;
                 if outcome.edit.is_some() {
-                    repo.count_edit();
                     for (path, after) in &outcome.after {
                         match after {
                             Some(bytes) => state.seen.insert(path.clone(), bytes.clone()),
@@ -771,19 +892,15 @@ impl Asks {
                         };
                     }
                 }
+                // The model now knows each buffer as the edit left it.
+                for (path, text) in &outcome.buffer_edits {
+                    state.seen.insert(path.clone(), text.clone());
+                }
                 timings.total_ms = ms(started.elapsed());
                 Ok(AskResult {
+                    buffer_edits: buffer_edits(&outcome.buffer_edits)?,
                     edit: outcome.edit,
-                    files: outcome
-                        .files
-                        .into_iter()
-                        .map(|f| FileChangeSummary {
-                            path: f.path,
-                            change: f.change.to_owned(),
-                            added: f.added,
-                            removed: f.removed,
-                        })
-                        .collect(),
+                    files: outcome.files,
                     answer,
                     diff: outcome.diff,
                     timings,
@@ -801,6 +918,22 @@ impl Asks {
             }
         }
     }
+}
+
+/// The wire form of an apply's buffer edits: text, as the buffers came (a patch applied to
+/// text yields text).
+fn buffer_edits(edits: &[(String, Vec<u8>)]) -> Result<Vec<BufferEdit>, RpcError> {
+    edits
+        .iter()
+        .map(|(path, bytes)| {
+            String::from_utf8(bytes.clone())
+                .map(|text| BufferEdit {
+                    path: path.clone(),
+                    text,
+                })
+                .map_err(|_| internal("an edited buffer is not UTF-8"))
+        })
+        .collect()
 }
 
 /// Close the sessions for other settings than the daemon's own that no ask used for
@@ -895,7 +1028,11 @@ where
         if let StreamEvent::FileStarted { path, kind } = e {
             emit(AskEvent::PatchFile {
                 path,
-                op: format!("{kind:?}").to_lowercase(),
+                op: match kind {
+                    OpKind::Add => PatchOp::Add,
+                    OpKind::Update => PatchOp::Update,
+                    OpKind::Delete => PatchOp::Delete,
+                },
             })
             .await;
         }
@@ -1096,7 +1233,7 @@ impl Asks {
     ) -> Option<String> {
         let saw = bases.get(path)?;
         let now = tokio::fs::read(repo.workdir().join(path)).await.ok()?;
-        let diff = crate::context::diff(saw, &now);
+        let diff = context::diff(saw, &now);
         bases.insert(path.to_owned(), now.clone());
         state.seen.insert(path.to_owned(), now);
         Some(format!(
