@@ -26,6 +26,27 @@ pub enum Event {
     FilesChanged { repo: String, paths: Vec<String> },
     /// A provider session connected, disconnected or rotated.
     SessionState { repo: String, state: String },
+    /// A `spark!` comment trigger started running (its pair: [`Event::TriggerFinished`]).
+    /// `line` is 1-based, as the comment stood when the file settled.
+    TriggerStarted {
+        repo: String,
+        trigger: String,
+        path: String,
+        line: u32,
+        instruction: String,
+    },
+    /// A trigger ended: `edit` when it landed (the comment removed in that edit), else `error`
+    /// says why and the comment is still there.
+    TriggerFinished {
+        repo: String,
+        trigger: String,
+        path: String,
+        line: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        edit: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// The daemon is shutting down; the connection will close.
     Stopping,
 }

@@ -20,5 +20,6 @@ mod shapes;
 mod ssh;
 mod stash_fidelity;
 mod storm;
+mod triggers;
 mod vscode;
 mod watch;
