@@ -1,172 +1,7 @@
 //! HTTP/1.1: request heads, upgrade routing, and the HTTP + SSE transport.
 
 use super::*;
-
-#[derive(Debug, Clone)]
-pub(super) struct Head {
-    pub(super) method: String,
-    pub(super) path: String,
-    version_1_0: bool,
-    pub(super) headers: Vec<(String, String)>,
-}
-
-pub(super) fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
-fn header_has_token(headers: &[(String, String)], name: &str, token: &str) -> bool {
-    headers
-        .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-        .flat_map(|(_, v)| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-pub(super) fn is_upgrade(headers: &[(String, String)]) -> bool {
-    header_has_token(headers, "upgrade", "websocket")
-}
-
-/// Errors reading an HTTP request; each just ends the connection.
-#[derive(Debug, thiserror::Error)]
-enum HttpError {
-    #[error("connection closed")]
-    Closed,
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("malformed request: {0}")]
-    Malformed(&'static str),
-    #[error("request head too large")]
-    HeadTooLarge,
-    #[error("request body too large")]
-    BodyTooLarge,
-}
-
-pub(super) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Read one request head; bytes after it stay in `buf`.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Head, HttpError> {
-    let end = loop {
-        if let Some(pos) = find(buf, b"\r\n\r\n") {
-            break pos;
-        }
-        if buf.len() > MAX_HEAD_BYTES {
-            return Err(HttpError::HeadTooLarge);
-        }
-        let mut chunk = [0u8; 8192];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(HttpError::Closed);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let text =
-        std::str::from_utf8(&buf[..end]).map_err(|_| HttpError::Malformed("non-UTF-8 head"))?;
-    let mut lines = text.split("\r\n");
-    let request_line = lines.next().ok_or(HttpError::Malformed("empty head"))?;
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(path), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(HttpError::Malformed("request line"));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(HttpError::Malformed("HTTP version"));
-    }
-    let mut headers = Vec::new();
-    for line in lines {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or(HttpError::Malformed("header line"))?;
-        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
-    }
-    let head = Head {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        version_1_0: version == "HTTP/1.0",
-        headers,
-    };
-    buf.drain(..end + 4);
-    Ok(head)
-}
-
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, at_least: usize) -> Result<(), HttpError> {
-    while buf.len() < at_least {
-        let mut chunk = [0u8; 16384];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(HttpError::Closed);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(())
-}
-
-async fn fill_until(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    needle: &[u8],
-) -> Result<usize, HttpError> {
-    loop {
-        if let Some(pos) = find(buf, needle) {
-            return Ok(pos);
-        }
-        let want = buf.len() + 1;
-        fill(stream, buf, want).await?;
-    }
-}
-
-/// Read the body announced by `head` (Content-Length or chunked); leftover stays in `buf`.
-async fn read_body(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    head: &Head,
-) -> Result<Vec<u8>, HttpError> {
-    if header_has_token(&head.headers, "transfer-encoding", "chunked") {
-        let mut body = Vec::new();
-        loop {
-            let line_end = fill_until(stream, buf, b"\r\n").await?;
-            let line = std::str::from_utf8(&buf[..line_end])
-                .map_err(|_| HttpError::Malformed("chunk size"))?;
-            let size_text = line.split(';').next().unwrap_or_default().trim();
-            let size = usize::from_str_radix(size_text, 16)
-                .map_err(|_| HttpError::Malformed("chunk size"))?;
-            buf.drain(..line_end + 2);
-            if size == 0 {
-                // Trailers (usually none) end with an empty line.
-                let end = fill_until(stream, buf, b"\r\n").await?;
-                if end == 0 {
-                    buf.drain(..2);
-                } else {
-                    let end = fill_until(stream, buf, b"\r\n\r\n").await?;
-                    buf.drain(..end + 4);
-                }
-                return Ok(body);
-            }
-            if body.len() + size > MAX_BODY_BYTES {
-                return Err(HttpError::BodyTooLarge);
-            }
-            fill(stream, buf, size + 2).await?;
-            body.extend_from_slice(&buf[..size]);
-            buf.drain(..size + 2);
-        }
-    }
-    let length = match header(&head.headers, "content-length") {
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| HttpError::Malformed("content-length"))?,
-        None => 0,
-    };
-    if length > MAX_BODY_BYTES {
-        return Err(HttpError::BodyTooLarge);
-    }
-    fill(stream, buf, length).await?;
-    Ok(buf.drain(..length).collect())
-}
+use crate::http1::{self, HttpError};
 
 fn reason_phrase(status: u16) -> &'static str {
     match status {
@@ -220,8 +55,9 @@ pub(super) async fn write_error(
 }
 
 /// The API key check: `Authorization: Bearer <non-empty>`.
-fn check_auth(headers: &[(String, String)]) -> Result<(), ApiError> {
-    let token = header(headers, "authorization")
+fn check_auth(head: &Head) -> Result<(), ApiError> {
+    let token = head
+        .header("authorization")
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
@@ -241,7 +77,7 @@ fn check_auth(headers: &[(String, String)]) -> Result<(), ApiError> {
 pub(super) async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, connection: u64) {
     let mut buf = Vec::new();
     loop {
-        let head = match read_head(&mut stream, &mut buf).await {
+        let head = match http1::read_request(&mut stream, &mut buf).await {
             Ok(head) => head,
             Err(HttpError::HeadTooLarge) => {
                 let error = ApiError::invalid(None, "Request header fields too large.", None);
@@ -254,28 +90,28 @@ pub(super) async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream,
             }
             Err(_) => return,
         };
-        let route = head.path.split('?').next().unwrap_or_default();
+        let route = head.path();
         if route != RESPONSES_PATH {
             shared.record_head(connection, &head, 404);
             let error = ApiError {
                 status: 404,
                 ..ApiError::invalid(
                     None,
-                    format!("Invalid URL ({} {}).", head.method, head.path),
+                    format!("Invalid URL ({} {}).", head.method, head.target),
                     None,
                 )
             };
             let _ = write_error(&mut stream, &error, "", true).await;
             return;
         }
-        if let Err(error) = check_auth(&head.headers)
+        if let Err(error) = check_auth(&head)
             && !shared.settings().keyless
         {
             shared.record_head(connection, &head, 401);
             let _ = write_error(&mut stream, &error, "", true).await;
             return;
         }
-        if head.method == "GET" && is_upgrade(&head.headers) {
+        if head.method == "GET" && head.is_websocket_upgrade() {
             upgrade(shared, stream, connection, head, buf).await;
             return;
         }
@@ -292,7 +128,9 @@ pub(super) async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream,
             let _ = write_error(&mut stream, &error, "", true).await;
             return;
         }
-        if header(&head.headers, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+        if head
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
             && stream
                 .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .await
@@ -300,9 +138,9 @@ pub(super) async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream,
         {
             return;
         }
-        let body = match read_body(&mut stream, &mut buf, &head).await {
+        let body = match http1::read_body(&mut stream, &mut buf, &head, MAX_BODY_BYTES).await {
             Ok(body) => body,
-            Err(HttpError::BodyTooLarge) => {
+            Err(HttpError::BodyTooLarge(_)) => {
                 shared.record_head(connection, &head, 413);
                 let error = ApiError {
                     status: 413,
@@ -313,7 +151,7 @@ pub(super) async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream,
             }
             Err(_) => return,
         };
-        let close = head.version_1_0 || header_has_token(&head.headers, "connection", "close");
+        let close = head.wants_close();
         let keep_going = serve_post(&shared, &mut stream, connection, &head, body, close).await;
         if close || !keep_going {
             let _ = stream.shutdown().await;

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -48,13 +48,14 @@ mod lanes;
 mod plan;
 mod ws;
 
-use conversation::*;
+use self::conversation::*;
+use self::http::*;
+use self::lanes::*;
+use self::plan::*;
+use self::ws::*;
+use crate::http1::Head;
 pub use errors::ApiError;
-use http::*;
-use lanes::*;
 pub use lanes::{DEFAULT_MAX_QUEUED_PER_STREAM, DEFAULT_MAX_STREAMS, LaneSettings, SentEvent};
-use plan::*;
-use ws::*;
 
 /// The path both transports serve.
 pub const RESPONSES_PATH: &str = "/v1/responses";
@@ -62,8 +63,6 @@ pub const RESPONSES_PATH: &str = "/v1/responses";
 pub const DEFAULT_CONNECTION_LIFETIME: Duration = Duration::from_secs(60 * 60);
 /// Characters per streamed "token" (one delta event each), roughly a BPE token of code.
 pub const DEFAULT_DELTA_CHARS: usize = 4;
-/// An HTTP request head larger than this is refused (431), as any real front end would.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Request bodies larger than this are refused (413); far above anything spark sends.
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
@@ -601,11 +600,11 @@ pub struct RequestHead {
 
 impl RequestHead {
     pub fn header(&self, name: &str) -> Option<&str> {
-        header(&self.headers, name)
+        crate::http1::header(&self.headers, name)
     }
 
     pub fn is_websocket_upgrade(&self) -> bool {
-        is_upgrade(&self.headers)
+        crate::http1::has_token(&self.headers, "upgrade", "websocket")
     }
 }
 
@@ -834,7 +833,7 @@ impl Shared {
         lock(&self.heads).push(RequestHead {
             connection,
             method: head.method.clone(),
-            path: head.path.clone(),
+            path: head.target.clone(),
             headers: head.headers.clone(),
             status,
             received_at: Instant::now(),

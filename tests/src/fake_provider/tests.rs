@@ -1,4 +1,5 @@
 use super::*;
+use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 type Client = WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;

@@ -23,8 +23,8 @@ pub(super) async fn upgrade(
         let _ = write_error(&mut stream, &error, "", true).await;
         return;
     }
-    let key = header(&head.headers, "sec-websocket-key");
-    let version_ok = header(&head.headers, "sec-websocket-version") == Some("13");
+    let key = head.header("sec-websocket-key");
+    let version_ok = head.header("sec-websocket-version") == Some("13");
     let (Some(key), true) = (key, version_ok) else {
         shared.record_head(connection, &head, 400);
         let error = ApiError::invalid(None, "Invalid WebSocket upgrade request.", None);
