@@ -388,7 +388,7 @@ impl Asks {
         config.on_state = Some(Arc::new(move |state| {
             let _ = events.send(spark_proto::events::Event::SessionState {
                 repo: repo.clone(),
-                state: state.as_str().to_owned(),
+                state,
             });
         }));
         let session = crate::provider::spawn(config, &self.tracker, self.shutdown.clone()).map_err(|e| {

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use spark_proto::events::SessionState;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -71,37 +72,6 @@ const MAX_ATTEMPTS: u8 = 3;
 /// Output sent for a tool call the caller never answered: the API refuses a continuation that
 /// leaves a call unanswered.
 const UNANSWERED_TOOL_OUTPUT: &str = "The tool call was not executed.";
-
-/// What a session's connection just did, for the `session_state` event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum SessionState {
-    /// Connected in WebSocket mode.
-    ConnectedWebSocket,
-    /// Connected over HTTP + SSE (configured, or after a fallback).
-    ConnectedHttp,
-    /// The WebSocket upgrade was refused; HTTP + SSE from now on.
-    FellBackToHttp,
-    /// The connection was lost; it is reopened when needed (or in the background).
-    Lost,
-    /// Connecting failed; retried with backoff.
-    ConnectFailed,
-    /// The connection is replaced before the provider's age limit.
-    Rotating,
-}
-
-impl SessionState {
-    /// The `state` string of the `session_state` event.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            SessionState::ConnectedWebSocket => "connected_websocket",
-            SessionState::ConnectedHttp => "connected_http",
-            SessionState::FellBackToHttp => "fell_back_to_http",
-            SessionState::Lost => "lost",
-            SessionState::ConnectFailed => "connect_failed",
-            SessionState::Rotating => "rotating",
-        }
-    }
-}
 
 /// Called on every connection state change (from the session task; must not block).
 pub(crate) type StateHook = Arc<dyn Fn(SessionState) + Send + Sync>;
