@@ -705,9 +705,10 @@ impl Asks {
                 }
                 Some(TurnEvent::Done(done)) => break done,
                 Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),
-                Some(
-                    TurnEvent::Started { .. } | TurnEvent::ItemAdded(_) | TurnEvent::ItemDone(_),
-                ) => {}
+                Some(TurnEvent::Started { response_id }) => {
+                    tracing::debug!(%response_id, "response started");
+                }
+                Some(TurnEvent::ItemAdded(_)) => {}
             }
             if deltas > 0 && deltas.is_multiple_of(TOKENS_PER_PROGRESS) {
                 let secs = first_delta
@@ -1212,7 +1213,6 @@ impl Asks {
                 Some(
                     TurnEvent::Started { .. }
                     | TurnEvent::ItemAdded(_)
-                    | TurnEvent::ItemDone(_)
                     | TurnEvent::FunctionArgumentsDelta { .. },
                 ) => {}
             }
