@@ -7,10 +7,12 @@
 //! - [`TestRepo`], [`hermetic_git`], [`snapshot`]: from the shared test kit (`spark-testkit`).
 //! - [`fake_provider`]: a Responses-API provider on loopback (WebSocket mode and HTTP + SSE).
 //! - [`fake_chat`]: an OpenAI chat-completions endpoint for peers that speak only that (aider).
+//! - [`http1`]: the HTTP/1.1 head and body reader the fakes and proxies share (`httparse`).
 
 pub mod fake_chat;
 pub mod fake_provider;
 pub mod fault_proxy;
+pub mod http1;
 pub mod kill_rounds;
 
 use std::ffi::OsStr;

@@ -388,7 +388,7 @@ impl Asks {
         config.on_state = Some(Arc::new(move |state| {
             let _ = events.send(spark_proto::events::Event::SessionState {
                 repo: repo.clone(),
-                state: state.as_str().to_owned(),
+                state,
             });
         }));
         let session = crate::provider::spawn(config, &self.tracker, self.shutdown.clone()).map_err(|e| {
@@ -734,9 +734,10 @@ impl Asks {
                 }
                 Some(TurnEvent::Done(done)) => break done,
                 Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),
-                Some(
-                    TurnEvent::Started { .. } | TurnEvent::ItemAdded(_) | TurnEvent::ItemDone(_),
-                ) => {}
+                Some(TurnEvent::Started { response_id }) => {
+                    tracing::debug!(%response_id, "response started");
+                }
+                Some(TurnEvent::ItemAdded(_)) => {}
             }
             if deltas > 0 && deltas.is_multiple_of(TOKENS_PER_PROGRESS) {
                 let secs = first_delta
@@ -1288,7 +1289,6 @@ impl Asks {
                 Some(
                     TurnEvent::Started { .. }
                     | TurnEvent::ItemAdded(_)
-                    | TurnEvent::ItemDone(_)
                     | TurnEvent::FunctionArgumentsDelta { .. },
                 ) => {}
             }

@@ -488,8 +488,7 @@ async fn play(script: Script) -> Result<(), TestCaseError> {
             TurnEvent::TextDelta { .. }
             | TurnEvent::ToolInputDelta { .. }
             | TurnEvent::FunctionArgumentsDelta { .. }
-            | TurnEvent::ItemAdded(_)
-            | TurnEvent::ItemDone(_) => {}
+            | TurnEvent::ItemAdded(_) => {}
         }
     };
     shutdown.cancel();

@@ -186,14 +186,16 @@ impl ChunkedDecoder {
                     let line = line.strip_suffix(b"\r").unwrap_or(&line);
                     self.state = match self.state {
                         ChunkState::Size => {
-                            let text = String::from_utf8_lossy(line);
-                            let hex = text.split(';').next().unwrap_or("").trim();
-                            let size = u64::from_str_radix(hex, 16)
-                                .map_err(|_| DecodeError::ChunkSize(text.clone().into_owned()))?;
-                            if size == 0 {
-                                ChunkState::Trailer
-                            } else {
-                                ChunkState::Data(size)
+                            let mut sized = line.to_vec();
+                            sized.extend_from_slice(b"\r\n");
+                            match httparse::parse_chunk_size(&sized) {
+                                Ok(httparse::Status::Complete((_, 0))) => ChunkState::Trailer,
+                                Ok(httparse::Status::Complete((_, size))) => ChunkState::Data(size),
+                                Ok(httparse::Status::Partial) | Err(_) => {
+                                    return Err(DecodeError::ChunkSize(
+                                        String::from_utf8_lossy(line).into_owned(),
+                                    ));
+                                }
                             }
                         }
                         ChunkState::Trailer if line.is_empty() => ChunkState::Done,
