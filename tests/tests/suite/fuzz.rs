@@ -159,7 +159,11 @@ fn valid_request(repo: String) -> impl Strategy<Value = (&'static str, Value)> {
             json!({"cwd": cwd, "prompt": prompt, "dry_run": dry_run})
         )),
         dir.clone().prop_map(|cwd| ("cancel", json!({"cwd": cwd}))),
-        any_dir.prop_map(|cwd| ("commit/draft", json!({"cwd": cwd}))),
+        any_dir
+            .clone()
+            .prop_map(|cwd| ("commit/draft", json!({"cwd": cwd}))),
+        (any_dir, any::<bool>())
+            .prop_map(|(dir, enabled)| ("triggers/set", json!({"dir": dir, "enabled": enabled}))),
         (dir.clone(), path.clone(), when.clone(), any::<u32>()).prop_map(
             |(cwd, path, since, limit)| (
                 "history/list",
@@ -396,7 +400,7 @@ fn a_relative_cwd_with_a_newline_is_refused_in_one_line() {
 
 /// The methods `valid_request` builds: a method added to the protocol fails this test until the
 /// harness builds it too.
-const FUZZED_METHODS: [&str; 16] = [
+const FUZZED_METHODS: [&str; 17] = [
     "status",
     "subscribe",
     "edit/apply",
@@ -413,6 +417,7 @@ const FUZZED_METHODS: [&str; 16] = [
     "history/list",
     "history/restore",
     "history/diff",
+    "triggers/set",
 ];
 
 #[test]
