@@ -1,4 +1,5 @@
 mod ask;
+mod attack;
 mod buffers;
 mod crash;
 mod daily;
