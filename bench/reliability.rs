@@ -2,7 +2,7 @@
 //! (the CI smoke runs 10). `SPARK_RELIABILITY_ROUNDS` changes the count,
 //! `SPARK_RELIABILITY_SEED` replays a run, `SPARK_RELIABILITY_TYPIST=1` adds the typist
 //! appending to an edited file and `SPARK_RELIABILITY_STASH=1` adds `stash` to the operations
-//! (both known failures, see docs/RELIABILITY.md).
+//! (see docs/RELIABILITY.md, "Crashes").
 //!
 //! Run: `cargo bench -p spark-tests --bench reliability`.
 

@@ -80,6 +80,7 @@ pub fn connect(layout: &Layout, client_name: &str) -> Result<Connected, ClientEr
                 layout,
             )
         })?;
+    check_private_dir(layout.socket_dir()).map_err(|e| start_err(e, layout))?;
     let _guard = lock_with_timeout(&layout.startup_lock(), LOCK_TIMEOUT).map_err(|e| {
         start_err(
             format!("startup lock {}: {e}", layout.startup_lock().display()),
@@ -183,6 +184,35 @@ fn start_err(message: String, layout: &Layout) -> ClientError {
     }
 }
 
+/// The same rule sparkd applies before binding (docs/protocol.md, "Security"), checked
+/// before the startup lock is created in the directory: never through a symbolic link, never
+/// in a directory another user owns or can enter.
+fn check_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let not_private =
+        |why: String| format!("socket directory {} is not private: {why}", dir.display());
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        return Err(not_private("it is a symbolic link, which is never followed; remove it (or point SPARK_SOCKET at another directory)".into()));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(not_private(format!(
+            "owned by uid {}, not {me}; remove it or point SPARK_SOCKET at a directory of yours",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(not_private(format!(
+            "mode {:o} lets other users in; run `chmod 700 {}`",
+            meta.mode() & 0o777,
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Take an exclusive lock on `path`, waiting at most `timeout`.
 fn lock_with_timeout(path: &Path, timeout: Duration) -> std::io::Result<File> {
     let file = OpenOptions::new()
@@ -191,6 +221,8 @@ fn lock_with_timeout(path: &Path, timeout: Duration) -> std::io::Result<File> {
         .create(true)
         .truncate(false)
         .mode(0o600)
+        // A link planted in place of the lock is refused, not followed.
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)?;
     if file.try_lock().is_ok() {
         return Ok(file);

@@ -85,6 +85,24 @@ impl ClientError {
     }
 }
 
+/// The daemon at the other end must run as this user: in a shared directory (the `/tmp`
+/// fallback) another user can create the socket directory first and serve a daemon of their
+/// own there, which would then see every prompt and patch.
+fn check_served_by_us(stream: &Stream) -> std::io::Result<()> {
+    use interprocess::local_socket::traits::StreamCommon as _;
+    let me = rustix::process::geteuid().as_raw();
+    match stream.peer_creds()?.euid() {
+        Some(uid) if uid == me => Ok(()),
+        other => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the socket is served by uid {}, not by you (uid {me}); another user may have planted it",
+                other.map_or_else(|| "unknown".to_owned(), |u| u.to_string())
+            ),
+        )),
+    }
+}
+
 impl Client {
     /// Connect without handshaking; see [`Client::initialize`].
     pub fn connect(socket: &Path) -> Result<Client, ClientError> {
@@ -96,6 +114,7 @@ impl Client {
             .to_fs_name::<GenericFilePath>()
             .map_err(connect_err)?;
         let stream = Stream::connect(name).map_err(connect_err)?;
+        check_served_by_us(&stream).map_err(connect_err)?;
         Ok(Client {
             reader: BufReader::new(stream),
             next_id: 1,

@@ -115,10 +115,16 @@ pub fn hooks_dir(dir: &Path) -> Result<PathBuf, HooksError> {
 
 /// The wrapper script for `name`. POSIX sh; exits 0 whatever spark does, so only the chained
 /// hook can fail the git command. Refresh hooks run spark's part in the background, detached
-/// from git's output, so `git checkout` pays only for a shell start.
+/// from git's output, so `git checkout` pays only for a shell start. `prepare-commit-msg` starts
+/// `sparkctl` only when the message is written from scratch (git's second argument absent or
+/// `template`), so `git commit -m`, merges, squashes and amends pay only for the shell too.
 pub fn wrapper(name: &str) -> String {
     let call = if name == "prepare-commit-msg" {
-        format!("sparkctl hook {name} \"$@\" </dev/null || true")
+        format!(
+            "case \"${{2:-}}\" in\n\
+             \t\"\"|template) sparkctl hook {name} \"$@\" </dev/null || true ;;\n\
+             esac"
+        )
     } else {
         format!("sparkctl hook {name} \"$@\" </dev/null >/dev/null 2>&1 &")
     };
@@ -339,6 +345,8 @@ mod tests {
         assert!(w.contains(MARKER));
         // The draft is written before git opens the editor: it cannot run in the background.
         let w = wrapper("prepare-commit-msg");
-        assert!(w.contains("sparkctl hook prepare-commit-msg \"$@\" </dev/null || true\n"));
+        assert!(w.contains("sparkctl hook prepare-commit-msg \"$@\" </dev/null || true ;;\n"));
+        // Only a message written from scratch starts sparkctl at all.
+        assert!(w.contains("case \"${2:-}\" in\n\t\"\"|template) "));
     }
 }

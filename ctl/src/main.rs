@@ -13,6 +13,7 @@ use spark_proto::methods::{
     EditLog, EditParams, EditResult, EditShow, EditStash, EditUndo, Empty, FileChange, Focus,
     LogParams, Method, Refresh, Status, StatusResult, Unwatch, Watch, WatchParams,
 };
+use spark_proto::methods::{TriggersParams, TriggersSet, WatchResult};
 use sparkctl::autostart::{self, Started};
 use sparkctl::interrupt::CancelOnCtrlC;
 use sparkctl::output::ColorChoice;
@@ -126,6 +127,13 @@ enum Command {
     Watch {
         /// A directory inside the repository.
         dir: Option<PathBuf>,
+        /// Also run `spark!` comment triggers there: a saved own-line comment ending in
+        /// `spark!` becomes an edit (remembered across restarts).
+        #[arg(long, conflicts_with = "no_triggers")]
+        triggers: bool,
+        /// Stop running `spark!` comment triggers there (the watch stays).
+        #[arg(long)]
+        no_triggers: bool,
     },
     /// Stop watching a repository.
     Unwatch {
@@ -344,7 +352,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             clap_complete::generate(shell, &mut Cli::command(), "sparkctl", &mut out);
             write_stdout(&out)
         }
-        Command::Watch { dir } => watch(&ctx, dir),
+        Command::Watch {
+            dir,
+            triggers,
+            no_triggers,
+        } => watch(&ctx, dir, (triggers || no_triggers).then_some(triggers)),
         Command::Unwatch { dir } => {
             let r = call::<Unwatch>(
                 &ctx,
@@ -511,18 +523,41 @@ fn stash(ctx: &Ctx, edit: Option<String>) -> Result<(), Failure> {
 }
 
 /// `sparkctl watch [DIR]`.
-fn watch(ctx: &Ctx, dir: Option<PathBuf>) -> Result<(), Failure> {
-    let r = call::<Watch>(
-        ctx,
-        &WatchParams {
-            dir: dir_param(dir)?,
-        },
-    )?;
-    ctx.print(&r, |r| {
+/// `sparkctl watch`: with `--triggers`/`--no-triggers` (`triggers` set), also `triggers/set`.
+fn watch(ctx: &Ctx, dir: Option<PathBuf>, triggers: Option<bool>) -> Result<(), Failure> {
+    /// `--json`: the watch's result, with `triggers` when a flag set them.
+    #[derive(Serialize)]
+    struct Watched {
+        #[serde(flatten)]
+        watch: WatchResult,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        triggers: Option<bool>,
+    }
+    let dir = dir_param(dir)?;
+    let mut client = ctx.connect()?;
+    let watch = client
+        .call::<Watch>(&WatchParams { dir: dir.clone() })
+        .map_err(|e| ctx.fail(e))?;
+    let triggers = match triggers {
+        Some(enabled) => Some(
+            client
+                .call::<TriggersSet>(&TriggersParams { dir, enabled })
+                .map_err(|e| ctx.fail(e))?
+                .enabled,
+        ),
+        None => None,
+    };
+    ctx.print(&Watched { watch, triggers }, |w| {
+        let r = &w.watch;
         let mut line = format!(
             "watching {} ({} files, {} watches)",
             r.repo.path, r.repo.files, r.repo.watches
         );
+        match w.triggers {
+            Some(true) => line += "; spark! triggers on",
+            Some(false) => line += "; spark! triggers off",
+            None => {}
+        }
         if let Some(why) = &r.repo.degraded {
             line += &format!("\nwarning: degraded: {why}");
         }
@@ -1165,11 +1200,19 @@ fn render_log(edits: &[spark_proto::methods::LogEntry], now: u64, style: &Style)
     let id_w = edits.iter().map(|e| e.id.len()).max().unwrap_or(0);
     let mut out = String::new();
     for ((e, age), state) in edits.iter().zip(&ages).zip(&states) {
-        let what = if e.message.is_empty() {
-            &e.source
+        let mut what = if e.message.is_empty() {
+            e.source.clone()
         } else {
-            &e.message
+            e.message.clone()
         };
+        // A trigger's message is its comment's instruction: say where it came from, and why
+        // one that failed left its comment in place.
+        if e.source == "trigger" {
+            what = format!("spark! {}", first_line(&what));
+        }
+        if let Some(reason) = &e.reason {
+            what = format!("{} ({})", first_line(&what), first_line(reason));
+        }
         let files = match e.files.len() {
             1 => e.files[0].clone(),
             n => format!("{n} files"),
@@ -1179,7 +1222,7 @@ fn render_log(edits: &[spark_proto::methods::LogEntry], now: u64, style: &Style)
         out += &format!(
             "{}{id_pad}  {age:>age_w$}  {state:<state_w$}  {}  {}\n",
             style.paint(YELLOW, &e.id),
-            first_line(what),
+            first_line(&what),
             style.paint(DIM, &format!("({files})"))
         );
     }
@@ -1194,6 +1237,7 @@ fn state_label(state: spark_proto::methods::EditState) -> &'static str {
         EditState::Undone => "undone",
         EditState::Stashed => "stashed",
         EditState::RevertedOutside => "reverted outside spark",
+        EditState::Failed => "failed",
     }
 }
 

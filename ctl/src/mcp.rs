@@ -510,6 +510,10 @@ fn log_line(e: &LogEntry, now: u64) -> String {
     if !message.is_empty() {
         line += &format!("  \"{message}\"");
     }
+    // A failed `spark!` trigger left its comment in place: say why.
+    if let Some(reason) = &e.reason {
+        line += &format!("  ({})", reason.lines().next().unwrap_or("").trim());
+    }
     line
 }
 
@@ -521,6 +525,7 @@ fn render_show(r: &ShowResult) -> String {
                 EditState::Undone => "undone",
                 EditState::Stashed => "stashed",
                 EditState::RevertedOutside => "reverted outside spark",
+                EditState::Failed => "failed",
             };
             let message = e.message.lines().next().unwrap_or("").trim();
             format!("edit {} ({state}, by {}): {message}\n", r.id, e.source)

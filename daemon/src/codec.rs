@@ -56,11 +56,13 @@ impl Decoder for LineDecoder {
         }
         let mut line = buf.split_to(end + 1);
         line.truncate(end);
-        if line.last() == Some(&b'\r') {
-            line.truncate(end - 1);
-        }
+        // Measured before a `\r` is dropped, as `read_frame` does: otherwise whether a line of
+        // `max` bytes plus `\r` is accepted would depend on how the reads happened to split it.
         if line.len() > self.max {
             return Ok(Some(Frame::TooLong { len: line.len() }));
+        }
+        if line.last() == Some(&b'\r') {
+            line.truncate(end - 1);
         }
         Ok(Some(Frame::Line(line.to_vec())))
     }

@@ -66,6 +66,9 @@ pub struct ConfigFile {
     /// Share one WebSocket per provider between repositories on `stream_id` lanes (default
     /// true); false gives each repository (and each draft) a connection of its own.
     pub lanes: Option<bool>,
+    /// Run `spark!` comment triggers in every watched repository (default false; `sparkctl
+    /// watch --triggers` turns them on for one repository).
+    pub triggers: Option<bool>,
 }
 
 /// Settings given on the `sparkd` command line; they win over everything else.
@@ -108,6 +111,8 @@ pub struct Config {
     pub history_clock_offset_ms: i64,
     /// Sessions share one WebSocket per provider on `stream_id` lanes (`lanes`).
     pub lanes: bool,
+    /// `spark!` comment triggers in every watched repository (`triggers`).
+    pub triggers: bool,
     /// Test hook: abort at this named point of an edit, or fail there with an error when named
     /// `fail_<point>` (`SPARK_FAILPOINT`, debug builds only).
     pub failpoint: Option<String>,
@@ -165,6 +170,7 @@ impl fmt::Debug for Config {
             .field("history_segment_snapshots", &self.history_segment_snapshots)
             .field("history_clock_offset_ms", &self.history_clock_offset_ms)
             .field("lanes", &self.lanes)
+            .field("triggers", &self.triggers)
             .field("failpoint", &self.failpoint)
             .field("reported_version", &self.reported_version)
             .field("provider_timing", &self.provider_timing)
@@ -286,6 +292,7 @@ impl Config {
                 None => 0,
             },
             lanes: file.lanes.unwrap_or(true),
+            triggers: file.triggers.unwrap_or(false),
             failpoint: if cfg!(debug_assertions) {
                 env("SPARK_FAILPOINT")
             } else {

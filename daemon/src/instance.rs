@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use interprocess::local_socket::tokio::Listener;
@@ -67,6 +67,7 @@ impl Instance {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(lock_path)
             .map_err(io_err("open lock file", lock_path))?;
         match lock.try_lock() {
@@ -118,28 +119,58 @@ impl Instance {
 }
 
 /// Create `dir` (0700) if missing; refuse one that others can enter or that we do not own.
+///
+/// The directory itself is never followed if it is a symbolic link: in a shared parent such as
+/// `/tmp`, another user can plant `spark-<uid>` as a link to a directory of their choosing (or
+/// of ours, like `~/.ssh`, where a "stale socket" would then be removed). A directory we own
+/// with loose permissions is refused rather than repaired, since whatever was planted in it
+/// while it was open would stay; the message says how to fix it.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), InstanceError> {
-    match std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-    {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(io_err("create directory", parent))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
+        // mkdir(2) never follows a final symlink, so an existing one lands here too.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io_err("create directory", dir)(e)),
     }
-    let meta = std::fs::metadata(dir).map_err(io_err("inspect", dir))?;
-    let me = rustix::process::geteuid().as_raw();
     let unsafe_dir = |reason: String| InstanceError::UnsafeDirectory {
         path: dir.display().to_string(),
         reason,
     };
-    if meta.uid() != me {
-        return Err(unsafe_dir(format!("owned by uid {}, not {me}", meta.uid())));
+    let link = std::fs::symlink_metadata(dir).map_err(io_err("inspect", dir))?;
+    if link.file_type().is_symlink() {
+        return Err(unsafe_dir(
+            "it is a symbolic link, which is never followed; remove it (or point SPARK_SOCKET at another directory)".into(),
+        ));
     }
-    if meta.mode() & 0o077 != 0 {
+    // Checked on the opened directory, not the path, so a swap after the look above is seen.
+    let fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| io_err("open directory", dir)(e.into()))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| io_err("inspect", dir)(e.into()))?;
+    let me = rustix::process::geteuid().as_raw();
+    if st.st_uid != me {
         return Err(unsafe_dir(format!(
-            "mode {:o} lets other users in; run `chmod 700 {}`",
-            meta.mode() & 0o777,
+            "owned by uid {}, not {me}; remove it or point SPARK_SOCKET at a directory of yours",
+            st.st_uid
+        )));
+    }
+    let mode = st.st_mode & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(unsafe_dir(format!(
+            "mode {mode:o} lets other users in; run `chmod 700 {}`",
             dir.display()
         )));
     }
@@ -173,6 +204,7 @@ fn remove_if_stale(socket: &Path) -> Result<(), InstanceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[tokio::test]
     async fn second_claim_is_refused_and_stale_socket_replaced() {
@@ -215,5 +247,62 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let err = Instance::claim(&open.join("s.sock"), &open.join("l")).expect_err("open dir");
         assert!(err.to_string().contains("chmod 700"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_symlink_at_the_socket_directory_or_lock_is_never_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        // A private directory of ours the link points at: checking the target would pass.
+        let target = dir.path().join("target");
+        std::fs::create_dir(&target).expect("mkdir");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let link = dir.path().join("run");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let err = Instance::claim(&link.join("s.sock"), &link.join("s.sock.lock"))
+            .expect_err("symlinked directory");
+        assert!(
+            matches!(&err, InstanceError::UnsafeDirectory { reason, .. } if reason.contains("symbolic link")),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(&target).expect("ls").count(), 0);
+
+        // A link planted at the lock path is not opened through either.
+        let run = dir.path().join("real");
+        std::fs::create_dir(&run).expect("mkdir");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").expect("write");
+        std::os::unix::fs::symlink(&victim, run.join("s.sock.lock")).expect("symlink");
+        let err = Instance::claim(&run.join("s.sock"), &run.join("s.sock.lock"))
+            .expect_err("symlinked lock");
+        assert!(
+            matches!(
+                err,
+                InstanceError::Io {
+                    op: "open lock file",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&victim).expect("read"), b"keep");
+        assert!(!run.join("s.sock").exists());
+    }
+
+    #[tokio::test]
+    async fn a_loose_directory_of_ours_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = ensure_private_dir(&open).expect_err("0777");
+        assert!(err.to_string().contains("mode 777"), "{err}");
+        let mode = std::fs::metadata(&open).expect("stat").mode() & 0o777;
+        assert_eq!(
+            mode, 0o777,
+            "the daemon must not repair a directory it refuses"
+        );
     }
 }

@@ -11,6 +11,7 @@
 //! - `ask`: one model call per edit, streamed, applied through the edit engine; `ask::context`
 //!   is what the model sees, and the guard on every byte that leaves the machine.
 //! - `draft`: a commit message drafted from the staged diff, for the `prepare-commit-msg` hook.
+//! - `trigger`: `spark!` comments in watched files run as asks, the comment removed in the edit.
 //! - `watch`: one watcher per repository keeping its outline and file contents current, and
 //!   `watch::cache`, the sled context cache (disposable: rebuilt whenever it is unreadable).
 //! - `clock`: wall-clock milliseconds for the ledger, the watcher and `status`.
@@ -27,7 +28,11 @@ mod edit;
 mod history;
 mod provider;
 mod repo;
+mod trigger;
 mod watch;
+
+#[cfg(test)]
+mod fuzz_tests;
 
 use std::path::Path;
 

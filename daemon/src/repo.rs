@@ -94,7 +94,11 @@ impl Repos {
         if !cwd.is_absolute() {
             return Err(RpcError::new(
                 ErrorCode::InvalidParams,
-                format!("cwd {} is not an absolute path", cwd.display()),
+                // Escaped: the client's string may hold a newline or a control character.
+                format!(
+                    "cwd {} is not an absolute path",
+                    cwd.display().to_string().escape_debug()
+                ),
             ));
         }
         let cached = self

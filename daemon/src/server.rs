@@ -58,6 +58,7 @@ pub(crate) struct Shared {
     pub(crate) repos: Repos,
     pub(crate) asks: Arc<crate::ask::Asks>,
     pub(crate) watchers: crate::watch::Watchers,
+    pub(crate) triggers: crate::trigger::Triggers,
 }
 
 pub(crate) async fn serve(config: Config, instance: Instance, shutdown: CancellationToken) {
@@ -95,8 +96,10 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         repos: Repos::new(EditEnv::from_config(&config)),
         asks,
         watchers,
+        triggers: crate::trigger::Triggers::new(&config.layout.state_dir, config.triggers),
         config,
     });
+    crate::trigger::Triggers::start(&shared);
     info!(socket = %instance.socket.display(), pid = std::process::id(), version = crate::VERSION, "sparkd serving");
     let settled = shared.clone();
     shared.tracker.spawn(async move {
@@ -345,6 +348,7 @@ impl Connection {
             ClientRequest::HistoryList(p) => self.history_list(p).await.and_then(to_value),
             ClientRequest::HistoryRestore(p) => self.history_restore(p).await.and_then(to_value),
             ClientRequest::HistoryDiff(p) => self.history_diff(p).await.and_then(to_value),
+            ClientRequest::TriggersSet(p) => self.triggers_set(p).await.and_then(to_value),
         };
         Some(answer)
     }
@@ -396,9 +400,39 @@ impl Connection {
             .unwatch(repo.workdir())
             .await
             .map_err(|e| e.to_rpc())?;
+        // Triggers are part of the watch: a later watch starts without them.
+        if let Err(e) = self.shared.triggers.set(repo.workdir(), false) {
+            warn!(error = %e, "cannot save the repositories with triggers on");
+        }
         Ok(methods::WatchChange {
             repo: repo.workdir().display().to_string(),
             was_watched,
+        })
+    }
+
+    async fn triggers_set(
+        &self,
+        p: methods::TriggersParams,
+    ) -> Result<methods::TriggersResult, RpcError> {
+        let (repo, _) = self.shared.repos.for_cwd(&p.dir).await?;
+        if p.enabled {
+            // Triggers see only what a watch sees.
+            self.shared.watchers.ensure_watched(repo.workdir());
+        }
+        let enabled = self
+            .shared
+            .triggers
+            .set(repo.workdir(), p.enabled)
+            .map_err(|e| {
+                RpcError::new(
+                    ErrorCode::Internal,
+                    format!("cannot save the repositories with triggers on: {e}"),
+                )
+                .with_hint("check that the daemon's state directory is writable")
+            })?;
+        Ok(methods::TriggersResult {
+            repo: repo.workdir().display().to_string(),
+            enabled,
         })
     }
 
@@ -482,22 +516,29 @@ impl Connection {
     async fn edit_log(&self, p: methods::LogParams) -> Result<methods::LogResult, RpcError> {
         let (repo, _) = self.shared.repos.for_cwd(&p.cwd).await?;
         let limit = p.limit.unwrap_or(20) as usize;
-        let entries = repo
-            .run(move |ctx| edit::log(ctx, limit).map(|entries| with_reverted(ctx, entries)))
+        let (entries, failed) = repo
+            .run(move |ctx| {
+                edit::log(ctx, limit).map(|entries| {
+                    let failed = crate::trigger::Triggers::failed_entries(ctx, limit);
+                    (with_reverted(ctx, entries), failed)
+                })
+            })
             .await?
             .map_err(|e| e.to_rpc())?;
+        let edits = entries
+            .into_iter()
+            .map(|(id, s, reverted)| {
+                let mut entry = log_entry(id, s);
+                if reverted {
+                    entry.state = methods::EditState::RevertedOutside;
+                }
+                entry
+            })
+            .collect();
         Ok(methods::LogResult {
             repo: repo.workdir().display().to_string(),
-            edits: entries
-                .into_iter()
-                .map(|(id, s, reverted)| {
-                    let mut entry = log_entry(id, s);
-                    if reverted {
-                        entry.state = methods::EditState::RevertedOutside;
-                    }
-                    entry
-                })
-                .collect(),
+            // Failed `spark!` triggers too: they left their comment and say why.
+            edits: crate::trigger::merge_log(edits, failed, limit),
         })
     }
 
@@ -757,6 +798,7 @@ fn log_entry(id: String, s: edit::ledger::EditSummary) -> methods::LogEntry {
         source: s.applied.source,
         message: s.applied.message,
         files: s.applied.files,
+        reason: None,
     }
 }
 

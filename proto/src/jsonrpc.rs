@@ -39,14 +39,46 @@ impl<'de> Deserialize<'de> for Version {
     }
 }
 
-/// A call from client to daemon; answered by a [`Response`] with the same id.
+/// A call from client to daemon; answered by a [`Response`] with the same id. Read only from a
+/// JSON object: serde would also fill the struct from an array (`["2.0", 1, "status"]`), which
+/// JSON-RPC 2.0 reads as a batch, and spark takes no batches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "serde_json::Map<String, Value>")]
 pub struct Request {
     pub jsonrpc: Version,
     pub id: Id,
     pub method: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<Value>,
+}
+
+/// The fields of a [`Request`], read from its object.
+#[derive(Deserialize)]
+struct RequestFields {
+    jsonrpc: Version,
+    id: Id,
+    method: String,
+    #[serde(default)]
+    params: Option<Value>,
+}
+
+impl TryFrom<serde_json::Map<String, Value>> for Request {
+    type Error = serde_json::Error;
+
+    fn try_from(object: serde_json::Map<String, Value>) -> Result<Self, Self::Error> {
+        let RequestFields {
+            jsonrpc,
+            id,
+            method,
+            params,
+        } = serde_json::from_value(Value::Object(object))?;
+        Ok(Request {
+            jsonrpc,
+            id,
+            method,
+            params,
+        })
+    }
 }
 
 /// The answer to a [`Request`]: exactly one of `result` and `error`.

@@ -46,7 +46,8 @@ macro_rules! methods {
                     $($name => parse_params::<$ty>(params).map(ClientRequest::$ty),)*
                     other => Err(RpcError::new(
                         ErrorCode::MethodNotFound,
-                        format!("unknown method `{other}`"),
+                        // Escaped: the name is the client's, and may hold a newline or a control character.
+                        format!("unknown method `{}`", other.escape_debug()),
                     )
                     .with_hint("see docs/protocol.md for the methods of this protocol version")),
                 }
@@ -123,6 +124,26 @@ methods! {
     /// `history/diff` → [`HistoryDiffResult`]: what changed in the worktree since a time, all
     /// writers together, as a unified diff.
     HistoryDiff, "history/diff", HistoryDiffParams, HistoryDiffResult;
+    /// `triggers/set` → [`TriggersResult`]: turn `spark!` comment triggers on or off for a
+    /// repository (remembered across restarts; `unwatch` turns them off).
+    TriggersSet, "triggers/set", TriggersParams, TriggersResult;
+}
+
+/// Params of [`TriggersSet`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggersParams {
+    /// An absolute directory inside the repository.
+    pub dir: String,
+    pub enabled: bool,
+}
+
+/// Result of [`TriggersSet`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggersResult {
+    pub repo: String,
+    /// Whether triggers now run there (also true when `config.toml` turns them on everywhere).
+    pub enabled: bool,
 }
 
 /// Params of [`CommitDraft`].
@@ -437,6 +458,9 @@ pub struct LogEntry {
     pub source: String,
     pub message: String,
     pub files: Vec<String>,
+    /// Why it failed (`state` `failed`: a `spark!` trigger that left its comment in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Where an edit stands, as `edit/log` reports it.
@@ -452,6 +476,9 @@ pub enum EditState {
     /// Recorded as applied, but every file it touched is back to its content before the edit,
     /// undone outside spark (`git checkout -- file`, an editor's undo).
     RevertedOutside,
+    /// A `spark!` trigger that changed nothing: its comment is still in place, `reason` says
+    /// why, and `id` is the trigger's (`t-` and hex digits), not an edit's.
+    Failed,
 }
 
 impl EditState {
@@ -462,6 +489,7 @@ impl EditState {
             EditState::Undone => "undone",
             EditState::Stashed => "stashed",
             EditState::RevertedOutside => "reverted_outside",
+            EditState::Failed => "failed",
         }
     }
 }

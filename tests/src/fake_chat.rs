@@ -17,14 +17,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::http1;
+
 /// Characters per streamed chunk, as in the Responses fake.
 const DELTA_CHARS: usize = crate::fake_provider::DEFAULT_DELTA_CHARS;
-/// Request heads and bodies larger than this end the connection; far above what aider sends.
+/// Request bodies larger than this end the connection; far above what aider sends.
 const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
 /// What a chat completion answers, and how fast.
@@ -282,88 +284,25 @@ async fn accept_loop(listener: TcpListener, reply: Arc<Replies>, requests: Arc<A
 
 struct Request {
     method: String,
-    path: String,
+    /// The request target as sent, for error messages.
+    target: String,
+    /// The target's path, for routing.
+    route: String,
     close: bool,
     body: Vec<u8>,
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
-    let mut chunk = [0u8; 16384];
-    let n = stream.read(&mut chunk).await.ok()?;
-    if n == 0 || buf.len() + n > MAX_REQUEST_BYTES {
-        return None;
-    }
-    buf.extend_from_slice(&chunk[..n]);
-    Some(())
-}
-
 /// Read one request (Content-Length or chunked body); `None` ends the connection.
 async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Request> {
-    let end = loop {
-        if let Some(end) = find(buf, b"\r\n\r\n") {
-            break end;
-        }
-        fill(stream, buf).await?;
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    buf.drain(..end + 4);
-    let mut lines = head.split("\r\n");
-    let mut request_line = lines.next()?.split(' ');
-    let (method, path, version) = (
-        request_line.next()?.to_owned(),
-        request_line.next()?.to_owned(),
-        request_line.next()?,
-    );
-    let mut close = version == "HTTP/1.0";
-    let (mut length, mut chunked) = (0usize, false);
-    for line in lines {
-        let (name, value) = line.split_once(':')?;
-        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
-        match name.as_str() {
-            "content-length" => length = value.parse().ok()?,
-            "transfer-encoding" => chunked = value.to_ascii_lowercase().contains("chunked"),
-            "connection" => close |= value.eq_ignore_ascii_case("close"),
-            _ => {}
-        }
-    }
-    let body = if chunked {
-        let mut body = Vec::new();
-        loop {
-            let line_end = loop {
-                if let Some(p) = find(buf, b"\r\n") {
-                    break p;
-                }
-                fill(stream, buf).await?;
-            };
-            let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
-            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-            buf.drain(..line_end + 2);
-            while buf.len() < size + 2 {
-                fill(stream, buf).await?;
-            }
-            body.extend_from_slice(&buf[..size]);
-            buf.drain(..size + 2);
-            if size == 0 {
-                break body;
-            }
-        }
-    } else {
-        if length > MAX_REQUEST_BYTES {
-            return None;
-        }
-        while buf.len() < length {
-            fill(stream, buf).await?;
-        }
-        buf.drain(..length).collect()
-    };
+    let head = http1::read_request(stream, buf).await.ok()?;
+    let body = http1::read_body(stream, buf, &head, MAX_REQUEST_BYTES)
+        .await
+        .ok()?;
     Some(Request {
-        method,
-        path,
-        close,
+        route: head.path(),
+        close: head.wants_close(),
+        method: head.method,
+        target: head.target,
         body,
     })
 }
@@ -372,8 +311,7 @@ async fn serve_connection(mut stream: TcpStream, reply: Arc<Replies>, requests: 
     let mut buf = Vec::new();
     let mut last_model = String::from("fake-model");
     while let Some(request) = read_request(&mut stream, &mut buf).await {
-        let route = request.path.split('?').next().unwrap_or_default();
-        let ok = match (request.method.as_str(), route) {
+        let ok = match (request.method.as_str(), request.route.as_str()) {
             ("POST", "/v1/chat/completions" | "/chat/completions") => {
                 let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
                     let error = json!({"error": {"message": "We could not parse the JSON body of your request.", "type": "invalid_request_error", "code": null}});
@@ -394,7 +332,7 @@ async fn serve_connection(mut stream: TcpStream, reply: Arc<Replies>, requests: 
                 write_json(&mut stream, 200, &list, request.close).await
             }
             _ => {
-                let error = json!({"error": {"message": format!("Invalid URL ({} {}).", request.method, request.path), "type": "invalid_request_error", "code": null}});
+                let error = json!({"error": {"message": format!("Invalid URL ({} {}).", request.method, request.target), "type": "invalid_request_error", "code": null}});
                 write_json(&mut stream, 404, &error, request.close).await
             }
         };
@@ -598,6 +536,7 @@ async fn answer(stream: &mut TcpStream, reply: &ChatReply, body: &Value, close: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     const PATCH: &str = "*** Begin Patch\n*** Update File: stats.py\n@@ def mean(values):\n     \"\"\"Average.\"\"\"\n-    return sum(values) / len(values)\n+    return sum(values) / len(values) if values else 0.0\n*** End Patch\n";
 

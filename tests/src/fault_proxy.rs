@@ -16,6 +16,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::http1;
+
 /// What happens at the frame the trigger matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
@@ -237,10 +239,16 @@ async fn downstream(
     shared: &Shared,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(16 * 1024);
-    // The response head.
-    let head_end = loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            break i + 4;
+    // The response head; one the proxy cannot read is passed on as it is.
+    let (status, head_end) = loop {
+        match http1::parse_response(&buf) {
+            Ok(Some(found)) => break found,
+            Ok(None) => {}
+            Err(_) => {
+                client.write_all(&buf).await?;
+                tokio::io::copy(&mut server, &mut client).await?;
+                return Ok(());
+            }
         }
         if read_more(&mut server, &mut buf).await? == 0 {
             client.write_all(&buf).await?;
@@ -249,7 +257,7 @@ async fn downstream(
     };
     let head: Vec<u8> = buf.drain(..head_end).collect();
     client.write_all(&head).await?;
-    if !head.starts_with(b"HTTP/1.1 101") {
+    if status != 101 {
         // Not an upgrade (a refusal, HTTP + SSE): pass the rest through as bytes.
         client.write_all(&buf).await?;
         tokio::io::copy(&mut server, &mut client).await?;

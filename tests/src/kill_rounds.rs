@@ -204,7 +204,7 @@ fn one_round(round: usize, seed: u64, with_typist: bool, with_stash: bool, total
     let out = ctl
         .command("sparkctl")
         .current_dir(repo.path())
-        .args(["--json", "log"])
+        .args(["--json", "log", "--limit", "100000"])
         .output()
         .expect("log");
     assert!(out.status.success(), "{ctx}: {}", stderr(&out));
@@ -218,16 +218,25 @@ fn one_round(round: usize, seed: u64, with_typist: bool, with_stash: bool, total
     let after = match (a.as_slice(), b.as_slice(), head.as_str()) {
         (b"a\n", b"b\n", "h") => false,
         (b"A\n", b"B\n", "H") => true,
-        other => panic!("{ctx}: half-applied: {other:?}"),
+        other => panic!(
+            "{ctx}: half-applied: {other:?}\n{}",
+            diagnostics(&ctl, &repo)
+        ),
     };
     let count = |state: &str| edits.iter().filter(|e| e["state"] == state).count();
     assert_eq!(
         count("applied"),
         usize::from(after),
-        "{ctx}: recorded exactly once: {log}"
+        "{ctx}: recorded exactly once: {log}\n{}",
+        diagnostics(&ctl, &repo)
     );
     let stashes = repo.git(&["stash", "list"]).lines().count();
-    assert_eq!(count("stashed"), stashes, "{ctx}: stashes: {log}");
+    assert_eq!(
+        count("stashed"),
+        stashes,
+        "{ctx}: stashes: {log}\n{}",
+        diagnostics(&ctl, &repo)
+    );
 
     // Not one typist byte lost: lines 0..n, each once, in order, each whole.
     let typed_lines: Vec<&str> = typed.lines().skip(1).collect();
@@ -275,4 +284,16 @@ fn one_round(round: usize, seed: u64, with_typist: bool, with_stash: bool, total
     totals.ops_refused_racing += refused.load(Ordering::SeqCst);
     totals.ended_after += usize::from(after);
     totals.typist_lines += typed_lines.len();
+}
+
+/// What a failing round leaves to look at: the daemons' log, the stash's reflog and refs.
+fn diagnostics(ctl: &Ctl, repo: &TestRepo) -> String {
+    let log = std::fs::read_to_string(ctl.home.layout().log_file).unwrap_or_default();
+    let reflog = repo.git_output(&["reflog", "show", "--format=%H %gs", "refs/stash"]);
+    let refs = repo.git_output(&["for-each-ref", "--format=%(refname) %(objectname)"]);
+    format!(
+        "daemon log:\n{log}\nrefs/stash reflog:\n{}\nrefs:\n{}",
+        stdout(&reflog),
+        stdout(&refs)
+    )
 }

@@ -7,10 +7,12 @@
 //! - [`TestRepo`], [`hermetic_git`], [`snapshot`]: from the shared test kit (`spark-testkit`).
 //! - [`fake_provider`]: a Responses-API provider on loopback (WebSocket mode and HTTP + SSE).
 //! - [`fake_chat`]: an OpenAI chat-completions endpoint for peers that speak only that (aider).
+//! - [`http1`]: the HTTP/1.1 head and body reader the fakes and proxies share (`httparse`).
 
 pub mod fake_chat;
 pub mod fake_provider;
 pub mod fault_proxy;
+pub mod http1;
 pub mod kill_rounds;
 
 use std::ffi::OsStr;
@@ -38,6 +40,17 @@ impl Home {
         let dir = tempfile::Builder::new()
             .prefix("sp")
             .tempdir_in("/tmp")
+            .expect("create temp SPARK_HOME");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod SPARK_HOME");
+        Home { dir }
+    }
+
+    /// A `SPARK_HOME` inside `parent` (a test's own filesystem, say).
+    pub fn in_dir(parent: &Path) -> Home {
+        let dir = tempfile::Builder::new()
+            .prefix("sp")
+            .tempdir_in(parent)
             .expect("create temp SPARK_HOME");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
             .expect("chmod SPARK_HOME");

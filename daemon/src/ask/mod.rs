@@ -388,7 +388,7 @@ impl Asks {
         config.on_state = Some(Arc::new(move |state| {
             let _ = events.send(spark_proto::events::Event::SessionState {
                 repo: repo.clone(),
-                state: state.as_str().to_owned(),
+                state,
             });
         }));
         let session = crate::provider::spawn(config, &self.tracker, self.shutdown.clone()).map_err(|e| {
@@ -580,12 +580,32 @@ impl Asks {
         F: Fn(AskEvent) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
+        self.ask_as(repo, cwd_prefix, params, cancel, emit, AskAs::user())
+            .await
+    }
+
+    /// [`Asks::ask`] for another caller than a user's `ask` (a `spark!` trigger): the same
+    /// turn, repair and apply, with the record's source, steering and the patch as `how` says.
+    pub(crate) async fn ask_as<F, Fut>(
+        &self,
+        repo: RepoHandle,
+        cwd_prefix: String,
+        params: AskParams,
+        cancel: CancellationToken,
+        emit: F,
+        how: AskAs,
+    ) -> Result<AskResult, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let started = Instant::now();
         let provider = self.provider_for(params.provider.as_ref())?;
         let conv = self.conversation(repo.workdir(), &provider)?;
         // Steering holds across provider settings too: one ask at a time per repository.
         for other in self.conversations_in(repo.workdir()) {
-            if !Arc::ptr_eq(&other, &conv)
+            if how.steers
+                && !Arc::ptr_eq(&other, &conv)
                 && let Some((_, token)) = other.current.lock().ok().and_then(|mut c| c.take())
             {
                 token.cancel();
@@ -596,11 +616,12 @@ impl Asks {
         // Steering: a newer ask in this repository replaces the one in flight.
         static NEXT_ASK: AtomicU64 = AtomicU64::new(1);
         let number = NEXT_ASK.fetch_add(1, Ordering::Relaxed);
-        if let Some((_, old)) = conv
-            .current
-            .lock()
-            .map_err(|_| internal("poisoned"))?
-            .replace((number, cancel.clone()))
+        if how.steers
+            && let Some((_, old)) = conv
+                .current
+                .lock()
+                .map_err(|_| internal("poisoned"))?
+                .replace((number, cancel.clone()))
         {
             old.cancel();
         }
@@ -612,6 +633,14 @@ impl Asks {
             s = conv.state.lock() => s,
             () = cancel.cancelled() => return Err(cancelled()),
         };
+        // One that does not steer waited for the ask in flight instead; a later ask (or
+        // `cancel`) still stops it.
+        if !how.steers
+            && let Ok(mut current) = conv.current.lock()
+            && current.is_none()
+        {
+            *current = Some((number, cancel.clone()));
+        }
         if params.new_conversation || !state.warmed {
             self.warm_up(&conv, &repo, &mut state).await?;
         }
@@ -705,9 +734,10 @@ impl Asks {
                 }
                 Some(TurnEvent::Done(done)) => break done,
                 Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),
-                Some(
-                    TurnEvent::Started { .. } | TurnEvent::ItemAdded(_) | TurnEvent::ItemDone(_),
-                ) => {}
+                Some(TurnEvent::Started { response_id }) => {
+                    tracing::debug!(%response_id, "response started");
+                }
+                Some(TurnEvent::ItemAdded(_)) => {}
             }
             if deltas > 0 && deltas.is_multiple_of(TOKENS_PER_PROGRESS) {
                 let secs = first_delta
@@ -740,6 +770,7 @@ impl Asks {
                 conv: &conv,
                 repo: &repo,
                 cancel: &cancel,
+                shape: None,
             };
             self.answer_reads(at, &mut state, done, &emit).await?
         };
@@ -820,12 +851,12 @@ impl Asks {
             patch: patch_text,
             cwd_prefix: String::new(),
             dry_run: params.dry_run,
-            source: "ask".into(),
-            message: params.prompt.clone(),
+            source: how.source.to_owned(),
+            message: how.message.clone().unwrap_or_else(|| params.prompt.clone()),
             bases,
             buffers: buffers.text,
         };
-        let (applied, req) = repo.run(move |ctx| (edit::apply(ctx, &req), req)).await?;
+        let (applied, req) = apply_shaped(&repo, req, how.shape.clone()).await?;
         timings.apply_ms = Some(ms(apply_started.elapsed()));
         let (applied, call, answer) = match applied {
             Err(e) if repairable(&e) && self.repair_attempts > 0 => {
@@ -833,6 +864,7 @@ impl Asks {
                     conv: &conv,
                     repo: &repo,
                     cancel: &cancel,
+                    shape: how.shape.clone(),
                 };
                 let repaired = self.repair(repair, &mut state, req, call, e, &emit).await?;
                 let answer = [answer, repaired.answer].concat();
@@ -929,6 +961,54 @@ struct AskAt<'a> {
     conv: &'a Conversation,
     repo: &'a RepoHandle,
     cancel: &'a CancellationToken,
+    /// How a corrected patch is rewritten before it applies, as the first one was.
+    shape: Option<Shape>,
+}
+
+/// Rewrites the model's patch before it applies, given what the model saw of each file and the
+/// worktree; `None` applies it as it came. Runs on the repository's actor.
+pub(crate) type Shape =
+    Arc<dyn Fn(&str, &HashMap<String, Vec<u8>>, &Path) -> Option<String> + Send + Sync>;
+
+/// Who an ask runs for, and so how its edit is recorded ([`Asks::ask_as`]).
+pub(crate) struct AskAs {
+    /// The record's source, as `edit/log` shows it.
+    pub(crate) source: &'static str,
+    /// The record's message; default: the prompt.
+    pub(crate) message: Option<String>,
+    /// Cancels the ask in flight in the repository (a user's `ask` does; a trigger waits).
+    pub(crate) steers: bool,
+    pub(crate) shape: Option<Shape>,
+}
+
+impl AskAs {
+    fn user() -> AskAs {
+        AskAs {
+            source: "ask",
+            message: None,
+            steers: true,
+            shape: None,
+        }
+    }
+}
+
+/// Apply `req` on the actor, its patch rewritten by `shape` first; the request comes back for
+/// a repair round.
+async fn apply_shaped(
+    repo: &RepoHandle,
+    mut req: edit::ApplyRequest,
+    shape: Option<Shape>,
+) -> Result<(Result<edit::Outcome, edit::EditError>, edit::ApplyRequest), RpcError> {
+    repo.run(move |ctx| {
+        if let Some(shaped) = shape
+            .as_ref()
+            .and_then(|shape| shape(&req.patch, &req.bases, ctx.workdir))
+        {
+            req.patch = shaped;
+        }
+        (edit::apply(ctx, &req), req)
+    })
+    .await
 }
 
 /// A corrected patch that landed.
@@ -1087,10 +1167,7 @@ impl Asks {
                 return Err(cancelled());
             }
             req.patch = patch;
-            let (applied, back) = at
-                .repo
-                .run(move |ctx| (edit::apply(ctx, &req), req))
-                .await?;
+            let (applied, back) = apply_shaped(at.repo, req, at.shape.clone()).await?;
             req = back;
             call = next_call;
             match applied {
@@ -1212,7 +1289,6 @@ impl Asks {
                 Some(
                     TurnEvent::Started { .. }
                     | TurnEvent::ItemAdded(_)
-                    | TurnEvent::ItemDone(_)
                     | TurnEvent::FunctionArgumentsDelta { .. },
                 ) => {}
             }

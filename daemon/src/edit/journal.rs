@@ -14,6 +14,17 @@
 //! no journal file, and the synced overwrite of an already-allocated slot costs a data flush.
 //! A torn slot (bad checksum) can only come from a crash before its sync returned, when no
 //! worktree file had been touched yet, so it is set aside.
+//!
+//! The user (an editor saving, a shell appending) may write to a file while it is replaced.
+//! Bytes written to the old inode after the compare-and-swap read would vanish with it, so
+//! before that read every replaced file gets a second link (`.<name>.spark-<id>.old.tmp`) to
+//! its inode, kept until the operation is settled. After the renames, an old inode whose bytes
+//! are no longer the before state means the user wrote during the edit: the operation is
+//! taken back (the old inode renamed back into place, bytes and all) and refused as "changed
+//! while being written". The links also tell recovery exactly which files were replaced (the
+//! path's inode differs from the link's) where content alone cannot: a file holding its after
+//! state plus the user's appended bytes is replaced; one holding its before state plus them is
+//! not.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -124,6 +135,28 @@ impl Failpoint {
     }
 }
 
+impl Failpoint {
+    /// A named step of [`commit`] for tests to act at (a writer racing the edit); nothing in
+    /// the daemon itself.
+    fn step(&self, _name: &str) {
+        #[cfg(test)]
+        STEP.with(|hook| {
+            if let Some(f) = hook.borrow_mut().as_mut() {
+                f(_name);
+            }
+        });
+    }
+}
+
+/// What a test does at each [`Failpoint::step`] on its thread.
+#[cfg(test)]
+type StepHook = Box<dyn FnMut(&str)>;
+
+#[cfg(test)]
+thread_local! {
+    static STEP: std::cell::RefCell<Option<StepHook>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Whether to fsync files and directories. Off only in benchmarks that measure without it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Durability {
@@ -189,10 +222,95 @@ pub(crate) fn abandon(pending: &Pending) -> Result<(), EditError> {
     Ok(())
 }
 
-/// The operation is recorded: retire its journal.
+/// The operation is recorded: drop the links to the replaced inodes (see [`settle`]) and
+/// retire its journal.
 pub(crate) fn finish(pending: &Pending, failpoint: &Failpoint) {
     failpoint.hit("before_finish");
+    settle(&pending.journal);
     clear(&pending.slot);
+}
+
+/// A landed operation's last step: each link to a replaced inode goes. Bytes the user wrote to
+/// such an inode through a file handle opened before the rename and written after the check
+/// (a window of microseconds) are merged into the file first, so they are not lost with it.
+pub(crate) fn settle(journal: &Journal) {
+    for f in &journal.files {
+        let abs = journal.workdir.join(&f.path);
+        let _ = std::fs::remove_file(temp_path(&abs, &journal.id));
+        let old = old_path(&abs, &journal.id);
+        let Ok(Some(late)) = read_state(&old) else {
+            continue;
+        };
+        if Some(&late.bytes) != f.before.as_ref().map(|b| &b.bytes) {
+            if let Err(e) = rescue(
+                &abs,
+                &journal.id,
+                content(&f.before),
+                content(&f.after),
+                &late,
+            ) {
+                // The link stays, holding the user's bytes, rather than losing them.
+                tracing::error!(path = %f.path, error = %e, kept = %old.display(), "cannot merge bytes written during the edit");
+                continue;
+            }
+            tracing::warn!(path = %f.path, "bytes written to the file during the edit were merged after it");
+        }
+        let _ = std::fs::remove_file(&old);
+    }
+}
+
+/// Merge the bytes the user wrote to an old inode into the file at `abs`: `late`, the old
+/// inode's content, grew from `before`; the file grew from `after`. Appends (the common case:
+/// a shell or a log writer) go after the edit's content in the order they were written; other
+/// changes merge 3-way keeping both sides where they overlap, so nothing the user wrote is
+/// dropped.
+fn rescue(
+    abs: &Path,
+    id: &str,
+    before: &[u8],
+    after: &[u8],
+    late: &FileState,
+) -> Result<(), EditError> {
+    let current = read_state(abs).map_err(|e| EditError::io("read", abs, e))?;
+    let merged = match &current {
+        Some(cur) => FileState {
+            bytes: match (
+                late.bytes.strip_prefix(before),
+                cur.bytes.strip_prefix(after),
+            ) {
+                (Some(early), Some(later)) => [after, early, later].concat(),
+                _ => merge_keeping_both(before, &late.bytes, &cur.bytes)?,
+            },
+            mode: cur.mode,
+        },
+        None => late.clone(),
+    };
+    replace_with(abs, id, &merged)
+}
+
+/// Write `state` to `abs` by a synced temp file and a rename.
+fn replace_with(abs: &Path, id: &str, state: &FileState) -> Result<(), EditError> {
+    let (tmp, file) = write_temp(abs, id, state)?;
+    file.sync_all()
+        .map_err(|e| EditError::io("sync temp file", &tmp, e))?;
+    std::fs::rename(&tmp, abs).map_err(|e| EditError::io("rename into place", abs, e))?;
+    sync_parent(abs);
+    Ok(())
+}
+
+/// 3-way merge where a conflict keeps both sides, `ours` first (git's union merge): used only
+/// to put back bytes the user wrote, for which order in time is `ours` then `theirs`.
+fn merge_keeping_both(base: &[u8], ours: &[u8], theirs: &[u8]) -> Result<Vec<u8>, EditError> {
+    fn input(bytes: &[u8]) -> git2::MergeFileInput<'_> {
+        let mut i = git2::MergeFileInput::new();
+        i.content(bytes);
+        i
+    }
+    let mut opts = git2::MergeFileOptions::new();
+    opts.favor(git2::FileFavor::Union);
+    let merged = git2::merge_file(&input(base), &input(ours), &input(theirs), Some(&mut opts))
+        .map_err(|e| EditError::Internal(format!("merge file contents: {e}")))?;
+    Ok(merged.content().to_vec())
 }
 
 /// Zero a slot's magic so it no longer names a pending operation. Not synced: if the zeroing is
@@ -445,6 +563,29 @@ fn write_all(
         result = sync_temps(&unsynced);
     }
     drop(unsynced);
+    // A second link to each inode about to be replaced, made before the compare-and-swap read:
+    // whatever reaches the old inode after that read stays reachable (module docs).
+    let mut linked = vec![false; writes.len()];
+    if result.is_ok() {
+        for (n, (w, (abs, _))) in writes.iter().zip(&staged).enumerate() {
+            if w.before.is_none() {
+                continue;
+            }
+            match std::fs::hard_link(abs, old_path(abs, &journal.id)) {
+                Ok(()) => linked[n] = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    result = Err(EditError::Changed {
+                        path: w.path.clone(),
+                    });
+                    break;
+                }
+                // A filesystem without hard links: the edit goes on without the safeguard.
+                Err(e) => {
+                    tracing::debug!(path = %w.path, error = %e, "no second link to the replaced file");
+                }
+            }
+        }
+    }
     // Compare-and-swap: the bytes on disk must still be exactly what the edit was computed from.
     if result.is_ok() {
         for (w, (abs, _)) in writes.iter().zip(&staged) {
@@ -464,6 +605,7 @@ fn write_all(
             }
         }
     }
+    failpoint.step("checked");
     if result.is_ok() {
         for (n, (abs, tmp)) in staged.iter().enumerate() {
             let step = match tmp {
@@ -477,6 +619,34 @@ fn write_all(
             }
             touch_dir(abs);
             failpoint.hit(&format!("after_file_{}", n + 1));
+        }
+    }
+    failpoint.step("renamed");
+    // The user wrote to a file between the read above and its rename: those bytes are in the
+    // old inode only. Refused as if the compare-and-swap had seen them; the caller's rollback
+    // renames the old inode back.
+    if result.is_ok() {
+        for (w, (abs, _)) in writes
+            .iter()
+            .zip(&staged)
+            .zip(&linked)
+            .filter_map(|(x, l)| l.then_some(x))
+        {
+            let old = old_path(abs, &journal.id);
+            let still = std::fs::read(&old).map_err(|e| EditError::io("read", &old, e));
+            match still {
+                Ok(bytes) if Some(&bytes) == w.before.as_ref().map(|b| &b.bytes) => {}
+                Ok(_) => {
+                    result = Err(EditError::Changed {
+                        path: w.path.clone(),
+                    });
+                    break;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
         }
     }
     for (_, tmp) in &staged {
@@ -518,34 +688,105 @@ fn sync_temps(files: &[(PathBuf, File)]) -> Result<(), EditError> {
     }
 }
 
-/// Restore every file of `journal` whose content is its after state (or a half-done temp) to
-/// its before state. Files the user changed since are left alone.
+/// What an interrupted operation did to one of its files.
+enum Replaced {
+    /// Not replaced: the file holds its before state, or that plus the user's bytes.
+    No,
+    /// Replaced; the link to the old inode, where one was made.
+    Yes { old: Option<PathBuf> },
+    /// Neither holds, from content alone (no link to tell): a file the user changed since.
+    Unknown,
+}
+
+/// Whether `f` was replaced, from its link to the old inode where there is one (exact), else
+/// from content. `had_temp` says whether its staged temp file was still there.
+fn replaced(journal: &Journal, f: &Write1, had_temp: bool) -> Result<Replaced, EditError> {
+    let abs = journal.workdir.join(&f.path);
+    let old = old_path(&abs, &journal.id);
+    if f.before.is_some()
+        && let Ok(link) = std::fs::symlink_metadata(&old)
+    {
+        use std::os::unix::fs::MetadataExt;
+        let same = match std::fs::symlink_metadata(&abs) {
+            Ok(m) => m.dev() == link.dev() && m.ino() == link.ino(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(EditError::io("read", &abs, e)),
+        };
+        return Ok(if same {
+            Replaced::No
+        } else {
+            Replaced::Yes { old: Some(old) }
+        });
+    }
+    let current = read_state(&abs).map_err(|e| EditError::io("read", &abs, e))?;
+    let bytes = |s: &Option<FileState>| s.as_ref().map(|s| s.bytes.clone());
+    Ok(if bytes(&current) == bytes(&f.before) || had_temp {
+        Replaced::No
+    } else if bytes(&current) == bytes(&f.after) {
+        Replaced::Yes { old: None }
+    } else {
+        Replaced::Unknown
+    })
+}
+
+/// Put every replaced file of `journal` back to its before state. A replaced file with a link
+/// to its old inode gets that inode back, with anything the user wrote to it; bytes the user
+/// wrote to the new file since are merged in. Without a link (a filesystem without hard links),
+/// a file holding its after state is rewritten; one the user changed since is left alone.
 pub(crate) fn rollback(journal: &Journal) -> Result<(), EditError> {
     let workdir = &journal.workdir;
     for f in &journal.files {
         let abs = workdir.join(&f.path);
-        let _ = std::fs::remove_file(temp_path(&abs, &journal.id));
+        let tmp = temp_path(&abs, &journal.id);
+        let had_temp = std::fs::symlink_metadata(&tmp).is_ok();
+        let _ = std::fs::remove_file(&tmp);
         let current = read_state(&abs).map_err(|e| EditError::io("read", &abs, e))?;
-        fn bytes(s: &Option<FileState>) -> Option<&Vec<u8>> {
-            s.as_ref().map(|s| &s.bytes)
-        }
-        if bytes(&current) == bytes(&f.before) {
-            continue;
-        }
-        if bytes(&current) != bytes(&f.after) {
-            tracing::warn!(path = %f.path, "file changed since the interrupted edit; leaving it as it is");
-            continue;
-        }
-        match &f.before {
-            Some(state) => {
-                let (tmp, file) = write_temp(&abs, &journal.id, state)?;
-                file.sync_all()
-                    .map_err(|e| EditError::io("sync temp file", &tmp, e))?;
-                std::fs::rename(&tmp, &abs).map_err(|e| EditError::io("restore", &abs, e))?;
+        let is_after = current.as_ref().map(|s| &s.bytes) == f.after.as_ref().map(|s| &s.bytes);
+        match replaced(journal, f, had_temp)? {
+            Replaced::No => {}
+            Replaced::Unknown => {
+                tracing::warn!(path = %f.path, "file changed since the interrupted edit; leaving it as it is");
             }
-            None => std::fs::remove_file(&abs).map_err(|e| EditError::io("remove", &abs, e))?,
+            Replaced::Yes { old: Some(old) } if is_after => {
+                std::fs::rename(&old, &abs).map_err(|e| EditError::io("restore", &abs, e))?;
+                sync_parent(&abs);
+            }
+            Replaced::Yes { old: Some(old) } => {
+                // The user wrote to the new file (or removed it): the edit comes out of it, and
+                // what they wrote to either inode stays.
+                let kept = read_state(&old)
+                    .map_err(|e| EditError::io("read", &old, e))?
+                    .ok_or_else(|| {
+                        EditError::io("read", &old, std::io::ErrorKind::NotFound.into())
+                    })?;
+                let after = content(&f.after);
+                let bytes = match current.as_ref().map(|c| c.bytes.strip_prefix(after)) {
+                    Some(Some(later)) => [kept.bytes.as_slice(), later].concat(),
+                    Some(None) => merge_keeping_both(after, &kept.bytes, content(&current))?,
+                    None => kept.bytes.clone(),
+                };
+                let mode = current.as_ref().map_or(kept.mode, |c| c.mode);
+                replace_with(&abs, &journal.id, &FileState { bytes, mode })?;
+                let _ = std::fs::remove_file(&old);
+                tracing::warn!(path = %f.path, "file written during the interrupted edit; the edit was merged out of it");
+            }
+            Replaced::Yes { old: None } => {
+                match &f.before {
+                    Some(state) => {
+                        let (tmp, file) = write_temp(&abs, &journal.id, state)?;
+                        file.sync_all()
+                            .map_err(|e| EditError::io("sync temp file", &tmp, e))?;
+                        std::fs::rename(&tmp, &abs)
+                            .map_err(|e| EditError::io("restore", &abs, e))?;
+                    }
+                    None => {
+                        std::fs::remove_file(&abs).map_err(|e| EditError::io("remove", &abs, e))?
+                    }
+                }
+                sync_parent(&abs);
+            }
         }
-        sync_parent(&abs);
+        let _ = std::fs::remove_file(old_path(&abs, &journal.id));
     }
     for dir in journal.created_dirs.iter().rev() {
         // Only empty directories go: anything the user put there since stays.
@@ -554,13 +795,21 @@ pub(crate) fn rollback(journal: &Journal) -> Result<(), EditError> {
     Ok(())
 }
 
-/// Whether every file of `journal` holds its after state: the writes all landed.
+/// Whether every file of `journal` was replaced and no old inode took bytes after the
+/// compare-and-swap read: the writes all landed, as a live operation would have found.
 pub(crate) fn landed(journal: &Journal) -> Result<bool, EditError> {
     for f in &journal.files {
         let abs = journal.workdir.join(&f.path);
-        let current = read_state(&abs).map_err(|e| EditError::io("read", &abs, e))?;
-        if current.as_ref().map(|s| &s.bytes) != f.after.as_ref().map(|s| &s.bytes) {
-            return Ok(false);
+        let had_temp = std::fs::symlink_metadata(temp_path(&abs, &journal.id)).is_ok();
+        match replaced(journal, f, had_temp)? {
+            Replaced::No | Replaced::Unknown => return Ok(false),
+            Replaced::Yes { old: None } => {}
+            Replaced::Yes { old: Some(old) } => {
+                let bytes = std::fs::read(&old).map_err(|e| EditError::io("read", &old, e))?;
+                if Some(&bytes) != f.before.as_ref().map(|b| &b.bytes) {
+                    return Ok(false);
+                }
+            }
         }
     }
     Ok(true)
@@ -616,6 +865,23 @@ fn temp_path(abs: &Path, id: &str) -> PathBuf {
     abs.with_file_name(format!(".{name}.spark-{id}.tmp"))
 }
 
+fn content(state: &Option<FileState>) -> &[u8] {
+    state
+        .as_ref()
+        .map(|s| s.bytes.as_slice())
+        .unwrap_or_default()
+}
+
+/// The second link to a replaced file's old inode. Named like a temp file, so the watcher
+/// ignores it.
+fn old_path(abs: &Path, id: &str) -> PathBuf {
+    let name = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    abs.with_file_name(format!(".{name}.spark-{id}.old.tmp"))
+}
+
 fn write_temp(abs: &Path, id: &str, state: &FileState) -> Result<(PathBuf, File), EditError> {
     let tmp = temp_path(abs, id);
     let perms = file_perms(
@@ -630,13 +896,13 @@ fn write_temp(abs: &Path, id: &str, state: &FileState) -> Result<(PathBuf, File)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(|e| EditError::io("create temp file", &tmp, e))?;
+        .map_err(|e| EditError::io("create a temp file beside", abs, e))?;
     let done = f
         .write_all(&state.bytes)
         .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(perms)));
     if let Err(e) = done {
         let _ = std::fs::remove_file(&tmp);
-        return Err(EditError::io("write temp file", &tmp, e));
+        return Err(EditError::io("write the new content of", abs, e));
     }
     Ok((tmp, f))
 }
@@ -829,6 +1095,159 @@ mod tests {
             super::super::ledger::summaries(repo.path()).unwrap().len(),
             1
         );
+    }
+
+    /// Two committed-looking files and one the "typist" appends to, with the edit's writes.
+    fn typist_tree() -> (tempfile::TempDir, tempfile::TempDir, Vec<Write1>) {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "a\n").unwrap();
+        std::fs::write(dir.path().join("b.txt"), "b\n").unwrap();
+        std::fs::write(dir.path().join("typed.txt"), "h\n").unwrap();
+        let writes = ["a", "b", "h"]
+            .iter()
+            .zip(["a.txt", "b.txt", "typed.txt"])
+            .map(|(c, path)| Write1 {
+                path: path.into(),
+                before: state(format!("{c}\n").as_bytes()),
+                after: state(format!("{}\n", c.to_uppercase()).as_bytes()),
+            })
+            .collect();
+        (dir, jdir, writes)
+    }
+
+    fn append(path: &Path, text: &str) {
+        let mut f = OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn read(dir: &Path, rel: &str) -> String {
+        std::fs::read_to_string(dir.join(rel)).unwrap()
+    }
+
+    /// Run `commit` with `at(step)` called at each step of it on this thread.
+    fn commit_with(
+        dir: &Path,
+        jdir: &Path,
+        writes: &[Write1],
+        at: impl FnMut(&str) + 'static,
+    ) -> Result<Pending, EditError> {
+        STEP.with(|h| *h.borrow_mut() = Some(Box::new(at)));
+        let op = Operation::Apply {
+            source: "apply".into(),
+            message: "m".into(),
+            time_ms: 1,
+        };
+        let result = commit(
+            dir,
+            jdir,
+            op,
+            writes,
+            Durability { fsync: false },
+            &Failpoint(None),
+        );
+        STEP.with(|h| *h.borrow_mut() = None);
+        result
+    }
+
+    #[test]
+    fn bytes_appended_after_the_check_are_kept_and_the_edit_is_refused_whole() {
+        let (dir, jdir, writes) = typist_tree();
+        let typed = dir.path().join("typed.txt");
+        let err = commit_with(dir.path(), jdir.path(), &writes, move |step| {
+            if step == "checked" {
+                append(&typed, "typist 1\n");
+            }
+        })
+        .err()
+        .expect("refused");
+        assert!(
+            matches!(&err, EditError::Changed { path } if path == "typed.txt"),
+            "{err:?}"
+        );
+        assert_eq!(read(dir.path(), "a.txt"), "a\n");
+        assert_eq!(read(dir.path(), "b.txt"), "b\n");
+        assert_eq!(read(dir.path(), "typed.txt"), "h\ntypist 1\n");
+        assert_eq!(names(dir.path()), ["a.txt", "b.txt", "typed.txt"]);
+    }
+
+    #[test]
+    fn a_write_through_a_handle_opened_before_the_rename_is_not_lost() {
+        let (dir, jdir, writes) = typist_tree();
+        let typed = dir.path().join("typed.txt");
+        let mut held: Option<File> = None;
+        let err = commit_with(dir.path(), jdir.path(), &writes, move |step| match step {
+            // The editor opened the file before the rename and writes after it: to the old
+            // inode. A second writer appends to the new file by name.
+            "checked" => held = Some(OpenOptions::new().append(true).open(&typed).unwrap()),
+            "renamed" => {
+                held.take().unwrap().write_all(b"typist 1\n").unwrap();
+                append(&typed, "typist 2\n");
+            }
+            _ => {}
+        })
+        .err()
+        .expect("refused");
+        assert!(
+            matches!(&err, EditError::Changed { path } if path == "typed.txt"),
+            "{err:?}"
+        );
+        assert_eq!(read(dir.path(), "a.txt"), "a\n");
+        assert_eq!(read(dir.path(), "typed.txt"), "h\ntypist 1\ntypist 2\n");
+        assert_eq!(names(dir.path()), ["a.txt", "b.txt", "typed.txt"]);
+    }
+
+    #[test]
+    fn recovery_tells_replaced_files_with_typed_bytes_from_untouched_ones() {
+        // Every file replaced, then typed on: landed, and settling keeps the typing.
+        let (dir, jdir, writes) = typist_tree();
+        let pending = commit_with(dir.path(), jdir.path(), &writes, |_| {}).unwrap();
+        append(&dir.path().join("typed.txt"), "typist 1\n");
+        assert!(
+            landed(&pending.journal).unwrap(),
+            "after plus typing is landed"
+        );
+        settle(&pending.journal);
+        assert_eq!(read(dir.path(), "typed.txt"), "H\ntypist 1\n");
+        assert_eq!(names(dir.path()), ["a.txt", "b.txt", "typed.txt"]);
+
+        // Killed after a.txt and typed.txt were replaced but not b.txt, with typing on typed.txt:
+        // not landed, and the rollback takes the edit out of typed.txt, keeping the typing.
+        let (dir, jdir, writes) = typist_tree();
+        let pending = commit_with(dir.path(), jdir.path(), &writes, |_| {}).unwrap();
+        let b = dir.path().join("b.txt");
+        std::fs::rename(old_path(&b, &pending.id), &b).unwrap();
+        append(&dir.path().join("typed.txt"), "typist 1\n");
+        assert!(!landed(&pending.journal).unwrap());
+        rollback(&pending.journal).unwrap();
+        assert_eq!(read(dir.path(), "a.txt"), "a\n");
+        assert_eq!(read(dir.path(), "b.txt"), "b\n");
+        assert_eq!(read(dir.path(), "typed.txt"), "h\ntypist 1\n");
+        assert_eq!(names(dir.path()), ["a.txt", "b.txt", "typed.txt"]);
+
+        // Killed before any rename, with typing: nothing replaced, the typing is the user's.
+        let (dir, jdir, writes) = typist_tree();
+        let pending = commit_with(dir.path(), jdir.path(), &writes, |_| {}).unwrap();
+        for f in ["a.txt", "b.txt", "typed.txt"] {
+            let abs = dir.path().join(f);
+            std::fs::rename(old_path(&abs, &pending.id), &abs).unwrap();
+            std::fs::hard_link(&abs, old_path(&abs, &pending.id)).unwrap();
+        }
+        append(&dir.path().join("typed.txt"), "typist 1\n");
+        assert!(!landed(&pending.journal).unwrap());
+        rollback(&pending.journal).unwrap();
+        assert_eq!(read(dir.path(), "typed.txt"), "h\ntypist 1\n");
+        assert_eq!(read(dir.path(), "a.txt"), "a\n");
+        assert_eq!(names(dir.path()), ["a.txt", "b.txt", "typed.txt"]);
     }
 
     #[test]

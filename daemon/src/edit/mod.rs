@@ -21,7 +21,7 @@ pub(crate) mod record;
 #[cfg(test)]
 mod proptests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use git2::{Oid, Repository};
@@ -266,7 +266,10 @@ impl EditError {
                     "undo the conflicting lines by hand, or use `git stash show -p <id>` to see the edit",
                 ),
             ),
-            EditError::Io { .. } => (ErrorCode::Internal, "io".into(), None, None),
+            EditError::Io { source, .. } => {
+                let (kind, hint) = io_kind(source);
+                (ErrorCode::Internal, kind.into(), None, Some(hint))
+            }
             EditError::Git { .. } => (ErrorCode::Internal, "git".into(), None, None),
             EditError::Internal(_) => (ErrorCode::Internal, "internal".into(), None, None),
             EditError::Locked { hint, .. } => (
@@ -308,7 +311,13 @@ impl EditError {
                 ),
             ),
         };
-        let mut e = RpcError::new(code, self.to_string()).with_kind(kind);
+        // Every operation is all-or-nothing: a filesystem error reaching the client left the
+        // worktree as it was (a failed take-back is `NotRestored`, not this).
+        let message = match self {
+            EditError::Io { .. } => format!("{self}; nothing was changed"),
+            _ => self.to_string(),
+        };
+        let mut e = RpcError::new(code, message).with_kind(kind);
         if let Some(p) = path {
             e = e.with_path(p);
         }
@@ -316,6 +325,29 @@ impl EditError {
             e = e.with_hint(h);
         }
         e
+    }
+}
+
+/// The wire `kind` and hint of a filesystem error: the faults a user can fix get their own.
+fn io_kind(e: &std::io::Error) -> (&'static str, &'static str) {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => (
+            "disk_full",
+            "the filesystem is full (or a quota is reached): free some space, then retry",
+        ),
+        ErrorKind::ReadOnlyFilesystem => (
+            "read_only_filesystem",
+            "the filesystem is mounted read-only: remount it read-write, then retry",
+        ),
+        ErrorKind::PermissionDenied => (
+            "permission_denied",
+            "the daemon runs as you: check the permissions of the file and its directory",
+        ),
+        _ => (
+            "io",
+            "see the daemon log (`sparkctl status` shows where), then retry",
+        ),
     }
 }
 
@@ -665,7 +697,23 @@ fn finish_apply(
     };
     ctx.env.failpoint.fail("record")?;
     let edits_before = ctx.repo.refname_to_id(record::EDITS_REF).ok();
-    let edit = record::record_edit(ctx.repo, changes, &meta)?;
+    // Read only when an identical record exists already; unreadable counts as known, which
+    // costs nothing but a later timestamp.
+    let ledger_ids = std::cell::OnceCell::new();
+    let edit = record::record_new_edit(ctx.repo, changes, &meta, |w| {
+        ledger_ids
+            .get_or_init(|| {
+                ledger::summaries(ctx.repo.path())
+                    .map(|all| {
+                        all.into_iter()
+                            .map(|s| s.applied.edit)
+                            .collect::<HashSet<String>>()
+                    })
+                    .ok()
+            })
+            .as_ref()
+            .is_none_or(|ids| ids.contains(&w.to_string()))
+    })?;
     ctx.env.failpoint.hit("after_record");
     // From here a failure leaves a record without its ledger line: take the record back too, so
     // the edit is recorded exactly once or not at all.
@@ -677,8 +725,8 @@ fn finish_apply(
     };
     ctx.env.failpoint.fail("after_record").map_err(unrecord)?;
     let hex = edit.to_string();
-    // Recovery may run after the ledger line was written; a live apply always appends (the
-    // same edit re-applied within one millisecond has the same commit id, and is applied again).
+    // Recovery may run after the ledger line was written; a live apply always appends (its
+    // record has an id no ledger line names yet).
     let known = recovering
         && ledger::summaries(ctx.repo.path())
             .map_err(unrecord)?
@@ -1147,6 +1195,7 @@ pub(crate) fn recover(
 ) -> Result<&'static str, EditError> {
     if ledger::mentions_journal(ctx.repo.path(), &journal.id)? {
         // Finished and in the ledger; only the journal's retirement was lost.
+        journal::settle(journal);
         return Ok("already finished");
     }
     if !journal::landed(journal)? {
@@ -1176,7 +1225,10 @@ pub(crate) fn recover(
             .and_then(|oid| finish_revert(ctx, oid, *stash, "", &journal.id, true)),
     };
     match finished {
-        Ok(()) => Ok("completed"),
+        Ok(()) => {
+            journal::settle(journal);
+            Ok("completed")
+        }
         // Recording fails the same way at every start: all-before is the settled state.
         Err(e) => {
             tracing::error!(error = %e, "cannot record the interrupted edit; rolling it back");
@@ -1576,6 +1628,53 @@ mod buffer_tests {
 
     const UPDATE_A: &str =
         "*** Begin Patch\n*** Update File: a.txt\n@@\n one\n-two\n+TWO\n three\n*** End Patch\n";
+
+    /// The same patch applied, stashed and applied again (within one second, as a script or a
+    /// retrying client does) is two edits: the log must not fold the stashed one into the new.
+    #[test]
+    fn reapplying_a_stashed_patch_at_once_records_a_second_edit() {
+        let f = Fixture::new();
+        let ctx = RepoCtx {
+            repo: &f.repo,
+            workdir: f.dir.path(),
+            env: &f.env,
+        };
+        let first = f
+            .apply(UPDATE_A, &[])
+            .expect("first apply")
+            .edit
+            .expect("id");
+        revert(&ctx, Some(&first), true).expect("stash");
+        assert_eq!(f.read("a.txt"), "one\ntwo\nthree\n");
+        let second = f
+            .apply(UPDATE_A, &[])
+            .expect("second apply")
+            .edit
+            .expect("id");
+        assert_ne!(first, second, "a second application has an id of its own");
+        let summaries = ledger::summaries(f.repo.path()).expect("ledger");
+        let states: Vec<(String, EventKind)> = summaries
+            .iter()
+            .map(|s| (s.applied.edit[..first.len()].to_owned(), s.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (second.clone(), EventKind::Applied),
+                (first.clone(), EventKind::Stashed)
+            ]
+        );
+        let stash = f.repo.refname_to_id("refs/stash").expect("stash");
+        assert!(
+            stash.to_string().starts_with(&first),
+            "the stash holds the first"
+        );
+        assert_eq!(f.repo.reflog("refs/stash").expect("reflog").len(), 1);
+        // Undoing the second leaves the stashed first alone.
+        revert(&ctx, None, false).expect("undo");
+        assert_eq!(f.read("a.txt"), "one\ntwo\nthree\n");
+        assert_eq!(f.repo.refname_to_id("refs/stash").expect("stash"), stash);
+    }
 
     #[test]
     fn an_update_to_a_buffer_comes_back_as_text_and_touches_neither_disk_nor_ledger() {

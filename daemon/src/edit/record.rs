@@ -113,11 +113,31 @@ impl<T> During<T> for Result<T, git2::Error> {
 }
 
 /// Records `changes` (already applied to the worktree) as a stash-shaped commit and pins it.
-/// Returns W, the commit whose id is the edit id.
+/// Returns W, the commit whose id is the edit id. Identical content recorded within one second
+/// yields the same W; [`record_new_edit`] keeps such re-applications apart.
+#[cfg(test)]
 pub(crate) fn record_edit(
     repo: &Repository,
     changes: &[FileChange],
     meta: &EditMeta,
+) -> Result<Oid, RecordError> {
+    record_new_edit(repo, changes, meta, |_| false)
+}
+
+/// W timestamps tried at most for an edit whose identical twins are all known.
+const MAX_TWINS: i64 = 64;
+
+/// [`record_edit`] for an application that must get an id of its own: `known(w)` says whether
+/// a pinned W already stands for another application (the ledger names it). The same patch
+/// applied, stashed and applied again within one second would otherwise get the stashed
+/// edit's id, and the log would show one edit where `git stash list` holds another. W's
+/// timestamp then moves on by whole seconds until the id is free, or pinned but unknown: a
+/// record whose ledger line a crash lost, which recovery re-records as the same W.
+pub(crate) fn record_new_edit(
+    repo: &Repository,
+    changes: &[FileChange],
+    meta: &EditMeta,
+    known: impl Fn(Oid) -> bool,
 ) -> Result<Oid, RecordError> {
     validate(changes)?;
 
@@ -224,16 +244,33 @@ pub(crate) fn record_edit(
         parents.push(untracked_commit(repo, &untracked, &b, &sig, &summary)?);
     }
     let parents: Vec<&Commit<'_>> = parents.iter().collect();
-    let w_id = repo
-        .commit(
-            None,
-            &sig,
-            &sig,
-            &commit_message(&meta.message),
-            &w_tree,
-            &parents,
-        )
-        .during("write the edit commit")?;
+    let mut twin = 0;
+    let w_id = loop {
+        let w_sig = if twin == 0 {
+            sig.clone()
+        } else {
+            signature(repo, meta.time_ms + twin * 1000)?
+        };
+        let w_id = repo
+            .commit(
+                None,
+                &w_sig,
+                &w_sig,
+                &commit_message(&meta.message),
+                &w_tree,
+                &parents,
+            )
+            .during("write the edit commit")?;
+        let pinned = match repo.find_reference(&format!("{PINS_PREFIX}{w_id}")) {
+            Ok(_) => true,
+            Err(e) if e.code() == ErrorCode::NotFound => false,
+            Err(e) => return Err(e).during("read a pin"),
+        };
+        twin += 1;
+        if !pinned || twin >= MAX_TWINS || !known(w_id) {
+            break w_id;
+        }
+    };
 
     let log_message = format!("spark: {summary}");
     // Pin before advancing the ledger: once the reflog names an edit, its pin already exists.

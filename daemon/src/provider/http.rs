@@ -1,6 +1,7 @@
-//! A minimal HTTP/1.1 client for the SSE fallback: one `POST` per request over a fresh
-//! TCP (and, for `https`, rustls) connection with `Connection: close`, the response read
-//! incrementally (chunked, `Content-Length` or until EOF) and parsed into [`ServerEvent`]s.
+//! A minimal HTTP/1.1 client for the SSE fallback: one `POST` per request over a fresh TCP
+//! (and, for `https`, rustls) connection with `Connection: close`, the response head parsed by
+//! `httparse`, the body read incrementally (chunked, `Content-Length` or until EOF) and parsed
+//! into [`ServerEvent`]s.
 //!
 //! Runs as its own task (spawned by the transport), so a slow or abandoned response never
 //! blocks the session; aborting the task closes the connection. A non-2xx answer becomes the
@@ -19,6 +20,8 @@ use super::wire::{ServerEvent, error_from_http, parse_event};
 
 /// Largest response head accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most header lines accepted in a response head (a provider sends about a dozen).
+const MAX_HEADERS: usize = 64;
 /// Largest error body kept (enough for any JSON error object).
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 /// Socket read size.
@@ -99,33 +102,30 @@ struct Head {
     framing: Framing,
 }
 
-fn parse_head(head: &[u8]) -> Result<Head, TransportError> {
-    let text = std::str::from_utf8(head)
-        .map_err(|_| TransportError::Http("response head is not UTF-8".to_owned()))?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.split(' ');
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(TransportError::Http(format!(
-            "bad status line {status_line:?}"
-        )));
-    }
-    let status = parts
-        .next()
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| TransportError::Http(format!("bad status line {status_line:?}")))?;
+/// Parse the response head at the start of `buf`: `None` while it is incomplete, else the head
+/// and its length in bytes.
+fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, TransportError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(TransportError::Http(format!("bad response head: {e}"))),
+    };
+    let status = response
+        .code
+        .ok_or_else(|| TransportError::Http("response head without a status".to_owned()))?;
     let mut framing = Framing::UntilClose;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
+    for header in response.headers.iter() {
+        let value = String::from_utf8_lossy(header.value);
         let value = value.trim();
-        if name.eq_ignore_ascii_case("transfer-encoding")
-            && value.to_ascii_lowercase().contains("chunked")
+        if header.name.eq_ignore_ascii_case("transfer-encoding")
+            && value
+                .split(',')
+                .any(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
         {
             framing = Framing::Chunked(ChunkedDecoder::default());
-        } else if name.eq_ignore_ascii_case("content-length")
+        } else if header.name.eq_ignore_ascii_case("content-length")
             && !matches!(framing, Framing::Chunked(_))
         {
             let n = value
@@ -134,7 +134,30 @@ fn parse_head(head: &[u8]) -> Result<Head, TransportError> {
             framing = Framing::Length(n);
         }
     }
-    Ok(Head { status, framing })
+    Ok(Some((Head { status, framing }, len)))
+}
+
+/// Read the response head; returns it with the body bytes read along with it.
+async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<(Head, Vec<u8>), TransportError> {
+    let mut buf = Vec::with_capacity(READ_BYTES);
+    let mut chunk = vec![0u8; READ_BYTES];
+    loop {
+        if let Some((head, len)) = parse_head(&buf)? {
+            return Ok((head, buf.split_off(len)));
+        }
+        if buf.len() > MAX_HEAD_BYTES {
+            return Err(TransportError::Http(format!(
+                "response head larger than {MAX_HEAD_BYTES} bytes"
+            )));
+        }
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(TransportError::Http(
+                "connection closed before the response head".to_owned(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// Decode raw body bytes into `out`; `true` once the body is complete.
@@ -189,25 +212,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     io.write_all(&bytes).await?;
     io.flush().await?;
 
-    // Response head.
-    let mut buf = Vec::with_capacity(READ_BYTES);
+    let (head, rest) = read_head(&mut io).await?;
     let mut chunk = vec![0u8; READ_BYTES];
-    let (head, rest) = loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = parse_head(&buf[..end])?;
-            break (head, buf.split_off(end + 4));
-        }
-        if buf.len() > MAX_HEAD_BYTES {
-            return Err(TransportError::Http("response head too large".to_owned()));
-        }
-        let n = io.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(TransportError::Http(
-                "connection closed before the response head".to_owned(),
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
     let Head {
         status,
         mut framing,
@@ -268,18 +274,108 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 mod tests {
     use super::*;
 
+    fn head(bytes: &[u8]) -> Head {
+        let (head, len) = parse_head(bytes).unwrap().expect("complete head");
+        assert_eq!(len, bytes.len());
+        head
+    }
+
     #[test]
     fn parses_response_heads() {
-        let h = parse_head(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked",
-        )
-        .unwrap();
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
         assert_eq!(h.status, 200);
         assert!(matches!(h.framing, Framing::Chunked(_)));
-        let h = parse_head(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12").unwrap();
+        let h = head(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\n");
         assert!(matches!((h.status, h.framing), (400, Framing::Length(12))));
-        let h = parse_head(b"HTTP/1.0 200 OK").unwrap();
+        let h = head(b"HTTP/1.0 200 OK\r\n\r\n");
         assert!(matches!(h.framing, Framing::UntilClose));
-        assert!(parse_head(b"SSH-2.0-OpenSSH").is_err());
+        // Chunked wins over a Content-Length in either order.
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        );
+        assert!(matches!(h.framing, Framing::Chunked(_)));
+        assert!(parse_head(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").is_err());
+        // Incomplete: no blank line yet.
+        assert!(
+            parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n")
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// A reader that hands out the given pieces one read at a time.
+    async fn read_in_pieces(pieces: &[&[u8]]) -> Result<(Head, Vec<u8>), TransportError> {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let pieces: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
+        let writer = tokio::spawn(async move {
+            for piece in pieces {
+                server.write_all(&piece).await.unwrap();
+                server.flush().await.unwrap();
+                // Let the reader take this piece before the next one arrives.
+                tokio::task::yield_now().await;
+            }
+        });
+        let result = read_head(&mut client).await;
+        writer.abort();
+        result
+    }
+
+    #[tokio::test]
+    async fn a_head_split_across_reads_is_read_whole_and_keeps_the_body_bytes() {
+        let whole = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        for cut in 1..whole.len() {
+            let (head, rest) = read_in_pieces(&[&whole[..cut], &whole[cut..]])
+                .await
+                .unwrap();
+            assert!(matches!(
+                (head.status, head.framing),
+                (200, Framing::Length(5))
+            ));
+            // Whatever of the body came with the head is handed on, never lost.
+            assert!(b"hello".starts_with(&rest), "cut {cut}: {rest:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_or_unfinished_head_is_a_clear_error() {
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("X-Header-{i}: a\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        let e = read_in_pieces(&[&many]).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bad HTTP response: bad response head: too many headers"
+        );
+
+        let mut long = b"HTTP/1.1 200 OK\r\nX-Long: ".to_vec();
+        long.resize(MAX_HEAD_BYTES + 2 * READ_BYTES, b'a');
+        let e = read_in_pieces(&[&long]).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("bad HTTP response: response head larger than {MAX_HEAD_BYTES} bytes")
+        );
+
+        // The peer closes without the blank line that ends a head.
+        let e = read_in_pieces(&[b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bad HTTP response: connection closed before the response head"
+        );
+    }
+
+    #[test]
+    fn line_endings_follow_httparse() {
+        // A bare LF ends lines as RFC 9112 allows a recipient to accept.
+        let h = head(b"HTTP/1.1 204 No Content\ncontent-length: 0\n\n");
+        assert!(matches!((h.status, h.framing), (204, Framing::Length(0))));
+        // A CR not followed by LF is not a line ending.
+        assert!(parse_head(b"HTTP/1.1 200 OK\rContent-Length: 0\r\n\r\n").is_err());
     }
 }

@@ -27,6 +27,9 @@ mod sse;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub(crate) use session::{
     SessionConfig, SessionError, SessionHandle, TurnEvent, TurnFailure, TurnRequest, spawn,
 };

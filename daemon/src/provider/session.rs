@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use spark_proto::events::SessionState;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -71,37 +72,6 @@ const MAX_ATTEMPTS: u8 = 3;
 /// Output sent for a tool call the caller never answered: the API refuses a continuation that
 /// leaves a call unanswered.
 const UNANSWERED_TOOL_OUTPUT: &str = "The tool call was not executed.";
-
-/// What a session's connection just did, for the `session_state` event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum SessionState {
-    /// Connected in WebSocket mode.
-    ConnectedWebSocket,
-    /// Connected over HTTP + SSE (configured, or after a fallback).
-    ConnectedHttp,
-    /// The WebSocket upgrade was refused; HTTP + SSE from now on.
-    FellBackToHttp,
-    /// The connection was lost; it is reopened when needed (or in the background).
-    Lost,
-    /// Connecting failed; retried with backoff.
-    ConnectFailed,
-    /// The connection is replaced before the provider's age limit.
-    Rotating,
-}
-
-impl SessionState {
-    /// The `state` string of the `session_state` event.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            SessionState::ConnectedWebSocket => "connected_websocket",
-            SessionState::ConnectedHttp => "connected_http",
-            SessionState::FellBackToHttp => "fell_back_to_http",
-            SessionState::Lost => "lost",
-            SessionState::ConnectFailed => "connect_failed",
-            SessionState::Rotating => "rotating",
-        }
-    }
-}
 
 /// Called on every connection state change (from the session task; must not block).
 pub(crate) type StateHook = Arc<dyn Fn(SessionState) + Send + Sync>;
@@ -197,8 +167,6 @@ pub(crate) struct TurnRequest {
 /// the model's output limit.
 pub(crate) type TurnEvents = mpsc::UnboundedReceiver<TurnEvent>;
 
-// Diagnostic payload: kept for logs and callers that want it, not read by every path.
-#[allow(dead_code)]
 /// What a turn streams to its caller.
 #[derive(Debug)]
 pub(crate) enum TurnEvent {
@@ -208,12 +176,10 @@ pub(crate) enum TurnEvent {
     },
     /// Message text as it streams.
     TextDelta {
-        item_id: String,
         delta: String,
     },
     /// Freeform tool input (the patch) as it streams.
     ToolInputDelta {
-        item_id: String,
         delta: String,
     },
     /// JSON function-call arguments as they stream.
@@ -222,15 +188,12 @@ pub(crate) enum TurnEvent {
         delta: String,
     },
     ItemAdded(OutputItem),
-    ItemDone(OutputItem),
     /// Terminal: the response completed (or stopped early, see `incomplete_reason`).
     Done(Box<TurnDone>),
     /// Terminal: no (complete) response.
     Failed(TurnFailure),
 }
 
-// Diagnostic payload: kept for logs and callers that want it, not read by every path.
-#[allow(dead_code)]
 /// A finished turn.
 #[derive(Debug)]
 pub(crate) struct TurnDone {
@@ -264,13 +227,9 @@ impl TurnDone {
     }
 }
 
-// Diagnostic payload: kept for logs and callers that want it, not read by every path.
-#[allow(dead_code)]
 /// Where a turn's time went. Durations after `sent_at` are of the last attempt.
 #[derive(Clone, Debug)]
 pub(crate) struct TurnTimings {
-    /// [`SessionHandle::turn`] was called.
-    pub(crate) requested_at: Instant,
     /// The request was written to the connection.
     pub(crate) sent_at: Instant,
     pub(crate) first_event: Option<Duration>,
@@ -309,17 +268,6 @@ pub(crate) enum SessionError {
     Failed(#[from] TurnFailure),
 }
 
-// Diagnostic payload: kept for logs and callers that want it, not read by every path.
-#[allow(dead_code)]
-/// A finished prewarm.
-#[derive(Clone, Debug)]
-pub(crate) struct PrewarmDone {
-    /// The chain head it created; `None` over HTTP + SSE, where nothing is prewarmed (there is
-    /// no `generate:false` there) and the prompt is only stored for the next turn.
-    pub(crate) response_id: Option<String>,
-    pub(crate) elapsed: Duration,
-}
-
 /// What a cancel stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct CancelOutcome {
@@ -327,24 +275,26 @@ pub(crate) struct CancelOutcome {
     pub(crate) queued: usize,
 }
 
-// Diagnostic payload: kept for logs and callers that want it, not read by every path.
-#[allow(dead_code)]
-/// A snapshot for `sparkctl status`.
+/// A snapshot for `sparkctl status`. The `cfg(test)` fields are not on the wire; the unit
+/// tests read them to see what the session did.
 #[derive(Clone, Debug)]
 pub(crate) struct SessionStatus {
+    #[cfg(test)]
     pub(crate) transport: TransportKind,
+    #[cfg(test)]
     pub(crate) url: String,
     /// A live WebSocket (always `true` over HTTP, which connects per request).
     pub(crate) connected: bool,
+    #[cfg(test)]
     pub(crate) connecting: bool,
     /// Age of the current connection.
     pub(crate) age: Option<Duration>,
     /// Last WebSocket ping round trip.
     pub(crate) last_rtt: Option<Duration>,
-    pub(crate) busy: bool,
-    pub(crate) queued: usize,
     /// The next turn can chain with `previous_response_id`.
+    #[cfg(test)]
     pub(crate) chained: bool,
+    #[cfg(test)]
     pub(crate) reconnects: u32,
     /// The WebSocket upgrade was refused and the session uses HTTP + SSE.
     pub(crate) fell_back: bool,
@@ -390,7 +340,7 @@ fn random_unit() -> f64 {
 enum Command {
     Prewarm {
         spec: WarmSpec,
-        reply: oneshot::Sender<Result<PrewarmDone, SessionError>>,
+        reply: oneshot::Sender<Result<Option<String>, SessionError>>,
         requested_at: Instant,
     },
     Turn(TurnJob),
@@ -420,13 +370,15 @@ impl SessionHandle {
 
     /// Prewarm (`generate:false`) with this prompt and context; they also become the prompt of
     /// later turns and what is re-prewarmed after reconnects. Starts a new conversation:
-    /// the next turn chains from this prewarm. Resolves when the provider has answered.
+    /// the next turn chains from this prewarm. Resolves when the provider has answered, with
+    /// the chain head it created: `None` over HTTP + SSE, where nothing is prewarmed (there is
+    /// no `generate:false` there) and the prompt is only stored for the next turn.
     pub(crate) async fn prewarm(
         &self,
         instructions: String,
         tools: Vec<Tool>,
         context_items: impl Into<Arc<Vec<InputItem>>>,
-    ) -> Result<PrewarmDone, SessionError> {
+    ) -> Result<Option<String>, SessionError> {
         let (reply, answer) = oneshot::channel();
         let spec = WarmSpec {
             instructions,
@@ -445,12 +397,10 @@ impl SessionHandle {
     /// Queue a turn; its events arrive on the returned channel. Turns run one at a time, in
     /// order. Dropping the receiver cancels the turn.
     pub(crate) async fn turn(&self, request: TurnRequest) -> Result<TurnEvents, SessionError> {
-        let requested_at = Instant::now();
         let (tx, rx) = mpsc::unbounded_channel();
         self.send(Command::Turn(TurnJob {
             request,
             tx,
-            requested_at,
             force_unchained: false,
             tool_outputs: None,
             attempts: 0,
@@ -556,7 +506,6 @@ struct WarmSpec {
 struct TurnJob {
     request: TurnRequest,
     tx: mpsc::UnboundedSender<TurnEvent>,
-    requested_at: Instant,
     /// Send unchained even if a chain exists (after `previous_response_not_found` etc.).
     force_unchained: bool,
     /// Outputs for the previous response's tool calls, taken from the session when the turn
@@ -571,7 +520,7 @@ struct PrewarmJob {
     /// `Some`: an explicit prewarm (new prompt, new conversation); `None`: re-prewarm of the
     /// stored context after a reconnect.
     spec: Option<WarmSpec>,
-    reply: Option<oneshot::Sender<Result<PrewarmDone, SessionError>>>,
+    reply: Option<oneshot::Sender<Result<Option<String>, SessionError>>>,
     requested_at: Instant,
 }
 
@@ -844,17 +793,19 @@ impl Session {
     }
 
     fn status(&self) -> SessionStatus {
-        let kind = self.endpoint.kind();
         SessionStatus {
-            transport: kind,
+            #[cfg(test)]
+            transport: self.endpoint.kind(),
+            #[cfg(test)]
             url: self.endpoint.url().to_owned(),
             connected: self.live.is_some(),
+            #[cfg(test)]
             connecting: self.connecting.is_some(),
             age: self.live.as_ref().map(|l| l.connected_at.elapsed()),
             last_rtt: self.last_rtt,
-            busy: self.inflight.is_some(),
-            queued: self.queue.len(),
+            #[cfg(test)]
             chained: self.usable_chain().is_some(),
+            #[cfg(test)]
             reconnects: self.reconnects,
             fell_back: self.fell_back,
             last_error: self.last_error.clone(),
@@ -1084,6 +1035,12 @@ impl Session {
                 }
                 self.ever_connected = true;
                 let ws = conn.kind() == TransportKind::WebSocket;
+                debug!(
+                    url = self.endpoint.url(),
+                    transport = %conn.kind(),
+                    reconnects = self.reconnects,
+                    "provider connected"
+                );
                 // Not a success yet: only a completed response resets the policy.
                 self.backoff.opened(ws);
                 let now = Instant::now();
@@ -1539,15 +1496,15 @@ impl Session {
                 f.response_id = Some(id.clone());
                 f.forward(TurnEvent::Started { response_id: id });
             }
-            ServerEvent::OutputTextDelta { item_id, delta } => {
+            ServerEvent::OutputTextDelta { delta, .. } => {
                 f.first_delta.get_or_insert(since);
                 f.forwarded = true;
-                f.forward(TurnEvent::TextDelta { item_id, delta });
+                f.forward(TurnEvent::TextDelta { delta });
             }
-            ServerEvent::CustomToolCallInputDelta { item_id, delta } => {
+            ServerEvent::CustomToolCallInputDelta { delta, .. } => {
                 f.first_delta.get_or_insert(since);
                 f.forwarded = true;
-                f.forward(TurnEvent::ToolInputDelta { item_id, delta });
+                f.forward(TurnEvent::ToolInputDelta { delta });
             }
             ServerEvent::FunctionCallArgumentsDelta { item_id, delta } => {
                 f.first_delta.get_or_insert(since);
@@ -1560,8 +1517,7 @@ impl Session {
             }
             ServerEvent::OutputItemDone { item, .. } => {
                 f.forwarded = true;
-                f.items_done.push(item.clone());
-                f.forward(TurnEvent::ItemDone(item));
+                f.items_done.push(item);
             }
             ServerEvent::Completed { response } => self.finish(response, None),
             ServerEvent::Incomplete { response } => {
@@ -1688,7 +1644,6 @@ impl Session {
                     .collect();
                 self.pending_outputs.clear();
                 let timings = TurnTimings {
-                    requested_at: job.requested_at,
                     sent_at: f.sent_at,
                     first_event: f.first_event,
                     first_delta: f.first_delta,
@@ -1705,6 +1660,15 @@ impl Session {
                     transport: self.endpoint.kind(),
                     timings,
                 };
+                debug!(
+                    response_id = %done.response_id,
+                    transport = %done.transport,
+                    chained = done.chained,
+                    attempts = done.timings.attempts,
+                    first_event = ?done.timings.first_event,
+                    completed = ?done.timings.completed,
+                    "turn done"
+                );
                 let _ = job.tx.send(TurnEvent::Done(Box::new(done)));
             }
         }
@@ -1740,14 +1704,7 @@ fn reply_prewarm(job: PrewarmJob, result: Result<Option<String>, TurnFailure>) {
         _ => {}
     }
     if let Some(reply) = job.reply {
-        let _ = reply.send(
-            result
-                .map(|response_id| PrewarmDone {
-                    response_id,
-                    elapsed,
-                })
-                .map_err(SessionError::from),
-        );
+        let _ = reply.send(result.map_err(SessionError::from));
     }
 }
 

@@ -2,7 +2,8 @@
 //! Server-Sent Events. Both are pure state machines fed whatever each socket read returned, so
 //! a line, a chunk-size line or a UTF-8 sequence split across reads is handled.
 
-/// Longest line either decoder buffers; a longer one means a broken or hostile peer.
+/// Longest line either decoder buffers, and the most `data` one SSE event may gather over its
+/// lines; more means a broken or hostile peer.
 const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Decoding failed: the peer does not speak the protocol.
@@ -14,6 +15,8 @@ pub(crate) enum DecodeError {
     ChunkTerminator,
     #[error("line longer than {MAX_LINE_BYTES} bytes")]
     LineTooLong,
+    #[error("event data longer than {MAX_LINE_BYTES} bytes")]
+    EventTooLong,
 }
 
 /// One dispatched SSE event: the `event:` name (if any) and the `data:` lines joined by `\n`.
@@ -48,8 +51,9 @@ impl SseParser {
                 b'\n' | b'\r' => {
                     self.after_cr = b == b'\r';
                     let line = std::mem::take(&mut self.line);
-                    self.line_done(&line, out);
+                    let done = self.line_done(&line, out);
                     self.line = line;
+                    done?;
                     self.line.clear();
                 }
                 _ => {
@@ -64,7 +68,7 @@ impl SseParser {
         Ok(())
     }
 
-    fn line_done(&mut self, line: &[u8], out: &mut Vec<SseEvent>) {
+    fn line_done(&mut self, line: &[u8], out: &mut Vec<SseEvent>) -> Result<(), DecodeError> {
         if line.is_empty() {
             if self.has_data {
                 out.push(SseEvent {
@@ -74,10 +78,10 @@ impl SseParser {
             }
             self.event = None;
             self.has_data = false;
-            return;
+            return Ok(());
         }
         if line[0] == b':' {
-            return;
+            return Ok(());
         }
         let (field, value) = match line.iter().position(|&c| c == b':') {
             Some(i) => {
@@ -90,6 +94,10 @@ impl SseParser {
         match field {
             b"event" => self.event = Some(value.into_owned()),
             b"data" => {
+                // Many `data:` lines and never a blank one would otherwise grow without end.
+                if self.data.len() + 1 + value.len() > MAX_LINE_BYTES {
+                    return Err(DecodeError::EventTooLong);
+                }
                 if self.has_data {
                     self.data.push('\n');
                 }
@@ -98,6 +106,7 @@ impl SseParser {
             }
             _ => {}
         }
+        Ok(())
     }
 }
 
@@ -177,14 +186,16 @@ impl ChunkedDecoder {
                     let line = line.strip_suffix(b"\r").unwrap_or(&line);
                     self.state = match self.state {
                         ChunkState::Size => {
-                            let text = String::from_utf8_lossy(line);
-                            let hex = text.split(';').next().unwrap_or("").trim();
-                            let size = u64::from_str_radix(hex, 16)
-                                .map_err(|_| DecodeError::ChunkSize(text.clone().into_owned()))?;
-                            if size == 0 {
-                                ChunkState::Trailer
-                            } else {
-                                ChunkState::Data(size)
+                            let mut sized = line.to_vec();
+                            sized.extend_from_slice(b"\r\n");
+                            match httparse::parse_chunk_size(&sized) {
+                                Ok(httparse::Status::Complete((_, 0))) => ChunkState::Trailer,
+                                Ok(httparse::Status::Complete((_, size))) => ChunkState::Data(size),
+                                Ok(httparse::Status::Partial) | Err(_) => {
+                                    return Err(DecodeError::ChunkSize(
+                                        String::from_utf8_lossy(line).into_owned(),
+                                    ));
+                                }
                             }
                         }
                         ChunkState::Trailer if line.is_empty() => ChunkState::Done,

@@ -311,7 +311,7 @@ async fn prewarm_then_two_chained_turns_on_one_connection() {
         )
         .await
         .unwrap();
-    assert_eq!(warm.response_id.as_deref(), Some("resp_warm"));
+    assert_eq!(warm.as_deref(), Some("resp_warm"));
     let f = server.frame().await;
     assert_eq!(f.auth.as_deref(), Some("Bearer sk-test"));
     assert_eq!(f.body["type"], "response.create");
@@ -597,7 +597,7 @@ async fn refused_upgrade_falls_back_to_http_sse() {
         )
         .await
         .unwrap();
-    assert_eq!(warm.response_id, None, "nothing to prewarm over HTTP");
+    assert_eq!(warm, None, "nothing to prewarm over HTTP");
 
     let request = turn("rename a to b", &[]);
     let full = serde_json::to_value(&request.full_context).unwrap();

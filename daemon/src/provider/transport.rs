@@ -109,45 +109,40 @@ impl Endpoint {
             url: url.to_owned(),
             reason,
         };
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
-        let scheme = match scheme.to_ascii_lowercase().as_str() {
-            "ws" => Scheme::Ws,
-            "wss" => Scheme::Wss,
-            "http" => Scheme::Http,
-            "https" => Scheme::Https,
-            _ => return Err(bad("scheme must be ws, wss, http or https")),
+        let uri = url.parse::<::http::Uri>().map_err(|_| bad("not a URL"))?;
+        let scheme = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+            Some("ws") => Scheme::Ws,
+            Some("wss") => Scheme::Wss,
+            Some("http") => Scheme::Http,
+            Some("https") => Scheme::Https,
+            Some(_) => return Err(bad("scheme must be ws, wss, http or https")),
+            None => return Err(bad("no scheme")),
         };
-        let (authority, path) = match rest.find(['/', '?']) {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.contains('@') {
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        if authority.as_str().contains('@') {
             return Err(bad("credentials in the URL are not supported"));
         }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
-            match after.strip_prefix(':') {
-                Some(p) => (host, Some(p)),
-                None if after.is_empty() => (host, None),
-                None => return Err(bad("garbage after the IPv6 address")),
-            }
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            }
-        };
+        // `Uri` keeps an IPv6 literal's brackets; the socket address wants it bare.
+        let written_host = authority.host();
+        let host = written_host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(written_host);
         if host.is_empty() {
             return Err(bad("empty host"));
         }
-        let port = match port {
-            Some(p) => p.parse::<u16>().map_err(|_| bad("bad port"))?,
-            None => scheme.default_port(),
+        // `Authority::port` reads an out-of-range port as none at all; refuse it instead.
+        let port = match authority.as_str().strip_prefix(written_host) {
+            Some("") => scheme.default_port(),
+            Some(after) => after
+                .strip_prefix(':')
+                .and_then(|p| p.parse::<u16>().ok())
+                .ok_or_else(|| bad("bad port"))?,
+            None => return Err(bad("bad port")),
         };
-        let path = if path.starts_with('?') {
-            format!("/{path}")
-        } else {
-            path.to_owned()
+        let path = match uri.query() {
+            Some(query) => format!("{}?{query}", uri.path()),
+            None => uri.path().to_owned(),
         };
         Ok(Endpoint {
             url: url.to_owned(),
@@ -729,12 +724,18 @@ mod tests {
         assert_eq!(e.host_header(), "[::1]:9");
 
         assert_eq!(Endpoint::parse("http://h").unwrap().path(), "/");
+        assert_eq!(Endpoint::parse("http://h?x=1").unwrap().path(), "/?x=1");
+        let e = Endpoint::parse("WSS://[::1]/v1/responses").unwrap();
+        assert_eq!((e.scheme(), e.host(), e.port()), (Scheme::Wss, "::1", 443));
         for bad in [
             "ftp://h/x",
             "h/x",
             "ws://:80/x",
             "ws://h:99999/x",
             "ws://u:p@h/x",
+            "ws://h:/x",
+            "ws://h:8a/x",
+            "ws://[::1/x",
         ] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }

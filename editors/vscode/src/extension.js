@@ -93,8 +93,24 @@ function docFor(abs) {
   return fileDocs().find((d) => d.uri.fsPath === abs);
 }
 
+/** A document just opened or saved holds its file's text. */
 function remember(doc) {
   if (doc.uri.scheme === 'file' && !doc.isDirty) onDisk.set(doc.uri.fsPath, doc.getText());
+}
+
+/** A document changed and not dirty: reloaded from its file, or typed back to it. The change
+ * event of a first keystroke can come before VS Code says the document is dirty, so only a text
+ * the file holds is taken as the file's. */
+function rememberChange(e) {
+  const doc = e.document;
+  if (doc.uri.scheme !== 'file' || doc.isDirty) return;
+  let disk;
+  try {
+    disk = fs.readFileSync(doc.uri.fsPath, 'utf8');
+  } catch {
+    return;
+  }
+  if (disk === doc.getText()) onDisk.set(doc.uri.fsPath, disk);
 }
 
 function summary(files) {
@@ -111,7 +127,9 @@ function replaceAll(edit, doc, text) {
 /**
  * Bring a file the daemon wrote into its open document. A document without unsaved changes is
  * reloaded by VS Code itself (one undo step, no dialog). One with unsaved changes gets the new
- * disk text merged 3-way with them, as one edit; the user's text is never written. The edit
+ * disk text merged 3-way with them, as one edit; the user's text is never written. First VS
+ * Code is made to know the file's new version (`adoptDisk`), so saving the document later
+ * writes the merged text without a "the content of the file is newer" conflict. The edit
  * carries the document version it was computed on, so a keystroke that lands first makes VS
  * Code refuse it and the merge is done again on the newer text: no keystroke is ever lost.
  * Returns false when the changes overlap: the document is left as it is.
@@ -123,13 +141,21 @@ async function landOnDisk(abs, base) {
   } catch {
     return true; // removed: VS Code shows the deleted file as such
   }
+  // The file as VS Code last read it; once adopted, VS Code knows `disk`.
+  let known = onDisk.get(abs);
+  if (base === undefined) base = known;
   for (let attempt = 0; attempt < 20; attempt++) {
     const doc = docFor(abs);
     if (!doc) return true;
     const mine = doc.getText();
     if (mine === disk || !doc.isDirty) return true;
-    const merged = merge3(base === undefined ? onDisk.get(abs) ?? mine : base, disk, mine);
+    const merged = merge3(base ?? mine, disk, mine);
     if (!merged.ok) return false;
+    if (known !== disk) {
+      known = disk;
+      await adoptDisk(doc, disk);
+      continue; // merge again on the text the document holds now
+    }
     if (merged.text === mine) return true;
     const edit = new vscode.WorkspaceEdit();
     replaceAll(edit, doc, merged.text);
@@ -137,6 +163,42 @@ async function landOnDisk(abs, base) {
     await nextChange(doc);
   }
   return false;
+}
+
+/**
+ * Make VS Code know the file's new version under a document with unsaved changes, keeping them
+ * and its undo history. VS Code reads a file again only for a document without unsaved changes
+ * and otherwise refuses a later save as a conflict; the API has no other way to tell it. So the
+ * document is reverted (it reads the file: its version on disk is now known, and the reload is
+ * one undo step) and that step is undone at once (the unsaved text is back, the version known
+ * stays). The merge applied next is then the newest undo step: Ctrl+Z takes back exactly it.
+ */
+async function adoptDisk(doc, disk) {
+  const before = doc.getText();
+  const previous = vscode.window.activeTextEditor;
+  // Revert and undo act on the active editor.
+  if (previous?.document !== doc) await vscode.window.showTextDocument(doc, { preview: false });
+  try {
+    await vscode.commands.executeCommand('workbench.action.files.revert');
+    if (doc.isDirty || doc.getText() !== disk) {
+      log.appendLine(`spark: ${doc.uri.fsPath} was not read again; saving it may ask to overwrite`);
+      return;
+    }
+    onDisk.set(doc.uri.fsPath, disk);
+    await vscode.commands.executeCommand('undo');
+    if (doc.getText() === disk) {
+      // The undo did not reach the document (the focus was in another text field): put the
+      // unsaved text back as an edit rather than leaving it only in the undo history.
+      log.appendLine(`spark: ${doc.uri.fsPath}: restoring the unsaved text after reading the file`);
+      const edit = new vscode.WorkspaceEdit();
+      replaceAll(edit, doc, before);
+      await vscode.workspace.applyEdit(edit);
+    }
+  } finally {
+    if (previous && previous.document !== doc && !previous.document.isClosed) {
+      await vscode.window.showTextDocument(previous.document, previous.viewColumn);
+    }
+  }
 }
 
 /** Until the document changes (the keystroke that made VS Code refuse an edit reaches the
@@ -489,7 +551,7 @@ function activate(context) {
   context.subscriptions.push(
     vscode.workspace.onDidOpenTextDocument(remember),
     vscode.workspace.onDidSaveTextDocument(remember),
-    vscode.workspace.onDidChangeTextDocument((e) => remember(e.document)),
+    vscode.workspace.onDidChangeTextDocument(rememberChange),
     vscode.workspace.onDidCloseTextDocument((d) => onDisk.delete(d.uri.fsPath)),
     vscode.workspace.registerTextDocumentContentProvider(GIT_SCHEME, gitContent),
     vscode.commands.registerCommand('spark.ask', command(ask)),

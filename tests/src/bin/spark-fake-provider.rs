@@ -36,7 +36,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use spark_tests::fake_chat::{ChatReply, FakeChat, search_replace_from_patch};
 use spark_tests::fake_provider::{FakeProvider, RequestOutcome, Script, Transport, Turn};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use spark_tests::http1;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_tungstenite::tungstenite::Message;
@@ -106,13 +107,6 @@ struct Dropped {
     http_client_metadata: AtomicUsize,
 }
 
-/// Largest request head the front reads before giving up on a connection.
-const MAX_HEAD: usize = 64 * 1024;
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 /// Remove `field` from a JSON object body; `None` when there was nothing to remove.
 fn without(body: &[u8], field: &str) -> Option<Vec<u8>> {
     let mut value: Value = serde_json::from_slice(body).ok()?;
@@ -137,7 +131,7 @@ async fn compat_front(upstream: SocketAddr, dropped: Arc<Dropped>) -> std::io::R
 
 /// Look at the request head without consuming it, then relay as WebSocket or HTTP.
 async fn relay(client: TcpStream, upstream: SocketAddr, dropped: Arc<Dropped>) {
-    let mut peeked = vec![0u8; MAX_HEAD];
+    let mut peeked = vec![0u8; http1::MAX_HEAD_BYTES + 1];
     let head = loop {
         let Ok(n) = client.peek(&mut peeked).await else {
             return;
@@ -145,16 +139,15 @@ async fn relay(client: TcpStream, upstream: SocketAddr, dropped: Arc<Dropped>) {
         if n == 0 {
             return;
         }
-        if let Some(end) = find(&peeked[..n], b"\r\n\r\n") {
-            break String::from_utf8_lossy(&peeked[..end]).to_ascii_lowercase();
-        }
-        if n == MAX_HEAD {
-            return;
+        match http1::parse_request(&peeked[..n]) {
+            Ok(Some((head, _))) => break head,
+            Ok(None) => {}
+            Err(_) => return,
         }
         // Part of a head: wait for the rest (peek returns at once while data is pending).
         tokio::time::sleep(Duration::from_micros(100)).await;
     };
-    if head.contains("upgrade: websocket") {
+    if head.is_websocket_upgrade() {
         relay_ws(client, upstream, dropped).await;
     } else {
         relay_http(client, upstream, dropped).await;
@@ -245,58 +238,34 @@ async fn relay_http(client: TcpStream, upstream: SocketAddr, dropped: Arc<Droppe
         let _ = client_tx.shutdown().await;
     });
     let mut buf = Vec::new();
-    'requests: loop {
-        let end = loop {
-            if let Some(end) = find(&buf, b"\r\n\r\n") {
-                break end;
-            }
-            let mut chunk = [0u8; 16384];
-            match client_rx.read(&mut chunk).await {
-                Ok(0) | Err(_) => break 'requests,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            if buf.len() > MAX_HEAD {
-                break 'requests;
-            }
+    loop {
+        let Ok(mut head) = http1::read_request(&mut client_rx, &mut buf).await else {
+            break;
         };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let lower = head.to_ascii_lowercase();
-        let length = lower.lines().find_map(|l| {
-            l.strip_prefix("content-length:")
-                .and_then(|v| v.trim().parse::<usize>().ok())
-        });
-        let Some(length) = length.filter(|_| !lower.contains("transfer-encoding:")) else {
-            // Not a body this front understands: pass the rest through untouched.
-            if server_tx.write_all(&buf).await.is_err() {
+        if head.header("transfer-encoding").is_some() {
+            // Not a body this front rewrites: pass the rest through untouched.
+            let mut out = head.encode();
+            out.append(&mut buf);
+            if server_tx.write_all(&out).await.is_err() {
                 break;
             }
             let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
             break;
-        };
-        while buf.len() < end + 4 + length {
-            let mut chunk = [0u8; 16384];
-            match client_rx.read(&mut chunk).await {
-                Ok(0) | Err(_) => break 'requests,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
         }
-        let body: Vec<u8> = buf[end + 4..end + 4 + length].to_vec();
-        buf.drain(..end + 4 + length);
-        let (head, body) = match without(&body, "client_metadata") {
+        let Ok(body) = http1::read_body(&mut client_rx, &mut buf, &head, usize::MAX).await else {
+            break;
+        };
+        let body = match without(&body, "client_metadata") {
             Some(lean) => {
                 dropped.http_client_metadata.fetch_add(1, Ordering::Relaxed);
-                let head: Vec<&str> = head
-                    .split("\r\n")
-                    .filter(|l| !l.to_ascii_lowercase().starts_with("content-length:"))
-                    .collect();
-                (
-                    format!("{}\r\ncontent-length: {}", head.join("\r\n"), lean.len()),
-                    lean,
-                )
+                head.headers.retain(|(name, _)| name != "content-length");
+                head.headers
+                    .push(("content-length".to_owned(), lean.len().to_string()));
+                lean
             }
-            None => (head, body),
+            None => body,
         };
-        let mut out = format!("{head}\r\n\r\n").into_bytes();
+        let mut out = head.encode();
         out.extend_from_slice(&body);
         if server_tx.write_all(&out).await.is_err() {
             break;

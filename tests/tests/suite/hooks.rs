@@ -275,6 +275,56 @@ fn a_core_hooks_path_setup_is_chained_and_restored() {
 }
 
 #[test]
+fn prepare_commit_msg_starts_sparkctl_only_for_a_message_written_from_scratch() {
+    let home = Home::new();
+    let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);
+    sparkctl(repo.path(), home.path(), &["hooks", "install"]);
+    // A stand-in `sparkctl` on PATH that only records how it was called: the hook waits for
+    // it, so once git returns every call it made is in the log.
+    let bin_dir = tempfile::Builder::new()
+        .prefix("bin")
+        .tempdir_in("/tmp")
+        .expect("temp bin dir");
+    let calls = bin_dir.path().join("calls.log");
+    let stand_in = bin_dir.path().join("sparkctl");
+    std::fs::write(
+        &stand_in,
+        format!("#!/bin/sh\necho \"$1 $2\" >>'{}'\n", calls.display()),
+    )
+    .expect("write stand-in");
+    std::fs::set_permissions(&stand_in, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path_var = format!("{}:/usr/local/bin:/usr/bin:/bin", bin_dir.path().display());
+    // (`--amend` also runs `post-rewrite`, whose call is in the background: not counted.)
+    let calls_so_far = || {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("prepare-commit-msg"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    };
+
+    repo.write("hello.txt", b"hello, world\n");
+    repo.git(&["add", "hello.txt"]);
+    let commit = |args: &[&str]| {
+        let out = git(repo.path(), home.path(), &path_var)
+            .env("GIT_EDITOR", "echo typed by hand >>")
+            .args(args)
+            .output()
+            .expect("git commit");
+        assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+    };
+    commit(&["commit", "-q", "-m", "my own words"]);
+    commit(&["commit", "-q", "--amend", "--no-edit"]);
+    commit(&["commit", "-q", "--allow-empty", "-F", "hello.txt"]);
+    assert_eq!(calls_so_far(), "", "-m, --amend and -F start no sparkctl");
+
+    commit(&["commit", "-q", "--allow-empty"]);
+    assert_eq!(calls_so_far(), "hook prepare-commit-msg\n");
+    assert_eq!(head_message(&repo), "typed by hand");
+}
+
+#[test]
 fn hooks_are_harmless_when_sparkctl_is_missing() {
     let home = Home::new();
     let repo = TestRepo::with_files(&[("hello.txt", b"hello\n")]);

@@ -126,6 +126,14 @@ fn malformed_and_oversized_lines_get_errors_and_the_connection_survives() {
 
     c.send(b"[1,2,3]\n");
     assert_eq!(c.recv()["error"]["code"], -32600);
+    // An array is a batch to JSON-RPC 2.0, never one request, even when shaped like one.
+    c.send(b"[\"2.0\",11,\"status\"]\n");
+    let r = c.recv();
+    assert_eq!(
+        (r["id"].clone(), r["error"]["code"].clone()),
+        (Value::Null, json!(-32600)),
+        "{r}"
+    );
 
     // Invalid UTF-8 is a parse error, not a dead connection.
     c.send(b"{\"x\":\"\xff\xfe\"}\n");

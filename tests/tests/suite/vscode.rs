@@ -26,6 +26,7 @@ const PATCH_TWO: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two
 const EDITED: &str =
     "fn one() {\n    1\n}\n\nfn two() {\n    200\n    // doubled\n}\n\nfn three() {\n    3\n}\n";
 const PATCH_THREE: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn three() {\n-    3\n+    300\n*** End Patch\n";
+const PATCH_CANCELLED: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn three() {\n-    300\n+    3000\n*** End Patch\n";
 const PATCH_ONE: &str =
     "*** Begin Patch\n*** Update File: src/lib.rs\n@@\n-    1\n+    100\n*** End Patch\n";
 const TYPED: &str = " // mine";
@@ -390,11 +391,14 @@ fn ask_previews_lands_merges_typing_undoes_in_one_step_follows_the_terminal_and_
     };
     let first = Gate::new();
     let second = Gate::new();
+    // Never opened: that ask is cancelled.
+    let never = Gate::new();
     let p = Provider::start(
         Script::new()
             .turn(Turn::apply_patch(PATCH_TWO).hold_before(HELD, first.clone()))
             .turn(Turn::apply_patch(PATCH_THREE).hold_before(HELD, second.clone()))
-            .turn(Turn::apply_patch(PATCH_ONE)),
+            .turn(Turn::apply_patch(PATCH_ONE))
+            .turn(Turn::apply_patch(PATCH_CANCELLED).hold_before(HELD, never.clone())),
     );
     let ctl = Ctl::new();
     let repo = TestRepo::with_files(&[("src/lib.rs", LIB.as_bytes())]);
@@ -494,6 +498,24 @@ fn ask_previews_lands_merges_typing_undoes_in_one_step_follows_the_terminal_and_
     );
     assert_eq!(wb.call(json!({"op": "dirty"})), json!(true));
     wb.assert_no_prompt();
+    // Ctrl+Z takes back exactly the edit, keeping the typing; Ctrl+Shift+Z brings it back.
+    let typed = EDITED.replacen("fn one() {", &format!("fn one() {{{TYPED}"), 1);
+    wb.call(json!({"op": "key", "key": "Control+z"}));
+    wb.wait_text("the undo of the merged edit", &typed);
+    wb.call(json!({"op": "key", "key": "Control+Shift+z"}));
+    wb.wait_text("the redo of the merged edit", &typed_and_edited);
+    // Saving writes exactly the merged text, with no "the content of the file is newer"
+    // conflict: the edit landed on disk under the unsaved document.
+    wb.call(json!({"op": "key", "key": "Control+s"}));
+    wb.wait_for("the save", json!({"op": "dirty"}), |v| v == &json!(false));
+    wb.assert_no_prompt();
+    assert_eq!(
+        String::from_utf8(repo.read("src/lib.rs")).expect("utf-8"),
+        typed_and_edited,
+        "the save wrote the typing and the edit"
+    );
+    let on_disk = typed_and_edited.clone();
+
     // 4. Asking with unsaved changes: the model sees them, the edit comes back as text and is
     // applied in the editor as one undo step; the file on disk is not touched.
     wb.call(json!({"op": "cursor", "line": 3, "end": true}));
@@ -535,7 +557,39 @@ fn ask_previews_lands_merges_typing_undoes_in_one_step_follows_the_terminal_and_
     wb.wait_for("the revert", json!({"op": "dirty"}), |v| v == &json!(false));
     wb.wait_text("the file as on disk", &on_disk);
 
-    // 5. An edit from the terminal reaches the open editor, with no dialog.
+    // 5. An edit from the terminal reaches the open editor, with no dialog: merged into
+    // unsaved changes (Ctrl+Z takes back exactly it; saving asks nothing and writes both),
+    // and reloaded into a document without any.
+    wb.call(json!({"op": "cursor", "line": 12, "end": true}));
+    wb.call(json!({"op": "type", "text": TYPED}));
+    let typed = on_disk.replace("    300\n}\n", &format!("    300\n}}{TYPED}\n"));
+    wb.wait_text("the typing", &typed);
+    sparkctl_apply(
+        &ctl,
+        &repo,
+        "*** Begin Patch\n*** Update File: src/lib.rs\n@@\n-    200\n+    201\n*** End Patch\n",
+    );
+    let merged = typed.replacen("    200\n", "    201\n", 1);
+    wb.wait_text("the terminal's edit merged", &merged);
+    assert_eq!(
+        String::from_utf8(repo.read("src/lib.rs")).expect("utf-8"),
+        on_disk.replacen("    200\n", "    201\n", 1),
+        "the terminal's edit is on disk, the typing is not"
+    );
+    assert_eq!(wb.call(json!({"op": "dirty"})), json!(true));
+    wb.assert_no_prompt();
+    wb.call(json!({"op": "key", "key": "Control+z"}));
+    wb.wait_text("the undo of the terminal's edit", &typed);
+    wb.call(json!({"op": "key", "key": "Control+Shift+z"}));
+    wb.wait_text("its redo", &merged);
+    wb.call(json!({"op": "key", "key": "Control+s"}));
+    wb.wait_for("the save", json!({"op": "dirty"}), |v| v == &json!(false));
+    wb.assert_no_prompt();
+    assert_eq!(
+        String::from_utf8(repo.read("src/lib.rs")).expect("utf-8"),
+        merged
+    );
+    let on_disk = merged;
     sparkctl_apply(
         &ctl,
         &repo,
@@ -568,13 +622,73 @@ fn ask_previews_lands_merges_typing_undoes_in_one_step_follows_the_terminal_and_
         &repo,
         "*** Begin Patch\n*** Update File: src/lib.rs\n@@\n-    11\n+    12\n*** End Patch\n",
     );
-    wb.wait_text(
-        "the edit after the restart",
-        &from_terminal.replacen("    11\n", "    12\n", 1),
-    );
+    let after_restart = from_terminal.replacen("    11\n", "    12\n", 1);
+    wb.wait_text("the edit after the restart", &after_restart);
     wb.assert_no_prompt();
 
-    // 7. Show Log: a quick pick of the edits; choosing one opens its diff.
+    // 7. Spark: Cancel stops the ask in flight: its preview goes, nothing is applied anywhere.
+    wb.call(json!({"op": "cursor", "line": 1}));
+    wb.call(json!({"op": "command", "title": "Spark: Ask"}));
+    wb.call(json!({"op": "input", "title": "Spark: Ask", "text": "never mind"}));
+    wb.wait_for(
+        "the preview of the ask to cancel",
+        json!({"op": "decorations"}),
+        |v| v.to_string().contains("3000"),
+    );
+    wb.call(json!({"op": "command", "title": "Spark: Cancel"}));
+    wb.wait_for("the preview to go", json!({"op": "decorations"}), |v| {
+        v == &json!([])
+    });
+    wb.wait_for("the cancel's message", json!({"op": "statusText"}), |v| {
+        v.to_string().contains("cancelled; nothing was applied")
+    });
+    assert_eq!(wb.text(), after_restart);
+    assert_eq!(
+        String::from_utf8(repo.read("src/lib.rs")).expect("utf-8"),
+        after_restart
+    );
+    assert_eq!(wb.call(json!({"op": "dirty"})), json!(false));
+    wb.assert_no_prompt();
+
+    // 8. Spark: Undo reverts the newest edit (the terminal's second) on disk and in the editor.
+    wb.call(json!({"op": "command", "title": "Spark: Undo"}));
+    wb.wait_text("the undone edit in the editor", &from_terminal);
+    assert_eq!(
+        String::from_utf8(repo.read("src/lib.rs")).expect("utf-8"),
+        from_terminal
+    );
+    wb.wait_for("the undo's message", json!({"op": "statusText"}), |v| {
+        v.to_string().contains("undid edit")
+    });
+    assert_eq!(wb.call(json!({"op": "dirty"})), json!(false));
+    wb.assert_no_prompt();
+
+    // 9. Spark: Stash reverts the newest applied edit (the terminal's first) and puts it on
+    // `git stash`.
+    wb.call(json!({"op": "command", "title": "Spark: Stash"}));
+    wb.wait_text("the stashed edit gone from the editor", &on_disk);
+    assert_eq!(
+        String::from_utf8(repo.read("src/lib.rs")).expect("utf-8"),
+        on_disk
+    );
+    let stashes = repo.git(&["stash", "list"]);
+    assert!(
+        stashes.lines().count() == 1 && stashes.contains("spark: from the terminal"),
+        "{stashes}"
+    );
+    assert_eq!(wb.call(json!({"op": "dirty"})), json!(false));
+    wb.assert_no_prompt();
+
+    // 10. Spark: Status tells which daemon runs (the restarted one).
+    let restarted = ctl.daemon_pid().expect("the restarted daemon");
+    wb.call(json!({"op": "command", "title": "Spark: Status"}));
+    wb.wait_for("the status", json!({"op": "prompts"}), |v| {
+        v["notifications"]
+            .to_string()
+            .contains(&format!("(pid {restarted}), up"))
+    });
+
+    // 11. Show Log: a quick pick of the edits; choosing one opens its diff.
     wb.call(json!({"op": "command", "title": "Spark: Show Log"}));
     wb.call(json!({"op": "pick", "hasText": "make two bigger"}));
     let diff = wb.wait_for("the diff editor", json!({"op": "diffEditors"}), |v| {
