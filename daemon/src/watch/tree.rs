@@ -124,9 +124,10 @@ impl Tree {
         }
         if !self.unwatched.is_empty() {
             let why = self.unwatched_why.as_deref().unwrap_or("unknown reason");
+            let n = self.unwatched.len();
             return Some(format!(
-                "{} directories could not be watched ({why}); changes there are seen only by periodic rescans{}",
-                self.unwatched.len(),
+                "{n} director{} could not be watched ({why}); changes there are seen only by periodic rescans{}",
+                if n == 1 { "y" } else { "ies" },
                 watch_hint(why)
             ));
         }

@@ -1,6 +1,7 @@
 mod ask;
 mod attack;
 mod buffers;
+mod cache_faults;
 mod crash;
 mod daily;
 mod disk;
