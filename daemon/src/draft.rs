@@ -8,15 +8,19 @@
 //! `hook_timeout_ms`, the same cap the hook enforces on its side.
 
 use std::path::Path;
+use std::time::Duration;
 
 use spark_proto::methods::{DraftParams, DraftResult};
 use spark_proto::{ErrorCode, RpcError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::ask::Asks;
 use crate::edit::RepoCtx;
 use crate::edit::paths;
 use crate::provider::{InputItem, SessionConfig, TurnEvent, TurnFailure, TurnRequest};
-use crate::server::Shared;
+use crate::repo::Repos;
 use crate::watch::MAX_FILE_BYTES;
 
 /// What the model is told for a draft.
@@ -80,10 +84,23 @@ struct Staged {
     omitted: Vec<String>,
 }
 
+/// What a draft needs of the daemon, lent by the server for one request.
+#[derive(Clone, Copy)]
+pub(crate) struct DraftEnv<'a> {
+    /// Provider settings and the side lanes of their shared connections.
+    pub(crate) asks: &'a Asks,
+    pub(crate) repos: &'a Repos,
+    /// The draft's session task is tracked and stops with the daemon.
+    pub(crate) tracker: &'a TaskTracker,
+    pub(crate) shutdown: &'a CancellationToken,
+    /// The turn's cap (`hook_timeout_ms`).
+    pub(crate) timeout: Duration,
+}
+
 /// Draft a message for what is staged in the repository of `params.cwd`.
-pub(crate) async fn draft(shared: &Shared, params: DraftParams) -> Result<DraftResult, RpcError> {
-    let provider = shared.asks.provider_for(params.provider.as_ref())?;
-    let (repo, _) = shared.repos.for_cwd(&params.cwd).await?;
+pub(crate) async fn draft(env: DraftEnv<'_>, params: DraftParams) -> Result<DraftResult, RpcError> {
+    let provider = env.asks.provider_for(params.provider.as_ref())?;
+    let (repo, _) = env.repos.for_cwd(&params.cwd).await?;
     let staged = repo.run(staged_diff).await??;
     if staged.files.is_empty() {
         return Err(DraftError::NothingToDescribe.into());
@@ -105,11 +122,11 @@ pub(crate) async fn draft(shared: &Shared, params: DraftParams) -> Result<DraftR
     config.tools = Vec::new();
     // Its own lane on the provider's shared connection: a draft neither waits behind an ask
     // nor pays for a connection of its own.
-    let (lane, backoff) = shared.asks.side_lane(&provider, "draft", &config);
+    let (lane, backoff) = env.asks.side_lane(&provider, "draft", &config);
     config.lanes = lane;
     config.backoff = Some(backoff);
-    let session = crate::provider::spawn(config, &shared.tracker, shared.shutdown.clone())
-        .map_err(|e| {
+    let session =
+        crate::provider::spawn(config, env.tracker, env.shutdown.clone()).map_err(|e| {
             RpcError::new(
                 ErrorCode::Provider,
                 format!("bad provider URL {}: {e}", provider.url),
@@ -119,7 +136,7 @@ pub(crate) async fn draft(shared: &Shared, params: DraftParams) -> Result<DraftR
         "Write the commit message for this staged diff:\n```diff\n{}```\n",
         staged.diff
     ));
-    let limit = shared.config.hook_timeout;
+    let limit = env.timeout;
     let turn = async {
         let mut events = session
             .turn(TurnRequest {

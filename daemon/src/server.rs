@@ -61,6 +61,19 @@ pub(crate) struct Shared {
     pub(crate) triggers: crate::trigger::Triggers,
 }
 
+impl Shared {
+    /// What `commit/draft` needs, lent for one request (so `draft` does not depend on `server`).
+    fn draft_env(&self) -> crate::draft::DraftEnv<'_> {
+        crate::draft::DraftEnv {
+            asks: &self.asks,
+            repos: &self.repos,
+            tracker: &self.tracker,
+            shutdown: &self.shutdown,
+            timeout: self.config.hook_timeout,
+        }
+    }
+}
+
 pub(crate) async fn serve(config: Config, instance: Instance, shutdown: CancellationToken) {
     let (events, _) = broadcast::channel(EVENT_CAPACITY);
     let tracker = TaskTracker::new();
@@ -342,7 +355,7 @@ impl Connection {
             ClientRequest::EditStash(p) => self.edit_revert(p, true).await.and_then(to_value),
             ClientRequest::EditLog(p) => self.edit_log(p).await.and_then(to_value),
             ClientRequest::EditShow(p) => self.edit_show(p).await.and_then(to_value),
-            ClientRequest::CommitDraft(p) => crate::draft::draft(&self.shared, p)
+            ClientRequest::CommitDraft(p) => crate::draft::draft(self.shared.draft_env(), p)
                 .await
                 .and_then(to_value),
             ClientRequest::HistoryList(p) => self.history_list(p).await.and_then(to_value),
