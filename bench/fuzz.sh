@@ -10,7 +10,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${1:-60}
 profile=${SPARK_FUZZ_PROFILE:-release}
 cd "$root"
-log=$(mktemp /tmp/spark-fuzz.XXXXXX)
+log=$(mktemp -t spark-fuzz.XXXXXX)
 trap 'rm -f "$log"' EXIT
 export SPARK_FUZZ_SECS=$secs
 start=$(date +%s)
