@@ -55,7 +55,7 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     connections: watch::Sender<usize>,
     next_conn: AtomicU64,
-    pub(crate) repos: Repos,
+    pub(crate) repos: Arc<Repos>,
     pub(crate) asks: Arc<crate::ask::Asks>,
     pub(crate) watchers: crate::watch::Watchers,
     pub(crate) triggers: crate::trigger::Triggers,
@@ -106,13 +106,21 @@ pub(crate) async fn serve(config: Config, instance: Instance, shutdown: Cancella
         tracker: tracker.clone(),
         connections: watch::Sender::new(0),
         next_conn: AtomicU64::new(1),
-        repos: Repos::new(EditEnv::from_config(&config)),
+        repos: Arc::new(Repos::new(EditEnv::from_config(&config))),
         asks,
         watchers,
         triggers: crate::trigger::Triggers::new(&config.layout.state_dir, config.triggers),
         config,
     });
-    crate::trigger::Triggers::start(&shared);
+    crate::trigger::Triggers::start(&Arc::new(crate::trigger::TriggerEnv {
+        events: shared.events.clone(),
+        shutdown: shared.shutdown.clone(),
+        tracker: shared.tracker.clone(),
+        repos: shared.repos.clone(),
+        asks: shared.asks.clone(),
+        triggers: shared.triggers.clone(),
+        fsync: shared.config.fsync,
+    }));
     info!(socket = %instance.socket.display(), pid = std::process::id(), version = crate::VERSION, "sparkd serving");
     let settled = shared.clone();
     shared.tracker.spawn(async move {

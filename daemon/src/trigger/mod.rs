@@ -27,13 +27,14 @@ use serde::{Deserialize, Serialize};
 use spark_proto::events::Event;
 use spark_proto::methods::{AskParams, EditState, Focus, LogEntry};
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::ask::{AskAs, Shape};
+use crate::ask::{AskAs, Asks, Shape};
 use crate::edit::paths::{self, Intent};
 use crate::edit::{EditError, RepoCtx};
-use crate::repo::RepoHandle;
-use crate::server::Shared;
+use crate::repo::{RepoHandle, Repos};
 use crate::watch::MAX_FILE_BYTES;
 
 /// The list of repositories with triggers on, in the state directory next to `watched.json`.
@@ -44,6 +45,20 @@ const LOG_FILE: &str = "triggers.jsonl";
 /// Batches of changed files queued for one repository's runner; a full queue drops a batch
 /// with a warning (the next save of those files brings them back).
 const QUEUE: usize = 64;
+
+/// What the trigger runners need of the daemon, handed over by the server at start (so
+/// `trigger` does not depend on `server`).
+#[derive(Debug)]
+pub(crate) struct TriggerEnv {
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) repos: Arc<Repos>,
+    pub(crate) asks: Arc<Asks>,
+    pub(crate) triggers: Triggers,
+    /// The trigger log is fsynced like the ledger.
+    pub(crate) fsync: bool,
+}
 
 /// Which repositories run triggers, and one runner task per repository that does.
 #[derive(Debug, Clone)]
@@ -161,21 +176,21 @@ impl Triggers {
     }
 
     /// Listen for settled files and run the triggers they hold, until shutdown.
-    pub(crate) fn start(shared: &Arc<Shared>) {
-        let mut events = shared.events.subscribe();
-        let shared = shared.clone();
-        let tracker = shared.tracker.clone();
+    pub(crate) fn start(env: &Arc<TriggerEnv>) {
+        let mut events = env.events.subscribe();
+        let env = env.clone();
+        let tracker = env.tracker.clone();
         tracker.spawn(async move {
             loop {
                 let event = tokio::select! {
-                    () = shared.shutdown.cancelled() => return,
+                    () = env.shutdown.cancelled() => return,
                     e = events.recv() => e,
                 };
                 match event {
                     Ok(Event::FilesChanged { repo, paths }) => {
                         let workdir = PathBuf::from(&repo);
-                        if shared.triggers.enabled(&workdir) {
-                            shared.triggers.queue(&shared, workdir, paths);
+                        if env.triggers.enabled(&workdir) {
+                            env.triggers.queue(&env, workdir, paths);
                         }
                     }
                     Ok(_) => {}
@@ -192,15 +207,14 @@ impl Triggers {
     }
 
     /// Hand a batch to the repository's runner, starting it on first use.
-    fn queue(&self, shared: &Arc<Shared>, workdir: PathBuf, paths: Vec<String>) {
+    fn queue(&self, env: &Arc<TriggerEnv>, workdir: PathBuf, paths: Vec<String>) {
         let Ok(mut runners) = self.inner.runners.lock() else {
             return;
         };
         let tx = runners.entry(workdir.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
-            shared
-                .tracker
-                .spawn(run_repo(shared.clone(), workdir.clone(), rx));
+            env.tracker
+                .spawn(run_repo(env.clone(), workdir.clone(), rx));
             tx
         });
         if tx.try_send(paths).is_err() {
@@ -253,9 +267,9 @@ pub(crate) fn merge_log(
 
 /// One repository's runner: batches in the order they settled, files in path order, each
 /// file's triggers top to bottom, one at a time.
-async fn run_repo(shared: Arc<Shared>, workdir: PathBuf, mut rx: mpsc::Receiver<Vec<String>>) {
+async fn run_repo(env: Arc<TriggerEnv>, workdir: PathBuf, mut rx: mpsc::Receiver<Vec<String>>) {
     let label = workdir.display().to_string();
-    let repo = match shared.repos.for_cwd(&label).await {
+    let repo = match env.repos.for_cwd(&label).await {
         Ok((repo, _)) => repo,
         Err(e) => {
             warn!(repo = %label, error = %e.message, "triggers cannot open the repository");
@@ -278,7 +292,7 @@ async fn run_repo(shared: Arc<Shared>, workdir: PathBuf, mut rx: mpsc::Receiver<
     };
     loop {
         let batch = tokio::select! {
-            () = shared.shutdown.cancelled() => return,
+            () = env.shutdown.cancelled() => return,
             b = rx.recv() => match b { Some(b) => b, None => return },
         };
         let files: BTreeSet<String> = batch.into_iter().collect();
@@ -291,7 +305,7 @@ async fn run_repo(shared: Arc<Shared>, workdir: PathBuf, mut rx: mpsc::Receiver<
                 .collect();
             // Each trigger changes the file: look again after each, for the next one not run.
             while !wanted.is_empty() {
-                if shared.shutdown.is_cancelled() || !shared.triggers.enabled(&workdir) {
+                if env.shutdown.is_cancelled() || !env.triggers.enabled(&workdir) {
                     return;
                 }
                 let Some(next) = unrun(&repo, &path, &ran)
@@ -302,7 +316,7 @@ async fn run_repo(shared: Arc<Shared>, workdir: PathBuf, mut rx: mpsc::Receiver<
                     break;
                 };
                 ran.insert(next.place());
-                run_one(&shared, &repo, next).await;
+                run_one(&env, &repo, next).await;
             }
         }
     }
@@ -371,11 +385,11 @@ async fn unrun(
 }
 
 /// Run one trigger as an ask, and report it: events, the edit's record, the trigger log.
-async fn run_one(shared: &Arc<Shared>, repo: &RepoHandle, t: Pending) {
+async fn run_one(env: &Arc<TriggerEnv>, repo: &RepoHandle, t: Pending) {
     let label = repo.workdir().display().to_string();
     let line = u32::try_from(t.found.line + 1).unwrap_or(u32::MAX);
     info!(repo = %label, path = %t.path, line, trigger = %t.id, "running a spark! trigger");
-    let _ = shared.events.send(Event::TriggerStarted {
+    let _ = env.events.send(Event::TriggerStarted {
         repo: label.clone(),
         trigger: t.id.clone(),
         path: t.path.clone(),
@@ -413,13 +427,13 @@ async fn run_one(shared: &Arc<Shared>, repo: &RepoHandle, t: Pending) {
         steers: false,
         shape: Some(shape),
     };
-    let result = shared
+    let result = env
         .asks
         .ask_as(
             repo.clone(),
             String::new(),
             params,
-            shared.shutdown.child_token(),
+            env.shutdown.child_token(),
             |_| std::future::ready(()),
             how,
         )
@@ -458,7 +472,7 @@ async fn run_one(shared: &Arc<Shared>, repo: &RepoHandle, t: Pending) {
         edit: edit.clone(),
         error: error.clone(),
     };
-    let fsync = shared.config.fsync;
+    let fsync = env.fsync;
     match repo
         .run(move |ctx| append_log(ctx.repo.path(), &ran, fsync))
         .await
@@ -467,7 +481,7 @@ async fn run_one(shared: &Arc<Shared>, repo: &RepoHandle, t: Pending) {
         Ok(Err(e)) => warn!(repo = %label, error = %e, "cannot write the trigger log"),
         Err(e) => warn!(repo = %label, error = %e.message, "cannot write the trigger log"),
     }
-    let _ = shared.events.send(Event::TriggerFinished {
+    let _ = env.events.send(Event::TriggerFinished {
         repo: label,
         trigger: t.id,
         path: t.path,
