@@ -7,15 +7,14 @@
 //! `SPARK_FUZZ_SECS` scale them all, which is how `bench/fuzz.sh` runs the long campaign. Each prints how many
 //! cases it ran. Inputs that once broke a property are kept as plain unit tests at the end.
 
-use std::cell::Cell;
 use std::ffi::OsString;
 use std::io::BufReader;
-use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use proptest::prelude::*;
-use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use spark_proto::frame::{Frame, read_frame};
+pub(crate) use spark_testkit::fuzz;
 use tokio_util::codec::Decoder;
 
 use crate::codec::LineDecoder;
@@ -24,50 +23,6 @@ use crate::edit::matcher::apply_update;
 use crate::edit::patch::{
     FileOp, Patch, StreamingParser, parse_any, parse_patch, parse_search_replace,
 };
-
-/// Runs `test` on `smoke` cases, or `SPARK_FUZZ_CASES` cases per round and rounds for
-/// `SPARK_FUZZ_SECS` seconds, then reports how many cases ran.
-pub(crate) fn fuzz<S: Strategy>(
-    name: &str,
-    smoke: u32,
-    strategy: S,
-    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
-) {
-    let cases = std::env::var("SPARK_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(smoke);
-    let budget = std::env::var("SPARK_FUZZ_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_secs);
-    let start = Instant::now();
-    let ran = Cell::new(0u64);
-    // Each round is a fresh runner with a fresh random seed; with a time budget, rounds repeat
-    // until it is spent.
-    loop {
-        let mut runner = TestRunner::new(RunnerConfig {
-            cases,
-            failure_persistence: None,
-            ..RunnerConfig::default()
-        });
-        let result = runner.run(&strategy, |value| {
-            ran.set(ran.get() + 1);
-            test(value)
-        });
-        if let Err(e) = result {
-            panic!("fuzz {name}: {e}");
-        }
-        if budget.is_none_or(|b| start.elapsed() >= b) {
-            break;
-        }
-    }
-    eprintln!(
-        "fuzz {name}: {} cases passed in {:.1}s",
-        ran.get(),
-        start.elapsed().as_secs_f64()
-    );
-}
 
 pub(crate) fn fail(message: impl Into<String>) -> TestCaseError {
     TestCaseError::fail(message.into())

@@ -5,61 +5,16 @@
 //! `SPARK_FUZZ_SECS` scale every harness at once, which is how `bench/fuzz.sh` runs the long
 //! campaign.
 
-use std::cell::Cell;
 use std::io::BufReader;
-use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::Value;
 use spark_proto::frame::{Frame, encode, read_frame};
 use spark_proto::jsonrpc::{Message, Request, Response};
 use spark_proto::methods::ClientRequest;
 use spark_proto::{ErrorCode, Id};
-
-/// Runs `test` on `smoke` cases, or `SPARK_FUZZ_CASES` cases per round and rounds for
-/// `SPARK_FUZZ_SECS` seconds, then reports how many cases ran.
-fn fuzz<S: Strategy>(
-    name: &str,
-    smoke: u32,
-    strategy: S,
-    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
-) {
-    let cases = std::env::var("SPARK_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(smoke);
-    let budget = std::env::var("SPARK_FUZZ_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_secs);
-    let start = Instant::now();
-    let ran = Cell::new(0u64);
-    // Each round is a fresh runner with a fresh random seed; with a time budget, rounds repeat
-    // until it is spent.
-    loop {
-        let mut runner = TestRunner::new(Config {
-            cases,
-            failure_persistence: None,
-            ..Config::default()
-        });
-        let result = runner.run(&strategy, |value| {
-            ran.set(ran.get() + 1);
-            test(value)
-        });
-        if let Err(e) = result {
-            panic!("fuzz {name}: {e}");
-        }
-        if budget.is_none_or(|b| start.elapsed() >= b) {
-            break;
-        }
-    }
-    eprintln!(
-        "fuzz {name}: {} cases passed in {:.1}s",
-        ran.get(),
-        start.elapsed().as_secs_f64()
-    );
-}
+use spark_testkit::fuzz;
 
 /// Bytes where newlines, carriage returns and invalid UTF-8 are common.
 fn wire_bytes(max_len: usize) -> impl Strategy<Value = Vec<u8>> {

@@ -6,6 +6,9 @@
 //! - [`snapshot`]: every file under a directory with its bytes and mode, to prove that nothing
 //!   changed on disk.
 
+mod fuzz;
+pub use fuzz::fuzz;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

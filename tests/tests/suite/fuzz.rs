@@ -11,10 +11,11 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{Value, json};
 use spark_proto::methods::ClientRequest;
 use spark_proto::{ErrorCode, Id};
+use spark_testkit::fuzz;
 use spark_tests::{Home, InProcess, TestRepo};
 
 /// How long one answer may take before the daemon counts as hung.
@@ -322,53 +323,32 @@ fn fuzzed_request_lines_each_get_one_well_formed_answer_and_the_daemon_keeps_ser
     let probes = Cell::new(0u64);
     // Answers by outcome (`result` or the error's code), to show how deep the lines got.
     let outcomes = RefCell::new(std::collections::BTreeMap::<String, u64>::new());
-    let cases = std::env::var("SPARK_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    let budget = std::env::var("SPARK_FUZZ_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_secs);
     let start = Instant::now();
-    loop {
-        let mut runner = TestRunner::new(Config {
-            cases,
-            failure_persistence: None,
-            ..Config::default()
-        });
-        let result = runner.run(&line(repo.cwd()), |line| {
-            let mut conn = conn.borrow_mut();
-            conn.send_line(&line)
-                .map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let n = probes.get() + 1;
-            probes.set(n);
-            let probe = format!("probe-{n}");
-            // Answers may come in any order (JSON-RPC matches them by id, and a slow edit is
-            // answered after a quick status), so the probe goes out once the line is answered.
-            if let Some(id) = expected_id(&line) {
-                let answer = conn.answer().map_err(TestCaseError::fail)?;
-                check_answer(&answer, &id)?;
-                let outcome = match answer["error"]["code"].as_i64() {
-                    Some(code) => code.to_string(),
-                    None => "result".to_owned(),
-                };
-                *outcomes.borrow_mut().entry(outcome).or_default() += 1;
-            }
-            // A notification got no answer: the next one is the probe's.
-            conn.send(&json!({"jsonrpc":"2.0","id":probe,"method":"status"}));
+    fuzz("daemon jsonrpc", 256, line(repo.cwd()), |line| {
+        let mut conn = conn.borrow_mut();
+        conn.send_line(&line)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let n = probes.get() + 1;
+        probes.set(n);
+        let probe = format!("probe-{n}");
+        // Answers may come in any order (JSON-RPC matches them by id, and a slow edit is
+        // answered after a quick status), so the probe goes out once the line is answered.
+        if let Some(id) = expected_id(&line) {
             let answer = conn.answer().map_err(TestCaseError::fail)?;
-            prop_assert_eq!(&answer["id"], &json!(probe), "{}", answer);
-            prop_assert!(answer["result"]["pid"].is_u64(), "{}", answer);
-            Ok(())
-        });
-        if let Err(e) = result {
-            panic!("fuzz daemon jsonrpc: {e}");
+            check_answer(&answer, &id)?;
+            let outcome = match answer["error"]["code"].as_i64() {
+                Some(code) => code.to_string(),
+                None => "result".to_owned(),
+            };
+            *outcomes.borrow_mut().entry(outcome).or_default() += 1;
         }
-        if budget.is_none_or(|b| start.elapsed() >= b) {
-            break;
-        }
-    }
+        // A notification got no answer: the next one is the probe's.
+        conn.send(&json!({"jsonrpc":"2.0","id":probe,"method":"status"}));
+        let answer = conn.answer().map_err(TestCaseError::fail)?;
+        prop_assert_eq!(&answer["id"], &json!(probe), "{}", answer);
+        prop_assert!(answer["result"]["pid"].is_u64(), "{}", answer);
+        Ok(())
+    });
     eprintln!(
         "fuzz daemon jsonrpc: {} lines answered in {:.1}s; answers: {:?}",
         probes.get(),
