@@ -586,6 +586,12 @@ impl Asks {
 
     /// [`Asks::ask`] for another caller than a user's `ask` (a `spark!` trigger): the same
     /// turn, repair and apply, with the record's source, steering and the patch as `how` says.
+    ///
+    /// The phases, in order: [`Self::begin`] (the conversation, steering), [`Self::hold`] (its
+    /// state, warmed up), [`Self::assemble`] (the context the model has not seen),
+    /// [`Self::stream_turn`] (one model call, streamed to the client), [`Self::settle`] (reads
+    /// answered, the patch found and checked) and [`Self::land`] (applied, repaired if need be,
+    /// recorded and answered).
     pub(crate) async fn ask_as<F, Fut>(
         &self,
         repo: RepoHandle,
@@ -600,60 +606,135 @@ impl Asks {
         Fut: std::future::Future<Output = ()>,
     {
         let started = Instant::now();
+        let (conv, number) = self.begin(&repo, &params, &cancel, &how)?;
+        let current = CurrentAsk {
+            conv: &conv,
+            number,
+        };
+        let mut state = self
+            .hold(
+                &current,
+                &repo,
+                params.new_conversation,
+                &cancel,
+                how.steers,
+            )
+            .await?;
+        let prompt = self
+            .assemble(&repo, &cwd_prefix, &params, &mut state)
+            .await?;
+        let at = AskAt {
+            conv: &conv,
+            repo: &repo,
+            cancel: &cancel,
+            shape: how.shape.clone(),
+            started,
+        };
+        let turn = stream_turn(&at, &mut state, Some(prompt.user), &emit).await?;
+        // The model has now seen this turn's files.
+        state.seen.extend(prompt.seen);
+        let (pending, patch, bases) = match self.settle(&at, &mut state, turn, &emit).await? {
+            Settled::Answered(result) => return Ok(result),
+            Settled::Patch {
+                pending,
+                patch,
+                bases,
+            } => (pending, patch, bases),
+        };
+        let req = edit::ApplyRequest {
+            patch,
+            cwd_prefix: String::new(),
+            dry_run: params.dry_run,
+            source: how.source.to_owned(),
+            message: how.message.unwrap_or(params.prompt),
+            bases,
+            buffers: prompt.buffers.text,
+        };
+        self.land(&at, &mut state, req, pending, &emit).await
+    }
+
+    /// The ask's conversation, and the number that makes this ask its current one. A user's
+    /// ask replaces the one in flight in the repository (steering), whatever provider
+    /// settings that one used; the repository is watched from its first ask on.
+    fn begin(
+        &self,
+        repo: &RepoHandle,
+        params: &AskParams,
+        cancel: &CancellationToken,
+        how: &AskAs,
+    ) -> Result<(Arc<Conversation>, u64), RpcError> {
+        static NEXT_ASK: AtomicU64 = AtomicU64::new(1);
         let provider = self.provider_for(params.provider.as_ref())?;
         let conv = self.conversation(repo.workdir(), &provider)?;
-        // Steering holds across provider settings too: one ask at a time per repository.
+        self.watchers.ensure_watched(repo.workdir());
+        let number = NEXT_ASK.fetch_add(1, Ordering::Relaxed);
+        if !how.steers {
+            return Ok((conv, number));
+        }
         for other in self.conversations_in(repo.workdir()) {
-            if how.steers
-                && !Arc::ptr_eq(&other, &conv)
+            if !Arc::ptr_eq(&other, &conv)
                 && let Some((_, token)) = other.current.lock().ok().and_then(|mut c| c.take())
             {
                 token.cancel();
             }
         }
-        // A repository is watched from its first ask on.
-        self.watchers.ensure_watched(repo.workdir());
-        // Steering: a newer ask in this repository replaces the one in flight.
-        static NEXT_ASK: AtomicU64 = AtomicU64::new(1);
-        let number = NEXT_ASK.fetch_add(1, Ordering::Relaxed);
-        if how.steers
-            && let Some((_, old)) = conv
-                .current
-                .lock()
-                .map_err(|_| internal("poisoned"))?
-                .replace((number, cancel.clone()))
+        if let Some((_, old)) = conv
+            .current
+            .lock()
+            .map_err(|_| internal("poisoned"))?
+            .replace((number, cancel.clone()))
         {
             old.cancel();
         }
-        let _current = CurrentAsk {
-            conv: &conv,
-            number,
-        };
+        Ok((conv, number))
+    }
+
+    /// The conversation's state for this ask, warmed up if it is new (or the client asked
+    /// for a new one). An ask that does not steer waited here for the one in flight; it then
+    /// becomes the current one, so a later ask (or `cancel`) still stops it.
+    async fn hold<'c>(
+        &self,
+        current: &CurrentAsk<'c>,
+        repo: &RepoHandle,
+        new_conversation: bool,
+        cancel: &CancellationToken,
+        steers: bool,
+    ) -> Result<tokio::sync::MutexGuard<'c, ConvState>, RpcError> {
+        let conv = current.conv;
         let mut state = tokio::select! {
             s = conv.state.lock() => s,
             () = cancel.cancelled() => return Err(cancelled()),
         };
-        // One that does not steer waited for the ask in flight instead; a later ask (or
-        // `cancel`) still stops it.
-        if !how.steers
-            && let Ok(mut current) = conv.current.lock()
-            && current.is_none()
+        if !steers
+            && let Ok(mut now) = conv.current.lock()
+            && now.is_none()
         {
-            *current = Some((number, cancel.clone()));
+            *now = Some((current.number, cancel.clone()));
         }
-        if params.new_conversation || !state.warmed {
-            self.warm_up(&conv, &repo, &mut state).await?;
+        if new_conversation || !state.warmed {
+            self.warm_up(conv, repo, &mut state).await?;
         }
+        Ok(state)
+    }
 
+    /// The turn's user message: the prompt, with what the model has not seen of the focus,
+    /// the unsaved buffers and the outline's news. A refused buffer fails the ask here,
+    /// before anything is sent.
+    async fn assemble(
+        &self,
+        repo: &RepoHandle,
+        cwd_prefix: &str,
+        params: &AskParams,
+        state: &mut ConvState,
+    ) -> Result<Prompt, RpcError> {
         let seen = state.seen.clone();
         let (prompt, focus) = (params.prompt.clone(), params.focus.clone());
-        let prefix = cwd_prefix.clone();
+        let prefix = cwd_prefix.to_owned();
         let watchers = self.watchers.clone();
         let outline_seq = state.outline_seq;
         let sent_buffers = params.buffers.clone();
         let (assembled, new_seq, buffers) = repo
             .run(move |ctx| {
-                // A refused buffer fails the ask here, before anything is sent.
                 let buffers = context::Buffers::resolve(ctx, &prefix, &sent_buffers)?;
                 let news = context::outline_news(ctx, &watchers, outline_seq);
                 context::assemble(
@@ -672,114 +753,45 @@ impl Asks {
             bytes = assembled.text.len(),
             "context sent to the provider"
         );
-        let user = InputItem::user_text(assembled.text);
-        let mut full_context = state.history.clone();
-        full_context.push(user.clone());
-        let mut events = conv
-            .session
-            .turn(TurnRequest {
-                new_input: vec![user.clone()],
-                full_context,
-                tool_choice: None,
-            })
-            .await
-            .map_err(session_error)?;
+        Ok(Prompt {
+            user: InputItem::user_text(assembled.text),
+            seen: assembled.seen,
+            buffers,
+        })
+    }
 
-        let mut parser = StreamingParser::new();
-        // The whole tool input streamed (some providers send it only in the final item).
-        let mut streamed = String::new();
-        // `apply_patch` bridged to a function tool by a gateway: its arguments stream as JSON,
-        // decoded for the same preview (by item id; read-only tools stream there too).
-        let mut bridged: HashMap<String, crate::provider::arguments::ArgumentStream> =
-            HashMap::new();
-        let mut deltas = 0u64;
-        let mut first_delta: Option<Instant> = None;
-        let done = loop {
-            let event = tokio::select! {
-                biased;
-                () = cancel.cancelled() => {
-                    // No cancel event exists: the session closes the socket and re-warms.
-                    let _ = conv.session.cancel().await;
-                    return Err(cancelled());
-                }
-                e = events.recv() => e,
-            };
-            match event {
-                None => return Err(internal("the provider session ended during the request")),
-                Some(TurnEvent::TextDelta { delta, .. }) => {
-                    first_delta.get_or_insert_with(Instant::now);
-                    deltas += 1;
-                    emit(AskEvent::Text { delta }).await;
-                }
-                Some(TurnEvent::ToolInputDelta { delta, .. }) => {
-                    first_delta.get_or_insert_with(Instant::now);
-                    deltas += 1;
-                    streamed.push_str(&delta);
-                    preview_patch(&mut parser, delta, &emit).await;
-                }
-                Some(TurnEvent::FunctionArgumentsDelta { item_id, delta }) => {
-                    first_delta.get_or_insert_with(Instant::now);
-                    deltas += 1;
-                    if let Some(args) = bridged.get_mut(&item_id) {
-                        let delta = args.push(&delta);
-                        if !delta.is_empty() {
-                            preview_patch(&mut parser, delta, &emit).await;
-                        }
-                    }
-                }
-                Some(TurnEvent::ItemAdded(OutputItem::FunctionCall { id, name, .. }))
-                    if name == crate::provider::wire::APPLY_PATCH_TOOL =>
-                {
-                    bridged.insert(id, Default::default());
-                }
-                Some(TurnEvent::Done(done)) => break done,
-                Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),
-                Some(TurnEvent::Started { response_id }) => {
-                    tracing::debug!(%response_id, "response started");
-                }
-                Some(TurnEvent::ItemAdded(_)) => {}
-            }
-            if deltas > 0 && deltas.is_multiple_of(TOKENS_PER_PROGRESS) {
-                let secs = first_delta
-                    .map(|t| t.elapsed().as_secs_f64())
-                    .unwrap_or(0.0);
-                let rate = if secs > 0.0 {
-                    deltas as f64 / secs
-                } else {
-                    0.0
-                };
-                emit(AskEvent::Tokens {
-                    output_tokens: deltas,
-                    tokens_per_s: rate,
-                })
-                .await;
-            }
-        };
-
-        // The model has now seen this turn's files and its own reply.
-        state.seen.extend(assembled.seen);
-        state.history.push(user);
-        state
-            .history
-            .extend(done.output.iter().filter_map(OutputItem::to_input));
-        // The model asked to read more before answering: answer from memory, then go on.
-        let done = if reads(&done.output).is_empty() {
-            done
+    /// After the model's turn: its reads answered (more turns), the compare-and-swap base of
+    /// its patch fixed, and what there is to apply. A response without a patch is the ask's
+    /// answer; an incomplete one, a malformed patch or a cancelled ask applies nothing (the
+    /// tool call is answered so).
+    async fn settle<F, Fut>(
+        &self,
+        at: &AskAt<'_>,
+        state: &mut ConvState,
+        turn: Streamed,
+        emit: &F,
+    ) -> Result<Settled, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let turn = if reads(&turn.done.output).is_empty() {
+            turn
         } else {
-            let at = AskAt {
-                conv: &conv,
-                repo: &repo,
-                cancel: &cancel,
-                shape: None,
-            };
-            self.answer_reads(at, &mut state, done, &emit).await?
+            self.answer_reads(at, state, turn, emit).await?
         };
         // What the model saw is this patch's compare-and-swap base, whatever trimming forgets.
         let bases = state.seen.clone();
-        trim_history(&mut state);
+        trim_history(state);
+        let Streamed {
+            done,
+            parser,
+            patch: streamed,
+            deltas,
+        } = turn;
         let patch = find_patch(&done.output);
         let mut timings = AskTimings {
-            request_ms: ms(done.timings.sent_at.saturating_duration_since(started)),
+            request_ms: ms(done.timings.sent_at.saturating_duration_since(at.started)),
             ttft_ms: done.timings.first_delta.map(ms),
             apply_ms: None,
             total_ms: 0.0,
@@ -792,12 +804,11 @@ impl Asks {
             chained: done.chained,
         };
         let answer = done.text();
-
         if let Some(reason) = &done.incomplete_reason {
             if let Some((call, _)) = &patch {
                 answer_tool(
-                    &conv.session,
-                    &mut state.history,
+                    at.conv,
+                    state,
                     call,
                     "Not applied: the response was incomplete.",
                 )
@@ -809,116 +820,267 @@ impl Asks {
             )
             .with_kind("incomplete_response"));
         }
-        let Some((call, patch_text)) = patch else {
-            timings.total_ms = ms(started.elapsed());
-            return Ok(AskResult {
+        let Some((call, patch)) = patch else {
+            timings.total_ms = ms(at.started.elapsed());
+            return Ok(Settled::Answered(AskResult {
                 edit: None,
                 files: Vec::new(),
                 answer,
                 diff: String::new(),
                 timings,
                 buffer_edits: Vec::new(),
-            });
+            }));
         };
         // The streamed patch was parsed as it arrived: a malformed one is refused right away.
         if matches!(call, Call::Custom(_))
-            && streamed == patch_text
+            && streamed == patch
             && let Err(e) = parser.finish()
         {
             let e = edit::EditError::from(e);
-            answer_tool(
-                &conv.session,
-                &mut state.history,
-                &call,
-                &format!("Patch rejected: {e}"),
-            )
-            .await;
+            answer_tool(at.conv, state, &call, &format!("Patch rejected: {e}")).await;
             return Err(e.to_rpc());
         }
-        if cancel.is_cancelled() {
+        if at.cancel.is_cancelled() {
             answer_tool(
-                &conv.session,
-                &mut state.history,
+                at.conv,
+                state,
                 &call,
                 "Not applied: the user cancelled the request.",
             )
             .await;
             return Err(cancelled());
         }
-
-        let apply_started = Instant::now();
-        let req = edit::ApplyRequest {
-            patch: patch_text,
-            cwd_prefix: String::new(),
-            dry_run: params.dry_run,
-            source: how.source.to_owned(),
-            message: how.message.clone().unwrap_or_else(|| params.prompt.clone()),
+        Ok(Settled::Patch {
+            pending: Pending {
+                call,
+                answer,
+                timings,
+            },
+            patch,
             bases,
-            buffers: buffers.text,
-        };
-        let (applied, req) = apply_shaped(&repo, req, how.shape.clone()).await?;
+        })
+    }
+
+    /// Apply the patch all-or-nothing (3-way merged with what the user typed meanwhile), have
+    /// the model repair it if it did not apply and can be fixed, then answer the tool call,
+    /// record what the model now knows, and tell every client through the after-edit path.
+    async fn land<F, Fut>(
+        &self,
+        at: &AskAt<'_>,
+        state: &mut ConvState,
+        req: edit::ApplyRequest,
+        pending: Pending,
+        emit: &F,
+    ) -> Result<AskResult, RpcError>
+    where
+        F: Fn(AskEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let Pending {
+            call,
+            answer,
+            mut timings,
+        } = pending;
+        let dry_run = req.dry_run;
+        let apply_started = Instant::now();
+        let (applied, req) = apply_shaped(at.repo, req, at.shape.clone()).await?;
         timings.apply_ms = Some(ms(apply_started.elapsed()));
         let (applied, call, answer) = match applied {
             Err(e) if repairable(&e) && self.repair_attempts > 0 => {
-                let repair = AskAt {
-                    conv: &conv,
-                    repo: &repo,
-                    cancel: &cancel,
-                    shape: how.shape.clone(),
-                };
-                let repaired = self.repair(repair, &mut state, req, call, e, &emit).await?;
+                let repaired = self.repair(at, state, req, call, e, emit).await?;
                 let answer = [answer, repaired.answer].concat();
                 (Ok(repaired.outcome), repaired.call, answer)
             }
             other => (other, call, answer),
         };
-        match applied {
-            Ok(outcome) => {
-                let output = match (&outcome.edit, params.dry_run) {
-                    (_, true) => "Not applied: the user asked for a dry run.".to_owned(),
-                    (Some(id), false) => format!("Applied as edit {id}."),
-                    (None, false) if !outcome.buffer_edits.is_empty() => {
-                        "Applied to the user's unsaved editor buffers.".to_owned()
-                    }
-                    (None, false) => "Nothing changed: the files already matched.".to_owned(),
-                };
-                answer_tool(&conv.session, &mut state.history, &call, &output).await;
-                self.after_edit_by(&repo, &outcome, Landed::Applied, Some(&conv))
-                    .await;
-                if outcome.edit.is_some() {
-                    for (path, after) in &outcome.after {
-                        match after {
-                            Some(bytes) => state.seen.insert(path.clone(), bytes.clone()),
-                            None => state.seen.remove(path),
-                        };
-                    }
-                }
-                // The model now knows each buffer as the edit left it.
-                for (path, text) in &outcome.buffer_edits {
-                    state.seen.insert(path.clone(), text.clone());
-                }
-                timings.total_ms = ms(started.elapsed());
-                Ok(AskResult {
-                    buffer_edits: buffer_edits(&outcome.buffer_edits)?,
-                    edit: outcome.edit,
-                    files: outcome.files,
-                    answer,
-                    diff: outcome.diff,
-                    timings,
-                })
-            }
+        let outcome = match applied {
+            Ok(outcome) => outcome,
             Err(e) => {
-                answer_tool(
-                    &conv.session,
-                    &mut state.history,
-                    &call,
-                    &format!("Patch rejected: {e}"),
-                )
-                .await;
-                Err(e.to_rpc())
+                answer_tool(at.conv, state, &call, &format!("Patch rejected: {e}")).await;
+                return Err(e.to_rpc());
+            }
+        };
+        let output = match (&outcome.edit, dry_run) {
+            (_, true) => "Not applied: the user asked for a dry run.".to_owned(),
+            (Some(id), false) => format!("Applied as edit {id}."),
+            (None, false) if !outcome.buffer_edits.is_empty() => {
+                "Applied to the user's unsaved editor buffers.".to_owned()
+            }
+            (None, false) => "Nothing changed: the files already matched.".to_owned(),
+        };
+        answer_tool(at.conv, state, &call, &output).await;
+        self.after_edit_by(at.repo, &outcome, Landed::Applied, Some(at.conv))
+            .await;
+        // The model now knows each file, and each buffer, as the edit left it.
+        if outcome.edit.is_some() {
+            for (path, after) in &outcome.after {
+                match after {
+                    Some(bytes) => state.seen.insert(path.clone(), bytes.clone()),
+                    None => state.seen.remove(path),
+                };
             }
         }
+        for (path, text) in &outcome.buffer_edits {
+            state.seen.insert(path.clone(), text.clone());
+        }
+        timings.total_ms = ms(at.started.elapsed());
+        Ok(AskResult {
+            buffer_edits: buffer_edits(&outcome.buffer_edits)?,
+            edit: outcome.edit,
+            files: outcome.files,
+            answer,
+            diff: outcome.diff,
+            timings,
+        })
     }
+}
+
+/// The user message of an ask's turn, and what comes with it.
+struct Prompt {
+    user: InputItem,
+    /// The files the message shows whole: what the model knows once it is sent.
+    seen: HashMap<String, Vec<u8>>,
+    /// The unsaved buffers the ask came with: the patch applies to them.
+    buffers: context::Buffers,
+}
+
+/// What [`Asks::settle`] found to do.
+enum Settled {
+    /// The model answered without a patch: the ask's result.
+    Answered(AskResult),
+    /// A patch to apply against `bases` (what the model saw).
+    Patch {
+        pending: Pending,
+        patch: String,
+        bases: HashMap<String, Vec<u8>>,
+    },
+}
+
+/// A patch's ask, until it lands: the tool call to answer, the model's text, the timings so far.
+struct Pending {
+    call: Call,
+    answer: String,
+    timings: AskTimings,
+}
+
+/// One streamed turn: the finished response, and its patch as it streamed.
+struct Streamed {
+    done: Box<crate::provider::session::TurnDone>,
+    /// The patch parsed as it arrived: a malformed one is known when the turn ends.
+    parser: StreamingParser,
+    /// The whole tool input streamed (some providers send it only in the final item).
+    patch: String,
+    /// Output deltas, for progress and when the provider reports no usage.
+    deltas: u64,
+}
+
+/// One model call on the conversation's warm session: the pending tool outputs, then `user`
+/// if any. Text and patch stream to the client as they arrive (the patch's files as it starts
+/// them, and a token count every [`TOKENS_PER_PROGRESS`] deltas); `apply_patch` bridged to a
+/// function tool by a gateway streams its JSON arguments, decoded, to the same preview. The
+/// turn is recorded in the history. Every turn of an ask, the first and each follow-up (reads
+/// answered, a repair), runs here.
+async fn stream_turn<F, Fut>(
+    at: &AskAt<'_>,
+    state: &mut ConvState,
+    user: Option<InputItem>,
+    emit: &F,
+) -> Result<Streamed, RpcError>
+where
+    F: Fn(AskEvent) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut full_context = state.history.clone();
+    full_context.extend(user.clone());
+    let mut events = at
+        .conv
+        .session
+        .turn(TurnRequest {
+            new_input: user.iter().cloned().collect(),
+            full_context,
+            tool_choice: None,
+        })
+        .await
+        .map_err(session_error)?;
+    let mut parser = StreamingParser::new();
+    let mut patch = String::new();
+    // Bridged `apply_patch` calls by item id (read-only tools stream their arguments too).
+    let mut bridged: HashMap<String, crate::provider::arguments::ArgumentStream> = HashMap::new();
+    let mut deltas = 0u64;
+    let mut first_delta: Option<Instant> = None;
+    let done = loop {
+        let event = tokio::select! {
+            biased;
+            () = at.cancel.cancelled() => {
+                // No cancel event exists: the session closes the socket and re-warms.
+                let _ = at.conv.session.cancel().await;
+                return Err(cancelled());
+            }
+            e = events.recv() => e,
+        };
+        let counted = matches!(
+            event,
+            Some(
+                TurnEvent::TextDelta { .. }
+                    | TurnEvent::ToolInputDelta { .. }
+                    | TurnEvent::FunctionArgumentsDelta { .. }
+            )
+        );
+        match event {
+            None => return Err(internal("the provider session ended during the request")),
+            Some(TurnEvent::TextDelta { delta, .. }) => emit(AskEvent::Text { delta }).await,
+            Some(TurnEvent::ToolInputDelta { delta, .. }) => {
+                patch.push_str(&delta);
+                preview_patch(&mut parser, delta, emit).await;
+            }
+            Some(TurnEvent::FunctionArgumentsDelta { item_id, delta }) => {
+                if let Some(args) = bridged.get_mut(&item_id) {
+                    let delta = args.push(&delta);
+                    if !delta.is_empty() {
+                        preview_patch(&mut parser, delta, emit).await;
+                    }
+                }
+            }
+            Some(TurnEvent::ItemAdded(OutputItem::FunctionCall { id, name, .. }))
+                if name == crate::provider::wire::APPLY_PATCH_TOOL =>
+            {
+                bridged.insert(id, Default::default());
+            }
+            Some(TurnEvent::Done(done)) => break done,
+            Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),
+            Some(TurnEvent::Started { response_id }) => {
+                tracing::debug!(%response_id, "response started");
+            }
+            Some(TurnEvent::ItemAdded(_)) => {}
+        }
+        if counted {
+            let first = *first_delta.get_or_insert_with(Instant::now);
+            deltas += 1;
+            if deltas.is_multiple_of(TOKENS_PER_PROGRESS) {
+                let secs = first.elapsed().as_secs_f64();
+                let rate = if secs > 0.0 {
+                    deltas as f64 / secs
+                } else {
+                    0.0
+                };
+                emit(AskEvent::Tokens {
+                    output_tokens: deltas,
+                    tokens_per_s: rate,
+                })
+                .await;
+            }
+        }
+    };
+    state.history.extend(user);
+    state
+        .history
+        .extend(done.output.iter().filter_map(OutputItem::to_input));
+    Ok(Streamed {
+        done,
+        parser,
+        patch,
+        deltas,
+    })
 }
 
 /// The wire form of an apply's buffer edits: text, as the buffers came (a patch applied to
@@ -956,13 +1118,15 @@ fn close_idle(
     });
 }
 
-/// What a follow-up turn (a repair, answered reads) needs of its ask.
+/// What every phase of an ask after the first needs of it: its conversation, repository and
+/// token, and when it started.
 struct AskAt<'a> {
     conv: &'a Conversation,
     repo: &'a RepoHandle,
     cancel: &'a CancellationToken,
-    /// How a corrected patch is rewritten before it applies, as the first one was.
+    /// How the patch is rewritten before it applies (a corrected one as the first).
     shape: Option<Shape>,
+    started: Instant,
 }
 
 /// Rewrites the model's patch before it applies, given what the model saw of each file and the
@@ -1101,7 +1265,7 @@ impl Asks {
     /// When every round fails, nothing is written and the error gives every reason.
     async fn repair<F, Fut>(
         &self,
-        at: AskAt<'_>,
+        at: &AskAt<'_>,
         state: &mut ConvState,
         mut req: edit::ApplyRequest,
         mut call: Call,
@@ -1127,28 +1291,20 @@ impl Asks {
                 }
                 _ => self.closest_lines(at.repo, &req.bases, &error).await,
             };
-            answer_tool(
-                &at.conv.session,
-                &mut state.history,
-                &call,
-                &format!("Patch rejected: {reason}"),
-            )
-            .await;
+            answer_tool(at.conv, state, &call, &format!("Patch rejected: {reason}")).await;
             info!(repo = %at.repo.workdir().display(), attempt, "asking the model to repair its patch");
             // The reason is in the tool output already, unless the patch came in message text.
             let reason_shown = !matches!(call, Call::None);
             let request = repair_request(&error, hint, reason_shown);
-            let done = self
-                .follow_up_turn(at.conv, state, Some(request), at.cancel, emit)
-                .await?;
+            let done = follow_up_turn(at, state, Some(request), emit).await?.done;
             let Some((next_call, patch)) = find_patch(&done.output) else {
                 reasons.push("the model answered without a patch".to_owned());
                 return Err(repair_failed(error.to_rpc(), &reasons));
             };
             if let Some(why) = &done.incomplete_reason {
                 answer_tool(
-                    &at.conv.session,
-                    &mut state.history,
+                    at.conv,
+                    state,
                     &next_call,
                     "Not applied: the response was incomplete.",
                 )
@@ -1158,8 +1314,8 @@ impl Asks {
             }
             if at.cancel.is_cancelled() {
                 answer_tool(
-                    &at.conv.session,
-                    &mut state.history,
+                    at.conv,
+                    state,
                     &next_call,
                     "Not applied: the user cancelled the request.",
                 )
@@ -1181,13 +1337,7 @@ impl Asks {
                 Err(e) => {
                     reasons.push(e.to_string());
                     if !repairable(&e) || attempt == self.repair_attempts {
-                        answer_tool(
-                            &at.conv.session,
-                            &mut state.history,
-                            &call,
-                            &format!("Patch rejected: {e}"),
-                        )
-                        .await;
+                        answer_tool(at.conv, state, &call, &format!("Patch rejected: {e}")).await;
                         return Err(repair_failed(e.to_rpc(), &reasons));
                     }
                     error = e;
@@ -1242,64 +1392,23 @@ impl Asks {
              as a diff against the file you saw:\n{diff}\nKeep their changes."
         ))
     }
+}
 
-    /// One more turn on the warm session: the pending tool outputs, then `request` if any.
-    /// Streams text and patch like the first turn and records the turn in the history.
-    async fn follow_up_turn<F, Fut>(
-        &self,
-        conv: &Conversation,
-        state: &mut ConvState,
-        request: Option<String>,
-        cancel: &CancellationToken,
-        emit: &F,
-    ) -> Result<Box<crate::provider::session::TurnDone>, RpcError>
-    where
-        F: Fn(AskEvent) -> Fut,
-        Fut: std::future::Future<Output = ()>,
-    {
-        let user = request.map(InputItem::user_text);
-        let mut full_context = state.history.clone();
-        full_context.extend(user.clone());
-        let mut events = conv
-            .session
-            .turn(TurnRequest {
-                new_input: user.iter().cloned().collect(),
-                full_context,
-                tool_choice: None,
-            })
-            .await
-            .map_err(session_error)?;
-        let done = loop {
-            let event = tokio::select! {
-                biased;
-                () = cancel.cancelled() => {
-                    let _ = conv.session.cancel().await;
-                    return Err(cancelled());
-                }
-                e = events.recv() => e,
-            };
-            match event {
-                None => return Err(internal("the provider session ended during the request")),
-                Some(TurnEvent::TextDelta { delta, .. }) => emit(AskEvent::Text { delta }).await,
-                Some(TurnEvent::ToolInputDelta { delta, .. }) => {
-                    emit(AskEvent::Patch { delta }).await;
-                }
-                Some(TurnEvent::Done(done)) => break done,
-                Some(TurnEvent::Failed(f)) => return Err(turn_failure(f)),
-                Some(
-                    TurnEvent::Started { .. }
-                    | TurnEvent::ItemAdded(_)
-                    | TurnEvent::FunctionArgumentsDelta { .. },
-                ) => {}
-            }
-        };
-        state.history.extend(user);
-        state
-            .history
-            .extend(done.output.iter().filter_map(OutputItem::to_input));
-        trim_history(state);
-        Ok(done)
-    }
+/// A follow-up turn (a repair, answered reads): [`stream_turn`] with `request` if any, the
+/// history then trimmed to its limit.
+async fn follow_up_turn<F, Fut>(
+    at: &AskAt<'_>,
+    state: &mut ConvState,
+    request: Option<String>,
+    emit: &F,
+) -> Result<Streamed, RpcError>
+where
+    F: Fn(AskEvent) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let turn = stream_turn(at, state, request.map(InputItem::user_text), emit).await?;
+    trim_history(state);
+    Ok(turn)
 }
 
 /// The read-only tool calls of a response: (call id, name, arguments).
@@ -1327,11 +1436,11 @@ impl Asks {
     /// answered with a refusal, and the model then answers with what it has.
     async fn answer_reads<F, Fut>(
         &self,
-        at: AskAt<'_>,
+        at: &AskAt<'_>,
         state: &mut ConvState,
-        mut done: Box<crate::provider::session::TurnDone>,
+        mut turn: Streamed,
         emit: &F,
-    ) -> Result<Box<crate::provider::session::TurnDone>, RpcError>
+    ) -> Result<Streamed, RpcError>
     where
         F: Fn(AskEvent) -> Fut,
         Fut: std::future::Future<Output = ()>,
@@ -1339,9 +1448,9 @@ impl Asks {
         let (mut calls_left, mut bytes_left) = (self.tool_calls, self.tool_bytes);
         // One round more than calls: the round that tells the model the budget is spent.
         for _ in 0..=self.tool_calls {
-            let calls = reads(&done.output);
-            if calls.is_empty() || find_patch(&done.output).is_some() {
-                return Ok(done);
+            let calls = reads(&turn.done.output);
+            if calls.is_empty() || find_patch(&turn.done.output).is_some() {
+                return Ok(turn);
             }
             for (call_id, name, arguments) in calls {
                 let answer = if calls_left == 0 || bytes_left == 0 {
@@ -1384,19 +1493,13 @@ impl Asks {
                 if let Some((path, bytes)) = answer.seen {
                     state.seen.insert(path, bytes);
                 }
-                answer_tool(
-                    &at.conv.session,
-                    &mut state.history,
-                    &Call::Function(call_id),
-                    &answer.output,
-                )
-                .await;
+                answer_tool(at.conv, state, &Call::Function(call_id), &answer.output).await;
             }
-            done = self
-                .follow_up_turn(at.conv, state, None, at.cancel, emit)
-                .await?;
+            let deltas = turn.deltas;
+            turn = follow_up_turn(at, state, None, emit).await?;
+            turn.deltas += deltas;
         }
-        Ok(done)
+        Ok(turn)
     }
 }
 
@@ -1516,12 +1619,7 @@ fn find_patch(output: &[OutputItem]) -> Option<(Call, String)> {
 
 /// Answer a tool call: the session sends the output at the head of the next turn, and the
 /// history keeps it for any unchained resend of the conversation.
-async fn answer_tool(
-    session: &SessionHandle,
-    history: &mut Vec<InputItem>,
-    call: &Call,
-    output: &str,
-) {
+async fn answer_tool(conv: &Conversation, state: &mut ConvState, call: &Call, output: &str) {
     let (call_id, item) = match call {
         Call::Custom(id) => (
             id,
@@ -1539,8 +1637,9 @@ async fn answer_tool(
         ),
         Call::None => return,
     };
-    history.push(item);
-    if let Err(e) = session
+    state.history.push(item);
+    if let Err(e) = conv
+        .session
         .set_pending_tool_output(call_id.as_str(), output)
         .await
     {
