@@ -628,175 +628,165 @@ fn run_hooks(action: HooksAction, json: bool) -> Result<(), Failure> {
 
 /// `sparkctl service install | uninstall | status`.
 fn run_service(action: ServiceAction, layout: &Layout, json: bool) -> Result<(), Failure> {
-    use sparkctl::service::{self, Manager};
-    let fail = |e: service::ServiceError| Failure {
+    use sparkctl::service::{Manager, Plan};
+    let var = |k: &str| std::env::var_os(k);
+    let uid = rustix::process::getuid().as_raw();
+    let plan = Plan::new(Manager::current(), var, uid).map_err(service_failure)?;
+    let control = sparkctl::service::find_program(plan.tool, std::env::var_os("PATH"));
+    match action {
+        ServiceAction::Install => service_install(&plan, control, layout, json),
+        ServiceAction::Uninstall => service_uninstall(&plan, control, json),
+        ServiceAction::Status => service_status(&plan, control, layout, json),
+    }
+}
+
+fn service_failure(e: sparkctl::service::ServiceError) -> Failure {
+    Failure {
         message: e.to_string(),
         hint: None,
         code: 2,
         kind: None,
-    };
-    let var = |k: &str| std::env::var_os(k);
-    let manager = Manager::current();
-    let path = match manager {
-        Manager::Systemd => service::systemd_unit_path(var),
-        Manager::Launchd => service::launchd_plist_path(var),
     }
-    .map_err(fail)?;
-    let (tool, name) = match manager {
-        Manager::Systemd => ("systemctl", service::SYSTEMD_UNIT.to_owned()),
-        Manager::Launchd => ("launchctl", format!("{}.plist", service::LAUNCHD_LABEL)),
+}
+
+/// What the service runs: this `sparkd` (next to `sparkctl` or on `PATH`) and the layout.
+fn service_spec(layout: &Layout) -> Result<sparkctl::service::ServiceSpec, Failure> {
+    let sparkd = autostart::find_sparkd().ok_or_else(|| Failure {
+        message: "sparkd not found next to sparkctl or on PATH".into(),
+        hint: Some("install it: `cargo install --locked --path daemon`".into()),
+        code: 2,
+        kind: None,
+    })?;
+    let sparkd = std::fs::canonicalize(&sparkd).unwrap_or(sparkd);
+    sparkctl::service::ServiceSpec::new(sparkd, layout, |k: &str| std::env::var_os(k))
+        .map_err(service_failure)
+}
+
+/// `sparkctl service install`: write the file, hand the socket over from a daemon started on
+/// demand, and start the service (or say how, without the tool).
+fn service_install(
+    plan: &sparkctl::service::Plan,
+    control: Option<PathBuf>,
+    layout: &Layout,
+    json: bool,
+) -> Result<(), Failure> {
+    let spec = service_spec(layout)?;
+    sparkctl::service::write_file(&plan.path, &plan.text(&spec)).map_err(service_failure)?;
+    let mut lines = vec![format!("installed {}", plan.path.display())];
+    let Some(control) = control else {
+        lines.push(format!(
+            "{} not found; to start it now and at every login, run: {}",
+            plan.tool,
+            plan.shown(&plan.start)
+        ));
+        return print_service(json, &plan.path, true, None, &lines);
     };
-    let control = service::find_program(tool, std::env::var_os("PATH"));
-    let uid = rustix::process::getuid().as_raw();
-    let domain = format!("gui/{uid}");
-    // The commands that put the file into effect, and those that take it out.
-    let (start, stop): (Vec<Vec<String>>, Vec<Vec<String>>) = match manager {
-        Manager::Systemd => (
-            vec![
-                vec!["--user".into(), "daemon-reload".into()],
-                vec!["--user".into(), "enable".into(), name.clone()],
-                // Restart, not start: a reinstalled unit must run its new command line.
-                vec!["--user".into(), "restart".into(), name.clone()],
-            ],
-            vec![
-                vec![
-                    "--user".into(),
-                    "disable".into(),
-                    "--now".into(),
-                    name.clone(),
-                ],
-                vec!["--user".into(), "daemon-reload".into()],
-            ],
-        ),
-        Manager::Launchd => (
-            vec![vec![
-                "bootstrap".into(),
-                domain.clone(),
-                path.display().to_string(),
-            ]],
-            vec![vec![
-                "bootout".into(),
-                format!("{domain}/{}", service::LAUNCHD_LABEL),
-            ]],
-        ),
-    };
-    let shown = |cmds: &[Vec<String>]| {
-        cmds.iter()
-            .map(|c| format!("{tool} {}", c.join(" ")))
-            .collect::<Vec<_>>()
-            .join(" && ")
-    };
-    let spec = || -> Result<service::ServiceSpec, Failure> {
-        let sparkd = autostart::find_sparkd().ok_or_else(|| Failure {
-            message: "sparkd not found next to sparkctl or on PATH".into(),
-            hint: Some("install it: `cargo install --locked --path daemon`".into()),
-            code: 2,
-            kind: None,
-        })?;
-        let sparkd = std::fs::canonicalize(&sparkd).unwrap_or(sparkd);
-        service::ServiceSpec::new(sparkd, layout, var).map_err(fail)
-    };
-    let text = |spec: &service::ServiceSpec| match manager {
-        Manager::Systemd => service::systemd_unit(spec),
-        Manager::Launchd => service::launchd_plist(spec),
-    };
-    match action {
-        ServiceAction::Install => {
-            let spec = spec()?;
-            service::write_file(&path, &text(&spec)).map_err(fail)?;
-            let mut lines = vec![format!("installed {}", path.display())];
-            let Some(control) = control else {
-                lines.push(format!(
-                    "{tool} not found; to start it now and at every login, run: {}",
-                    shown(&start)
-                ));
-                return print_service(json, &path, true, None, &lines);
-            };
-            // A daemon started on demand holds the socket: hand it over to the service.
-            if let Ok((client, init)) = Client::open(&layout.socket, "sparkctl") {
-                autostart::stop_and_wait(client, init.pid, layout)
-                    .map_err(|e| Failure::from_client(e, layout))?;
-                lines.push(format!(
-                    "stopped sparkd (pid {}) so that the service takes over its socket",
-                    init.pid
-                ));
+    // A daemon started on demand holds the socket: hand it over to the service.
+    if let Ok((client, init)) = Client::open(&layout.socket, "sparkctl") {
+        autostart::stop_and_wait(client, init.pid, layout)
+            .map_err(|e| Failure::from_client(e, layout))?;
+        lines.push(format!(
+            "stopped sparkd (pid {}) so that the service takes over its socket",
+            init.pid
+        ));
+    }
+    for args in &plan.start {
+        run_control(&control, args)?;
+    }
+    lines.push(format!("started: {}", plan.shown(&plan.start)));
+    print_service(json, &plan.path, true, None, &lines)
+}
+
+/// `sparkctl service uninstall`: stop the service (while its manager still knows it), then
+/// remove the file.
+fn service_uninstall(
+    plan: &sparkctl::service::Plan,
+    control: Option<PathBuf>,
+    json: bool,
+) -> Result<(), Failure> {
+    if !plan.path.exists() {
+        let line = format!(
+            "{} is not installed ({} does not exist)",
+            plan.name,
+            plan.path.display()
+        );
+        return print_service(json, &plan.path, false, None, &[line]);
+    }
+    let mut lines = Vec::new();
+    match &control {
+        Some(control) => {
+            for args in &plan.stop {
+                if let Err(f) = run_control(control, args) {
+                    lines.push(format!("warning: {}", f.message));
+                }
             }
-            for args in &start {
-                run_control(&control, args)?;
-            }
-            lines.push(format!("started: {}", shown(&start)));
-            print_service(json, &path, true, None, &lines)
         }
-        ServiceAction::Uninstall => {
-            if !path.exists() {
-                let line = format!(
-                    "{name} is not installed ({} does not exist)",
-                    path.display()
+        None => lines.push(format!(
+            "{} not found; if the service was started, stop it with: {}",
+            plan.tool,
+            plan.shown(&plan.stop)
+        )),
+    }
+    sparkctl::service::remove_file(&plan.path).map_err(service_failure)?;
+    lines.insert(0, format!("removed {}", plan.path.display()));
+    print_service(json, &plan.path, false, None, &lines)
+}
+
+/// `sparkctl service status`: installed or not, current or stale, and what the manager says.
+fn service_status(
+    plan: &sparkctl::service::Plan,
+    control: Option<PathBuf>,
+    layout: &Layout,
+    json: bool,
+) -> Result<(), Failure> {
+    use sparkctl::service::Manager;
+    let installed = std::fs::read_to_string(&plan.path).ok();
+    let mut lines = Vec::new();
+    match &installed {
+        None => lines.push(format!(
+            "{} is not installed ({})",
+            plan.name,
+            plan.path.display()
+        )),
+        Some(current) => {
+            lines.push(format!("installed {}", plan.path.display()));
+            if service_spec(layout).is_ok_and(|s| plan.text(&s) != *current) {
+                lines.push(
+                    "it differs from what `sparkctl service install` writes now (sparkd moved, or SPARK_HOME/XDG paths changed); run it again".into(),
                 );
-                return print_service(json, &path, false, None, &[line]);
             }
-            let mut lines = Vec::new();
-            match &control {
-                // Stopped before its file goes, so the manager still knows what to stop.
-                Some(control) => {
-                    for args in &stop {
-                        if let Err(f) = run_control(control, args) {
-                            lines.push(format!("warning: {}", f.message));
-                        }
-                    }
-                }
-                None => lines.push(format!(
-                    "{tool} not found; if the service was started, stop it with: {}",
-                    shown(&stop)
-                )),
-            }
-            service::remove_file(&path).map_err(fail)?;
-            lines.insert(0, format!("removed {}", path.display()));
-            print_service(json, &path, false, None, &lines)
-        }
-        ServiceAction::Status => {
-            let installed = std::fs::read_to_string(&path).ok();
-            let mut lines = Vec::new();
-            match &installed {
-                None => lines.push(format!("{name} is not installed ({})", path.display())),
-                Some(current) => {
-                    lines.push(format!("installed {}", path.display()));
-                    if spec().is_ok_and(|s| text(&s) != *current) {
-                        lines.push(
-                            "it differs from what `sparkctl service install` writes now (sparkd moved, or SPARK_HOME/XDG paths changed); run it again".into(),
-                        );
-                    }
-                }
-            }
-            let active = match (&control, manager) {
-                (Some(control), Manager::Systemd) => std::process::Command::new(control)
-                    .args(["--user", "is-active", &name])
-                    .output()
-                    .ok()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-                    .filter(|s| !s.is_empty()),
-                (Some(control), Manager::Launchd) => std::process::Command::new(control)
-                    .args(["print", &format!("{domain}/{}", service::LAUNCHD_LABEL)])
-                    .output()
-                    .ok()
-                    .map(|o| {
-                        if o.status.success() {
-                            "loaded"
-                        } else {
-                            "not loaded"
-                        }
-                        .to_owned()
-                    }),
-                (None, _) => None,
-            };
-            match &active {
-                Some(state) => lines.push(format!("{tool}: {state}")),
-                None if control.is_none() => lines.push(format!("{tool} not found")),
-                None => {}
-            }
-            print_service(json, &path, installed.is_some(), active.as_deref(), &lines)
         }
     }
+    let active = control.as_ref().and_then(|control| {
+        let out = std::process::Command::new(control)
+            .args(plan.status_args())
+            .output()
+            .ok()?;
+        match plan.manager {
+            Manager::Systemd => Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+                .filter(|s| !s.is_empty()),
+            Manager::Launchd => Some(
+                if out.status.success() {
+                    "loaded"
+                } else {
+                    "not loaded"
+                }
+                .to_owned(),
+            ),
+        }
+    });
+    match &active {
+        Some(state) => lines.push(format!("{}: {state}", plan.tool)),
+        None if control.is_none() => lines.push(format!("{} not found", plan.tool)),
+        None => {}
+    }
+    print_service(
+        json,
+        &plan.path,
+        installed.is_some(),
+        active.as_deref(),
+        &lines,
+    )
 }
 
 /// Run `control args…` (systemctl, launchctl); a failure names the command and what it said.

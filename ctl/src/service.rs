@@ -312,6 +312,97 @@ pub fn remove_file(path: &Path) -> Result<bool, ServiceError> {
     }
 }
 
+/// How this platform's service manager is driven: where the file goes, the tool, and the
+/// commands that put the file into effect and take it out.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub manager: Manager,
+    /// The unit file or plist.
+    pub path: PathBuf,
+    /// `systemctl` or `launchctl`.
+    pub tool: &'static str,
+    /// The service's name for the manager (the unit file's name, the plist's).
+    pub name: String,
+    /// launchd's domain of this user (`gui/<uid>`).
+    pub domain: String,
+    /// The tool's argument lists that load and start the service, in order.
+    pub start: Vec<Vec<String>>,
+    /// Those that stop and unload it, in order.
+    pub stop: Vec<Vec<String>>,
+}
+
+impl Plan {
+    /// The plan for `manager`, with paths from `var` (the environment) and launchd's domain
+    /// from `uid`.
+    pub fn new(
+        manager: Manager,
+        var: impl Fn(&str) -> Option<OsString>,
+        uid: u32,
+    ) -> Result<Plan, ServiceError> {
+        let words = |w: &[&str]| w.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
+        let domain = format!("gui/{uid}");
+        Ok(match manager {
+            Manager::Systemd => Plan {
+                manager,
+                path: systemd_unit_path(var)?,
+                tool: "systemctl",
+                name: SYSTEMD_UNIT.to_owned(),
+                domain,
+                start: vec![
+                    words(&["--user", "daemon-reload"]),
+                    words(&["--user", "enable", SYSTEMD_UNIT]),
+                    // Restart, not start: a reinstalled unit must run its new command line.
+                    words(&["--user", "restart", SYSTEMD_UNIT]),
+                ],
+                stop: vec![
+                    words(&["--user", "disable", "--now", SYSTEMD_UNIT]),
+                    words(&["--user", "daemon-reload"]),
+                ],
+            },
+            Manager::Launchd => {
+                let path = launchd_plist_path(var)?;
+                Plan {
+                    manager,
+                    tool: "launchctl",
+                    name: format!("{LAUNCHD_LABEL}.plist"),
+                    start: vec![vec![
+                        "bootstrap".into(),
+                        domain.clone(),
+                        path.display().to_string(),
+                    ]],
+                    stop: vec![vec!["bootout".into(), format!("{domain}/{LAUNCHD_LABEL}")]],
+                    path,
+                    domain,
+                }
+            }
+        })
+    }
+
+    /// `cmds` as a shell line the user can run (`systemctl --user … && …`).
+    pub fn shown(&self, cmds: &[Vec<String>]) -> String {
+        cmds.iter()
+            .map(|c| format!("{} {}", self.tool, c.join(" ")))
+            .collect::<Vec<_>>()
+            .join(" && ")
+    }
+
+    /// The service file's text for `spec`.
+    pub fn text(&self, spec: &ServiceSpec) -> String {
+        match self.manager {
+            Manager::Systemd => systemd_unit(spec),
+            Manager::Launchd => launchd_plist(spec),
+        }
+    }
+
+    /// The tool's arguments that ask whether the service runs.
+    pub fn status_args(&self) -> Vec<String> {
+        match self.manager {
+            Manager::Systemd => vec!["--user".into(), "is-active".into(), self.name.clone()],
+            Manager::Launchd => vec!["print".into(), format!("{}/{LAUNCHD_LABEL}", self.domain)],
+        }
+    }
+}
+
 /// A program on `PATH` (`systemctl`, `launchctl`), if there is one.
 pub fn find_program(name: &str, path: Option<OsString>) -> Option<PathBuf> {
     std::env::split_paths(&path?)
@@ -443,5 +534,43 @@ mod tests {
             launchd_plist_path(var(&[("HOME", "/Users/ana")])).expect("path"),
             PathBuf::from("/Users/ana/Library/LaunchAgents/dev.spark.sparkd.plist")
         );
+    }
+
+    #[test]
+    fn the_systemd_plan_reloads_enables_and_restarts_and_shows_the_commands_to_type() {
+        let var = |k: &str| (k == "HOME").then(|| OsString::from("/home/ana"));
+        let plan = Plan::new(Manager::Systemd, var, 1000).unwrap();
+        assert_eq!(
+            plan.path,
+            PathBuf::from("/home/ana/.config/systemd/user/sparkd.service")
+        );
+        assert_eq!(
+            plan.shown(&plan.start),
+            "systemctl --user daemon-reload && systemctl --user enable sparkd.service && \
+             systemctl --user restart sparkd.service"
+        );
+        assert_eq!(
+            plan.shown(&plan.stop),
+            "systemctl --user disable --now sparkd.service && systemctl --user daemon-reload"
+        );
+        assert_eq!(
+            plan.status_args(),
+            ["--user", "is-active", "sparkd.service"]
+        );
+    }
+
+    #[test]
+    fn the_launchd_plan_bootstraps_the_plist_in_the_user_s_gui_domain() {
+        let var = |k: &str| (k == "HOME").then(|| OsString::from("/Users/ana"));
+        let plan = Plan::new(Manager::Launchd, var, 501).unwrap();
+        assert_eq!(
+            plan.shown(&plan.start),
+            "launchctl bootstrap gui/501 /Users/ana/Library/LaunchAgents/dev.spark.sparkd.plist"
+        );
+        assert_eq!(
+            plan.shown(&plan.stop),
+            "launchctl bootout gui/501/dev.spark.sparkd"
+        );
+        assert_eq!(plan.status_args(), ["print", "gui/501/dev.spark.sparkd"]);
     }
 }
