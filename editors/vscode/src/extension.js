@@ -312,6 +312,10 @@ function onProgress(ask, p) {
     }
   } else if (p.type === 'tokens') {
     ask.rate = p.tokens_per_s;
+  } else if (p.type === 'repair') {
+    // The corrected patch streams from its start: the preview starts over.
+    ask.patch = '';
+    clearPreview(ask);
   }
   const secs = (Date.now() - ask.started) / 1000;
   const rate = ask.rate ?? (secs > 0 ? ask.deltas / secs : 0);

@@ -312,6 +312,26 @@ mod repair {
             "{}",
             seen[0].1
         );
+        // The corrected patch streams from its start after the repair event, as the first did:
+        // a preview that starts over on `repair` shows exactly it.
+        let at = progress
+            .iter()
+            .position(|p| matches!(p.event, AskEvent::Repair { .. }))
+            .expect("repair event");
+        let after = &progress[at + 1..];
+        assert!(
+            after.iter().any(|p| matches!(&p.event,
+                AskEvent::PatchFile { path, .. } if path == "src/lib.rs")),
+            "{after:?}"
+        );
+        let streamed: String = after
+            .iter()
+            .filter_map(|p| match &p.event {
+                AskEvent::Patch { delta } => Some(delta.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(streamed, RIGHT);
 
         // Exactly one more model call, chained on the first response.
         let turns = turns(&p);
