@@ -134,6 +134,8 @@ pub struct ProviderTiming {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_cap: Duration,
+    /// No byte of an HTTP + SSE response this long: the provider stopped sending.
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for ProviderTiming {
@@ -144,6 +146,7 @@ impl Default for ProviderTiming {
             pong_timeout: s::DEFAULT_PONG_TIMEOUT,
             backoff_base: s::DEFAULT_BACKOFF_BASE,
             backoff_cap: s::DEFAULT_BACKOFF_CAP,
+            stream_idle_timeout: s::DEFAULT_STREAM_IDLE_TIMEOUT,
         }
     }
 }

@@ -1,10 +1,12 @@
 //! A fault-injecting TCP proxy between `sparkd` and the fake provider.
 //!
-//! It passes the HTTP upgrade through untouched, then reads the provider's side of a
-//! WebSocket frame by frame (client frames pass through as bytes), so a test can cut, reset,
-//! silence, throttle, duplicate, reorder or inject frames at a chosen event of the stream.
-//! A fault is armed with a [`Trigger`] (the nth text frame containing a string, counted over
-//! every connection) and fires once; traffic before and after passes unchanged. The proxy can
+//! It passes the request (and a WebSocket upgrade) through untouched, then reads the provider's
+//! side event by event: a WebSocket frame by frame, an HTTP + SSE response's chunked body
+//! event by event (each event re-sent as one chunk). The daemon's side passes through as bytes.
+//! So a test can cut, reset, silence, throttle, duplicate, reorder or inject events at a chosen
+//! point of the stream, in either transport. A fault is armed with a [`Trigger`] (the nth
+//! text frame or SSE event containing a string, counted over every connection) and fires once;
+//! traffic before and after passes unchanged. The proxy can
 //! also be taken down (every connection reset at accept), counting the attempts the daemon
 //! makes, which is how the reconnect policy is measured.
 
@@ -18,10 +20,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::http1;
 
-/// What happens at the frame the trigger matches.
+/// What happens at the frame (or SSE event) the trigger matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
-    /// Send the frame's header and half its payload, then close the connection (FIN).
+    /// Send the frame's header and half its payload (half the event's chunk), then close the
+    /// connection (FIN).
     Truncate,
     /// Reset the connection (RST) instead of sending the frame.
     Reset,
@@ -37,7 +40,7 @@ pub enum Fault {
     /// Send the frame, and a copy of it again after the next text frame: a duplicate that
     /// arrives late, e.g. a response's terminal event inside the next response.
     DuplicateLate,
-    /// Send this text frame just before the matched one.
+    /// Send this text frame (an SSE event with this `data`) just before the matched one.
     InjectBefore(String),
 }
 
@@ -81,6 +84,7 @@ struct Shared {
     accepted: AtomicUsize,
     refused: AtomicUsize,
     upgrades: AtomicUsize,
+    sse_responses: AtomicUsize,
     fired: tokio::sync::Notify,
 }
 
@@ -139,6 +143,11 @@ impl FaultProxy {
         format!("ws://{}/v1/responses", self.addr)
     }
 
+    /// The provider's HTTP + SSE endpoint, through the proxy.
+    pub fn http_url(&self) -> String {
+        format!("http://{}/v1/responses", self.addr)
+    }
+
     /// Fire `fault` once, at the frame `trigger` matches.
     pub fn arm(&self, fault: Fault, trigger: Trigger) {
         let mut a = self.shared.armed.lock().expect("armed");
@@ -188,6 +197,11 @@ impl FaultProxy {
     pub fn upgrades(&self) -> usize {
         self.shared.upgrades.load(Ordering::SeqCst)
     }
+
+    /// HTTP + SSE responses the provider started through the proxy.
+    pub fn sse_responses(&self) -> usize {
+        self.shared.sse_responses.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for FaultProxy {
@@ -232,7 +246,8 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
     r
 }
 
-/// Reads the provider's side: the HTTP head, then WebSocket frames, applying the armed fault.
+/// Reads the provider's side: the HTTP head, then WebSocket frames or SSE events, applying
+/// the armed fault.
 async fn downstream(
     mut server: tokio::net::tcp::OwnedReadHalf,
     mut client: tokio::net::tcp::OwnedWriteHalf,
@@ -257,19 +272,31 @@ async fn downstream(
     };
     let head: Vec<u8> = buf.drain(..head_end).collect();
     client.write_all(&head).await?;
-    if status != 101 {
-        // Not an upgrade (a refusal, HTTP + SSE): pass the rest through as bytes.
-        client.write_all(&buf).await?;
-        tokio::io::copy(&mut server, &mut client).await?;
-        return Ok(());
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    if status == 101 {
+        shared.upgrades.fetch_add(1, Ordering::SeqCst);
+        return websocket(server, Out::new(client, Stream::WebSocket), shared, buf).await;
     }
-    shared.upgrades.fetch_add(1, Ordering::SeqCst);
-    let mut out = Out {
-        client,
-        rate: None,
-        held: None,
-        late: None,
-    };
+    if status == 200
+        && head.contains("text/event-stream")
+        && head.contains("transfer-encoding: chunked")
+    {
+        shared.sse_responses.fetch_add(1, Ordering::SeqCst);
+        return sse(server, Out::new(client, Stream::Sse), shared, buf).await;
+    }
+    // Anything else (a refusal, a JSON body): the rest passes through as bytes.
+    client.write_all(&buf).await?;
+    tokio::io::copy(&mut server, &mut client).await?;
+    Ok(())
+}
+
+/// WebSocket mode: the provider's frames, one by one.
+async fn websocket(
+    mut server: tokio::net::tcp::OwnedReadHalf,
+    mut out: Out,
+    shared: &Shared,
+    mut buf: Vec<u8>,
+) -> std::io::Result<()> {
     loop {
         let frame = loop {
             if let Some(len) = frame_len(&buf) {
@@ -280,70 +307,203 @@ async fn downstream(
                 return Ok(());
             }
         };
-        let fault = match_fault(shared, &frame);
-        match fault {
-            None => out.send(&frame).await?,
-            Some(Fault::Truncate) => {
-                let header = header_len(&frame);
-                let cut = header + (frame.len() - header) / 2;
-                out.flush_held().await?;
-                out.client.write_all(&frame[..cut]).await?;
-                out.client.shutdown().await?;
-                return Ok(());
-            }
-            Some(Fault::Reset) => {
-                out.flush_held().await?;
-                // No FIN from the write half: the socket closes with the read half (when
-                // `serve` ends), and linger 0 turns that close into a reset.
-                reset_on_close(out.client.as_ref())?;
+        let text =
+            (frame.first().map(|b| b & 0x0f) == Some(0x1)).then(|| &frame[header_len(&frame)..]);
+        let fault = text.and_then(|payload| match_fault(shared, payload));
+        match deliver(&mut out, &mut server, fault, frame).await? {
+            Flow::Going => {}
+            Flow::Ended => return Ok(()),
+            Flow::Reset => {
                 out.client.forget();
                 return Ok(());
-            }
-            Some(Fault::Blackhole) => {
-                out.flush_held().await?;
-                // Keep both sockets open; whatever else the provider says is dropped.
-                let mut sink = [0u8; 4096];
-                while server.read(&mut sink).await? > 0 {}
-                return Ok(());
-            }
-            Some(Fault::Trickle { bytes_per_sec }) => {
-                out.rate = Some(bytes_per_sec.max(1));
-                out.send(&frame).await?;
-            }
-            Some(Fault::Duplicate) => {
-                out.send(&frame).await?;
-                out.send(&frame).await?;
-            }
-            Some(Fault::SwapWithNext) => out.held = Some(frame),
-            Some(Fault::DuplicateLate) => {
-                out.send(&frame).await?;
-                out.late = Some(frame);
-            }
-            Some(Fault::InjectBefore(text)) => {
-                out.send(&text_frame(text.as_bytes())).await?;
-                out.send(&frame).await?;
             }
         }
     }
 }
 
+/// HTTP + SSE: the chunked body decoded and split into events, each re-sent as one chunk, so
+/// a fault acts on a whole event as on a WebSocket frame.
+async fn sse(
+    mut server: tokio::net::tcp::OwnedReadHalf,
+    mut out: Out,
+    shared: &Shared,
+    mut buf: Vec<u8>,
+) -> std::io::Result<()> {
+    let mut body = Vec::new();
+    loop {
+        let data = match take_chunk(&mut buf)? {
+            Some(data) => data,
+            None => {
+                if read_more(&mut server, &mut buf).await? == 0 {
+                    out.flush_held().await?;
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        if data.is_empty() {
+            // The last chunk: what is left, the end of the body, then the bytes after it.
+            out.flush_held().await?;
+            if !body.is_empty() {
+                out.write(&chunk(&body)).await?;
+            }
+            out.write(b"0\r\n\r\n").await?;
+            out.write(&buf).await?;
+            tokio::io::copy(&mut server, &mut out.client).await?;
+            return Ok(());
+        }
+        body.extend_from_slice(&data);
+        while let Some(end) = find(&body, b"\n\n") {
+            let event: Vec<u8> = body.drain(..end + 2).collect();
+            let fault = match_fault(shared, &event);
+            match deliver(&mut out, &mut server, fault, chunk(&event)).await? {
+                Flow::Going => {}
+                Flow::Ended => return Ok(()),
+                Flow::Reset => {
+                    out.client.forget();
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// The data of the chunk at the start of `buf`, its framing consumed: empty for the last
+/// chunk (trailers are not expected), `None` while it is incomplete.
+fn take_chunk(buf: &mut Vec<u8>) -> std::io::Result<Option<Vec<u8>>> {
+    let (consumed, size) = match httparse::parse_chunk_size(buf) {
+        Ok(httparse::Status::Complete(found)) => found,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::InvalidChunkSize) => return Err(std::io::Error::other("bad chunk size")),
+    };
+    let size = usize::try_from(size).map_err(std::io::Error::other)?;
+    let end = consumed + size + 2;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    let data = buf[consumed..consumed + size].to_vec();
+    buf.drain(..end);
+    Ok(Some(data))
+}
+
+/// `data` as one chunk of a chunked body.
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Whether the stream goes on after a unit was delivered.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Going,
+    Ended,
+    /// The connection is to be reset: the caller drops the write half without a FIN.
+    Reset,
+}
+
+/// Send one unit (a frame, an SSE event's chunk) to the daemon, as `fault` says.
+async fn deliver(
+    out: &mut Out,
+    server: &mut tokio::net::tcp::OwnedReadHalf,
+    fault: Option<Fault>,
+    unit: Vec<u8>,
+) -> std::io::Result<Flow> {
+    match fault {
+        None => out.send(&unit).await?,
+        Some(Fault::Truncate) => {
+            let cut = match out.stream {
+                Stream::WebSocket => {
+                    let header = header_len(&unit);
+                    header + (unit.len() - header) / 2
+                }
+                Stream::Sse => unit.len() / 2,
+            };
+            out.flush_held().await?;
+            out.client.write_all(&unit[..cut]).await?;
+            out.client.shutdown().await?;
+            return Ok(Flow::Ended);
+        }
+        Some(Fault::Reset) => {
+            out.flush_held().await?;
+            // No FIN from the write half: the socket closes with the read half (when
+            // `serve` ends), and linger 0 turns that close into a reset.
+            reset_on_close(out.client.as_ref())?;
+            return Ok(Flow::Reset);
+        }
+        Some(Fault::Blackhole) => {
+            out.flush_held().await?;
+            // Keep the daemon's connection open; whatever else the provider says is dropped.
+            // A provider that ends its response (HTTP + SSE) or closes still looks silent: the
+            // connection is held until the proxy stops.
+            let mut sink = [0u8; 4096];
+            while server.read(&mut sink).await? > 0 {}
+            std::future::pending::<()>().await;
+            return Ok(Flow::Ended);
+        }
+        Some(Fault::Trickle { bytes_per_sec }) => {
+            out.rate = Some(bytes_per_sec.max(1));
+            out.send(&unit).await?;
+        }
+        Some(Fault::Duplicate) => {
+            out.send(&unit).await?;
+            out.send(&unit).await?;
+        }
+        Some(Fault::SwapWithNext) => out.held = Some(unit),
+        Some(Fault::DuplicateLate) => {
+            out.send(&unit).await?;
+            out.late = Some(unit);
+        }
+        Some(Fault::InjectBefore(text)) => {
+            let injected = match out.stream {
+                Stream::WebSocket => text_frame(text.as_bytes()),
+                Stream::Sse => chunk(format!("data: {text}\n\n").as_bytes()),
+            };
+            out.send(&injected).await?;
+            out.send(&unit).await?;
+        }
+    }
+    Ok(Flow::Going)
+}
+
+/// The transport whose units [`Out`] sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    WebSocket,
+    Sse,
+}
+
 struct Out {
     client: tokio::net::tcp::OwnedWriteHalf,
+    stream: Stream,
     rate: Option<usize>,
     held: Option<Vec<u8>>,
-    /// Sent after the next text frame.
+    /// Sent after the next text frame (SSE event).
     late: Option<Vec<u8>>,
 }
 
 impl Out {
-    async fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        self.write(frame).await?;
+    fn new(client: tokio::net::tcp::OwnedWriteHalf, stream: Stream) -> Out {
+        Out {
+            client,
+            stream,
+            rate: None,
+            held: None,
+            late: None,
+        }
+    }
+
+    async fn send(&mut self, unit: &[u8]) -> std::io::Result<()> {
+        self.write(unit).await?;
         if let Some(held) = self.held.take() {
             self.write(&held).await?;
         }
-        if frame.first().is_some_and(|b| b & 0x0f == 0x1)
-            && let Some(late) = self.late.take()
-        {
+        let text = match self.stream {
+            Stream::WebSocket => unit.first().is_some_and(|b| b & 0x0f == 0x1),
+            Stream::Sse => true,
+        };
+        if text && let Some(late) = self.late.take() {
             self.write(&late).await?;
         }
         Ok(())
@@ -373,12 +533,9 @@ impl Out {
     }
 }
 
-fn match_fault(shared: &Shared, frame: &[u8]) -> Option<Fault> {
-    let opcode = frame.first().map(|b| b & 0x0f)?;
-    if opcode != 0x1 {
-        return None;
-    }
-    let payload = &frame[header_len(frame)..];
+/// The armed fault, if `text` (a text frame's payload, an SSE event) is the one it waits for.
+fn match_fault(shared: &Shared, text: &[u8]) -> Option<Fault> {
+    let payload = text;
     let mut a = shared.armed.lock().ok()?;
     let (fault, trigger) = a.fault.clone()?;
     find(payload, trigger.contains.as_bytes())?;

@@ -373,6 +373,7 @@ impl Asks {
         config.pong_timeout = self.timing.pong_timeout;
         config.backoff_base = self.timing.backoff_base;
         config.backoff_cap = self.timing.backoff_cap;
+        config.stream_idle_timeout = self.timing.stream_idle_timeout;
         config.backoff = Some(self.backoff_for(&provider.url, &config));
         let cache_key = prompt_cache_key(workdir, provider);
         // The lane is named after the (opaque) cache key: no path leaves the machine.

@@ -8,6 +8,7 @@
 //! same `error` event a WebSocket would deliver, so the session handles both alike.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -77,9 +78,9 @@ async fn run(
                     after: timeouts.connect,
                 })?
                 .map_err(|e| TransportError::Tls(e.to_string()))?;
-            exchange(tls, endpoint, api_key, body, tx).await
+            exchange(tls, endpoint, api_key, body, timeouts.stream_idle, tx).await
         }
-        Scheme::Http => exchange(tcp, endpoint, api_key, body, tx).await,
+        Scheme::Http => exchange(tcp, endpoint, api_key, body, timeouts.stream_idle, tx).await,
         Scheme::Ws | Scheme::Wss => Err(TransportError::Http(format!(
             "{} is not an HTTP URL",
             endpoint.url()
@@ -137,8 +138,24 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, TransportError> {
     Ok(Some((Head { status, framing }, len)))
 }
 
+/// One read of the response, given up on after `idle` without a byte: an HTTP response cannot
+/// be pinged, so a provider that stops sending would otherwise hold the ask forever.
+async fn read_some<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut [u8],
+    idle: Duration,
+) -> Result<usize, TransportError> {
+    match tokio::time::timeout(idle, io.read(buf)).await {
+        Ok(read) => Ok(read?),
+        Err(_) => Err(TransportError::Stalled { after: idle }),
+    }
+}
+
 /// Read the response head; returns it with the body bytes read along with it.
-async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<(Head, Vec<u8>), TransportError> {
+async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    idle: Duration,
+) -> Result<(Head, Vec<u8>), TransportError> {
     let mut buf = Vec::with_capacity(READ_BYTES);
     let mut chunk = vec![0u8; READ_BYTES];
     loop {
@@ -150,7 +167,7 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<(Head, Vec<u8>), 
                 "response head larger than {MAX_HEAD_BYTES} bytes"
             )));
         }
-        let n = io.read(&mut chunk).await?;
+        let n = read_some(io, &mut chunk, idle).await?;
         if n == 0 {
             return Err(TransportError::Http(
                 "connection closed before the response head".to_owned(),
@@ -188,6 +205,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     endpoint: &Endpoint,
     api_key: Option<&str>,
     body: &str,
+    idle: Duration,
     tx: &EventTx,
 ) -> Result<(), TransportError> {
     let mut request = format!(
@@ -212,7 +230,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     io.write_all(&bytes).await?;
     io.flush().await?;
 
-    let (head, rest) = read_head(&mut io).await?;
+    let (head, rest) = read_head(&mut io, idle).await?;
     let mut chunk = vec![0u8; READ_BYTES];
     let Head {
         status,
@@ -223,7 +241,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         let mut body = Vec::new();
         let mut done = decode_body(&mut framing, &rest, &mut body)?;
         while !done && body.len() < MAX_ERROR_BODY_BYTES {
-            let n = io.read(&mut chunk).await?;
+            let n = read_some(&mut io, &mut chunk, idle).await?;
             if n == 0 {
                 break;
             }
@@ -261,7 +279,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         if body_done {
             return Ok(());
         }
-        let n = io.read(&mut chunk).await?;
+        let n = read_some(&mut io, &mut chunk, idle).await?;
         if n == 0 {
             return Ok(());
         }
@@ -318,9 +336,29 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         });
-        let result = read_head(&mut client).await;
+        let result = read_head(&mut client, Duration::from_secs(30)).await;
         writer.abort();
         result
+    }
+
+    #[tokio::test]
+    async fn a_response_that_stops_sending_is_given_up_on_after_the_idle_time() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-")
+            .await
+            .unwrap();
+        let idle = Duration::from_millis(50);
+        let err = read_head(&mut client, idle).await.unwrap_err();
+        assert!(
+            matches!(err, TransportError::Stalled { after } if after == idle),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "the provider sent nothing for 50ms in the middle of a response"
+        );
+        drop(server);
     }
 
     #[tokio::test]

@@ -53,6 +53,9 @@ pub(crate) const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub(crate) const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP + TLS + upgrade.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// No byte of an HTTP + SSE response for this long: the provider stopped sending. Generous,
+/// as a model may think for minutes before it writes (Codex CLI waits as long).
+pub(crate) const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// First reconnect delay ceiling; doubles per failure up to the cap.
 pub(crate) const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(250);
 pub(crate) const DEFAULT_BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -92,6 +95,7 @@ pub(crate) struct SessionConfig {
     pub(crate) ping_interval: Duration,
     pub(crate) pong_timeout: Duration,
     pub(crate) connect_timeout: Duration,
+    pub(crate) stream_idle_timeout: Duration,
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_cap: Duration,
     pub(crate) max_background_attempts: u32,
@@ -122,6 +126,7 @@ impl SessionConfig {
             ping_interval: DEFAULT_PING_INTERVAL,
             pong_timeout: DEFAULT_PONG_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_cap: DEFAULT_BACKOFF_CAP,
             max_background_attempts: DEFAULT_MAX_BACKGROUND_ATTEMPTS,
@@ -981,6 +986,7 @@ impl Session {
         }
         let timeouts = ConnectTimeouts {
             connect: self.config.connect_timeout,
+            stream_idle: self.config.stream_idle_timeout,
         };
         let (endpoint, api_key) = (self.endpoint.clone(), self.config.api_key.clone());
         self.connecting = Some(match &self.config.lanes {

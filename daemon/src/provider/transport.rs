@@ -247,6 +247,8 @@ pub(crate) enum TransportError {
     },
     #[error("{what} timed out after {after:?}")]
     Timeout { what: &'static str, after: Duration },
+    #[error("the provider sent nothing for {after:?} in the middle of a response")]
+    Stalled { after: Duration },
     #[error("TLS setup failed: {0}")]
     Tls(String),
     #[error("WebSocket error: {0}")]
@@ -278,6 +280,7 @@ impl TransportError {
                 what,
                 after: *after,
             },
+            TransportError::Stalled { after } => TransportError::Stalled { after: *after },
             TransportError::Tls(e) => TransportError::Tls(e.clone()),
             TransportError::WebSocket(e) => TransportError::WebSocket(e.clone()),
             TransportError::Http(e) => TransportError::Http(e.clone()),
@@ -351,11 +354,14 @@ pub(crate) fn tls_config() -> Result<Arc<rustls::ClientConfig>, TransportError> 
         .map_err(TransportError::Tls)
 }
 
-/// Timeouts for opening connections.
+/// Timeouts for opening connections, and for an HTTP + SSE response that stops sending.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConnectTimeouts {
     /// TCP connect + TLS + upgrade (WebSocket) or TCP connect + TLS (HTTP).
     pub(crate) connect: Duration,
+    /// No byte of an HTTP + SSE response for this long: the provider is given up on. (A
+    /// WebSocket is checked by pings instead; an HTTP response cannot be pinged.)
+    pub(crate) stream_idle: Duration,
 }
 
 /// A provider connection: a live WebSocket, or the HTTP endpoint with at most one request

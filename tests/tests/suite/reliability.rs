@@ -1,6 +1,7 @@
 //! Provider faults through a fault-injecting proxy (`spark_tests::fault_proxy`): truncated
 //! frames, resets, a silent peer, a trickle, duplicate and reordered events, an injected
-//! `error` event, the connection limit and a refused upgrade on reconnect. Each: nothing
+//! `error` event, the connection limit and a refused upgrade on reconnect, in WebSocket mode
+//! and (but the last two) over HTTP + SSE. Each: nothing
 //! half-applied (bytes on disk, the edit log, `git fsck --strict`), the user told once and
 //! clearly (sparkctl's stderr and exit code), and the next ask works. Then a provider down
 //! while ten watched repositories want sessions: the reconnect attempts stay bounded and the
@@ -18,6 +19,9 @@ const LIB: &str = "fn one() {\n    1\n}\n\nfn two() {\n    2\n}\n\nfn three() {\
 const PATCH_ONE: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn one() {\n-    1\n+    100\n*** End Patch\n";
 const PATCH_TWO: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two() {\n-    2\n+    200\n*** End Patch\n";
 
+/// Longer than any ask here takes, even the 1 KB/s trickle on a loaded machine.
+const ASK_DEADLINE: Duration = Duration::from_secs(120);
+
 /// Liveness and backoff compressed ~100×, so a silent peer is noticed in well under a second.
 fn fast_timing() -> sparkd::ProviderTiming {
     sparkd::ProviderTiming {
@@ -25,6 +29,7 @@ fn fast_timing() -> sparkd::ProviderTiming {
         pong_timeout: Duration::from_millis(400),
         backoff_base: Duration::from_millis(25),
         backoff_cap: Duration::from_millis(300),
+        stream_idle_timeout: Duration::from_millis(700),
     }
 }
 
@@ -35,12 +40,26 @@ struct Rig {
     repo: TestRepo,
 }
 
+/// The provider's transport the daemon is configured for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    WebSocket,
+    Sse,
+}
+
 fn rig(script: Script) -> Rig {
+    rig_over(Mode::WebSocket, script)
+}
+
+fn rig_over(mode: Mode, script: Script) -> Rig {
     let provider = Provider::start(script);
     let proxy = FaultProxy::start(provider.fake.addr());
     let home = Home::new();
     let mut config = home.config();
-    config.provider_url = proxy.ws_url();
+    config.provider_url = match mode {
+        Mode::WebSocket => proxy.ws_url(),
+        Mode::Sse => proxy.http_url(),
+    };
     config.api_key = Some("sk-test-not-a-real-key".into());
     config.fsync = false;
     config.provider_timing = fast_timing();
@@ -55,17 +74,33 @@ fn rig(script: Script) -> Rig {
 }
 
 impl Rig {
-    /// The real `sparkctl ask`, talking to the in-process daemon.
+    /// The real `sparkctl ask`, talking to the in-process daemon. An ask that hangs fails the
+    /// test (its process killed) instead of holding the suite.
     fn ask(&self, prompt: &str) -> Output {
-        std::process::Command::new(bin("sparkctl"))
+        let child = std::process::Command::new(bin("sparkctl"))
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", self.daemon.home.path())
             .env("SPARK_HOME", self.daemon.home.path())
             .current_dir(self.repo.path())
             .args(["ask", "-f", "src/lib.rs", prompt])
-            .output()
-            .expect("run sparkctl")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run sparkctl");
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(ASK_DEADLINE) {
+            Ok(out) => out.expect("wait for sparkctl"),
+            Err(_) => {
+                let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                panic!("`sparkctl ask` did not finish within {ASK_DEADLINE:?}: the ask hangs");
+            }
+        }
     }
 
     fn edits(&self) -> usize {
@@ -96,7 +131,21 @@ struct Seen {
 
 /// Arm `fault`, ask for PATCH_ONE, then ask again (PATCH_TWO) with the proxy clean.
 fn run_case(name: &str, script: Script, fault: Fault, trigger: Trigger) -> (Rig, Seen) {
-    let r = rig(script.default_turn(Turn::apply_patch(PATCH_ONE).with_delta_chars(8)));
+    run_case_over(Mode::WebSocket, name, script, fault, trigger)
+}
+
+/// [`run_case`] with the daemon on `mode`.
+fn run_case_over(
+    mode: Mode,
+    name: &str,
+    script: Script,
+    fault: Fault,
+    trigger: Trigger,
+) -> (Rig, Seen) {
+    let r = rig_over(
+        mode,
+        script.default_turn(Turn::apply_patch(PATCH_ONE).with_delta_chars(8)),
+    );
     let before = worktree_snapshot(r.repo.path());
     r.proxy.arm(fault, trigger);
     let out = r.ask("make one bigger");
@@ -343,6 +392,97 @@ fn a_426_on_reconnect_falls_back_to_http_and_the_turn_lands_once() {
     let out = r.ask("and two");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(r.edits(), 2);
+}
+
+// ---- The same faults over HTTP + SSE: the proxy re-sends the chunked body event by event.
+
+mod sse {
+    use super::*;
+
+    fn case(name: &str, fault: Fault, trigger: Trigger) -> (Rig, Seen) {
+        let (r, seen) = run_case_over(Mode::Sse, name, Script::new(), fault, trigger);
+        assert!(r.proxy.sse_responses() >= 2, "{name}: through HTTP + SSE");
+        assert_eq!(r.proxy.upgrades(), 0, "{name}: no WebSocket");
+        (r, seen)
+    }
+
+    #[test]
+    fn an_event_cut_mid_patch_applies_nothing_and_says_so_once() {
+        let (_, seen) = case("sse truncated", Fault::Truncate, Trigger::nth(MID_PATCH, 2));
+        failed_clearly("sse truncated", &seen, "cannot reach the provider");
+        assert!(seen.stderr.contains("\nhint: "), "{}", seen.stderr);
+    }
+
+    #[test]
+    fn a_tcp_reset_mid_patch_applies_nothing_and_says_so_once() {
+        let (_, seen) = case("sse reset", Fault::Reset, Trigger::nth(MID_PATCH, 2));
+        failed_clearly("sse reset", &seen, "cannot reach the provider");
+        assert!(seen.stderr.contains("\nhint: "), "{}", seen.stderr);
+    }
+
+    /// Regression: an HTTP response cannot be pinged, and a provider that stopped sending in
+    /// the middle of one held the ask forever.
+    #[test]
+    fn a_provider_that_stops_sending_is_given_up_on_after_the_idle_timeout() {
+        let t = Instant::now();
+        let (_, seen) = case("sse silent", Fault::Blackhole, Trigger::nth(MID_PATCH, 2));
+        failed_clearly("sse silent", &seen, "sent nothing for 700ms");
+        assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_one_kilobyte_per_second_trickle_still_lands_whole() {
+        let (_, seen) = case(
+            "sse trickle",
+            Fault::Trickle {
+                bytes_per_sec: 1024,
+            },
+            Trigger::first("response.created"),
+        );
+        assert!(seen.applied, "{seen:?}");
+    }
+
+    #[test]
+    fn duplicate_and_reordered_events_land_exactly_once() {
+        let cases = [
+            ("sse duplicate delta", Fault::Duplicate, MID_PATCH),
+            ("sse swapped deltas", Fault::SwapWithNext, MID_PATCH),
+            (
+                "sse duplicate item done",
+                Fault::Duplicate,
+                "output_item.done",
+            ),
+            (
+                "sse item done after completed",
+                Fault::SwapWithNext,
+                "output_item.done",
+            ),
+            (
+                "sse duplicate completed",
+                Fault::Duplicate,
+                "response.completed",
+            ),
+        ];
+        for (name, fault, at) in cases {
+            let (_, seen) = case(name, fault, Trigger::first(at));
+            assert!(seen.applied, "{name}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn an_error_event_mid_stream_applies_nothing_and_says_so_once() {
+        let event = r#"{"type":"error","status":500,"error":{"type":"server_error","code":"server_error","message":"injected failure"}}"#;
+        let (_, seen) = case(
+            "sse error event",
+            Fault::InjectBefore(event.into()),
+            Trigger::first("output_item.done"),
+        );
+        failed_clearly(
+            "sse error event",
+            &seen,
+            "injected failure; nothing was applied",
+        );
+    }
 }
 
 /// CPU time (user + system) of this process's threads whose name starts with `prefix`, and
