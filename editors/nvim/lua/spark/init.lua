@@ -170,6 +170,11 @@ local function on_progress(ask, p)
     say(("spark: %d tokens · %.0f tok/s"):format(p.output_tokens or 0, p.tokens_per_s or 0), nil, false)
   elseif p.type == "patch_file" then
     say(("spark: writing %s"):format(p.path or "?"), nil, false)
+  elseif p.type == "repair" then
+    -- The corrected patch streams from its start: the preview starts over.
+    ask.patch = ""
+    preview.clear(ask.marked)
+    say(("spark: the patch did not apply; asking for a corrected one (%s)"):format(p.reason or "?"), "WarningMsg", false)
   end
 end
 
