@@ -150,6 +150,13 @@ fn run_case_over(
     r.proxy.arm(fault, trigger);
     let out = r.ask("make one bigger");
     assert_eq!(r.proxy.fired(), 1, "{name}: the fault fired");
+    match mode {
+        Mode::WebSocket => assert!(r.proxy.upgrades() >= 1, "{name}: over a WebSocket"),
+        Mode::Sse => {
+            assert!(r.proxy.sse_responses() >= 1, "{name}: over HTTP + SSE");
+            assert_eq!(r.proxy.upgrades(), 0, "{name}: no WebSocket");
+        }
+    }
     let seen = Seen {
         code: out.status.code(),
         stderr: stderr(&out),
@@ -215,6 +222,103 @@ fn run_case_over(
 
 const MID_PATCH: &str = "custom_tool_call_input.delta";
 
+// ---- Cases both transports run the same way.
+
+fn cut_mid_patch(mode: Mode) {
+    let name = format!("{mode:?}: cut");
+    let (_, seen) = run_case_over(
+        mode,
+        &name,
+        Script::new(),
+        Fault::Truncate,
+        Trigger::nth(MID_PATCH, 2),
+    );
+    failed_clearly(&name, &seen, "cannot reach the provider");
+    assert!(seen.stderr.contains("\nhint: "), "{}", seen.stderr);
+}
+
+fn reset_mid_patch(mode: Mode) {
+    let name = format!("{mode:?}: reset");
+    let (_, seen) = run_case_over(
+        mode,
+        &name,
+        Script::new(),
+        Fault::Reset,
+        Trigger::nth(MID_PATCH, 2),
+    );
+    failed_clearly(&name, &seen, "cannot reach the provider");
+    assert!(seen.stderr.contains("\nhint: "), "{}", seen.stderr);
+}
+
+fn trickle(mode: Mode) {
+    let name = format!("{mode:?}: trickle");
+    let fault = Fault::Trickle {
+        bytes_per_sec: 1024,
+    };
+    let (_, seen) = run_case_over(
+        mode,
+        &name,
+        Script::new(),
+        fault,
+        Trigger::first("response.created"),
+    );
+    assert!(seen.applied, "{name}: {seen:?}");
+}
+
+fn duplicates_and_reorders(mode: Mode) {
+    // The turn's own `response.completed`: in WebSocket mode the prewarm's comes first.
+    let turn = match mode {
+        Mode::WebSocket => 2,
+        Mode::Sse => 1,
+    };
+    let cases = [
+        (
+            "duplicate delta",
+            Fault::Duplicate,
+            Trigger::nth(MID_PATCH, 2),
+        ),
+        (
+            "swapped deltas",
+            Fault::SwapWithNext,
+            Trigger::nth(MID_PATCH, 2),
+        ),
+        (
+            "duplicate item done",
+            Fault::Duplicate,
+            Trigger::first("output_item.done"),
+        ),
+        (
+            "item done after completed",
+            Fault::SwapWithNext,
+            Trigger::first("output_item.done"),
+        ),
+        (
+            "duplicate completed",
+            Fault::Duplicate,
+            Trigger::nth("response.completed", turn),
+        ),
+    ];
+    for (name, fault, trigger) in cases {
+        let name = format!("{mode:?}: {name}");
+        let (_, seen) = run_case_over(mode, &name, Script::new(), fault, trigger);
+        // `run_case_over` checked the bytes, the single record and the next ask.
+        assert!(seen.applied, "{name}: {seen:?}");
+    }
+}
+
+fn error_event(mode: Mode) {
+    let name = format!("{mode:?}: error event");
+    let event = r#"{"type":"error","status":500,"error":{"type":"server_error","code":"server_error","message":"injected failure"}}"#;
+    let (_, seen) = run_case_over(
+        mode,
+        &name,
+        Script::new(),
+        Fault::InjectBefore(event.into()),
+        Trigger::first("output_item.done"),
+    );
+    failed_clearly(&name, &seen, "injected failure; nothing was applied");
+}
+
 fn failed_clearly(name: &str, seen: &Seen, says: &str) {
     assert!(!seen.applied, "{name}: {seen:?}");
     assert!(seen.stderr.contains(says), "{name}: {}", seen.stderr);
@@ -222,26 +326,12 @@ fn failed_clearly(name: &str, seen: &Seen, says: &str) {
 
 #[test]
 fn a_frame_cut_mid_patch_applies_nothing_and_says_so_once() {
-    let (_, seen) = run_case(
-        "truncated frame",
-        Script::new(),
-        Fault::Truncate,
-        Trigger::nth(MID_PATCH, 2),
-    );
-    failed_clearly("truncated frame", &seen, "cannot reach the provider");
-    assert!(seen.stderr.contains("\nhint: "), "{}", seen.stderr);
+    cut_mid_patch(Mode::WebSocket);
 }
 
 #[test]
 fn a_tcp_reset_mid_patch_applies_nothing_and_says_so_once() {
-    let (_, seen) = run_case(
-        "reset",
-        Script::new(),
-        Fault::Reset,
-        Trigger::nth(MID_PATCH, 2),
-    );
-    failed_clearly("reset", &seen, "cannot reach the provider");
-    assert!(seen.stderr.contains("\nhint: "), "{}", seen.stderr);
+    reset_mid_patch(Mode::WebSocket);
 }
 
 #[test]
@@ -273,51 +363,12 @@ fn a_peer_that_stops_answering_pings_is_given_up_on_within_the_pong_timeout() {
 
 #[test]
 fn a_one_kilobyte_per_second_trickle_still_lands_whole() {
-    let (_, seen) = run_case(
-        "trickle",
-        Script::new(),
-        Fault::Trickle {
-            bytes_per_sec: 1024,
-        },
-        Trigger::first("response.created"),
-    );
-    assert!(seen.applied, "{seen:?}");
+    trickle(Mode::WebSocket);
 }
 
 #[test]
 fn duplicate_and_reordered_events_land_exactly_once() {
-    let cases = [
-        (
-            "duplicate delta",
-            Fault::Duplicate,
-            Trigger::nth(MID_PATCH, 2),
-        ),
-        (
-            "swapped deltas",
-            Fault::SwapWithNext,
-            Trigger::nth(MID_PATCH, 2),
-        ),
-        (
-            "duplicate item done",
-            Fault::Duplicate,
-            Trigger::first("output_item.done"),
-        ),
-        (
-            "item done after completed",
-            Fault::SwapWithNext,
-            Trigger::first("output_item.done"),
-        ),
-        (
-            "duplicate completed",
-            Fault::Duplicate,
-            Trigger::nth("response.completed", 2),
-        ),
-    ];
-    for (name, fault, trigger) in cases {
-        let (_, seen) = run_case(name, Script::new(), fault, trigger);
-        // `run_case` checked the bytes, the single record and the next ask.
-        assert!(seen.applied, "{name}: {seen:?}");
-    }
+    duplicates_and_reorders(Mode::WebSocket);
 }
 
 /// Regression: a late duplicate of the prewarm's `response.completed`, arriving after the
@@ -336,18 +387,7 @@ fn a_late_duplicate_of_an_earlier_responses_end_does_not_end_the_turn() {
 
 #[test]
 fn an_error_event_mid_stream_applies_nothing_and_says_so_once() {
-    let event = r#"{"type":"error","status":500,"error":{"type":"server_error","code":"server_error","message":"injected failure"}}"#;
-    let (_, seen) = run_case(
-        "error event",
-        Script::new(),
-        Fault::InjectBefore(event.into()),
-        Trigger::first("output_item.done"),
-    );
-    failed_clearly(
-        "error event",
-        &seen,
-        "injected failure; nothing was applied",
-    );
+    error_event(Mode::WebSocket);
 }
 
 #[test]
@@ -399,25 +439,14 @@ fn a_426_on_reconnect_falls_back_to_http_and_the_turn_lands_once() {
 mod sse {
     use super::*;
 
-    fn case(name: &str, fault: Fault, trigger: Trigger) -> (Rig, Seen) {
-        let (r, seen) = run_case_over(Mode::Sse, name, Script::new(), fault, trigger);
-        assert!(r.proxy.sse_responses() >= 2, "{name}: through HTTP + SSE");
-        assert_eq!(r.proxy.upgrades(), 0, "{name}: no WebSocket");
-        (r, seen)
-    }
-
     #[test]
     fn an_event_cut_mid_patch_applies_nothing_and_says_so_once() {
-        let (_, seen) = case("sse truncated", Fault::Truncate, Trigger::nth(MID_PATCH, 2));
-        failed_clearly("sse truncated", &seen, "cannot reach the provider");
-        assert!(seen.stderr.contains("\nhint: "), "{}", seen.stderr);
+        cut_mid_patch(Mode::Sse);
     }
 
     #[test]
     fn a_tcp_reset_mid_patch_applies_nothing_and_says_so_once() {
-        let (_, seen) = case("sse reset", Fault::Reset, Trigger::nth(MID_PATCH, 2));
-        failed_clearly("sse reset", &seen, "cannot reach the provider");
-        assert!(seen.stderr.contains("\nhint: "), "{}", seen.stderr);
+        reset_mid_patch(Mode::Sse);
     }
 
     /// Regression: an HTTP response cannot be pinged, and a provider that stopped sending in
@@ -425,63 +454,32 @@ mod sse {
     #[test]
     fn a_provider_that_stops_sending_is_given_up_on_after_the_idle_timeout() {
         let t = Instant::now();
-        let (_, seen) = case("sse silent", Fault::Blackhole, Trigger::nth(MID_PATCH, 2));
-        failed_clearly("sse silent", &seen, "sent nothing for 700ms");
+        let name = "sse silent";
+        let fault = Fault::Blackhole;
+        let (_, seen) = run_case_over(
+            Mode::Sse,
+            name,
+            Script::new(),
+            fault,
+            Trigger::nth(MID_PATCH, 2),
+        );
+        failed_clearly(name, &seen, "sent nothing for 700ms");
         assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
     }
 
     #[test]
     fn a_one_kilobyte_per_second_trickle_still_lands_whole() {
-        let (_, seen) = case(
-            "sse trickle",
-            Fault::Trickle {
-                bytes_per_sec: 1024,
-            },
-            Trigger::first("response.created"),
-        );
-        assert!(seen.applied, "{seen:?}");
+        trickle(Mode::Sse);
     }
 
     #[test]
     fn duplicate_and_reordered_events_land_exactly_once() {
-        let cases = [
-            ("sse duplicate delta", Fault::Duplicate, MID_PATCH),
-            ("sse swapped deltas", Fault::SwapWithNext, MID_PATCH),
-            (
-                "sse duplicate item done",
-                Fault::Duplicate,
-                "output_item.done",
-            ),
-            (
-                "sse item done after completed",
-                Fault::SwapWithNext,
-                "output_item.done",
-            ),
-            (
-                "sse duplicate completed",
-                Fault::Duplicate,
-                "response.completed",
-            ),
-        ];
-        for (name, fault, at) in cases {
-            let (_, seen) = case(name, fault, Trigger::first(at));
-            assert!(seen.applied, "{name}: {seen:?}");
-        }
+        duplicates_and_reorders(Mode::Sse);
     }
 
     #[test]
     fn an_error_event_mid_stream_applies_nothing_and_says_so_once() {
-        let event = r#"{"type":"error","status":500,"error":{"type":"server_error","code":"server_error","message":"injected failure"}}"#;
-        let (_, seen) = case(
-            "sse error event",
-            Fault::InjectBefore(event.into()),
-            Trigger::first("output_item.done"),
-        );
-        failed_clearly(
-            "sse error event",
-            &seen,
-            "injected failure; nothing was applied",
-        );
+        error_event(Mode::Sse);
     }
 }
 
