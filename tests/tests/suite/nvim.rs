@@ -782,3 +782,39 @@ fn typing_into_a_saved_buffer_during_the_stream_merges_with_the_edit_written_to_
     nv.lua("vim.cmd('checktime')");
     nv.assert_no_prompt();
 }
+
+#[test]
+fn every_ask_sends_the_unsaved_buffer_as_it_is_at_that_ask() {
+    let Some(program) = nvim_program() else {
+        return;
+    };
+    let p = Provider::start(Script::new().default_turn(Turn::text("nothing to change")));
+    let d = p.daemon(true);
+    let repo = lib_repo();
+    let nv = Nvim::start(program, d.home.path(), repo.path());
+    nv.edit(&repo.path().join("src/lib.rs"), 1);
+    let ask = |n: usize| {
+        nv.lua("vim.cmd('SparkAsk look')");
+        nv.wait_for("the answer", "return require('spark')._current() == nil");
+        let asked = wait_for_asks(&p, n);
+        serde_json::to_string(asked.last().expect("ask").input()).expect("json")
+    };
+    nv.lua("vim.cmd('normal! Oconst FIRST: u8 = 1;')");
+    let first = ask(1);
+    assert!(first.contains("const FIRST: u8 = 1;"), "{first}");
+    // Typed after the first ask: the second one sends the new text, which the daemon shows
+    // the model as a change since the first ask.
+    nv.lua("vim.cmd('normal! Goconst SECOND: u8 = 2;')");
+    let second = ask(2);
+    assert!(second.contains("+const SECOND: u8 = 2;"), "{second}");
+    // Unchanged since: the same text again, and the daemon tells the model so.
+    let third = ask(3);
+    assert!(third.contains("is unchanged since"), "{third}");
+    // A change that leaves the line count and the cursor where they were.
+    nv.lua("vim.cmd('normal! gg0rX')");
+    let fourth = ask(4);
+    assert!(fourth.contains("-const FIRST: u8 = 1;"), "{fourth}");
+    assert!(fourth.contains("+Xonst FIRST: u8 = 1;"), "{fourth}");
+    assert_eq!(repo.read("src/lib.rs"), LIB.as_bytes());
+    nv.assert_no_prompt();
+}

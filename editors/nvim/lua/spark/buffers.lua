@@ -8,6 +8,28 @@ local M = {}
 local diff = (vim.text and vim.text.diff) or vim.diff
 local base = {} -- bufnr -> lines
 
+-- What each buffer held at a changedtick: its lines, and (made when first needed) the bytes
+-- `:write` would put on disk and their JSON string. Asking again, rendering every preview
+-- delta and reloading after an edit then read a 10,000-line buffer once per change of its
+-- text, not once per use. The tables are shared: nobody may modify them.
+local snaps = {} -- bufnr -> { tick, lines, format, text, json }
+
+--- The buffer's lines (shared, read-only), read again only when its text changed.
+function M.lines(buf)
+  local tick = vim.api.nvim_buf_get_changedtick(buf)
+  local s = snaps[buf]
+  if not s or s.tick ~= tick then
+    s = { tick = tick, lines = vim.api.nvim_buf_get_lines(buf, 0, -1, false) }
+    snaps[buf] = s
+  end
+  return s.lines
+end
+
+-- `lines` is what the buffer holds now (we just put it there): no need to read it back.
+local function seed(buf, lines)
+  snaps[buf] = { tick = vim.api.nvim_buf_get_changedtick(buf), lines = lines }
+end
+
 local function realpath(p)
   return vim.uv.fs_realpath(p) or p
 end
@@ -71,6 +93,24 @@ function M.text(buf, lines)
   return text
 end
 
+--- The buffer's bytes as `:write` would put them on disk, their JSON string (for a request)
+--- and its lines, each made once per change of the text (or of the options that shape it).
+function M.encoded(buf)
+  local lines = M.lines(buf)
+  local s = snaps[buf]
+  local bo = vim.bo[buf]
+  local format = bo.fileformat
+    .. tostring(bo.eol)
+    .. tostring(bo.fixeol)
+    .. tostring(bo.binary)
+    .. tostring(bo.bomb)
+  if s.format ~= format then
+    s.format, s.text, s.json = format, M.text(buf, lines), nil
+  end
+  s.json = s.json or vim.json.encode(s.text)
+  return s.text, s.json, lines
+end
+
 local function read_lines(path, buf)
   local f = io.open(path, "rb")
   if not f then
@@ -83,12 +123,13 @@ end
 
 function M.remember(buf)
   if vim.api.nvim_buf_is_loaded(buf) then
-    base[buf] = vim.api.nvim_buf_get_lines(buf, 0, -1, false)
+    base[buf] = M.lines(buf)
   end
 end
 
 function M.forget(buf)
   base[buf] = nil
+  snaps[buf] = nil
 end
 
 -- Half-open [s, e) ranges of `base` lines a diff hunk replaces (a pure insertion is empty).
@@ -149,7 +190,7 @@ end
 --- changed). Exactly one undo step; cursors and views stay on their text.
 function M.merge(buf, ancestor, new, cur_is_ancestor)
   local theirs = hunks(ancestor, new)
-  local ours = cur_is_ancestor and {} or hunks(ancestor, vim.api.nvim_buf_get_lines(buf, 0, -1, false))
+  local ours = cur_is_ancestor and {} or hunks(ancestor, M.lines(buf))
   if #theirs == 0 then
     return "same"
   end
@@ -188,6 +229,9 @@ function M.merge(buf, ancestor, new, cur_is_ancestor)
     end
     break_undo()
   end)
+  if #ours == 0 then
+    seed(buf, new)
+  end
   local function map(lnum)
     -- Hunks are bottom-up, so each one's position is in the coordinates before the next.
     for i = #moves, 1, -1 do
@@ -220,7 +264,7 @@ function M.apply_file(buf, path)
     return "missing"
   end
   local modified = vim.bo[buf].modified
-  local ancestor = modified and base[buf] or vim.api.nvim_buf_get_lines(buf, 0, -1, false)
+  local ancestor = modified and base[buf] or M.lines(buf)
   if not ancestor then
     return "unknown_base"
   end
