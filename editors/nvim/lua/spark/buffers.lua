@@ -78,6 +78,48 @@ function M.split(data, buf)
   return lines
 end
 
+--- `data` split as M.split does, for a file most of whose lines are those of `known` (the
+--- buffer's): the unchanged first and last lines are found in `data` where they are, without
+--- making a string for each, and only the lines between are split.
+function M.split_like(data, buf, known)
+  if vim.bo[buf].fileformat ~= "unix" or data:sub(1, 3) == BOM then
+    return M.split(data, buf)
+  end
+  local find, byte = string.find, string.byte
+  local n, at, pre = #known, 1, 0
+  while pre < n do
+    local l = known[pre + 1]
+    if find(data, l, at, true) ~= at or byte(data, at + #l) ~= 10 then
+      break
+    end
+    pre, at = pre + 1, at + #l + 1
+  end
+  -- From the end: `stop` is the newline that ends the lines not yet matched.
+  local suf, stop = 0, #data
+  while suf < n - pre and byte(data, stop) == 10 do
+    local l = known[n - suf]
+    local s = stop - #l
+    if s < at or (s > 1 and byte(data, s - 1) ~= 10) or find(data, l, s, true) ~= s then
+      break
+    end
+    suf, stop = suf + 1, s - 1
+  end
+  local mid = M.split(data:sub(at, stop), buf)
+  local lines = {}
+  for i = 1, pre do
+    lines[i] = known[i]
+  end
+  for i = 1, #mid do
+    lines[pre + i] = mid[i]
+  end
+  local k = pre + #mid
+  for i = n - suf + 1, n do
+    k = k + 1
+    lines[k] = known[i]
+  end
+  return lines
+end
+
 --- The bytes `:write` would put on disk for `buf` (its lines by default).
 function M.text(buf, lines)
   lines = lines or vim.api.nvim_buf_get_lines(buf, 0, -1, false)
@@ -111,14 +153,35 @@ function M.encoded(buf)
   return s.text, s.json, lines
 end
 
-local function read_lines(path, buf)
-  local f = io.open(path, "rb")
-  if not f then
+-- The file's bytes, read with one open (nil if it cannot be read).
+local function read_file(path)
+  local fd = vim.uv.fs_open(path, "r", 0)
+  if not fd then
     return nil
   end
-  local data = f:read("*a")
-  f:close()
-  return M.split(data, buf)
+  local stat = vim.uv.fs_fstat(fd)
+  -- One byte more than its size, to see the end of the file in the same read; more reads
+  -- only if it grew meanwhile.
+  local want = (stat and stat.size or 0) + 1
+  local parts, at = {}, 0
+  while true do
+    local chunk = vim.uv.fs_read(fd, want, at)
+    if not chunk then
+      vim.uv.fs_close(fd)
+      return nil
+    end
+    if chunk == "" then
+      break
+    end
+    parts[#parts + 1] = chunk
+    at = at + #chunk
+    if #chunk < want then
+      break
+    end
+    want = 65536
+  end
+  vim.uv.fs_close(fd)
+  return #parts == 1 and parts[1] or table.concat(parts)
 end
 
 function M.remember(buf)
@@ -185,12 +248,13 @@ local function break_undo()
 end
 
 --- Merge `new` into `buf` 3-way: `ancestor` is the text both derive from, the buffer's lines
---- are the user's side (`ancestor` itself when `cur_is_ancestor`: nothing to merge, and no
---- second diff of a large buffer). Returns "same", "applied" or "conflict" (then nothing
---- changed). Exactly one undo step; cursors and views stay on their text.
-function M.merge(buf, ancestor, new, cur_is_ancestor)
+--- are the user's side (`ancestor` itself when `reload`: an unmodified buffer taking its file's
+--- new content, so nothing to merge, no second diff of a large buffer, and the buffer stays
+--- unmodified). Returns "same", "applied" or "conflict" (then nothing changed). Exactly one
+--- undo step; cursors, views, marks and extmarks stay on their text.
+function M.merge(buf, ancestor, new, reload)
   local theirs = hunks(ancestor, new)
-  local ours = cur_is_ancestor and {} or hunks(ancestor, M.lines(buf))
+  local ours = reload and {} or hunks(ancestor, M.lines(buf))
   if #theirs == 0 then
     return "same"
   end
@@ -211,6 +275,11 @@ function M.merge(buf, ancestor, new, cur_is_ancestor)
   vim.api.nvim_buf_call(buf, function()
     -- Exactly one undo step: closed off from the user's last change and from their next.
     break_undo()
+    if reload then
+      -- The undo step records whether the buffer was modified before it: say yes, as after
+      -- Neovim's own reload, so `u` leaves the buffer modified (it no longer matches disk).
+      vim.bo[buf].modified = true
+    end
     for i = #theirs, 1, -1 do
       local t = theirs[i]
       local shift = 0
@@ -224,11 +293,18 @@ function M.merge(buf, ancestor, new, cur_is_ancestor)
         table.insert(repl, new[j])
       end
       local from = t.s - 1 + shift
+      if i < #theirs then
+        -- Into the same undo step even if something (another plugin's on_lines) closed it.
+        pcall(vim.cmd, "silent undojoin")
+      end
       vim.api.nvim_buf_set_lines(buf, from, from + (t.e - t.s), false, repl)
       table.insert(moves, { from + 1, t.e - t.s, #repl })
     end
     break_undo()
   end)
+  if reload then
+    vim.bo[buf].modified = false
+  end
   if #ours == 0 then
     seed(buf, new)
   end
@@ -259,8 +335,8 @@ end
 --- Bring the file's new content into `buf`. Returns "same", "reloaded", "merged",
 --- "conflict" or "unknown_base" (a modified buffer whose base we do not know).
 function M.apply_file(buf, path)
-  local new = read_lines(path, buf)
-  if not new then
+  local data = read_file(path)
+  if not data then
     return "missing"
   end
   local modified = vim.bo[buf].modified
@@ -268,6 +344,7 @@ function M.apply_file(buf, path)
   if not ancestor then
     return "unknown_base"
   end
+  local new = M.split_like(data, buf, ancestor)
   local outcome = M.merge(buf, ancestor, new, not modified)
   if outcome == "conflict" then
     return outcome
