@@ -12,8 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use spark_proto::methods::{ApplyParams, EditApply};
 use spark_tests::fake_provider::{Gate, Script, Turn};
-use spark_tests::{Ctl, Provider, TestRepo, bin, pid_alive};
+use spark_tests::{Ctl, InProcess, Provider, TestRepo, bin, pid_alive};
 
 const LIB: &str = "fn one() {\n    1\n}\n\nfn two() {\n    2\n}\n\nfn three() {\n    3\n}\n";
 const PATCH_TWO: &str = "*** Begin Patch\n*** Update File: src/lib.rs\n@@ fn two() {\n-    2\n+    200\n+    // doubled\n*** End Patch\n";
@@ -435,11 +436,12 @@ fn ask_with_a_selection_previews_mid_stream_lands_and_u_reverts_exactly_the_edit
     nv.lua("vim.cmd('5,7SparkAsk make two bigger')");
 
     // Mid-stream: the whole patch has streamed, the response is held before its end.
-    // Deltas reach the buffer one by one: wait until the removed line and the added lines
-    // both show (two marks), then check them exactly.
+    // Deltas reach the buffer one by one: wait until the removed line and both added lines
+    // show (two marks, the second with two virtual lines; it has one while the patch is
+    // still arriving), then check them exactly.
     let marks = nv.wait_for(
         "the preview extmarks of the whole patch",
-        &PREVIEW_MARKS.replace("if #out == 0 then", "if #out < 2 then"),
+        &PREVIEW_MARKS.replace("if #out == 0 then", "if #out < 2 or #out[2].virt < 2 then"),
     );
     assert_eq!(
         marks,
@@ -780,4 +782,200 @@ fn typing_into_a_saved_buffer_during_the_stream_merges_with_the_edit_written_to_
     );
     nv.lua("vim.cmd('checktime')");
     nv.assert_no_prompt();
+}
+
+/// `fn main() {`, `let x_1 = 1;` … `let x_9998 = 9998;`, `}`: 10,000 lines.
+fn big_file() -> Vec<String> {
+    let mut lines = vec!["fn main() {".to_owned()];
+    lines.extend((1..=9998).map(|k| format!("let x_{k} = {k};")));
+    lines.push("}".to_owned());
+    lines
+}
+
+fn text_of(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+#[test]
+fn a_daemon_edit_in_three_far_apart_places_of_a_saved_10000_line_buffer_is_one_undo_step_keeping_cursors_marks_and_extmarks()
+ {
+    let Some(program) = nvim_program() else {
+        return;
+    };
+    let d = InProcess::start();
+    let before = big_file();
+    let repo = TestRepo::with_files(&[("big.rs", text_of(&before).as_bytes())]);
+    let nv = Nvim::start(program, d.home.path(), repo.path());
+    nv.edit(&repo.path().join("big.rs"), 5000);
+    nv.lua("require('spark')._client.ensure(function() end)");
+    nv.wait_for(
+        "the connection",
+        "return require('spark')._client.is_ready()",
+    );
+    // What the user has on untouched lines: a cursor, a second window scrolled elsewhere, a
+    // local and a file mark, and another plugin's extmarks.
+    nv.lua(
+        "vim.api.nvim_buf_set_mark(0, 'a', 5000, 4, {}) \
+         vim.api.nvim_buf_set_mark(0, 'B', 9995, 0, {}) \
+         local ns = vim.api.nvim_create_namespace('other_plugin') \
+         vim.api.nvim_buf_set_extmark(0, ns, 99, 2, {}) \
+         vim.api.nvim_buf_set_extmark(0, ns, 8999, 3, {}) \
+         _G.first_win = vim.api.nvim_get_current_win() \
+         vim.cmd('split') \
+         vim.api.nvim_win_set_cursor(0, { 7000, 2 }) \
+         vim.fn.winrestview({ topline = 6995 })",
+    );
+    assert_eq!(
+        nv.lua("return { vim.fn.line('w0'), vim.fn.line('.') }"),
+        json!([6995, 7000])
+    );
+
+    // A line inserted near the top, one changed in the middle, one deleted near the end.
+    let patch = "*** Begin Patch\n*** Update File: big.rs\n\
+        @@ fn main() {\n let x_1 = 1;\n+// inserted near the top\n\
+        @@\n let x_5998 = 5998;\n-let x_5999 = 5999;\n+let x_5999 = 59990;\n let x_6000 = 6000;\n\
+        @@\n let x_9989 = 9989;\n-let x_9990 = 9990;\n let x_9991 = 9991;\n\
+        *** End Patch\n";
+    let mut after = before.clone();
+    after.remove(9990); // line 9991
+    after[5999] = "let x_5999 = 59990;".to_owned(); // line 6000
+    after.insert(2, "// inserted near the top".to_owned()); // becomes line 3
+    d.client()
+        .call::<EditApply>(&ApplyParams {
+            cwd: repo.cwd(),
+            patch: patch.to_owned(),
+            dry_run: false,
+            source: Some("test".into()),
+            message: Some("three places".into()),
+        })
+        .expect("edit/apply");
+    assert_eq!(repo.read("big.rs"), text_of(&after).as_bytes());
+    nv.wait_for(
+        "the edit in the buffer",
+        "return vim.api.nvim_buf_get_lines(0, 2, 3, false)[1] == '// inserted near the top'",
+    );
+    assert_eq!(nv.lines(), text_of(&after));
+    assert_eq!(
+        nv.lua("return vim.bo.modified"),
+        json!(false),
+        "the buffer matches the file"
+    );
+    // Everything stays on its text: one line was inserted above all of it, and one deleted
+    // between the extmark at line 9000 and the mark at line 9995.
+    assert_eq!(
+        nv.lua(
+            "local ns = vim.api.nvim_get_namespaces().other_plugin \
+             local marks = {} \
+             for _, m in ipairs(vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, {})) do \
+               table.insert(marks, { m[2], m[3] }) \
+             end \
+             return { \
+               first = vim.api.nvim_win_get_cursor(_G.first_win), \
+               second = { vim.fn.line('w0'), vim.fn.line('.'), vim.fn.col('.') }, \
+               a = vim.api.nvim_buf_get_mark(0, 'a'), \
+               B = vim.api.nvim_buf_get_mark(0, 'B'), \
+               extmarks = marks, \
+             }"
+        ),
+        json!({
+            "first": [5001, 4],
+            "second": [6996, 7001, 3],
+            "a": [5001, 4],
+            "B": [9995, 0],
+            "extmarks": [[100, 2], [9000, 3]],
+        })
+    );
+    nv.lua("vim.cmd('checktime')");
+    nv.assert_no_prompt();
+
+    // One `u` takes back all three places, and the buffer no longer matches the file.
+    nv.lua("vim.cmd('normal! u')");
+    assert_eq!(nv.lines(), text_of(&before));
+    assert_eq!(nv.lua("return vim.bo.modified"), json!(true));
+    nv.lua("vim.cmd('normal! u')");
+    assert_eq!(
+        nv.lines(),
+        text_of(&before),
+        "the edit was one undo step; nothing older to undo"
+    );
+    nv.lua("vim.cmd('normal! \\18')"); // <C-r>
+    assert_eq!(nv.lines(), text_of(&after));
+    assert_eq!(nv.lua("return vim.bo.modified"), json!(false));
+    nv.lua("vim.cmd('checktime')");
+    nv.assert_no_prompt();
+}
+
+#[test]
+fn every_ask_sends_the_unsaved_buffer_as_it_is_at_that_ask() {
+    let Some(program) = nvim_program() else {
+        return;
+    };
+    let p = Provider::start(Script::new().default_turn(Turn::text("nothing to change")));
+    let d = p.daemon(true);
+    let repo = lib_repo();
+    let nv = Nvim::start(program, d.home.path(), repo.path());
+    nv.edit(&repo.path().join("src/lib.rs"), 1);
+    let ask = |n: usize| {
+        nv.lua("vim.cmd('SparkAsk look')");
+        nv.wait_for("the answer", "return require('spark')._current() == nil");
+        let asked = wait_for_asks(&p, n);
+        serde_json::to_string(asked.last().expect("ask").input()).expect("json")
+    };
+    nv.lua("vim.cmd('normal! Oconst FIRST: u8 = 1;')");
+    let first = ask(1);
+    assert!(first.contains("const FIRST: u8 = 1;"), "{first}");
+    // Typed after the first ask: the second one sends the new text, which the daemon shows
+    // the model as a change since the first ask.
+    nv.lua("vim.cmd('normal! Goconst SECOND: u8 = 2;')");
+    let second = ask(2);
+    assert!(second.contains("+const SECOND: u8 = 2;"), "{second}");
+    // Unchanged since: the same text again, and the daemon tells the model so.
+    let third = ask(3);
+    assert!(third.contains("is unchanged since"), "{third}");
+    // A change that leaves the line count and the cursor where they were.
+    nv.lua("vim.cmd('normal! gg0rX')");
+    let fourth = ask(4);
+    assert!(fourth.contains("-const FIRST: u8 = 1;"), "{fourth}");
+    assert!(fourth.contains("+Xonst FIRST: u8 = 1;"), "{fourth}");
+    assert_eq!(repo.read("src/lib.rs"), LIB.as_bytes());
+    nv.assert_no_prompt();
+}
+
+/// The reload splits a file reusing the buffer's unchanged first and last lines
+/// (`buffers.split_like`): for any buffer and any file, the lines are those of a full split.
+#[test]
+fn the_reload_reads_a_file_into_the_lines_a_full_split_gives() {
+    let Some(program) = nvim_program() else {
+        return;
+    };
+    let repo = lib_repo();
+    let home = tempfile::tempdir().expect("home");
+    let nv = Nvim::start(program, home.path(), repo.path());
+    let bad = nv.lua(
+        "local b = require('spark.buffers') \
+         local buf = vim.api.nvim_create_buf(false, true) \
+         vim.bo[buf].fileformat = 'unix' \
+         math.randomseed(12) \
+         local alphabet = { '', 'a', 'b', 'ab', 'a\\r', 'ba', '\\t', 'x y' } \
+         local function pick() return alphabet[math.random(#alphabet)] end \
+         for _ = 1, 3000 do \
+           local known = {} \
+           for i = 1, math.random(0, 8) do known[i] = pick() end \
+           local new = vim.deepcopy(known) \
+           for _ = 1, math.random(0, 3) do \
+             local op = math.random(3) \
+             if op == 1 then table.insert(new, math.random(#new + 1), pick()) \
+             elseif op == 2 and #new > 0 then table.remove(new, math.random(#new)) \
+             elseif #new > 0 then new[math.random(#new)] = pick() end \
+           end \
+           local data = table.concat(new, '\\n') \
+           if math.random(4) > 1 and #new > 0 then data = data .. '\\n' end \
+           if math.random(10) == 1 then data = data .. '\\n\\n' end \
+           if not vim.deep_equal(b.split(data, buf), b.split_like(data, buf, known)) then \
+             return { known = known, data = data } \
+           end \
+         end \
+         return vim.NIL",
+    );
+    assert_eq!(bad, Value::Null, "split_like differs from split");
 }

@@ -8,6 +8,28 @@ local M = {}
 local diff = (vim.text and vim.text.diff) or vim.diff
 local base = {} -- bufnr -> lines
 
+-- What each buffer held at a changedtick: its lines, and (made when first needed) the bytes
+-- `:write` would put on disk and their JSON string. Asking again, rendering every preview
+-- delta and reloading after an edit then read a 10,000-line buffer once per change of its
+-- text, not once per use. The tables are shared: nobody may modify them.
+local snaps = {} -- bufnr -> { tick, lines, format, text, json }
+
+--- The buffer's lines (shared, read-only), read again only when its text changed.
+function M.lines(buf)
+  local tick = vim.api.nvim_buf_get_changedtick(buf)
+  local s = snaps[buf]
+  if not s or s.tick ~= tick then
+    s = { tick = tick, lines = vim.api.nvim_buf_get_lines(buf, 0, -1, false) }
+    snaps[buf] = s
+  end
+  return s.lines
+end
+
+-- `lines` is what the buffer holds now (we just put it there): no need to read it back.
+local function seed(buf, lines)
+  snaps[buf] = { tick = vim.api.nvim_buf_get_changedtick(buf), lines = lines }
+end
+
 local function realpath(p)
   return vim.uv.fs_realpath(p) or p
 end
@@ -56,6 +78,48 @@ function M.split(data, buf)
   return lines
 end
 
+--- `data` split as M.split does, for a file most of whose lines are those of `known` (the
+--- buffer's): the unchanged first and last lines are found in `data` where they are, without
+--- making a string for each, and only the lines between are split.
+function M.split_like(data, buf, known)
+  if vim.bo[buf].fileformat ~= "unix" or data:sub(1, 3) == BOM then
+    return M.split(data, buf)
+  end
+  local find, byte = string.find, string.byte
+  local n, at, pre = #known, 1, 0
+  while pre < n do
+    local l = known[pre + 1]
+    if find(data, l, at, true) ~= at or byte(data, at + #l) ~= 10 then
+      break
+    end
+    pre, at = pre + 1, at + #l + 1
+  end
+  -- From the end: `stop` is the newline that ends the lines not yet matched.
+  local suf, stop = 0, #data
+  while suf < n - pre and byte(data, stop) == 10 do
+    local l = known[n - suf]
+    local s = stop - #l
+    if s < at or (s > 1 and byte(data, s - 1) ~= 10) or find(data, l, s, true) ~= s then
+      break
+    end
+    suf, stop = suf + 1, s - 1
+  end
+  local mid = M.split(data:sub(at, stop), buf)
+  local lines = {}
+  for i = 1, pre do
+    lines[i] = known[i]
+  end
+  for i = 1, #mid do
+    lines[pre + i] = mid[i]
+  end
+  local k = pre + #mid
+  for i = n - suf + 1, n do
+    k = k + 1
+    lines[k] = known[i]
+  end
+  return lines
+end
+
 --- The bytes `:write` would put on disk for `buf` (its lines by default).
 function M.text(buf, lines)
   lines = lines or vim.api.nvim_buf_get_lines(buf, 0, -1, false)
@@ -71,24 +135,64 @@ function M.text(buf, lines)
   return text
 end
 
-local function read_lines(path, buf)
-  local f = io.open(path, "rb")
-  if not f then
+--- The buffer's bytes as `:write` would put them on disk, their JSON string (for a request)
+--- and its lines, each made once per change of the text (or of the options that shape it).
+function M.encoded(buf)
+  local lines = M.lines(buf)
+  local s = snaps[buf]
+  local bo = vim.bo[buf]
+  local format = bo.fileformat
+    .. tostring(bo.eol)
+    .. tostring(bo.fixeol)
+    .. tostring(bo.binary)
+    .. tostring(bo.bomb)
+  if s.format ~= format then
+    s.format, s.text, s.json = format, M.text(buf, lines), nil
+  end
+  s.json = s.json or vim.json.encode(s.text)
+  return s.text, s.json, lines
+end
+
+-- The file's bytes, read with one open (nil if it cannot be read).
+local function read_file(path)
+  local fd = vim.uv.fs_open(path, "r", 0)
+  if not fd then
     return nil
   end
-  local data = f:read("*a")
-  f:close()
-  return M.split(data, buf)
+  local stat = vim.uv.fs_fstat(fd)
+  -- One byte more than its size, to see the end of the file in the same read; more reads
+  -- only if it grew meanwhile.
+  local want = (stat and stat.size or 0) + 1
+  local parts, at = {}, 0
+  while true do
+    local chunk = vim.uv.fs_read(fd, want, at)
+    if not chunk then
+      vim.uv.fs_close(fd)
+      return nil
+    end
+    if chunk == "" then
+      break
+    end
+    parts[#parts + 1] = chunk
+    at = at + #chunk
+    if #chunk < want then
+      break
+    end
+    want = 65536
+  end
+  vim.uv.fs_close(fd)
+  return #parts == 1 and parts[1] or table.concat(parts)
 end
 
 function M.remember(buf)
   if vim.api.nvim_buf_is_loaded(buf) then
-    base[buf] = vim.api.nvim_buf_get_lines(buf, 0, -1, false)
+    base[buf] = M.lines(buf)
   end
 end
 
 function M.forget(buf)
   base[buf] = nil
+  snaps[buf] = nil
 end
 
 -- Half-open [s, e) ranges of `base` lines a diff hunk replaces (a pure insertion is empty).
@@ -144,12 +248,13 @@ local function break_undo()
 end
 
 --- Merge `new` into `buf` 3-way: `ancestor` is the text both derive from, the buffer's lines
---- are the user's side (`ancestor` itself when `cur_is_ancestor`: nothing to merge, and no
---- second diff of a large buffer). Returns "same", "applied" or "conflict" (then nothing
---- changed). Exactly one undo step; cursors and views stay on their text.
-function M.merge(buf, ancestor, new, cur_is_ancestor)
+--- are the user's side (`ancestor` itself when `reload`: an unmodified buffer taking its file's
+--- new content, so nothing to merge, no second diff of a large buffer, and the buffer stays
+--- unmodified). Returns "same", "applied" or "conflict" (then nothing changed). Exactly one
+--- undo step; cursors, views, marks and extmarks stay on their text.
+function M.merge(buf, ancestor, new, reload)
   local theirs = hunks(ancestor, new)
-  local ours = cur_is_ancestor and {} or hunks(ancestor, vim.api.nvim_buf_get_lines(buf, 0, -1, false))
+  local ours = reload and {} or hunks(ancestor, M.lines(buf))
   if #theirs == 0 then
     return "same"
   end
@@ -170,6 +275,11 @@ function M.merge(buf, ancestor, new, cur_is_ancestor)
   vim.api.nvim_buf_call(buf, function()
     -- Exactly one undo step: closed off from the user's last change and from their next.
     break_undo()
+    if reload then
+      -- The undo step records whether the buffer was modified before it: say yes, as after
+      -- Neovim's own reload, so `u` leaves the buffer modified (it no longer matches disk).
+      vim.bo[buf].modified = true
+    end
     for i = #theirs, 1, -1 do
       local t = theirs[i]
       local shift = 0
@@ -183,11 +293,21 @@ function M.merge(buf, ancestor, new, cur_is_ancestor)
         table.insert(repl, new[j])
       end
       local from = t.s - 1 + shift
+      if i < #theirs then
+        -- Into the same undo step even if something (another plugin's on_lines) closed it.
+        pcall(vim.cmd, "silent undojoin")
+      end
       vim.api.nvim_buf_set_lines(buf, from, from + (t.e - t.s), false, repl)
       table.insert(moves, { from + 1, t.e - t.s, #repl })
     end
     break_undo()
   end)
+  if reload then
+    vim.bo[buf].modified = false
+  end
+  if #ours == 0 then
+    seed(buf, new)
+  end
   local function map(lnum)
     -- Hunks are bottom-up, so each one's position is in the coordinates before the next.
     for i = #moves, 1, -1 do
@@ -215,15 +335,16 @@ end
 --- Bring the file's new content into `buf`. Returns "same", "reloaded", "merged",
 --- "conflict" or "unknown_base" (a modified buffer whose base we do not know).
 function M.apply_file(buf, path)
-  local new = read_lines(path, buf)
-  if not new then
+  local data = read_file(path)
+  if not data then
     return "missing"
   end
   local modified = vim.bo[buf].modified
-  local ancestor = modified and base[buf] or vim.api.nvim_buf_get_lines(buf, 0, -1, false)
+  local ancestor = modified and base[buf] or M.lines(buf)
   if not ancestor then
     return "unknown_base"
   end
+  local new = M.split_like(data, buf, ancestor)
   local outcome = M.merge(buf, ancestor, new, not modified)
   if outcome == "conflict" then
     return outcome

@@ -64,8 +64,64 @@ function M.info()
   return conn and conn.init
 end
 
+-- A value already encoded as JSON, spliced into a request as it is: a large unsaved buffer is
+-- encoded once per change of its text (buffers.encoded), not once per ask.
+local Encoded = {}
+
+function M.encoded(json)
+  return setmetatable({ json = json }, Encoded)
+end
+
+local function holds_encoded(v)
+  if type(v) ~= "table" then
+    return false
+  end
+  if getmetatable(v) == Encoded then
+    return true
+  end
+  for _, x in pairs(v) do
+    if holds_encoded(x) then
+      return true
+    end
+  end
+  return false
+end
+
+-- Append `v` as JSON to `parts`, M.encoded values as they are. Only the (small) tables around
+-- them are walked here; everything else is encoded by vim.json in one call. The large parts
+-- are never joined into one string: the pipe writes the list as it is.
+local function encode_into(parts, v)
+  if getmetatable(v) == Encoded then
+    parts[#parts + 1] = v.json
+  elseif not holds_encoded(v) then
+    parts[#parts + 1] = vim.json.encode(v)
+  elseif vim.islist(v) then
+    for i, x in ipairs(v) do
+      parts[#parts + 1] = i == 1 and "[" or ","
+      encode_into(parts, x)
+    end
+    parts[#parts + 1] = "]"
+  else
+    local first = true
+    for k, x in pairs(v) do
+      parts[#parts + 1] = (first and "{" or ",") .. vim.json.encode(tostring(k)) .. ":"
+      first = false
+      encode_into(parts, x)
+    end
+    parts[#parts + 1] = "}"
+  end
+end
+
 local function send(c, msg)
-  c.pipe:write(vim.json.encode(msg) .. "\n")
+  if not holds_encoded(msg.params) then
+    c.pipe:write(vim.json.encode(msg) .. "\n")
+    return
+  end
+  local head = ('{"jsonrpc":"2.0","id":%d,"method":%s,"params":'):format(msg.id, vim.json.encode(msg.method))
+  local parts = { head }
+  encode_into(parts, msg.params)
+  parts[#parts + 1] = "}\n"
+  c.pipe:write(parts)
 end
 
 local function finish_waiting(err)

@@ -197,10 +197,10 @@ local function unsaved(root)
       -- A file never written, or one over the daemon's limit, is not sent: the daemon would
       -- refuse the whole ask for it (docs/protocol.md); an edit to it then merges in from disk.
       if real and vim.startswith(real, real_root .. "/") and vim.uv.fs_stat(real) then
-        local lines = vim.api.nvim_buf_get_lines(b, 0, -1, false)
-        local text = buffers.text(b, lines)
+        -- Encoded once per change of the buffer: asking again sends the same JSON string.
+        local text, json, lines = buffers.encoded(b)
         if #text <= MAX_BUFFER_BYTES then
-          table.insert(list, { path = p, text = text })
+          table.insert(list, { path = p, text = client.encoded(json) })
           sent[b] = { lines = lines, rel = real:sub(#real_root + 2) }
         end
       end

@@ -81,19 +81,6 @@ function M.parse(text)
   return files
 end
 
--- Each buffer's lines, read again only when its text changed: a render per delta must not
--- copy a 10,000-line buffer each time.
-local line_cache = {}
-local function buf_lines(buf)
-  local tick = vim.api.nvim_buf_get_changedtick(buf)
-  local c = line_cache[buf]
-  if not c or c.tick ~= tick then
-    c = { tick = tick, lines = vim.api.nvim_buf_get_lines(buf, 0, -1, false) }
-    line_cache[buf] = c
-  end
-  return c.lines
-end
-
 --- Show `text` (the patch so far) in open buffers of `root`; returns the buffers marked.
 function M.render(root, text)
   local marked = {}
@@ -101,7 +88,9 @@ function M.render(root, text)
     for _, buf in ipairs(buffers.buffers_for(root .. "/" .. f.path)) do
       marked[buf] = true
       vim.api.nvim_buf_clear_namespace(buf, M.ns, 0, -1)
-      local lines = buf_lines(buf)
+      -- Read again only when the text changed: a render per delta must not copy a
+      -- 10,000-line buffer each time.
+      local lines = buffers.lines(buf)
       local cursor = 1
       for _, c in ipairs(f.chunks) do
         if c.anchor ~= "" then
@@ -157,7 +146,6 @@ end
 
 function M.clear(bufs)
   for buf in pairs(bufs or {}) do
-    line_cache[buf] = nil
     if vim.api.nvim_buf_is_valid(buf) then
       vim.api.nvim_buf_clear_namespace(buf, M.ns, 0, -1)
     end
