@@ -82,7 +82,9 @@ pub struct TestRepo {
 }
 
 impl TestRepo {
-    /// `git init` on branch `main` with a local identity; no commits yet.
+    /// `git init` on branch `main` with a local identity; no commits yet. Automatic `git gc`
+    /// and maintenance are off: a commit of thousands of files would otherwise start a
+    /// detached repack that competes with the test (or benchmark) for the CPU.
     pub fn empty() -> TestRepo {
         let dir = tempfile::Builder::new()
             .prefix("repo")
@@ -90,8 +92,13 @@ impl TestRepo {
             .expect("temp repo");
         let r = TestRepo { dir };
         r.git(&["init", "-q", "-b", "main"]);
-        r.git(&["config", "user.name", "Spark Test"]);
-        r.git(&["config", "user.email", "test@spark.invalid"]);
+        let config = r.path().join(".git/config");
+        let mut text = std::fs::read_to_string(&config).expect("read .git/config");
+        text.push_str(
+            "[user]\n\tname = Spark Test\n\temail = test@spark.invalid\n\
+             [gc]\n\tauto = 0\n[maintenance]\n\tauto = false\n",
+        );
+        std::fs::write(&config, text).expect("write .git/config");
         r
     }
 
