@@ -181,34 +181,49 @@ impl View {
         if named.is_empty() && !score.values().any(|&s| s >= ENOUGH) {
             return Vec::new();
         }
-        let mut picked: Vec<(u32, u32)> = Vec::new();
-        for (ordinal, (path, e)) in (0u32..).zip(&self.files) {
-            if !matches!(e.meta.kind, Kind::Text(_)) {
-                continue;
+        // Files are ordinals in `files` order. Without a path-like word only the scored files
+        // can qualify: step the iterator from one to the next instead of visiting every file
+        // through a hash lookup (a repository of 300,000 files took 36 ms that way).
+        let mut scored: Vec<(u32, u32)> = score.into_iter().collect();
+        scored.sort_unstable();
+        let mut picked: Vec<(u32, u32, &String)> = Vec::new();
+        if named.is_empty() {
+            let mut files = self.files.iter();
+            let mut next = 0u32;
+            for (ordinal, s) in scored {
+                let Some((path, e)) = files.nth((ordinal - next) as usize) else {
+                    break;
+                };
+                next = ordinal + 1;
+                if s >= ENOUGH && matches!(e.meta.kind, Kind::Text(_)) {
+                    picked.push((s, ordinal, path));
+                }
             }
-            let mut s = score.get(&ordinal).copied().unwrap_or(0);
-            if named.iter().any(|n| names_file(path, n)) {
-                s += NAMED;
-            }
-            if s >= ENOUGH {
-                picked.push((s, ordinal));
+        } else {
+            let mut scored = scored.into_iter().peekable();
+            for (ordinal, (path, e)) in (0u32..).zip(&self.files) {
+                let mut s = 0;
+                if scored.peek().is_some_and(|&(o, _)| o == ordinal) {
+                    s = scored.next().map_or(0, |(_, s)| s);
+                }
+                if !matches!(e.meta.kind, Kind::Text(_)) {
+                    continue;
+                }
+                if named.iter().any(|n| names_file(path, n)) {
+                    s += NAMED;
+                }
+                if s >= ENOUGH {
+                    picked.push((s, ordinal, path));
+                }
             }
         }
         // Best first; among equals, the order of `files` (by path).
         picked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         picked.truncate(limit);
-        let wanted: HashMap<u32, usize> = picked
-            .iter()
-            .enumerate()
-            .map(|(rank, &(_, o))| (o, rank))
-            .collect();
-        let mut out = vec![String::new(); picked.len()];
-        for (ordinal, path) in (0u32..).zip(self.files.keys()) {
-            if let Some(&rank) = wanted.get(&ordinal) {
-                out[rank] = path.clone();
-            }
-        }
-        out
+        picked
+            .into_iter()
+            .map(|(_, _, path)| path.clone())
+            .collect()
     }
 }
 
