@@ -420,6 +420,8 @@ impl Default for Settings {
 pub struct Script {
     pub turns: VecDeque<Turn>,
     pub default_turn: Turn,
+    /// Consulted before the default turn when the queue is empty: a turn made from the request.
+    pub responder: Option<Responder>,
     pub settings: Settings,
 }
 
@@ -428,8 +430,33 @@ impl Default for Script {
         Script {
             turns: VecDeque::new(),
             default_turn: Turn::text("Done."),
+            responder: None,
             settings: Settings::default(),
         }
+    }
+}
+
+/// Makes a turn from a generating request's body (`None`: the default turn), for tests whose
+/// concurrent clients each need an answer of their own whatever order their requests arrive in.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct Responder(Arc<dyn Fn(&Value) -> Option<Turn> + Send + Sync>);
+
+impl Responder {
+    pub fn new(f: impl Fn(&Value) -> Option<Turn> + Send + Sync + 'static) -> Responder {
+        Responder(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Responder(..)")
+    }
+}
+
+impl PartialEq for Responder {
+    fn eq(&self, other: &Responder) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -453,6 +480,16 @@ impl Script {
     /// The turn answered whenever the queue is empty.
     pub fn default_turn(mut self, turn: Turn) -> Script {
         self.default_turn = turn;
+        self
+    }
+
+    /// With the queue empty, answer each generating request with the turn `f` makes from its
+    /// body, or the default turn when `f` gives none.
+    pub fn respond_with(
+        mut self,
+        f: impl Fn(&Value) -> Option<Turn> + Send + Sync + 'static,
+    ) -> Script {
+        self.responder = Some(Responder::new(f));
         self
     }
 
@@ -787,12 +824,16 @@ impl Shared {
         lock(&self.script).settings.clone()
     }
 
-    fn take_turn(&self) -> Turn {
+    fn take_turn(&self, body: &Value) -> Turn {
         let mut script = lock(&self.script);
-        match script.turns.pop_front() {
-            Some(turn) => turn,
-            None => script.default_turn.clone(),
+        if let Some(turn) = script.turns.pop_front() {
+            return turn;
         }
+        let responder = script.responder.clone();
+        let default = script.default_turn.clone();
+        // The responder runs without the script's lock: it is the test's code.
+        drop(script);
+        responder.and_then(|r| (r.0)(body)).unwrap_or(default)
     }
 
     fn record(

@@ -383,7 +383,7 @@ pub(super) fn start_request(
     let accepted = accept_request(shared, transport, body, cache)?;
     // Prewarm consumes no scripted turn.
     let turn = if accepted.generate {
-        shared.take_turn()
+        shared.take_turn(&accepted.body)
     } else {
         Turn::text("")
     };
