@@ -5,6 +5,8 @@
 //! - [`instance`]: the private socket directory, the single-instance lock, stale sockets.
 //! - `server`: the accept loop, one task per connection, request dispatch, events, shutdown.
 //! - `codec`: NDJSON line framing on tokio with a maximum line length.
+//! - `outbound`: one connection's queue to its writer: responses wait for room, notifications
+//!   never do (a client that stops reading them is disconnected).
 //! - `edit`: the edit engine (parse, check, apply all-or-nothing, record, undo, stash).
 //! - `repo`: one actor thread per repository owning its `git2::Repository`.
 //! - `provider`: warm Responses-API sessions (WebSocket mode, HTTP + SSE fallback).
@@ -26,6 +28,7 @@ mod codec;
 mod draft;
 mod edit;
 mod history;
+mod outbound;
 mod provider;
 mod repo;
 mod trigger;

@@ -2,8 +2,9 @@
 //! events and the single shutdown path.
 //!
 //! Every connection must `initialize` first. Responses and notifications for a connection go
-//! through one bounded outbound queue drained by a writer task, so a slow reader slows only
-//! itself. Shutdown (signal, `shutdown` request or idle timeout) cancels one root token: the
+//! through its `Outbound` queue drained by a writer task: a client that does not read its answers
+//! is no longer read from, and one that does not read its notifications is disconnected, so a
+//! slow reader slows only itself and costs bounded memory. Shutdown (signal, `shutdown` request or idle timeout) cancels one root token: the
 //! accept loop stops, connections flush what they owe and close, tracked tasks get the drain
 //! timeout to finish, and the socket file is removed.
 
@@ -35,10 +36,9 @@ use crate::codec::LineDecoder;
 use crate::config::Config;
 use crate::edit::{self, EditEnv};
 use crate::instance::Instance;
+use crate::outbound::{Outbound, Queued};
 use crate::repo::Repos;
 
-/// Lines queued for one connection's writer; beyond it, the handler waits (backpressure).
-const OUTBOUND_CAPACITY: usize = 256;
 /// Events buffered per subscriber before the slowest one starts missing them.
 const EVENT_CAPACITY: usize = 1024;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
@@ -214,7 +214,7 @@ async fn refuse_overloaded(stream: Stream) {
 struct Connection {
     shared: Arc<Shared>,
     id: u64,
-    out: mpsc::Sender<Vec<u8>>,
+    out: Outbound,
     initialized: bool,
     subscribed: bool,
     /// Cancelled when this connection ends (or the daemon stops): ends its event forwarder.
@@ -224,8 +224,11 @@ struct Connection {
 impl Connection {
     async fn run(shared: Arc<Shared>, stream: Stream, id: u64) {
         let stream = Arc::new(stream);
-        let (out, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
-        let writer = shared.tracker.spawn(write_loop(stream.clone(), out_rx));
+        let closed = shared.shutdown.child_token();
+        let (out, out_rx) = Outbound::new(id, closed.clone());
+        let writer = shared
+            .tracker
+            .spawn(write_loop(stream.clone(), out_rx, out.dropped_token()));
         let mut frames = FramedRead::new(SharedStream(stream), LineDecoder::new(MAX_LINE_BYTES));
         let mut conn = Connection {
             shared: shared.clone(),
@@ -233,7 +236,7 @@ impl Connection {
             out,
             initialized: false,
             subscribed: false,
-            closed: shared.shutdown.child_token(),
+            closed,
         };
         debug!(conn = id, "connected");
         loop {
@@ -241,6 +244,7 @@ impl Connection {
                 // Biased: once shutdown starts, nothing more is read, even if lines are queued.
                 biased;
                 () = shared.shutdown.cancelled() => break,
+                () = conn.out.dropped() => break,
                 f = frames.next() => f,
             };
             let alive = match frame {
@@ -273,9 +277,9 @@ impl Connection {
         debug!(conn = id, "closed");
     }
 
-    /// Queue a line for the writer; false once the connection is gone.
+    /// Queue a response for the writer, waiting for room; false once the connection is gone.
     async fn send<T: Serialize>(&self, msg: &T) -> bool {
-        self.out.send(encode(msg)).await.is_ok()
+        self.out.respond(encode(msg)).await
     }
 
     async fn handle_line(&mut self, line: &[u8]) -> bool {
@@ -663,10 +667,11 @@ impl Connection {
                         methods::ASK_PROGRESS,
                         serde_json::to_value(progress).expect("progress always serializes"),
                     ));
-                    let out = out.clone();
-                    async move {
-                        let _ = out.send(line).await;
-                    }
+                    // Never waits: this ask holds its repository's conversation, which every
+                    // edit there and the next ask need (a client that stopped reading is
+                    // disconnected instead, which cancels this ask).
+                    out.notify(line);
+                    std::future::ready(())
                 };
                 let result = shared.asks.ask(repo, prefix, p, cancel, emit).await?;
                 to_value(result)
@@ -676,7 +681,7 @@ impl Connection {
                 Ok(v) => Response::ok(id, v),
                 Err(e) => Response::err(id, e),
             };
-            let _ = out.send(encode(&response)).await;
+            let _ = out.respond(encode(&response)).await;
         });
     }
 
@@ -842,20 +847,38 @@ fn with_reverted(
         .collect()
 }
 
-async fn write_loop(stream: Arc<Stream>, mut rx: mpsc::Receiver<Vec<u8>>) {
+/// Write what is queued, in order, until every sender is gone; a client disconnected for not
+/// reading gets nothing more (a write to its full socket would never finish).
+async fn write_loop(
+    stream: Arc<Stream>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    dropped: CancellationToken,
+) {
     let mut tx = &*stream;
-    while let Some(line) = rx.recv().await {
-        if tx.write_all(&line).await.is_err() {
+    loop {
+        let queued = tokio::select! {
+            biased;
+            () = dropped.cancelled() => return,
+            q = rx.recv() => q,
+        };
+        let Some(queued) = queued else { break };
+        let written = tokio::select! {
+            biased;
+            () = dropped.cancelled() => return,
+            w = tx.write_all(&queued.line) => w,
+        };
+        if written.is_err() {
             return;
         }
     }
     let _ = tx.flush().await;
 }
 
-/// Push every event to one subscribed connection; never block the publisher.
+/// Push every event to one subscribed connection; never block the publisher. A subscriber that
+/// stopped reading is disconnected by its queue (`Outbound::notify`), which ends this task.
 async fn forward_events(
     mut rx: broadcast::Receiver<Event>,
-    out: mpsc::Sender<Vec<u8>>,
+    out: Outbound,
     closed: CancellationToken,
     shutdown: CancellationToken,
 ) {
@@ -867,20 +890,18 @@ async fn forward_events(
         let event = tokio::select! {
             () = closed.cancelled() => {
                 if shutdown.is_cancelled() {
-                    let _ = out.try_send(notify(&Event::Stopping));
+                    out.notify(notify(&Event::Stopping));
                 }
                 return;
             }
             e = rx.recv() => e,
         };
         match event {
-            Ok(e) => match out.try_send(notify(&e)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    warn!("subscriber not reading; event dropped")
+            Ok(e) => {
+                if !out.notify(notify(&e)) {
+                    return;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-            },
+            }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 warn!(missed = n, "subscriber too slow; events dropped")
             }
