@@ -7,6 +7,7 @@
 //! - [`TestRepo`], [`hermetic_git`], [`snapshot`]: from the shared test kit (`spark-testkit`).
 //! - [`fake_provider`]: a Responses-API provider on loopback (WebSocket mode and HTTP + SSE).
 //! - [`fake_chat`]: an OpenAI chat-completions endpoint for peers that speak only that (aider).
+//! - [`load`]: concurrent clients (and slow readers) against a real `sparkd`, checked reply by reply.
 //! - [`http1`]: the HTTP/1.1 head and body reader the fakes and proxies share (`httparse`).
 
 pub mod fake_chat;
@@ -14,6 +15,7 @@ pub mod fake_provider;
 pub mod fault_proxy;
 pub mod http1;
 pub mod kill_rounds;
+pub mod load;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;

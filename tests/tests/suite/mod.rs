@@ -14,6 +14,7 @@ mod hooks;
 mod hostile;
 mod lanes;
 mod lifecycle;
+mod load;
 mod mcp;
 mod nvim;
 mod protocol;
