@@ -8,6 +8,8 @@
 //! - [`fake_provider`]: a Responses-API provider on loopback (WebSocket mode and HTTP + SSE).
 //! - [`fake_chat`]: an OpenAI chat-completions endpoint for peers that speak only that (aider).
 //! - [`load`]: concurrent clients (and slow readers) against a real `sparkd`, checked reply by reply.
+//! - [`real_daemon`]: the `sparkd` binary against the fake provider, its RSS and inotify watches.
+//! - [`scale`]: large and many watched repositories: index time, memory, watches, responsiveness.
 //! - [`http1`]: the HTTP/1.1 head and body reader the fakes and proxies share (`httparse`).
 
 pub mod fake_chat;
@@ -16,6 +18,8 @@ pub mod fault_proxy;
 pub mod http1;
 pub mod kill_rounds;
 pub mod load;
+pub mod real_daemon;
+pub mod scale;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;

@@ -32,7 +32,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,7 +45,8 @@ use spark_proto::methods::{
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::fake_provider::{Script, Turn};
-use crate::{Home, Provider, TestRepo, bin, stderr};
+use crate::real_daemon::{RealDaemon, RssSampler};
+use crate::{Provider, TestRepo, stderr};
 
 /// What one load run does.
 #[derive(Debug, Clone)]
@@ -401,121 +401,6 @@ fn respond_to_load_ask(
             }
             _ => None,
         }
-    }
-}
-
-/// The real `sparkd` binary, detached-style: it prints `ready <pid>` once it serves.
-struct RealDaemon {
-    home: Home,
-    child: Child,
-    pid: i32,
-}
-
-impl RealDaemon {
-    fn start(provider: &Provider) -> RealDaemon {
-        let home = Home::new();
-        let layout = home.layout();
-        std::fs::create_dir_all(layout.config_file.parent().expect("config dir"))
-            .expect("mkdir config dir");
-        // Benchmarks and load runs measure the daemon, not the disk.
-        std::fs::write(&layout.config_file, "fsync = false\n").expect("write config.toml");
-        let mut child = Command::new(bin("sparkd"))
-            .arg("--detached")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", home.path())
-            .env("SPARK_HOME", home.path())
-            .env("SPARK_PROVIDER_URL", provider.fake.ws_url())
-            .env("SPARK_API_KEY", "sk-test-not-a-real-key")
-            .env("SPARK_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start sparkd");
-        let mut ready = String::new();
-        BufReader::new(child.stdout.take().expect("piped stdout"))
-            .read_line(&mut ready)
-            .expect("read sparkd's ready line");
-        let pid = ready
-            .strip_prefix("ready ")
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("sparkd did not say ready: {ready:?}"));
-        RealDaemon { home, child, pid }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.home.layout().log_file).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    /// `shutdown`, then wait for the process.
-    fn stop(mut self) {
-        let out = Command::new(bin("sparkctl"))
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", self.home.path())
-            .env("SPARK_HOME", self.home.path())
-            .arg("stop")
-            .output()
-            .expect("run sparkctl stop");
-        assert!(out.status.success(), "sparkctl stop: {}", stderr(&out));
-        let status = self.child.wait().expect("wait for sparkd");
-        assert!(status.success(), "sparkd exited with {status}");
-    }
-}
-
-impl Drop for RealDaemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Samples the daemon's `VmRSS` and `VmHWM` every 20 ms until stopped.
-struct RssSampler {
-    stop: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<(u64, u64, u64)>,
-}
-
-impl RssSampler {
-    fn start(pid: i32) -> RssSampler {
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let read = || {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                let field = |name: &str| {
-                    status
-                        .lines()
-                        .find_map(|l| l.strip_prefix(name))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                        .unwrap_or(0)
-                };
-                (field("VmRSS:"), field("VmHWM:"))
-            };
-            let (start, mut hwm) = read();
-            let mut peak = start;
-            // The interval paces the sampling; the channel ends it.
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(Duration::from_millis(20))
-            {
-                let (rss, h) = read();
-                peak = peak.max(rss);
-                hwm = hwm.max(h);
-            }
-            (start, peak, hwm)
-        });
-        RssSampler { stop, thread }
-    }
-
-    /// (start, peak `VmRSS`, `VmHWM`) in KiB.
-    fn stop(self) -> (u64, u64, u64) {
-        let _ = self.stop.send(());
-        self.thread.join().expect("rss sampler")
     }
 }
 

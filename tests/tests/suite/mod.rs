@@ -19,6 +19,7 @@ mod mcp;
 mod nvim;
 mod protocol;
 mod reliability;
+mod scale;
 mod shapes;
 mod ssh;
 mod stash_fidelity;
