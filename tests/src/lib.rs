@@ -195,6 +195,26 @@ pub fn bin(name: &str) -> PathBuf {
         build.args([
             "build", "--quiet", "-p", "sparkd", "-p", "sparkctl", "--bins",
         ]);
+        // Cargo gives this test binary the variables of its own package (`CARGO_PKG_NAME`,
+        // `CARGO_MANIFEST_DIR`, …). Build scripts that watch them (ring's does) would see them
+        // changed and rerun, rebuilding ring, rustls and the daemon on every run.
+        for (key, _) in std::env::vars_os() {
+            let set_by_cargo = key.to_str().is_some_and(|k| {
+                k.starts_with("CARGO_PKG_")
+                    || k.starts_with("CARGO_MANIFEST_")
+                    || k.starts_with("CARGO_BIN_")
+                    || matches!(
+                        k,
+                        "CARGO_CRATE_NAME"
+                            | "CARGO_PRIMARY_PACKAGE"
+                            | "CARGO_TARGET_TMPDIR"
+                            | "OUT_DIR"
+                    )
+            });
+            if set_by_cargo {
+                build.env_remove(&key);
+            }
+        }
         if dir.ends_with("release") {
             build.arg("--release");
         }
