@@ -75,8 +75,13 @@ fn main() {
         r.status_ms(1.0)
     );
     println!(
-        "memory: VmRSS {} KiB at start, {} KiB once indexed, {} KiB after the asks, peak {} KiB (VmHWM {} KiB)",
-        r.rss_start_kib, r.rss_indexed_kib, r.rss_after_asks_kib, r.rss_peak_kib, r.hwm_kib
+        "memory: VmRSS {} KiB at start, {} KiB once indexed, {} KiB after the asks with a focus file, {} KiB after all asks, peak {} KiB (VmHWM {} KiB)",
+        r.rss_start_kib,
+        r.rss_indexed_kib,
+        r.rss_after_focus_kib,
+        r.rss_after_asks_kib,
+        r.rss_peak_kib,
+        r.hwm_kib
     );
     println!(
         "inotify watches: {} held (kernel's count), {watches} by `status`; this machine's fs.inotify.max_user_watches = {}",
@@ -108,7 +113,7 @@ fn main() {
         "status_during_index": {"n": r.status_during_index.len(), "p50_ms": r.status_ms(0.5),
             "p99_ms": r.status_ms(0.99), "max_ms": r.status_ms(1.0)},
         "rss_kib": {"start": r.rss_start_kib, "indexed": r.rss_indexed_kib,
-            "after_asks": r.rss_after_asks_kib, "peak": r.rss_peak_kib, "hwm": r.hwm_kib},
+            "after_focus_asks": r.rss_after_focus_kib, "after_asks": r.rss_after_asks_kib, "peak": r.rss_peak_kib, "hwm": r.hwm_kib},
         "kernel_watches": r.kernel_watches, "status_watches": watches, "max_user_watches": limit,
         "assembly_focus": {"p50_ms": q(&r.assembly_focus_ms, 0.5), "p99_ms": q(&r.assembly_focus_ms, 0.99)},
         "assembly_pick": {"p50_ms": q(&r.assembly_pick_ms, 0.5), "p99_ms": q(&r.assembly_pick_ms, 0.99)},

@@ -92,6 +92,8 @@ pub struct ScaleReport {
     pub assembly_focus_ms: Vec<f64>,
     /// Context assembly (ms) on the big repository, the file picked from a name in the prompt.
     pub assembly_pick_ms: Vec<f64>,
+    /// `VmRSS` after the asks with a focus file, and after all asks.
+    pub rss_after_focus_kib: u64,
     pub rss_after_asks_kib: u64,
 }
 
@@ -298,6 +300,7 @@ pub fn run(opts: &ScaleOptions, repos: &[TestRepo]) -> ScaleReport {
         ms
     };
     let assembly_focus_ms = ask(&params);
+    let (rss_after_focus_kib, _) = rss_kib(daemon.pid);
     let last = provider.fake.requests();
     let last = last.last().expect("a request");
     assert!(
@@ -334,6 +337,7 @@ pub fn run(opts: &ScaleOptions, repos: &[TestRepo]) -> ScaleReport {
         kernel_watches,
         assembly_focus_ms,
         assembly_pick_ms,
+        rss_after_focus_kib,
         rss_after_asks_kib,
     }
 }
