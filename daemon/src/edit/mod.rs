@@ -1653,9 +1653,17 @@ mod buffer_tests {
             .expect("id");
         assert_ne!(first, second, "a second application has an id of its own");
         let summaries = ledger::summaries(f.repo.path()).expect("ledger");
+        // Each id is abbreviated on its own (one whose first seven digits are all decimal is
+        // lengthened), so each summary is matched by its own id's prefix.
         let states: Vec<(String, EventKind)> = summaries
             .iter()
-            .map(|s| (s.applied.edit[..first.len()].to_owned(), s.state))
+            .map(|s| {
+                let id = [&first, &second]
+                    .into_iter()
+                    .find(|id| s.applied.edit.starts_with(id.as_str()))
+                    .map_or_else(|| s.applied.edit.clone(), |id| id.clone());
+                (id, s.state)
+            })
             .collect();
         assert_eq!(
             states,
