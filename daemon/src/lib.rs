@@ -17,6 +17,8 @@
 //! - `watch`: one watcher per repository keeping its outline and file contents current, and
 //!   `watch::cache`, the sled context cache (disposable: rebuilt whenever it is unreadable).
 //! - `clock`: wall-clock milliseconds for the ledger, the watcher and `status`.
+//! - `memory`: freed heap pages handed back to the kernel after large one-off work (the one
+//!   module with `unsafe`).
 
 pub mod config;
 pub mod instance;
@@ -28,6 +30,7 @@ mod codec;
 mod draft;
 mod edit;
 mod history;
+mod memory;
 mod outbound;
 mod provider;
 mod repo;

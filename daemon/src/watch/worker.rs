@@ -736,6 +736,7 @@ impl Repo {
                 .collect();
             cache.drop_blobs(&self.workdir, &stale);
         }
+        let large = changes.len() >= crate::memory::TRIM_AFTER;
         let seq = if let Ok(mut view) = self.view.write() {
             // Files that appear in this batch are new as of the batch's number.
             let since = if initial || reported.is_empty() {
@@ -763,6 +764,9 @@ impl Repo {
                     }
                 }
             }
+            if large {
+                view.compact();
+            }
             if outline_dirty {
                 view.rebuild_outline();
             }
@@ -782,6 +786,11 @@ impl Repo {
             0
         };
         self.save_snapshot(tree, initial);
+        if large {
+            // The batch's transient paths and the map's old nodes are free now; without this
+            // they stay resident (a first index of 300,000 files leaves tens of megabytes).
+            crate::memory::release_free_memory();
+        }
         if let Some(cache) = &self.cache
             && tree
                 .last_measure
