@@ -240,6 +240,7 @@ mod tests {
             repo: &repo,
             workdir: dir,
             env: &env,
+            tracked: &Default::default(),
         };
         staged_diff(&ctx).expect("staged diff")
     }

@@ -6,25 +6,59 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use git2::Repository;
 use spark_proto::{ErrorCode, RpcError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::edit::{EditEnv, RepoCtx};
 
 /// Jobs queued per repository before callers get a retryable "overloaded" error.
 const REPO_QUEUE: usize = 64;
 
+/// When an idle repository lets go of its parsed git index. libgit2 keeps the index of every
+/// `Repository` that looked at it (path checks, attributes and records all do), about 230
+/// bytes per tracked file: 70 MB for a 300,000-file repository, kept for as long as the daemon
+/// runs. Re-reading it costs tens of milliseconds there, so it stays loaded while requests
+/// keep coming and is dropped once the repository has been idle a while.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IndexRelease {
+    /// Index files smaller than this (about 20,000 files) stay loaded: cheap to keep.
+    pub(crate) min_bytes: u64,
+    /// Released after this long without a request.
+    pub(crate) idle: Duration,
+}
+
+impl Default for IndexRelease {
+    fn default() -> Self {
+        IndexRelease {
+            min_bytes: 2 << 20,
+            idle: Duration::from_secs(10),
+        }
+    }
+}
+
+impl IndexRelease {
+    /// Whether `repo`'s index file is large enough to release.
+    fn applies(&self, repo: &Repository) -> bool {
+        std::fs::metadata(repo.path().join("index")).is_ok_and(|m| m.len() >= self.min_bytes)
+    }
+}
+
 type Job = Box<dyn FnOnce(&RepoCtx<'_>) + Send>;
 
 /// A handle to one repository's actor.
 #[derive(Debug, Clone)]
 pub(crate) struct RepoHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::SyncSender<Job>,
     workdir: Arc<PathBuf>,
     edits: Arc<AtomicU64>,
+    /// Times the actor released its git index while idle (read by tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    index_releases: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl RepoHandle {
@@ -40,6 +74,11 @@ impl RepoHandle {
         self.edits.fetch_add(1, Ordering::Relaxed);
     }
 
+    #[cfg(test)]
+    fn index_releases(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.index_releases.subscribe()
+    }
+
     /// Run `f` on the repository's thread and wait for its result.
     pub(crate) async fn run<R: Send + 'static>(
         &self,
@@ -50,12 +89,12 @@ impl RepoHandle {
             let _ = tx.send(f(ctx));
         });
         self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RpcError::new(
+            TrySendError::Full(_) => RpcError::new(
                 ErrorCode::Overloaded,
                 "too many requests queued for this repository",
             )
             .with_hint("retry shortly"),
-            mpsc::error::TrySendError::Closed(_) => {
+            TrySendError::Disconnected(_) => {
                 RpcError::new(ErrorCode::Internal, "the repository actor stopped")
             }
         })?;
@@ -130,7 +169,12 @@ impl Repos {
                     format!("cannot open {}: {e}", workdir.display()),
                 )
             })?;
-        let handle = spawn_actor(workdir.clone(), repo, self.env.clone())?;
+        let handle = spawn_actor(
+            workdir.clone(),
+            repo,
+            self.env.clone(),
+            IndexRelease::default(),
+        )?;
         // Two first requests may race to open it: the first handle in wins, the other's actor exits.
         let handle = self.lock()?.entry(workdir).or_insert(handle).clone();
         Ok((handle, prefix))
@@ -342,8 +386,13 @@ fn open_at(workdir: &Path) -> Result<Repository, String> {
     open_worktree(&found.git_dir, &found.workdir).map_err(|e| e.to_string())
 }
 
-fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoHandle, RpcError> {
-    let (tx, mut rx) = mpsc::channel::<Job>(REPO_QUEUE);
+fn spawn_actor(
+    workdir: PathBuf,
+    repo: Repository,
+    env: EditEnv,
+    release: IndexRelease,
+) -> Result<RepoHandle, RpcError> {
+    let (tx, rx) = mpsc::sync_channel::<Job>(REPO_QUEUE);
     let name = format!(
         "repo:{}",
         workdir
@@ -354,21 +403,54 @@ fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoH
     let thread_workdir = workdir.clone();
     let edits = Arc::new(AtomicU64::new(0));
     let thread_edits = edits.clone();
+    let index_releases = Arc::new(tokio::sync::watch::Sender::new(0));
+    let thread_releases = index_releases.clone();
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
+            let mut repo = repo;
+            let tracked = crate::edit::tracked::TrackedCache::default();
             let mut packed_at = 0;
+            // A job ran since the index was last released (so libgit2 may hold it again).
+            let mut used = false;
+            let mut next = None;
             // Exits when every handle is gone (daemon shutdown).
-            while let Some(job) = rx.blocking_recv() {
+            loop {
+                let job = match next.take() {
+                    Some(job) => job,
+                    None if used && release.applies(&repo) => {
+                        match rx.recv_timeout(release.idle) {
+                            Ok(job) => job,
+                            Err(RecvTimeoutError::Timeout) => {
+                                repo = release_index(repo, &thread_workdir);
+                                used = false;
+                                thread_releases.send_modify(|n| *n += 1);
+                                continue;
+                            }
+                            Err(RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                    None => match rx.recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    },
+                };
                 let ctx = RepoCtx {
                     repo: &repo,
                     workdir: &thread_workdir,
                     env: &env,
+                    tracked: &tracked,
                 };
                 job(&ctx);
+                used = true;
+                next = match rx.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                };
                 // Records are packed now and then, when no request waits behind it.
                 let edits = thread_edits.load(Ordering::Relaxed);
-                if edits - packed_at >= crate::edit::pack::PACK_EVERY_EDITS && rx.is_empty() {
+                if edits - packed_at >= crate::edit::pack::PACK_EVERY_EDITS && next.is_none() {
                     packed_at = edits;
                     match crate::edit::pack::pack_records(&repo) {
                         Ok(p) => tracing::info!(repo = %thread_workdir.display(), objects = p.objects, "packed the edit records"),
@@ -387,7 +469,27 @@ fn spawn_actor(workdir: PathBuf, repo: Repository, env: EditEnv) -> Result<RepoH
         tx,
         workdir: Arc::new(workdir),
         edits,
+        index_releases,
     })
+}
+
+/// `repo` without its cached git index and the memory that held it: git2 has no call to drop
+/// just the index, so the repository is opened afresh (a fraction of a millisecond). If that
+/// fails (the repository just vanished, say), the old one is kept and the next request reports
+/// whatever is wrong.
+fn release_index(repo: Repository, workdir: &Path) -> Repository {
+    match open_worktree(repo.path(), workdir) {
+        Ok(fresh) => {
+            drop(repo);
+            crate::memory::release_free_memory();
+            tracing::debug!(repo = %workdir.display(), "released the idle repository's git index");
+            fresh
+        }
+        Err(e) => {
+            tracing::debug!(repo = %workdir.display(), error = %e, "cannot reopen the repository to release its index");
+            repo
+        }
+    }
 }
 
 /// Finish or roll back what a previous daemon left half-done. Runs before the socket serves.
@@ -406,6 +508,7 @@ pub(crate) fn recover_all(env: &EditEnv) {
                 repo: &repo,
                 workdir: &journal.workdir,
                 env,
+                tracked: &Default::default(),
             };
             crate::edit::recover(&ctx, &journal).map_err(|e| e.to_string())
         });
@@ -439,6 +542,52 @@ mod tests {
                 e.message
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_idle_repository_lets_go_of_its_git_index_and_still_sees_new_staging() {
+        let (_d, root) = scratch();
+        let stage = |name: &str| {
+            std::fs::write(root.join(name), "x\n").expect("write");
+            // Another writer (git itself, in real use) updates the index file.
+            let repo = Repository::open(&root).expect("open");
+            let mut index = repo.index().expect("index");
+            index.add_path(Path::new(name)).expect("add");
+            index.write().expect("write index");
+        };
+        Repository::init(&root).expect("init");
+        stage("a.txt");
+        let env = EditEnv {
+            journal_dir: root.join(".git/spark-journal"),
+            durability: crate::edit::journal::Durability { fsync: false },
+            failpoint: crate::edit::journal::Failpoint(None),
+            history: Default::default(),
+        };
+        let release = IndexRelease {
+            min_bytes: 0,
+            idle: Duration::from_millis(20),
+        };
+        let repo = open_worktree(&root.join(".git"), &root).expect("open");
+        let handle = spawn_actor(root.clone(), repo, env, release).expect("actor");
+        let mut releases = handle.index_releases();
+        let tracked = || handle.run(|ctx| ctx.repo.index().expect("index").len());
+        let wait_for = |releases: &mut tokio::sync::watch::Receiver<u64>, n: u64| {
+            let mut releases = releases.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(30), releases.wait_for(|r| *r >= n))
+                    .await
+                    .expect("the idle actor never released its index")
+                    .map(|r| *r)
+                    .expect("actor alive")
+            }
+        };
+
+        assert_eq!(tracked().await.expect("run"), 1);
+        assert_eq!(wait_for(&mut releases, 1).await, 1);
+        stage("b.txt");
+        // A request after the release reads the index afresh, and uses it again.
+        assert_eq!(tracked().await.expect("run"), 2);
+        assert_eq!(wait_for(&mut releases, 2).await, 2);
     }
 
     #[test]

@@ -232,7 +232,7 @@ fn add_file(
         .with_hint(e.hint())
     };
     let rel = paths::validate_rel_path(joined).map_err(refuse)?;
-    let abs = paths::check_target(ctx.workdir, ctx.repo, &rel, Intent::Modify).map_err(refuse)?;
+    let abs = paths::check_in(ctx, &rel, Intent::Modify).map_err(refuse)?;
     // Watched: the cache serves it from memory (it re-checks the file's metadata first).
     let cached = match view.buffers.get(rel.as_str()) {
         Some(text) => Some(text.clone()),
@@ -512,8 +512,7 @@ fn guarded_bytes(
     raw: &str,
 ) -> Result<(String, Vec<u8>), String> {
     let rel = paths::validate_rel_path(raw).map_err(|e| e.to_string())?;
-    let abs = paths::check_target(ctx.workdir, ctx.repo, &rel, Intent::Modify)
-        .map_err(|e| e.to_string())?;
+    let abs = paths::check_in(ctx, &rel, Intent::Modify).map_err(|e| e.to_string())?;
     let bytes = match watchers.file(ctx.workdir, rel.as_str()).map(|f| f.bytes) {
         Some(bytes) => bytes,
         None => journal::read_state(&abs)

@@ -1047,6 +1047,7 @@ mod tests {
             repo: &repo,
             workdir: w,
             env: &env,
+            tracked: &Default::default(),
         };
         let writes = vec![
             Write1 {

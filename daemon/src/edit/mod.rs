@@ -17,6 +17,7 @@ pub(crate) mod pack;
 pub(crate) mod patch;
 pub(crate) mod paths;
 pub(crate) mod record;
+pub(crate) mod tracked;
 
 #[cfg(test)]
 mod proptests;
@@ -380,6 +381,8 @@ pub(crate) struct RepoCtx<'a> {
     pub(crate) repo: &'a Repository,
     pub(crate) workdir: &'a Path,
     pub(crate) env: &'a EditEnv,
+    /// The index's tracked paths as the path checks last read them (see `tracked`).
+    pub(crate) tracked: &'a tracked::TrackedCache,
 }
 
 /// An apply request.
@@ -415,7 +418,7 @@ pub(crate) struct Outcome {
 /// Parse, check and (unless dry-run) apply and record a patch.
 pub(crate) fn apply(ctx: &RepoCtx<'_>, req: &ApplyRequest) -> Result<Outcome, EditError> {
     let parsed = patch::parse_any(&req.patch)?;
-    let mut targets = paths::Targets::new(ctx.workdir, ctx.repo);
+    let mut targets = paths::Targets::of(ctx);
     let mut writes: Vec<Write1> = Vec::new();
     for op in &parsed.ops {
         match op {
@@ -540,7 +543,7 @@ pub(crate) fn write_file(
     source: &str,
     message: &str,
 ) -> Result<Outcome, EditError> {
-    let mut targets = paths::Targets::new(ctx.workdir, ctx.repo);
+    let mut targets = paths::Targets::of(ctx);
     let exists = std::fs::symlink_metadata(ctx.workdir.join(rel.to_path())).is_ok();
     let intent = if exists {
         Intent::Modify
@@ -1604,6 +1607,7 @@ mod buffer_tests {
                 repo: &self.repo,
                 workdir: self.dir.path(),
                 env: &self.env,
+                tracked: &Default::default(),
             };
             let req = ApplyRequest {
                 patch: patch.to_owned(),
@@ -1638,6 +1642,7 @@ mod buffer_tests {
             repo: &f.repo,
             workdir: f.dir.path(),
             env: &f.env,
+            tracked: &Default::default(),
         };
         let first = f
             .apply(UPDATE_A, &[])

@@ -2,7 +2,7 @@
 //! is untrusted, so it is checked here before spark reads or writes anything. The checks come in
 //! two steps. [`validate_rel_path`] is pure: it turns a raw string into a normalised [`RelPath`]
 //! or refuses it for its spelling alone (absolute, `..`, control characters, `.git` in any
-//! spelling git itself guards against). [`check_target`] then looks at the disk and the index
+//! spelling git itself guards against). [`check_in`] then looks at the disk and the index
 //! without following symlinks: no symlink leaving the worktree, no symlink leaf, no submodule or
 //! nested repository, nothing git-ignored or deny-listed, and the target's existence must match
 //! the edit's [`Intent`]. Every refusal is a [`PathError`] that names the path, the reason, and a
@@ -13,6 +13,9 @@ use std::fmt::{self, Write as _};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use super::tracked::{Tracked, TrackedCache};
 
 /// Files spark never reads, sends or writes (ARCHITECTURE.md, "Invariants"), matched case-insensitively. A pattern is
 /// a basename (`.npmrc`), a basename with one leading or trailing `*` (`*.pem`, `id_rsa*`), or a
@@ -47,13 +50,6 @@ pub(crate) const SECRET_PATTERNS: &[&str] = &[
 /// Longest stretch of a refused path quoted in an error: the model can send megabytes, and the
 /// message is one line on a terminal.
 const MAX_SHOWN_CHARS: usize = 200;
-
-/// Index mode of a gitlink, the entry a submodule leaves in its superproject's index.
-const GITLINK_MODE: u32 = 0o160_000;
-
-/// The skip-worktree bit of an index entry's extended flags (`GIT_INDEX_ENTRY_SKIP_WORKTREE`):
-/// sparse checkout leaves the entry out of the worktree.
-const SKIP_WORKTREE: u16 = 1 << 14;
 
 /// A repository-relative path that passed [`validate_rel_path`]: non-empty, `/`-separated,
 /// without `.`, `..` or empty components, and with nothing git or spark refuses to touch by name.
@@ -397,15 +393,8 @@ fn fold_name(name: &str) -> String {
     visible.trim_end_matches(['.', ' ']).to_lowercase()
 }
 
-/// Checks `rel` (already validated) against the worktree and the index, and returns the absolute
-/// path to read or write: `workdir.join(rel)`.
-///
-/// Symlinks are never followed blindly: each existing component is `lstat`ed; a symlinked
-/// directory is allowed only if it resolves inside the worktree and outside the git directory,
-/// and the name checks (secret, submodule, ignored) run on both the path as written and the path
-/// it really reaches, so a link cannot launder `.aws/credentials` or an ignored directory.
-/// This narrows but cannot close the race with a concurrent writer; the writer must still open
-/// files without following a final symlink.
+/// [`check_in`] without an actor's cache of the tracked paths: reads the index file each call.
+#[cfg(test)]
 pub(crate) fn check_target(
     workdir: &Path,
     repo: &git2::Repository,
@@ -415,12 +404,32 @@ pub(crate) fn check_target(
     Targets::new(workdir, repo).check(rel, intent)
 }
 
-/// [`check_target`] for the several paths of one request: the canonical worktree and git
-/// directory and the re-read index are looked up once, at the first check.
+/// Checks `rel` (already validated) against the worktree and the index, and returns the absolute
+/// path to read or write: `workdir.join(rel)`.
+///
+/// Symlinks are never followed blindly: each existing component is `lstat`ed; a symlinked
+/// directory is allowed only if it resolves inside the worktree and outside the git directory,
+/// and the name checks (secret, submodule, ignored) run on both the path as written and the path
+/// it really reaches, so a link cannot launder `.aws/credentials` or an ignored directory.
+/// This narrows but cannot close the race with a concurrent writer; the writer must still open
+/// files without following a final symlink.
+pub(crate) fn check_in(
+    ctx: &super::RepoCtx<'_>,
+    rel: &RelPath,
+    intent: Intent,
+) -> Result<PathBuf, PathError> {
+    Targets::of(ctx).check(rel, intent)
+}
+
+/// [`check_in`] for the several paths of one request: the canonical worktree and git
+/// directory and the index's tracked paths are looked up once, at the first check.
 pub(crate) struct Targets<'r> {
     workdir: &'r Path,
     repo: &'r git2::Repository,
-    looked_up: Option<(PathBuf, PathBuf, git2::Index)>,
+    /// Where the tracked paths are kept between requests; without it, each `Targets` reads
+    /// the index file.
+    cache: Option<&'r TrackedCache>,
+    looked_up: Option<(PathBuf, PathBuf, Rc<Tracked>)>,
 }
 
 impl<'r> Targets<'r> {
@@ -428,17 +437,27 @@ impl<'r> Targets<'r> {
         Targets {
             workdir,
             repo,
+            cache: None,
             looked_up: None,
         }
     }
 
-    /// See [`check_target`].
+    /// Checks on `ctx`'s repository, reading the index only if it changed since the actor's
+    /// last request.
+    pub(crate) fn of(ctx: &'r super::RepoCtx<'r>) -> Self {
+        Targets {
+            cache: Some(ctx.tracked),
+            ..Targets::new(ctx.workdir, ctx.repo)
+        }
+    }
+
+    /// See [`check_in`].
     pub(crate) fn check(&mut self, rel: &RelPath, intent: Intent) -> Result<PathBuf, PathError> {
         self.check_real(rel, intent)
             .map(|_| self.workdir.join(rel.to_path()))
     }
 
-    /// [`check_target`], returning the path the write really lands on: `rel` with every
+    /// [`check_in`], returning the path the write really lands on: `rel` with every
     /// symlinked directory on the way resolved (`alias/f.txt` is `real/f.txt` when
     /// `alias -> real`). git tracks `alias` as a link and `real/f.txt` as the file, so an edit is
     /// written and recorded under the real path; recording it under the link's spelling would put
@@ -454,20 +473,23 @@ impl<'r> Targets<'r> {
             return Err(PathError::new(PathErrorKind::Secret, rel.as_str()));
         }
         let (workdir, repo) = (self.workdir, self.repo);
-        let (root, git_dir, index) = match &mut self.looked_up {
+        let (root, git_dir, tracked) = match &mut self.looked_up {
             Some(l) => l,
             slot => {
                 let path = rel.as_str();
                 let root = fs::canonicalize(workdir).map_err(|e| PathError::io(path, e))?;
                 let git_dir = fs::canonicalize(repo.path()).map_err(|e| PathError::io(path, e))?;
-                let mut index = repo.index().map_err(|e| PathError::git(path, e))?;
-                // `repo.index()` is cached per `Repository`: pick up what `git add` did since.
-                // This reads the user's index, never writes it.
-                index.read(false).map_err(|e| PathError::git(path, e))?;
-                slot.insert((root, git_dir, index))
+                // The user's index as it is now (`git add` may have run since), read, never
+                // written.
+                let tracked = match self.cache {
+                    Some(cache) => cache.get(repo),
+                    None => TrackedCache::default().get(repo),
+                }
+                .map_err(|e| PathError::git(path, e))?;
+                slot.insert((root, git_dir, tracked))
             }
         };
-        check_one(workdir, repo, root, git_dir, index, rel, intent)
+        check_one(workdir, repo, root, git_dir, tracked, rel, intent)
     }
 }
 
@@ -476,7 +498,7 @@ fn check_one(
     repo: &git2::Repository,
     root: &Path,
     git_dir: &Path,
-    index: &git2::Index,
+    index: &Tracked,
     rel: &RelPath,
     intent: Intent,
 ) -> Result<RelPath, PathError> {
@@ -597,12 +619,12 @@ fn sparse_checkout_on(repo: &git2::Repository) -> Result<bool, git2::Error> {
 /// gitignore rules, where a match means "included") serves both modes.
 fn outside_sparse_checkout(
     repo: &git2::Repository,
-    index: &git2::Index,
+    index: &Tracked,
     rel: &RelPath,
     exists: bool,
 ) -> Result<bool, git2::Error> {
-    if let Some(entry) = index.get_path(&rel.to_path(), 0) {
-        return Ok(entry.flags_extended & SKIP_WORKTREE != 0);
+    if let Some(entry) = index.get(rel.as_str()) {
+        return Ok(entry.skip_worktree);
     }
     if exists {
         // An untracked file the user has on disk anyway: git leaves such files alone.
@@ -676,34 +698,22 @@ fn resolve(
 }
 
 /// Whether the index holds a gitlink (a submodule) at `rel` or at any directory above it.
-fn has_gitlink(index: &git2::Index, rel: &RelPath) -> bool {
+fn has_gitlink(index: &Tracked, rel: &RelPath) -> bool {
     let full = rel.as_str();
-    let prefixes = full
-        .match_indices('/')
+    full.match_indices('/')
         .map(|(at, _)| &full[..at])
-        .chain([full]);
-    for prefix in prefixes {
-        // Stages 1–3 hold an unresolved merge of the submodule, which is still a submodule.
-        for stage in 0..=3 {
-            if index
-                .get_path(Path::new(prefix), stage)
-                .is_some_and(|entry| entry.mode == GITLINK_MODE)
-            {
-                return true;
-            }
-        }
-    }
-    false
+        .chain([full])
+        .any(|prefix| index.is_gitlink(prefix))
 }
 
 /// Whether git ignores `rel`. A tracked file is never ignored, whatever `.gitignore` says (that
 /// is git's own rule), so only an untracked path can be refused for this.
 fn is_ignored(
     repo: &git2::Repository,
-    index: &git2::Index,
+    index: &Tracked,
     rel: &RelPath,
 ) -> Result<bool, git2::Error> {
-    if index.get_path(&rel.to_path(), 0).is_some() {
+    if index.get(rel.as_str()).is_some() {
         return Ok(false);
     }
     // libgit2 also walks the parent directories, so `build/` ignores `build/new.rs`.
@@ -779,6 +789,7 @@ fn is_number(text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tracked::{GITLINK_MODE, SKIP_WORKTREE};
     use super::*;
     use std::collections::HashSet;
     use tempfile::TempDir;

@@ -313,6 +313,7 @@ struct Fixture {
     journal: tempfile::TempDir,
     repo: git2::Repository,
     env: EditEnv,
+    tracked: super::tracked::TrackedCache,
 }
 
 impl Fixture {
@@ -340,6 +341,7 @@ impl Fixture {
             journal,
             repo,
             env,
+            tracked: Default::default(),
         };
         fixture.write(TARGET, &file.bytes(), file.exec);
         match file.tracking {
@@ -362,6 +364,7 @@ impl Fixture {
             repo: &self.repo,
             workdir: self.workdir(),
             env: &self.env,
+            tracked: &self.tracked,
         }
     }
 

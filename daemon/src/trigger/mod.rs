@@ -523,7 +523,7 @@ fn new_id(path: &str, text: &str) -> String {
 fn guarded_text(ctx: &RepoCtx<'_>, rel: &str) -> Result<(&'static comment::Syntax, String), Skip> {
     let syntax = comment::syntax_for(rel).ok_or(Skip::Syntax)?;
     let rel = paths::validate_rel_path(rel)?;
-    let abs = paths::check_target(ctx.workdir, ctx.repo, &rel, Intent::Modify)?;
+    let abs = paths::check_in(ctx, &rel, Intent::Modify)?;
     let meta = match std::fs::metadata(&abs) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Skip::Gone),
