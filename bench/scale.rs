@@ -20,11 +20,13 @@ fn env_or(name: &str, default: usize) -> usize {
 }
 
 fn main() {
-    let opts = ScaleOptions::new(
+    let mut opts = ScaleOptions::new(
         env_or("SPARK_SCALE_BIG", 300_000),
         env_or("SPARK_SCALE_SMALL_REPOS", 9),
         env_or("SPARK_SCALE_SMALL", 10_000),
     );
+    // The daemon lets go of a large repository's git index after 10 s without requests.
+    opts.idle_wait = Some(std::time::Duration::from_secs(12));
     let t = Instant::now();
     let mut repos = vec![scale::generate(opts.big_files, 0)];
     println!(
@@ -75,11 +77,12 @@ fn main() {
         r.status_ms(1.0)
     );
     println!(
-        "memory: VmRSS {} KiB at start, {} KiB once indexed, {} KiB after the asks with a focus file, {} KiB after all asks, peak {} KiB (VmHWM {} KiB)",
+        "memory: VmRSS {} KiB at start, {} KiB once indexed, {} KiB after the asks with a focus file, {} KiB after all asks, {} KiB after 12 s idle, peak {} KiB (VmHWM {} KiB)",
         r.rss_start_kib,
         r.rss_indexed_kib,
         r.rss_after_focus_kib,
         r.rss_after_asks_kib,
+        r.rss_idle_kib,
         r.rss_peak_kib,
         r.hwm_kib
     );
@@ -113,7 +116,7 @@ fn main() {
         "status_during_index": {"n": r.status_during_index.len(), "p50_ms": r.status_ms(0.5),
             "p99_ms": r.status_ms(0.99), "max_ms": r.status_ms(1.0)},
         "rss_kib": {"start": r.rss_start_kib, "indexed": r.rss_indexed_kib,
-            "after_focus_asks": r.rss_after_focus_kib, "after_asks": r.rss_after_asks_kib, "peak": r.rss_peak_kib, "hwm": r.hwm_kib},
+            "after_focus_asks": r.rss_after_focus_kib, "after_asks": r.rss_after_asks_kib, "idle_12s": r.rss_idle_kib, "peak": r.rss_peak_kib, "hwm": r.hwm_kib},
         "kernel_watches": r.kernel_watches, "status_watches": watches, "max_user_watches": limit,
         "assembly_focus": {"p50_ms": q(&r.assembly_focus_ms, 0.5), "p99_ms": q(&r.assembly_focus_ms, 0.99)},
         "assembly_pick": {"p50_ms": q(&r.assembly_pick_ms, 0.5), "p99_ms": q(&r.assembly_pick_ms, 0.99)},

@@ -46,6 +46,9 @@ pub struct ScaleOptions {
     pub status_every: Duration,
     /// The whole index must be done within this.
     pub deadline: Duration,
+    /// After the asks, wait this long (past the daemon's idle release of a large repository's
+    /// git index) and sample `VmRSS` again.
+    pub idle_wait: Option<Duration>,
 }
 
 impl ScaleOptions {
@@ -59,6 +62,7 @@ impl ScaleOptions {
             watch_limit: None,
             status_every: Duration::from_millis(5),
             deadline: Duration::from_secs(600),
+            idle_wait: None,
         }
     }
 }
@@ -95,6 +99,8 @@ pub struct ScaleReport {
     /// `VmRSS` after the asks with a focus file, and after all asks.
     pub rss_after_focus_kib: u64,
     pub rss_after_asks_kib: u64,
+    /// `VmRSS` after [`ScaleOptions::idle_wait`] without requests (0 without the wait).
+    pub rss_idle_kib: u64,
 }
 
 impl ScaleReport {
@@ -324,6 +330,11 @@ pub fn run(opts: &ScaleOptions, repos: &[TestRepo]) -> ScaleReport {
         last.json["input"]
     );
     let (rss_after_asks_kib, _) = rss_kib(daemon.pid);
+    let rss_idle_kib = opts.idle_wait.map_or(0, |wait| {
+        // A benchmark's pause, not a synchronisation: the release is a timer in the daemon.
+        std::thread::sleep(wait);
+        rss_kib(daemon.pid).0
+    });
     let (rss_start_kib, rss_peak_kib, hwm_kib) = rss.stop();
     daemon.stop();
     ScaleReport {
@@ -339,5 +350,6 @@ pub fn run(opts: &ScaleOptions, repos: &[TestRepo]) -> ScaleReport {
         assembly_pick_ms,
         rss_after_focus_kib,
         rss_after_asks_kib,
+        rss_idle_kib,
     }
 }
