@@ -11,9 +11,9 @@
 //! the single-instance lock. Every method blocks: call them from blocking threads or the
 //! repository actor, never from an async worker.
 //!
-//! Layout: the default tree maps `format` to [`FORMAT`]; the tree `snapshots` maps a worktree
-//! path to the encoded [`FileMeta`] of each of its files (one value per repository); the tree
-//! `blob\0<workdir>` maps `<path>\0<blob id>` to a text file's bytes.
+//! Layout: the default tree maps `format` to [`FORMAT`]; the tree `blob\0<workdir>` maps
+//! `<path>\0<blob id>` to a text file's bytes; beside sled's files, `spark-snapshots/` holds per
+//! repository a file with the encoded [`FileMeta`] of each of its files (see [`SNAPSHOT_DIR`]).
 
 use std::fmt;
 use std::io;
@@ -25,10 +25,16 @@ use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
 
 /// Bump whenever the encoding of a key or value changes: an old cache is then rebuilt.
-pub(crate) const FORMAT: &[u8] = b"spark-context-cache/3";
+pub(crate) const FORMAT: &[u8] = b"spark-context-cache/4";
 const FORMAT_KEY: &[u8] = b"format";
-/// The tree of per-repository metadata snapshots, keyed by worktree path.
-const SNAPSHOTS: &[u8] = b"snapshots";
+/// The subdirectory of the cache directory holding one snapshot file per repository (the
+/// encoded [`FileMeta`] of each of its files), named by the SHA-1 of its worktree path. Not a
+/// sled value: a snapshot is megabytes (about 100 bytes a file), and sled keeps a value it
+/// was given resident in its page cache whatever the cache's capacity (10 MB for a
+/// 100,000-file repository, measured). The name avoids sled's own `snap.*` files.
+const SNAPSHOT_DIR: &str = "spark-snapshots";
+/// The first bytes of a snapshot file, then the worktree path it belongs to.
+const SNAPSHOT_MAGIC: &[u8] = b"spark-snapshot/1\0";
 /// sled's page cache; it is the bulk of the cache's memory, and the daemon's RSS budget is
 /// 100 MB with ten large repositories watched.
 const PAGE_CACHE_BYTES: u64 = 4 * 1024 * 1024;
@@ -407,28 +413,53 @@ impl Cache {
     }
 
     /// Every file of `workdir` as last saved by [`Cache::save_snapshot`], for a warm start.
-    /// `None` if there is none, no cache, or it was unreadable (the cache has then been
-    /// rebuilt, empty).
+    /// `None` if there is none, no cache, or it was unreadable (an undecodable snapshot is
+    /// removed: the repository is then read from disk, and the cached contents stay, each
+    /// checked against its blob id when read).
     pub(crate) fn load_snapshot(&self, workdir: &Path) -> Option<Vec<(String, FileMeta)>> {
-        let generation = self.generation();
-        let bytes = self.with_db(|db| db.open_tree(SNAPSHOTS)?.get(workdir_key(workdir)))??;
-        let decoded = decode_snapshot(&bytes);
+        let path = self.with_dir(|dir| Ok(snapshot_path(dir, workdir)))?;
+        let bytes = self.with_dir(|_| std::fs::read(&path))?;
+        let decoded = strip_snapshot_header(&bytes, workdir).and_then(decode_snapshot);
         if decoded.is_none() {
-            self.rebuild(generation, "a snapshot could not be decoded");
+            warn!(file = %path.display(), "removing an undecodable snapshot; the repository is read from disk");
+            let _ = self.with_dir(|_| std::fs::remove_file(&path));
         }
         decoded
     }
 
-    /// Replace `workdir`'s snapshot: the metadata of every indexed file, as one value. One
-    /// value rather than one key per file because sled keeps per-key state in memory: 100k
-    /// small entries (ten 10k-file repositories) cost it over 200 MB of RSS.
+    /// Replace `workdir`'s snapshot: the metadata of every indexed file, as one file beside
+    /// sled's (see [`SNAPSHOT_DIR`]). Written to a temporary name and renamed over the old
+    /// one, so a reader or a crash sees the old snapshot or the new one; not fsynced (the
+    /// cache is disposable, and a torn one is removed when read).
     pub(crate) fn save_snapshot<'a>(
         &self,
         workdir: &Path,
         entries: impl ExactSizeIterator<Item = (&'a str, &'a FileMeta)>,
     ) {
-        let value = encode_snapshot(entries);
-        let _ = self.with_db(|db| db.open_tree(SNAPSHOTS)?.insert(workdir_key(workdir), value));
+        let mut value = snapshot_header(workdir);
+        encode_snapshot(&mut value, entries);
+        let _ = self.with_dir(|dir| {
+            use std::io::Write as _;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir.join(SNAPSHOT_DIR))?;
+            let path = snapshot_path(dir, workdir);
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(&value))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written
+        });
     }
 
     /// Forget contents no indexed file refers to any more.
@@ -459,11 +490,29 @@ impl Cache {
 
     /// Forget a repository that is no longer watched.
     pub(crate) fn drop_repo(&self, workdir: &Path) {
-        let _ = self.with_db(|db| {
-            db.open_tree(SNAPSHOTS)?.remove(workdir_key(workdir))?;
-            db.drop_tree(tree_name(b"blob", workdir))?;
-            Ok(())
-        });
+        let _ = self.with_dir(
+            |dir| match std::fs::remove_file(snapshot_path(dir, workdir)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        );
+        let _ = self.with_db(|db| db.drop_tree(tree_name(b"blob", workdir)).map(drop));
+    }
+
+    /// Run `f` on the cache directory while the database is open and cannot be rebuilt under
+    /// it (a rebuild removes the directory). A file error is logged and is not a reason to
+    /// discard sled's database: the snapshot files are checked when read.
+    fn with_dir<R>(&self, f: impl FnOnce(&Path) -> io::Result<R>) -> Option<R> {
+        let guard = self.inner.db.read().ok()?;
+        guard.as_ref()?;
+        match f(&self.inner.dir) {
+            Ok(r) => Some(r),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                warn!(dir = %self.inner.dir.display(), error = %e, "context cache snapshot");
+                None
+            }
+        }
     }
 
     /// Run `f` on the database; on any error (or a panic inside sled) discard and rebuild the
@@ -528,8 +577,20 @@ impl Cache {
 
 #[cfg(test)]
 impl Cache {
-    /// Whether any key or value of any tree contains `needle` (tests: canaries never cached).
+    /// Whether any key or value of any tree, or any snapshot file, contains `needle` (tests:
+    /// canaries never cached).
     pub(crate) fn contains_bytes(&self, needle: &[u8]) -> bool {
+        let has = |b: &[u8]| b.windows(needle.len()).any(|w| w == needle);
+        let in_files = std::fs::read_dir(self.inner.dir.join(SNAPSHOT_DIR))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .any(|f| std::fs::read(f.path()).is_ok_and(|b| has(&b)));
+        in_files || self.contains_bytes_in_db(needle)
+    }
+
+    /// Whether any key or value of any sled tree contains `needle`.
+    pub(crate) fn contains_bytes_in_db(&self, needle: &[u8]) -> bool {
         let has = |b: &[u8]| b.windows(needle.len()).any(|w| w == needle);
         self.with_db(|db| {
             for name in db.tree_names() {
@@ -558,9 +619,33 @@ fn tree_name(kind: &[u8], workdir: &Path) -> Vec<u8> {
     name
 }
 
-/// `<count u32>` then per file `<path len u16><path><meta len u16><meta>`.
-fn encode_snapshot<'a>(entries: impl ExactSizeIterator<Item = (&'a str, &'a FileMeta)>) -> Vec<u8> {
-    let mut v = Vec::with_capacity(entries.len() * 96 + 4);
+fn snapshot_path(dir: &Path, workdir: &Path) -> PathBuf {
+    dir.join(SNAPSHOT_DIR)
+        .join(BlobId::of(workdir_key(workdir)).to_string())
+}
+
+/// [`SNAPSHOT_MAGIC`], `<workdir len u32><workdir>`.
+fn snapshot_header(workdir: &Path) -> Vec<u8> {
+    let key = workdir_key(workdir);
+    let mut v = SNAPSHOT_MAGIC.to_vec();
+    v.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    v.extend_from_slice(key);
+    v
+}
+
+/// The encoded snapshot after [`snapshot_header`], if the file is `workdir`'s.
+fn strip_snapshot_header<'b>(bytes: &'b [u8], workdir: &Path) -> Option<&'b [u8]> {
+    let header = snapshot_header(workdir);
+    bytes.strip_prefix(header.as_slice())
+}
+
+/// Appends `<count u32>` then per file `<path len u16><path><meta len u16><meta>`.
+fn encode_snapshot<'a>(
+    v: &mut Vec<u8>,
+    entries: impl ExactSizeIterator<Item = (&'a str, &'a FileMeta)>,
+) {
+    v.reserve(entries.len() * 96 + 4);
+    let start = v.len();
     let mut count = 0u32;
     v.extend_from_slice(&count.to_le_bytes());
     for (rel, meta) in entries {
@@ -575,8 +660,7 @@ fn encode_snapshot<'a>(entries: impl ExactSizeIterator<Item = (&'a str, &'a File
         v.extend_from_slice(&meta);
         count += 1;
     }
-    v[..4].copy_from_slice(&count.to_le_bytes());
-    v
+    v[start..start + 4].copy_from_slice(&count.to_le_bytes());
 }
 
 fn decode_snapshot(mut b: &[u8]) -> Option<Vec<(String, FileMeta)>> {
@@ -771,7 +855,8 @@ mod tests {
     fn snapshots_round_trip_and_garbage_is_refused() {
         let (a, b) = (meta(b"a"), meta(b"b"));
         let rows = [("src/a.rs", &a), ("é/b.rs", &b)];
-        let bytes = encode_snapshot(rows.iter().copied());
+        let mut bytes = Vec::new();
+        encode_snapshot(&mut bytes, rows.iter().copied());
         let back = decode_snapshot(&bytes).expect("decodes");
         assert_eq!(
             back,
@@ -788,7 +873,11 @@ mod tests {
             "count beyond the bytes"
         );
         assert_eq!(
-            decode_snapshot(&encode_snapshot(std::iter::empty())),
+            decode_snapshot(&{
+                let mut empty = Vec::new();
+                encode_snapshot(&mut empty, std::iter::empty());
+                empty
+            }),
             Some(vec![])
         );
     }
@@ -826,21 +915,44 @@ mod tests {
     }
 
     #[test]
-    fn an_undecodable_snapshot_discards_the_cache() {
+    fn an_undecodable_snapshot_is_removed_and_the_rest_of_the_cache_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::open(dir.path()).expect("open");
         let repo = Path::new("/repo");
         put(&cache, repo, "a", b"1");
-        let _ = cache.with_db(|db| {
-            db.open_tree(SNAPSHOTS)?
-                .insert(workdir_key(repo), &b"junk"[..])
-        });
+        let file = snapshot_path(dir.path(), repo);
+        let good = std::fs::read(&file).expect("the snapshot is a file");
+        for junk in [&b"junk"[..], &good[..good.len() - 1], b""] {
+            std::fs::write(&file, junk).expect("write junk");
+            assert_eq!(cache.load_snapshot(repo), None);
+            assert!(!file.exists(), "removed");
+        }
+        // A snapshot of another worktree under this one's name is not taken for it.
+        put(&cache, Path::new("/other"), "a", b"1");
+        std::fs::copy(snapshot_path(dir.path(), Path::new("/other")), &file).expect("copy");
         assert_eq!(cache.load_snapshot(repo), None);
-        assert_eq!(cache.report().rebuilds, 1);
+        assert_eq!(cache.report().rebuilds, 0);
         assert_eq!(
             cache.content(repo, "a", BlobId::of(b"1")),
-            None,
-            "all of it"
+            Some(b"1".to_vec()),
+            "the contents stay"
+        );
+    }
+
+    #[test]
+    fn sled_does_not_keep_a_snapshot_resident() {
+        // The point of keeping snapshots out of sled: nothing of a saved snapshot is in the
+        // database (whose page cache would hold it in memory).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(dir.path()).expect("open");
+        let repo = Path::new("/repo");
+        let m = meta(b"x");
+        cache.save_snapshot(repo, std::iter::once(("canary-path-7f3a.rs", &m)));
+        assert!(!cache.contains_bytes_in_db(b"canary-path-7f3a"));
+        assert!(cache.contains_bytes(b"canary-path-7f3a"), "but it is saved");
+        assert_eq!(
+            cache.load_snapshot(repo),
+            Some(vec![("canary-path-7f3a.rs".to_owned(), m)])
         );
     }
 
