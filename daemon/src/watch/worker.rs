@@ -369,19 +369,21 @@ pub(super) async fn sleep_until(at: Option<Instant>) {
 }
 
 /// A change to apply to the view and the cache.
+/// The previous entries are boxed: a first index holds one change per file (300,000 at once
+/// in a large repository), and most have none.
 pub(super) enum Change {
     /// New or changed; its text (if any) is already in sled.
     Upsert {
         meta: FileMeta,
-        old: Option<Entry>,
+        old: Option<Box<Entry>>,
     },
     /// Same content, new stat (a `touch`, or a rewrite with identical bytes).
     Restat {
         meta: FileMeta,
-        old: Entry,
+        old: Box<Entry>,
     },
     Delete {
-        old: Entry,
+        old: Box<Entry>,
     },
 }
 
@@ -555,7 +557,7 @@ impl Repo {
         store_text: bool,
     ) -> Vec<(String, Change)> {
         let mut out = Vec::new();
-        let mut to_read: Vec<(String, Option<Entry>)> = Vec::new();
+        let mut to_read: Vec<(String, Option<Box<Entry>>)> = Vec::new();
         let with_symbols;
         {
             let Ok(view) = self.view.read() else {
@@ -569,7 +571,7 @@ impl Repo {
             // outline lists names only, and its symbols would cost megabytes for nothing.
             with_symbols = view.files.len().max(present) <= SYMBOLS_MAX_FILES;
             for (rel, f) in found {
-                let old = view.files.get(&rel).cloned();
+                let old = view.files.get(&rel).cloned().map(Box::new);
                 match (f, old) {
                     (Found::Absent, Some(old)) => out.push((rel, Change::Delete { old })),
                     (Found::Absent, None) => {}
@@ -578,47 +580,45 @@ impl Repo {
                 }
             }
         }
-        out.extend(self.read_all(&to_read, store_text, with_symbols));
+        out.extend(self.read_all(to_read, store_text, with_symbols));
         out
     }
 
-    /// Read and classify `items`, on several threads when there are many.
+    /// Read and classify `items`, on several threads when there are many. Each part is
+    /// consumed by its reader and its result sized up front: a first index of a large
+    /// repository holds all of them at once, and that is the daemon's peak memory.
     fn read_all(
         &self,
-        items: &[(String, Option<Entry>)],
+        mut items: Vec<(String, Option<Box<Entry>>)>,
         store_text: bool,
         with_symbols: bool,
     ) -> Vec<(String, Change)> {
-        let read = |items: &[(String, Option<Entry>)]| -> Vec<(String, Change)> {
+        let read = |items: Vec<(String, Option<Box<Entry>>)>| -> Vec<(String, Change)> {
             let mut buf = Vec::new();
-            items
-                .iter()
-                .filter_map(|(rel, old)| {
-                    let abs = self.workdir.join(rel);
-                    let change = match read_file(&abs, rel, &mut buf, with_symbols) {
-                        Read::Skip => Change::Delete { old: old.clone()? },
-                        Read::File(meta) => match old {
-                            Some(old)
-                                if old.meta.kind == meta.kind
-                                    && old.meta.symbols == meta.symbols =>
+            let mut out = Vec::with_capacity(items.len());
+            out.extend(items.into_iter().filter_map(|(rel, old)| {
+                let abs = self.workdir.join(&rel);
+                let change = match read_file(&abs, &rel, &mut buf, with_symbols) {
+                    Read::Skip => Change::Delete { old: old? },
+                    Read::File(meta) => match old {
+                        Some(old)
+                            if old.meta.kind == meta.kind && old.meta.symbols == meta.symbols =>
+                        {
+                            Change::Restat { meta, old }
+                        }
+                        old => {
+                            if store_text
+                                && let (Some(cache), Some(blob)) = (&self.cache, meta.blob())
                             {
-                                let old = old.clone();
-                                Change::Restat { meta, old }
+                                cache.put_content(&self.workdir, &rel, blob, &buf);
                             }
-                            old => {
-                                if store_text
-                                    && let (Some(cache), Some(blob)) = (&self.cache, meta.blob())
-                                {
-                                    cache.put_content(&self.workdir, rel, blob, &buf);
-                                }
-                                let old = old.clone();
-                                Change::Upsert { meta, old }
-                            }
-                        },
-                    };
-                    Some((rel.clone(), change))
-                })
-                .collect()
+                            Change::Upsert { meta, old }
+                        }
+                    },
+                };
+                Some((rel, change))
+            }));
+            out
         };
         if items.len() < PARALLEL_READ_MIN {
             return read(items);
@@ -627,16 +627,27 @@ impl Repo {
             .map(|n| n.get())
             .unwrap_or(1)
             .clamp(1, READ_THREADS);
-        let mut out = Vec::with_capacity(items.len());
+        let per_thread = items.len().div_ceil(threads);
+        let mut parts = Vec::with_capacity(threads);
+        while items.len() > per_thread {
+            parts.push(items.split_off(items.len() - per_thread));
+        }
+        parts.push(items);
+        parts.reverse();
+        let mut out: Vec<(String, Change)> = Vec::new();
         std::thread::scope(|s| {
-            let handles: Vec<_> = items
-                .chunks(items.len().div_ceil(threads))
-                .map(|c| s.spawn(move || read(c)))
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| s.spawn(move || read(part)))
                 .collect();
             for h in handles {
                 // A panicking reader loses only its share; the next rescan reads it again.
                 if let Ok(v) = h.join() {
-                    out.extend(v);
+                    if out.is_empty() {
+                        out = v;
+                    } else {
+                        out.extend(v);
+                    }
                 }
             }
         });
