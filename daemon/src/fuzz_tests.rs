@@ -1,7 +1,7 @@
-//! Fuzz harnesses (proptest, stable Rust) for the daemon's parsers of untrusted text: the
+//! Fuzz harnesses (proptest, stable Rust) for the daemon's parsers of untrusted input: the
 //! server's line decoder, both patch grammars (`*** Begin Patch` and SEARCH/REPLACE) with the
-//! matcher behind them, and `config.toml`. The provider's event stream has its own harnesses in
-//! `provider::fuzz_tests`.
+//! matcher behind them, `config.toml`, and the git index reader. The provider's event stream
+//! has its own harnesses in `provider::fuzz_tests`.
 //!
 //! Every harness runs a small number of cases by default (the CI smoke); `SPARK_FUZZ_CASES` and
 //! `SPARK_FUZZ_SECS` scale them all, which is how `bench/fuzz.sh` runs the long campaign. Each prints how many
@@ -649,5 +649,97 @@ fn an_oversized_line_is_skipped_holding_no_more_than_the_limit() {
     assert_eq!(
         decoder.decode(&mut buf).expect("decode"),
         Some(Frame::Line(b"{}".to_vec()))
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The git index reader (`edit::tracked`): the index is a file a cloned or shared repository can
+// hand the daemon in any state.
+
+/// An index holding `paths` (stage 0, or stage 2 for every third one), written by libgit2 in
+/// `version`, and libgit2's own reading of it.
+fn written_index(version: u32, paths: &[String]) -> (Vec<u8>, crate::edit::tracked::Tracked) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("index");
+    let mut index = git2::Index::open(&file).expect("index");
+    index.set_version(version).expect("version");
+    for (i, path) in paths.iter().enumerate() {
+        let stage: u16 = if i % 3 == 2 { 2 } else { 0 };
+        index
+            .add(&git2::IndexEntry {
+                ctime: git2::IndexTime::new(1, 2),
+                mtime: git2::IndexTime::new(3, 4),
+                dev: 5,
+                ino: i as u32,
+                mode: if i % 4 == 1 { 0o100_755 } else { 0o100_644 },
+                uid: 0,
+                gid: 0,
+                file_size: 9,
+                id: git2::Oid::hash_object(git2::ObjectType::Blob, path.as_bytes()).expect("oid"),
+                flags: (stage << 12) | path.len().min(0xfff) as u16,
+                flags_extended: 0,
+                path: path.as_bytes().to_vec(),
+            })
+            .expect("add");
+    }
+    index.write().expect("write");
+    let bytes = std::fs::read(&file).expect("read");
+    let libgit2 = crate::edit::tracked::Tracked::from_index(
+        &git2::Index::open(&file).expect("libgit2 reads it"),
+    );
+    (bytes, libgit2)
+}
+
+#[test]
+fn fuzz_index_reader_agrees_with_libgit2_and_refuses_damage_cleanly() {
+    // Paths git accepts: no empty, `.` or `..` component, none ending in a dot or a space.
+    let paths = prop::collection::btree_set(
+        "[a-cé]([a-c.é -]{0,7}[a-cé])?(/[a-cé]([a-c.é -]{0,7}[a-cé])?){0,3}",
+        1..24,
+    );
+    let damage = prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4);
+    fuzz(
+        "git index reader",
+        96,
+        (
+            2u32..=4,
+            paths,
+            damage,
+            proptest::option::of(any::<prop::sample::Index>()),
+        ),
+        |(version, paths, damage, cut)| {
+            let paths: Vec<String> = paths.into_iter().collect();
+            let (mut bytes, libgit2) = written_index(version, &paths);
+            let read = crate::edit::tracked::parse(&bytes[..], bytes.len() as u64);
+            prop_assert_eq!(
+                read.as_ref().map(|t| t.len()),
+                Some(libgit2.len()),
+                "version {} as written",
+                version
+            );
+            for path in &paths {
+                prop_assert_eq!(
+                    read.as_ref().and_then(|t| t.get(path)),
+                    libgit2.get(path),
+                    "{}",
+                    path
+                );
+            }
+            // Damage: any bytes changed, the file cut anywhere. Refused or read, never a panic,
+            // and never more rows than the header's count.
+            let count = u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+            for (at, byte) in damage {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            if let Some(t) = crate::edit::tracked::parse(&bytes[..], bytes.len() as u64) {
+                let now = u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+                prop_assert!(t.len() <= now.max(count), "{} rows", t.len());
+            }
+            Ok(())
+        },
     );
 }

@@ -212,7 +212,7 @@ const SPLIT_INDEX: &[u8; 4] = b"link";
 /// file is anything else or does not add up exactly to `len` bytes (a version this code does
 /// not know, SHA-256 ids, a split index, a truncated file): the caller asks libgit2. The
 /// trailing checksum is not verified: git replaces the index by renaming a complete file.
-fn parse(mut r: impl std::io::BufRead, len: u64) -> Option<Tracked> {
+pub(crate) fn parse(mut r: impl std::io::BufRead, len: u64) -> Option<Tracked> {
     use std::io::Read as _;
     fn exact<const N: usize>(r: &mut impl std::io::Read) -> Option<[u8; N]> {
         let mut b = [0; N];
