@@ -636,3 +636,35 @@ fn a_websocket_frame_claiming_a_huge_length_fails_the_turn_without_allocating_it
         );
     }
 }
+
+#[test]
+fn an_empty_message_or_code_falls_through_to_the_nested_error() {
+    // Found by `fuzz_parse_event_takes_any_text_without_panicking`: an empty top-level
+    // `message` hid the nested one, and the user was told an empty error.
+    let event = parse_event(
+        r#"{"error":{"code":"previous_response_not_found","message":"gone"},"message":"","code":" ","status":400,"type":"error"}"#,
+    )
+    .expect("parses");
+    assert_eq!(
+        event,
+        ServerEvent::Error {
+            code: Some("previous_response_not_found".to_owned()),
+            message: "gone".to_owned(),
+            status: Some(400),
+        }
+    );
+    let ServerEvent::Error { message, .. } =
+        parse_event(r#"{"type":"error","message":"  ","error":{"message":""}}"#).expect("parses")
+    else {
+        panic!("an error event");
+    };
+    assert_eq!(message, "error event without a message");
+    let ServerEvent::Error { message, code, .. } = crate::provider::wire::error_from_http(
+        429,
+        br#"{"error":{"message":"","code":"","type":"rate_limited"}}"#,
+    ) else {
+        panic!("an error event");
+    };
+    assert_eq!(message, "HTTP 429 without a message");
+    assert_eq!(code.as_deref(), Some("rate_limited"));
+}

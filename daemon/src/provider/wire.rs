@@ -617,10 +617,12 @@ pub(crate) fn parse_event(text: &str) -> Result<ServerEvent, serde_json::Error> 
             error,
         } => {
             let nested = error.unwrap_or_default();
+            // An empty field says nothing: fall through to the nested one (the user is shown
+            // this message, and an empty one reads as no error at all).
             ServerEvent::Error {
-                code: code.or(nested.code),
-                message: message
-                    .or(nested.message)
+                code: said(code).or(said(nested.code)),
+                message: said(message)
+                    .or(said(nested.message))
                     .unwrap_or_else(|| "error event without a message".to_owned()),
                 status,
             }
@@ -628,6 +630,11 @@ pub(crate) fn parse_event(text: &str) -> Result<ServerEvent, serde_json::Error> 
         // Only unknown events pay for the second, small parse.
         RawEvent::Other => ServerEvent::Other(serde_json::from_str::<TypeOnly>(text)?.kind),
     })
+}
+
+/// A provider's text field, unless it is empty or blank.
+fn said(field: Option<String>) -> Option<String> {
+    field.filter(|f| !f.trim().is_empty())
 }
 
 /// Turn an HTTP error body (`{"error":{..}}`) into the same event a WebSocket would carry.
@@ -638,9 +645,8 @@ pub(crate) fn error_from_http(status: u16, body: &[u8]) -> ServerEvent {
     }
     match serde_json::from_slice::<Envelope>(body) {
         Ok(Envelope { error }) => ServerEvent::Error {
-            code: error.code.or(error.kind),
-            message: error
-                .message
+            code: said(error.code).or(said(error.kind)),
+            message: said(error.message)
                 .unwrap_or_else(|| format!("HTTP {status} without a message")),
             status: Some(status),
         },
